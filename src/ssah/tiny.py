@@ -5,8 +5,13 @@ The tokenizer is built in code (no files, no network) so that unit tests run off
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from ssah.errors import ModelError
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -42,3 +47,146 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+# Tiny random-weight models, one per supported family.
+
+TINY_FAMILIES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+)
+"""One tiny model per distinct layout, for tests to parametrize over (``gemma3`` is the text-only model)."""
+
+TINY_EXTRA_FAMILIES: tuple[str, ...] = ("qwen3", "olmo", "olmo2", "olmo3", "smollm3", "gemma3_multimodal")
+"""Families whose blocks repeat a layout above, and the multimodal Gemma 3 wrapper; for the adapter tests."""
+
+ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_EXTRA_FAMILIES
+
+TINY_LAYERS = 2
+TINY_HIDDEN = 64
+TINY_HEADS = 4
+TINY_KV_HEADS = 2
+TINY_HEAD_DIM = 16
+TINY_INTERMEDIATE = 128
+TINY_MAX_POSITIONS = 512
+# Larger than the usual 0.02 so that attention patterns and MLP activations of a 2-layer model are far from
+# uniform / zero; tests that compare "changed" and "unchanged" outputs need visible effects.
+TINY_INIT_RANGE = 0.1
+
+# Config class name and the keyword arguments of the llama-like families (GQA, explicit head_dim).
+_LLAMA_LIKE: dict[str, str] = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "olmo": "OlmoConfig",
+    "olmo2": "Olmo2Config",
+    "olmo3": "Olmo3Config",
+    "smollm3": "SmolLM3Config",
+    "gemma": "GemmaConfig",
+    "gemma2": "Gemma2Config",
+    "gemma3": "Gemma3TextConfig",
+    "phi3": "Phi3Config",
+}
+
+
+def _special_ids() -> dict[str, int]:
+    """Vocabulary size and bos/eos/pad ids of :func:`tiny_tokenizer`, as config keyword arguments."""
+    tok = tiny_tokenizer()
+    return {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """The config of a 2-layer tiny model of ``family`` (hidden 64, 4 query heads of size 16, 2 KV heads where
+    the family has GQA, intermediate 128, the vocabulary of :func:`tiny_tokenizer`).
+
+    Embedding tying is left at the family's default.
+    """
+    import transformers
+
+    ids = _special_ids()
+    common: dict[str, Any] = {"initializer_range": TINY_INIT_RANGE, **ids}
+    if family in _LLAMA_LIKE:
+        cls = getattr(transformers, _LLAMA_LIKE[family])
+        return cls(
+            hidden_size=TINY_HIDDEN,
+            intermediate_size=TINY_INTERMEDIATE,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            num_key_value_heads=TINY_KV_HEADS,
+            head_dim=TINY_HEAD_DIM,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            **common,
+        )
+    if family == "gemma3_multimodal":
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        )
+        text = tiny_config("gemma3")
+        return transformers.Gemma3Config(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            initializer_range=TINY_INIT_RANGE,
+            **{k: v for k, v in common.items() if k not in ("vocab_size", "initializer_range")},
+        )
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=TINY_HIDDEN,
+            n_inner=TINY_INTERMEDIATE,
+            n_layer=TINY_LAYERS,
+            n_head=TINY_HEADS,
+            n_positions=TINY_MAX_POSITIONS,
+            **common,
+        )
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=TINY_HIDDEN,
+            intermediate_size=TINY_INTERMEDIATE,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            **common,
+        )
+    raise ModelError(f"No tiny model for family {family!r}; choose one of: {', '.join(ALL_TINY_FAMILIES)}")
+
+
+def build_tiny_model(family: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random-weight tiny model of ``family`` (float32, eval mode) and :func:`tiny_tokenizer`.
+
+    The same ``seed`` gives bit-identical weights; the global RNG state is left as it was.
+    """
+    import transformers
+
+    config = tiny_config(family)
+    cls_name = "Gemma3ForConditionalGeneration" if family == "gemma3_multimodal" else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cls_name is None:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            model = getattr(transformers, cls_name)(config)
+    model = model.to(torch.float32).eval()
+    tok = tiny_tokenizer()
+    gen = model.generation_config
+    gen.bos_token_id = tok.bos_token_id
+    gen.eos_token_id = tok.eos_token_id
+    gen.pad_token_id = tok.pad_token_id
+    return model, tok

@@ -1,0 +1,7 @@
+"""``python -m ssah`` (also under ``accelerate launch -m ssah``)."""
+
+import sys
+
+from ssah.cli import main
+
+sys.exit(main())

@@ -1,0 +1,314 @@
+"""Per-family architecture adapters: where the decoder blocks are, which weights each unit reads and writes.
+
+A *unit* is one input channel of an attention output projection (``o_proj``) or of an MLP down-projection
+(``down_proj``). Its *reader* is the slice of that projection's weight that consumes the channel (a column of
+an ``nn.Linear`` weight, a row of a GPT-2 ``Conv1D`` weight); its *writers* are the slices of the weights and
+biases that produce the channel (``v_proj`` rows, ``gate_proj``/``up_proj`` rows, or slices of fused
+projections).
+
+Families differ only in module names and in how fused projections are laid out, so one adapter class reads a
+small table of per-family layouts instead of one class per family. Head size and GQA grouping always come from
+the model's config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from ssah.errors import ModelError, UnsupportedModelError
+
+Kind = Literal["attn", "mlp"]
+KINDS: tuple[Kind, ...] = ("attn", "mlp")
+
+
+@dataclass(frozen=True, eq=False)
+class ParamSlice:
+    """Slices of one parameter owned by units: unit i owns ``param.select(dim, index[i])``.
+
+    A fused parameter can appear in several slices of one group (e.g. ``gate_up_proj`` once for the gate rows
+    and once for the up rows). Equality is identity (the index is a tensor).
+    """
+
+    name: str  # parameter name exactly as in model.named_parameters()
+    dim: int
+    index: torch.Tensor  # int64, shape [group.size], on CPU
+
+
+@dataclass(frozen=True, eq=False)
+class UnitGroup:
+    """All units of one kind in one block. Equality is identity (the slices hold tensors)."""
+
+    layer: int
+    kind: Kind
+    size: int  # number of channels (= units at neuron granularity)
+    # name in model.named_modules(); the last dim of its forward input are the unit channels
+    reader_module: str
+    reader: ParamSlice  # the reader weight, index = arange(size)
+    writers: tuple[ParamSlice, ...]  # weights and biases (when present) that produce the channels
+    head_dim: int | None = None  # attn only
+    num_heads: int | None = None  # attn only (query heads)
+    num_kv_heads: int | None = None  # attn only
+
+    @property
+    def key(self) -> str:
+        """``layers.{layer}.{kind}``, the name of the group in unit and score files."""
+        return f"layers.{self.layer}.{self.kind}"
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Attention shape of one model, read from its (text) config."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def v_rows(self, channels: torch.Tensor) -> torch.Tensor:
+        """Row of the value projection that produces each attention output channel (GQA-aware)."""
+        head, offset = channels // self.head_dim, channels % self.head_dim
+        kv_head = head // (self.num_heads // self.num_kv_heads)
+        return kv_head * self.head_dim + offset
+
+
+# How the output features of a writer module map to unit channels: (channels, geometry, group size) -> rows.
+_WriterMap = Callable[[torch.Tensor, _Geometry, int], torch.Tensor]
+
+_WRITER_MAPS: dict[str, _WriterMap] = {
+    # one output feature per channel (gate_proj, up_proj, c_fc, dense_h_to_4h)
+    "same": lambda c, g, n: c.clone(),
+    # second half of a fused [gate | up] projection (phi3 gate_up_proj)
+    "second_half": lambda c, g, n: c + n,
+    # separate value projection, shared by the query heads of one KV group
+    "v": lambda c, g, n: g.v_rows(c),
+    # fused [q | k | v] projection (phi3 qkv_proj, gpt2 c_attn)
+    "qkv_v": lambda c, g, n: (g.num_heads + g.num_kv_heads) * g.head_dim + g.v_rows(c),
+    # fused per-head interleaved [head, (q, k, v), head_dim] projection (gpt_neox query_key_value)
+    "qkv_interleaved_v": lambda c, g, n: (c // g.head_dim) * 3 * g.head_dim + 2 * g.head_dim + c % g.head_dim,
+}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Module names of one family, relative to a decoder block, and the writer maps of fused projections."""
+
+    blocks: tuple[str, ...]  # candidate paths of the ModuleList of decoder blocks, tried in order
+    attn_reader: str
+    attn_writers: tuple[tuple[str, str], ...]  # (module, key of _WRITER_MAPS)
+    mlp_reader: str
+    mlp_writers: tuple[tuple[str, str], ...]
+
+
+# CausalLM wrappers first, then bare base models; multimodal Gemma 3 keeps its text model in language_model.
+_DECODER_BLOCKS = ("model.layers", "model.language_model.layers", "layers", "language_model.layers")
+
+_LLAMA = _Layout(
+    blocks=_DECODER_BLOCKS,
+    attn_reader="self_attn.o_proj",
+    attn_writers=(("self_attn.v_proj", "v"),),
+    mlp_reader="mlp.down_proj",
+    mlp_writers=(("mlp.gate_proj", "same"), ("mlp.up_proj", "same")),
+)
+_PHI3 = _Layout(
+    blocks=_DECODER_BLOCKS,
+    attn_reader="self_attn.o_proj",
+    attn_writers=(("self_attn.qkv_proj", "qkv_v"),),
+    mlp_reader="mlp.down_proj",
+    mlp_writers=(("mlp.gate_up_proj", "same"), ("mlp.gate_up_proj", "second_half")),
+)
+_GPT2 = _Layout(
+    blocks=("transformer.h", "h"),
+    attn_reader="attn.c_proj",
+    attn_writers=(("attn.c_attn", "qkv_v"),),
+    mlp_reader="mlp.c_proj",
+    mlp_writers=(("mlp.c_fc", "same"),),
+)
+_GPT_NEOX = _Layout(
+    blocks=("gpt_neox.layers", "layers"),
+    attn_reader="attention.dense",
+    attn_writers=(("attention.query_key_value", "qkv_interleaved_v"),),
+    mlp_reader="mlp.dense_4h_to_h",
+    mlp_writers=(("mlp.dense_h_to_4h", "same"),),
+)
+
+_LAYOUTS: dict[str, _Layout] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "olmo3": _LLAMA,
+    "smollm3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "gemma3": _LLAMA,
+    "phi3": _PHI3,
+    "gpt2": _GPT2,
+    "gpt_neox": _GPT_NEOX,
+}
+
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_LAYOUTS)
+
+
+def _model_type(model: torch.nn.Module) -> str | None:
+    """``model.config.model_type``, or None when the model has no config."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+class ArchAdapter:
+    """Units of one model: its decoder blocks, and per block the reader and writer slices of each unit group.
+
+    Build it with :func:`get_adapter` (or directly); the groups are computed once, on first use.
+    """
+
+    family: str
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        family = _model_type(model)
+        if family not in _LAYOUTS:
+            raise UnsupportedModelError(
+                f"Unsupported model_type {family!r} ({type(model).__name__}); "
+                f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        self.model = model
+        self.family = family
+        self._layout = _LAYOUTS[family]
+        self.blocks_path = self._find_blocks()
+        self._groups: list[UnitGroup] | None = None
+
+    # -- structure
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The config of the text model (``text_config`` of multimodal wrappers, else the model's config)."""
+        config: Any = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def _find_blocks(self) -> str:
+        """Name of the ModuleList of decoder blocks: the first candidate path of the layout that exists."""
+        for path in self._layout.blocks:
+            try:
+                blocks = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+                return path
+        raise ModelError(
+            f"Cannot find the decoder blocks of this {self.family} model ({type(self.model).__name__}); "
+            f"looked for: {', '.join(self._layout.blocks)}"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks."""
+        return len(cast(torch.nn.ModuleList, self.module(self.blocks_path)))
+
+    def block(self, layer: int) -> torch.nn.Module:
+        """The decoder block ``layer``."""
+        return self.module(f"{self.blocks_path}.{layer}")
+
+    def module(self, name: str) -> torch.nn.Module:
+        """The submodule ``name`` (as in ``model.named_modules()``)."""
+        return self.model.get_submodule(name)
+
+    def parameter(self, name: str) -> torch.nn.Parameter:
+        """The parameter ``name`` (as in ``model.named_parameters()``)."""
+        return self.model.get_parameter(name)
+
+    def _geometry(self) -> _Geometry:
+        """Query heads, KV heads and head size from the config (``head_dim`` if set, else hidden / heads)."""
+        cfg = self.config
+        num_heads = int(cfg.num_attention_heads)
+        num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads)
+        if num_heads % num_kv_heads:
+            raise ModelError(f"{num_heads} query heads cannot be grouped over {num_kv_heads} key/value heads")
+        return _Geometry(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+    # -- unit groups
+
+    def groups(self) -> list[UnitGroup]:
+        """All unit groups, ordered by layer, attention before MLP within a layer."""
+        if self._groups is None:
+            geometry = self._geometry()
+            self._groups = [
+                self._build_group(layer, kind, geometry) for layer in range(self.num_layers) for kind in KINDS
+            ]
+        return list(self._groups)
+
+    def group(self, layer: int, kind: Kind) -> UnitGroup:
+        """The group of ``kind`` units in block ``layer``."""
+        if kind not in KINDS or not 0 <= layer < self.num_layers:
+            raise KeyError(
+                f"No unit group ({layer}, {kind!r}): layers 0..{self.num_layers - 1}, kinds {KINDS}"
+            )
+        return self.groups()[2 * layer + KINDS.index(kind)]
+
+    def reader_weight(self, group: UnitGroup) -> torch.Tensor:
+        """The reader weight Parameter of ``group`` (unit i owns ``.select(group.reader.dim, i)``)."""
+        return self.parameter(group.reader.name)
+
+    def reader_column_norms(self, group: UnitGroup) -> torch.Tensor:
+        """L2 norm of each unit's reader slice, float64 ``[group.size]``."""
+        weight = self.reader_weight(group).detach()
+        per_unit = weight.movedim(group.reader.dim, 0).reshape(weight.shape[group.reader.dim], -1)
+        return per_unit.double().norm(dim=1)[group.reader.index.to(weight.device)].cpu()
+
+    def _build_group(self, layer: int, kind: Kind, geometry: _Geometry) -> UnitGroup:
+        """Reader and writer slices of one group, checked against the parameter shapes."""
+        prefix = f"{self.blocks_path}.{layer}"
+        reader_rel = self._layout.attn_reader if kind == "attn" else self._layout.mlp_reader
+        writer_specs = self._layout.attn_writers if kind == "attn" else self._layout.mlp_writers
+        reader_name = f"{prefix}.{reader_rel}"
+        reader_mod: Any = self.module(reader_name)
+        # nn.Linear weight is [out, in]: a unit is a column; Conv1D weight is [in, out]: a unit is a row.
+        reader_dim = 0 if isinstance(reader_mod, Conv1D) else 1
+        size = int(reader_mod.weight.shape[reader_dim])
+        channels = torch.arange(size, dtype=torch.int64)
+        if kind == "attn" and size != geometry.num_heads * geometry.head_dim:
+            raise ModelError(
+                f"{reader_name} reads {size} channels but the config says {geometry.num_heads} heads "
+                f"x {geometry.head_dim}"
+            )
+
+        writers: list[ParamSlice] = []
+        for rel, map_key in writer_specs:
+            mod_name = f"{prefix}.{rel}"
+            mod: Any = self.module(mod_name)
+            index = _WRITER_MAPS[map_key](channels, geometry, size).to(torch.int64)
+            out_dim = 1 if isinstance(mod, Conv1D) else 0
+            n_out = int(mod.weight.shape[out_dim])
+            if int(index.max()) >= n_out:
+                raise ModelError(f"{mod_name} has {n_out} output features, too few for {size} {kind} units")
+            writers.append(ParamSlice(f"{mod_name}.weight", out_dim, index))
+            if getattr(mod, "bias", None) is not None:
+                writers.append(ParamSlice(f"{mod_name}.bias", 0, index))
+
+        attn = kind == "attn"
+        return UnitGroup(
+            layer=layer,
+            kind=kind,
+            size=size,
+            reader_module=reader_name,
+            reader=ParamSlice(f"{reader_name}.weight", reader_dim, channels),
+            writers=tuple(writers),
+            head_dim=geometry.head_dim if attn else None,
+            num_heads=geometry.num_heads if attn else None,
+            num_kv_heads=geometry.num_kv_heads if attn else None,
+        )
+
+
+def get_adapter(model: torch.nn.Module) -> ArchAdapter:
+    """The adapter for ``model``, chosen by ``model.config.model_type``.
+
+    Raises :class:`~ssah.errors.UnsupportedModelError` (one line, naming the supported families) otherwise.
+    """
+    return ArchAdapter(model)

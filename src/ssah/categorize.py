@@ -1,0 +1,258 @@
+"""Split units into safety-critical (SCU), utility-critical (UCU), complex (CU) and redundant (RU) units.
+
+Pure functions of two score vectors (safety I_S, utility I_U). Rules:
+- ``ssah``: RU = lowest I_S + I_U; then, among the rest, SCU = highest I_S - I_U and UCU = lowest I_S - I_U;
+  CU = everything else (shares ``ru``, ``scu``, ``ucu`` of the units in each ranking domain).
+- ``wei-set-difference`` (Wei et al. 2024): SCU = top-q by I_S minus top-p by I_U; UCU = top-p by I_U minus
+  top-q by I_S; CU = in both top sets; RU = in neither (shares ``q``, ``p``).
+- ``pruning-sets``: with the same ``sparsity`` for both scores, units pruned under the utility score but kept
+  under the safety score are SCU, the converse UCU, pruned under both RU, kept under both CU.
+Scores are normalised within each ranking domain (all units, or each layer-and-kind module) before the sum and
+difference; the choice is recorded with the result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ssah.errors import UserError
+from ssah.scoring import Scores
+from ssah.units import Granularity, UnitSet, UnitSpace, load_unit_sets, save_unit_sets
+
+Rule = Literal["ssah", "pruning-sets", "wei-set-difference"]
+Normalization = Literal["mean", "rank", "none"]
+Ranking = Literal["global", "per-module"]
+RULES: tuple[Rule, ...] = ("ssah", "pruning-sets", "wei-set-difference")
+NORMALIZATIONS: tuple[Normalization, ...] = ("mean", "rank", "none")
+RANKINGS: tuple[Ranking, ...] = ("global", "per-module")
+CATEGORIES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
+
+# ssah defaults are the shares the paper reports for Llama-2-7B-Chat (Table 1).
+DEFAULT_SHARES: dict[str, dict[str, float]] = {
+    "ssah": {"scu": 0.013, "ucu": 0.133, "ru": 0.148},
+    "pruning-sets": {"sparsity": 0.5},
+    "wei-set-difference": {"q": 0.05, "p": 0.05},
+}
+
+
+def parse_shares(text: str | None) -> dict[str, float]:
+    """Parse ``"scu=0.013,ucu=0.1"`` into a mapping (validated later against the rule)."""
+    out: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip().lower()] = float(value)
+        except ValueError:
+            raise UserError(
+                f"bad share {item.strip()!r}: write shares as name=fraction, e.g. scu=0.013,ru=0.15"
+            ) from None
+    return out
+
+
+def check_shares(rule: str, shares: Mapping[str, float] | None) -> dict[str, float]:
+    """The rule's shares with defaults filled in; each in [0, 1] and, for ``ssah``, summing to at most 1."""
+    if rule not in RULES:
+        raise UserError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}")
+    full = dict(DEFAULT_SHARES[rule])
+    for k, v in (shares or {}).items():
+        if k not in full:
+            raise UserError(f"rule {rule!r} takes shares {', '.join(full)}, not {k!r}")
+        full[k] = float(v)
+    for k, v in full.items():
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"share {k}={v} is outside 0..1: give a fraction of the units, e.g. {k}=0.05")
+    if rule == "ssah" and sum(full.values()) > 1.0 + 1e-9:
+        raise UserError(f"shares {full} sum to {sum(full.values()):.3f}, past 1: make scu + ucu + ru at most 1")
+    return full
+
+
+def _normalize(x: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "mean":
+        m = x.mean()
+        return x / m if m > 0 else x
+    if how == "rank":
+        ranks = torch.empty_like(x)
+        ranks[torch.sort(x, stable=True).indices] = torch.arange(x.numel(), dtype=x.dtype)
+        return ranks / max(x.numel() - 1, 1)
+    return x
+
+
+def _take(order: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` indices of ``order`` that are allowed, as a bool mask."""
+    picked = order[allowed[order]][:k]
+    mask = torch.zeros_like(allowed)
+    mask[picked] = True
+    return mask
+
+
+def _labels(s: torch.Tensor, u: torch.Tensor, rule: str, shares: Mapping[str, float]) -> torch.Tensor:
+    """Category index (position in CATEGORIES) of every unit of one ranking domain."""
+    n = s.numel()
+    labels = torch.full((n,), CATEGORIES.index("CU"), dtype=torch.long)
+    everyone = torch.ones(n, dtype=torch.bool)
+    if rule == "ssah":
+        ru = _take(torch.argsort(s + u, stable=True), everyone, round(shares["ru"] * n))
+        diff = s - u
+        scu = _take(torch.argsort(-diff, stable=True), ~ru, round(shares["scu"] * n))
+        ucu = _take(torch.argsort(diff, stable=True), ~ru & ~scu, round(shares["ucu"] * n))
+    else:
+        if rule == "wei-set-difference":
+            keep_s = _take(torch.argsort(-s, stable=True), everyone, round(shares["q"] * n))
+            keep_u = _take(torch.argsort(-u, stable=True), everyone, round(shares["p"] * n))
+        else:  # pruning-sets
+            keep_s = ~_take(torch.argsort(s, stable=True), everyone, round(shares["sparsity"] * n))
+            keep_u = ~_take(torch.argsort(u, stable=True), everyone, round(shares["sparsity"] * n))
+        scu, ucu, ru = keep_s & ~keep_u, keep_u & ~keep_s, ~keep_s & ~keep_u
+    labels[ru] = CATEGORIES.index("RU")
+    labels[scu] = CATEGORIES.index("SCU")
+    labels[ucu] = CATEGORIES.index("UCU")
+    return labels
+
+
+@dataclass
+class Categorization:
+    """The four unit categories of one model, with the settings that produced them."""
+
+    sets: dict[str, UnitSet]
+    rule: str
+    shares: dict[str, float]
+    normalization: str
+    ranking: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def space(self) -> UnitSpace:
+        return self.sets["SCU"].space
+
+    def __getitem__(self, name: str) -> UnitSet:
+        try:
+            return self.sets[name]
+        except KeyError:
+            raise UserError(f"unknown category {name!r}: use one of {', '.join(self.sets)}") from None
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and fractions per category, and counts per layer and kind (JSON-ready)."""
+        by_layer = []
+        per_cat = {c: s.counts_by_layer() for c, s in self.sets.items()}
+        for layer in range(self.space.num_layers):
+            by_layer.append({"layer": layer, **{c: per_cat[c][layer] for c in self.sets}})
+        return {
+            "categories": {c: {"count": len(s), "fraction": s.fraction} for c, s in self.sets.items()},
+            "by_layer": by_layer,
+            "rule": self.rule,
+            "shares": self.shares,
+            "normalization": self.normalization,
+            "ranking": self.ranking,
+            "granularity": self.space.granularity,
+            "units_total": self.space.total,
+        }
+
+    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+        meta = {
+            "rule": self.rule,
+            "normalization": self.normalization,
+            "ranking": self.ranking,
+            "shares": ",".join(f"{k}={v}" for k, v in self.shares.items()),
+        }
+        save_unit_sets(path, self.sets, {**meta, **(metadata or {})})
+
+    def transition(self, after: Categorization) -> torch.Tensor:
+        """4x4 counts: row = category before, column = category after (same unit space)."""
+        return torch.tensor([[len(self.sets[a] & after.sets[b]) for b in CATEGORIES] for a in CATEGORIES])
+
+
+def load_categorization(
+    path: str | os.PathLike[str], space: UnitSpace, *, allow_other_weights: bool = False
+) -> Categorization:
+    """Read a unit file written by ``Categorization.save`` and check it against ``space``."""
+    from ssah.units import read_unit_file_metadata
+
+    meta = read_unit_file_metadata(path)
+    sets = load_unit_sets(path, space, names=list(CATEGORIES), allow_other_weights=allow_other_weights)
+    return Categorization(
+        sets,
+        meta.get("rule", "?"),
+        parse_shares(meta.get("shares")),
+        meta.get("normalization", "?"),
+        meta.get("ranking", "?"),
+    )
+
+
+def categorize(
+    safety: Scores | torch.Tensor,
+    utility: Scores | torch.Tensor,
+    *,
+    rule: str = "ssah",
+    shares: Mapping[str, float] | None = None,
+    normalization: str = "mean",
+    ranking: str = "global",
+    granularity: Granularity = "neuron",
+    space: UnitSpace | None = None,
+) -> Categorization:
+    """Split the units of a space into SCU / UCU / CU / RU from safety and utility scores.
+
+    ``safety`` and ``utility`` are ``Scores`` (channel level; summed into heads for head granularity) or flat
+    tensors over ``space``. Deterministic: ties are broken by unit order.
+    """
+    full_shares = check_shares(rule, shares)
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
+    if ranking not in RANKINGS:
+        raise UserError(f"unknown ranking {ranking!r}: use one of {', '.join(RANKINGS)}")
+    s_flat, u_flat, space = _as_flat(safety, utility, granularity, space)
+    if ranking == "global":
+        domains = [slice(0, space.total)]
+    else:
+        domains = [space.group_slice(sh.layer, sh.kind) for sh in space.shapes]
+    labels = torch.empty(space.total, dtype=torch.long)
+    for d in domains:
+        s = _normalize(s_flat[d], normalization)
+        u = _normalize(u_flat[d], normalization)
+        labels[d] = _labels(s, u, rule, full_shares)
+    sets = {c: UnitSet(space, labels == i, c) for i, c in enumerate(CATEGORIES)}
+    return Categorization(sets, rule, full_shares, normalization, ranking)
+
+
+def _as_flat(
+    safety: Scores | torch.Tensor, utility: Scores | torch.Tensor, granularity: Granularity, space: UnitSpace | None
+) -> tuple[torch.Tensor, torch.Tensor, UnitSpace]:
+    if isinstance(safety, Scores) and isinstance(utility, Scores):
+        if safety.space != utility.space:
+            raise UserError("safety and utility scores come from models with different unit layouts")
+        if space is None:
+            if granularity != "neuron":
+                raise UserError(
+                    "head granularity needs the model's unit space: pass space=UnitSpace.from_groups(..., 'head')"
+                )
+            space = safety.space
+        if space.granularity != granularity:
+            raise UserError(f"space granularity {space.granularity!r} differs from the requested {granularity!r}")
+
+        def flat(sc: Scores) -> torch.Tensor:
+            return space.join({k: space.aggregate(k, v) for k, v in sc.values.items()}).to(torch.float64)
+
+        return flat(safety), flat(utility), space
+    if isinstance(safety, torch.Tensor) and isinstance(utility, torch.Tensor):
+        if space is None:
+            raise UserError("flat score tensors need the unit space they index: pass space=...")
+        if safety.shape != (space.total,) or utility.shape != (space.total,):
+            raise UserError(f"score vectors must have {space.total} entries, one per unit")
+        return safety.to(torch.float64), utility.to(torch.float64), space
+    raise UserError("pass both scores as Scores objects or both as flat tensors")
+
+
+def expected_random_jaccard(k: int, n: int) -> float:
+    """Expected Jaccard overlap of two independent random k-subsets of n units (the chance level)."""
+    if n == 0 or k == 0:
+        return 1.0 if k == 0 else 0.0
+    inter = k * k / n
+    return inter / (2 * k - inter)

@@ -1,0 +1,184 @@
+"""`ssah <command>`: each command is one experiment recipe, configured by options or a YAML ``--config``.
+
+Options given on the command line win over the config file. Bad input ends with a one-line ``error:``
+message and exit code 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from ssah.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="ssah: see, protect and install the safety of a language model at neuron level.",
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; command-line options override it.")]
+
+
+def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the user actually typed (so that a --config file's values are not overridden by defaults)."""
+    out = {}
+    for key, value in values.items():
+        source = ctx.get_parameter_source(key)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            out[key] = value
+    return out
+
+
+def _columns(items: list[str] | None) -> dict[str, str]:
+    from ssah.data import parse_column_mapping
+
+    return parse_column_mapping(items or [])
+
+
+@app.command()
+def units(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")] = None,
+    out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/units",
+    safety: Annotated[
+        str, typer.Option(help="Safety calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
+    ] = "builtin:safety",
+    utility: Annotated[
+        str, typer.Option(help="Utility calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
+    ] = "builtin:utility",
+    column: Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N examples of each set.")] = None,
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
+    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
+    ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
+    granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
+    tokens: Annotated[
+        str, typer.Option(help="Tokens counted: prompt+response | response | prompt | all")
+    ] = "prompt+response",
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    stability: Annotated[bool, typer.Option(help="Also report SCU overlap between two disjoint data halves.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Score every unit on safety and utility data and split them into SCU / UCU / CU / RU."""
+    from ssah.categorize import parse_shares
+    from ssah.experiments.units import UnitsConfig, run_units
+
+    values = _explicit(ctx, dict(locals()))
+    values.pop("config", None)
+    if "column" in values:
+        values["columns"] = _columns(values.pop("column"))
+    if "shares" in values:
+        values["shares"] = parse_shares(values["shares"])
+    if config is not None:
+        cfg = UnitsConfig.from_yaml(config, **values)
+    else:
+        if model is None:
+            raise UserError("missing MODEL: give a registry name, model folder, .gguf file or hub id (or --config)")
+        cfg = UnitsConfig.build({"model": model, **values})
+    path = run_units(cfg)
+    _print_units_summary(path)
+
+
+def _print_units_summary(path: Path) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    res = json.loads((path / "results.json").read_text())
+    table = Table(title=f"{res['model']['name']}: {res['model']['units_total']} units ({res['metric']}, {res['rule']})")
+    for col in ("category", "units", "share", "attention", "MLP"):
+        table.add_column(col, justify="right" if col != "category" else "left")
+    for c, v in res["categories"].items():
+        table.add_row(
+            c,
+            str(v["count"]),
+            f"{100 * v['fraction']:.2f}%",
+            str(res["by_kind"][c]["attn"]),
+            str(res["by_kind"][c]["mlp"]),
+        )
+    console = Console(stderr=False)
+    console.print(table)
+    if res.get("stability"):
+        console.print(
+            f"SCU overlap between data halves (Jaccard): {res['stability']['SCU']['jaccard']:.3f} "
+            f"(chance {res['stability']['SCU']['chance']:.3f})"
+        )
+    console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")],
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Show a model's family, layers, heads and unit counts."""
+    from ssah.arch import get_adapter
+    from ssah.models import load_model
+
+    lm = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device="cpu")
+    adapter = get_adapter(lm.model)
+    groups = adapter.groups()
+    attn = [g for g in groups if g.kind == "attn"]
+    typer.echo(f"model: {lm.name} ({lm.source})")
+    typer.echo(f"family: {adapter.family}, layers: {adapter.num_layers}, fingerprint: {lm.fingerprint}")
+    if attn:
+        g = attn[0]
+        typer.echo(f"attention: {g.num_heads} query heads, {g.num_kv_heads} kv heads, head size {g.head_dim}")
+    n_attn = sum(g.size for g in attn)
+    n_mlp = sum(g.size for g in groups if g.kind == "mlp")
+    typer.echo(f"units: {n_attn + n_mlp} ({n_attn} attention channels, {n_mlp} MLP neurons)")
+    typer.echo(f"loaded in {lm.load_seconds:.2f} s")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the registry names ssah can load without a path."""
+    from ssah.models import registry_names
+
+    for name in registry_names():
+        typer.echo(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning bad input into a one-line error and exit code 2."""
+    logging.basicConfig(level=os.environ.get("SSAH_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="ssah", standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

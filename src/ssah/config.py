@@ -1,0 +1,48 @@
+"""Experiment configs: pydantic models, read from YAML, overridden by CLI options, written into each run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ssah.errors import UserError
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+class BaseConfig(BaseModel):
+    """Base of every experiment config: unknown keys are errors, so typos don't pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def build(cls: type[C], values: dict[str, Any]) -> C:
+        """Validate values into a config, turning pydantic's report into a one-line error."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            raise UserError(
+                f"bad config value for {where!r}: {err['msg']}; fix it in the config file or option"
+            ) from None
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | os.PathLike[str], **overrides: Any) -> C:
+        """Read a YAML config; ``overrides`` (e.g. from the command line) win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found: check the --config path")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(
+                f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax"
+            ) from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping of option: value")
+        return cls.build({**data, **overrides})

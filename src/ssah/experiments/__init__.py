@@ -1,0 +1,1 @@
+"""Experiment recipes: one module per command, each a config plus a ``run_*`` function writing a run folder."""

@@ -1,0 +1,176 @@
+"""Streaming per-channel statistics of unit activations, gathered by forward pre-hooks.
+
+Nothing is stored per token: each batch is reduced to count, mean, M2 (sum of squared deviations) and
+sum |x| in float64 and merged with Chan's parallel formula, so statistics of batches, of data halves and of
+processes merge exactly. Only tokens selected by the current count mask are counted (never padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssah.arch import ArchAdapter, UnitGroup
+from ssah.hooks import attach
+
+
+@dataclass
+class RunningStats:
+    """Count, mean, M2 and sum |x| of one group's channels, mergeable across batches and processes."""
+
+    count: int
+    mean: torch.Tensor  # float64 [C]
+    m2: torch.Tensor  # float64 [C]
+    abs_sum: torch.Tensor  # float64 [C]
+
+    @classmethod
+    def zeros(cls, channels: int, device: torch.device | str = "cpu") -> RunningStats:
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        return cls(0, z.clone(), z.clone(), z.clone())
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> RunningStats:
+        """Statistics of a [N, C] block of activations (two-pass within the block, in float64)."""
+        x = x.to(torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return cls.zeros(x.shape[1], x.device)
+        mean = x.mean(dim=0)
+        return cls(n, mean, (x - mean).square().sum(dim=0), x.abs().sum(dim=0))
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """Chan et al.'s pairwise combination: exact for any split of the data."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean.to(self.mean.device) - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2.to(self.m2.device) + delta.square() * (self.count * other.count / n)
+        return RunningStats(n, mean, m2, self.abs_sum + other.abs_sum.to(self.abs_sum.device))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a [N, C] block of activations into the running statistics, in place."""
+        merged = self.merge(RunningStats.of(x))
+        self.count, self.mean, self.m2, self.abs_sum = merged.count, merged.mean, merged.m2, merged.abs_sum
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per channel (0 when nothing was counted)."""
+        return self.m2 / self.count if self.count else torch.zeros_like(self.m2)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count if self.count else torch.zeros_like(self.abs_sum)
+
+    def to(self, device: torch.device | str) -> RunningStats:
+        return RunningStats(self.count, self.mean.to(device), self.m2.to(device), self.abs_sum.to(device))
+
+
+@dataclass
+class UnitStatistics:
+    """Statistics of every unit group over one data set: activations and, optionally, reader-weight gradients."""
+
+    groups: dict[str, RunningStats]
+    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # summed loss gradient of each reader weight
+    grad_tokens: int = 0  # tokens whose loss went into grad_sum
+    examples: int = 0
+    data_hashes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens counted (the same for every group)."""
+        return next(iter(self.groups.values())).count if self.groups else 0
+
+    @property
+    def data_hash(self) -> str:
+        """Hash of the data that went in (order of merged parts kept)."""
+        if len(self.data_hashes) == 1:
+            return self.data_hashes[0]
+        return hashlib.sha256("+".join(self.data_hashes).encode()).hexdigest()
+
+    def merge(self, other: UnitStatistics) -> UnitStatistics:
+        """Statistics of the union of the two data sets."""
+        if self.groups.keys() != other.groups.keys():
+            raise ValueError("cannot merge statistics of different models")
+        grads = (
+            {k: self.grad_sum[k] + other.grad_sum[k] for k in self.grad_sum} if self.grad_sum and other.grad_sum else {}
+        )
+        return UnitStatistics(
+            {k: v.merge(other.groups[k]) for k, v in self.groups.items()},
+            grads,
+            self.grad_tokens + other.grad_tokens if grads else 0,
+            self.examples + other.examples,
+            self.data_hashes + other.data_hashes,
+        )
+
+    def all_reduce(self) -> UnitStatistics:
+        """Merge the statistics of every process of an initialised ``torch.distributed`` group (others: no-op)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        parts: list[Any] = [None] * dist.get_world_size()
+        cpu = UnitStatistics(
+            {k: v.to("cpu") for k, v in self.groups.items()},
+            {k: v.cpu() for k, v in self.grad_sum.items()},
+            self.grad_tokens,
+            self.examples,
+            self.data_hashes,
+        )
+        dist.all_gather_object(parts, cpu)
+        merged = parts[0]
+        for p in parts[1:]:
+            merged = merged.merge(p)
+        merged.data_hashes = self.data_hashes  # every process read the same data set, sharded
+        return merged
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on every reader module that fold the selected tokens' inputs into ``RunningStats``.
+
+    Use as a context manager; call ``set_mask`` with the [B, T] count mask before each forward pass.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, groups: Sequence[UnitGroup] | None = None) -> None:
+        self.model = model
+        self.groups = list(groups if groups is not None else adapter.groups())
+        self.stats: dict[str, RunningStats] = {}
+        self._rows: torch.Tensor | None = None
+        self._stack: Iterator[None] | None = None
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Select the tokens of the next forward pass to count ([B, T] bool)."""
+        self._rows = mask.reshape(-1).nonzero().flatten()
+
+    def _hook(self, key: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            rows = self._rows
+            if rows is None:
+                raise RuntimeError("ActivationRecorder.set_mask must be called before each forward pass")
+            flat = x.reshape(-1, x.shape[-1])
+            self.stats[key].update(flat.index_select(0, rows.to(flat.device)).detach())
+
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[ActivationRecorder]:
+        """Attach the hooks (removed again on exit, also on errors)."""
+        device = next(self.model.parameters()).device
+        for g in self.groups:
+            self.stats.setdefault(g.key, RunningStats.zeros(g.size, device))
+        with attach(self.model, pre={g.reader_module: self._hook(g.key) for g in self.groups}):
+            yield self
+
+
+def reader_gradients(adapter: ArchAdapter, groups: Sequence[UnitGroup]) -> Mapping[str, torch.Tensor | None]:
+    """The current ``.grad`` of each group's reader weight, by group key."""
+    return {g.key: adapter.reader_weight(g).grad for g in groups}
