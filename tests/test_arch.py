@@ -300,9 +300,7 @@ class _Fake(torch.nn.Module):
 
 def _bert() -> torch.nn.Module:
     return BertForMaskedLM(
-        BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-        )
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     )
 
 

@@ -247,9 +247,7 @@ class ArchAdapter:
     def group(self, layer: int, kind: Kind) -> UnitGroup:
         """The group of ``kind`` units in block ``layer``."""
         if kind not in KINDS or not 0 <= layer < self.num_layers:
-            raise KeyError(
-                f"No unit group ({layer}, {kind!r}): layers 0..{self.num_layers - 1}, kinds {KINDS}"
-            )
+            raise KeyError(f"No unit group ({layer}, {kind!r}): layers 0..{self.num_layers - 1}, kinds {KINDS}")
         return self.groups()[2 * layer + KINDS.index(kind)]
 
     def reader_weight(self, group: UnitGroup) -> torch.Tensor:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ssah.errors import UserError
@@ -126,6 +125,37 @@ def _print_units_summary(path: Path) -> None:
 
 
 @app.command()
+def show(
+    units_file: Annotated[Path, typer.Argument(help="A units.safetensors written by `ssah units`.")],
+    model: Annotated[str | None, typer.Option(help="Check the file against this model.")] = None,
+    allow_other_weights: Annotated[bool, typer.Option(help="Accept a model with other weights.")] = False,
+) -> None:
+    """Summarise a unit file, optionally checking that it belongs to a model."""
+    import json
+
+    from ssah.arch import get_adapter
+    from ssah.models import load_model
+    from ssah.units import GroupShape, UnitSpace, load_unit_sets, read_unit_file_metadata
+
+    meta = read_unit_file_metadata(units_file)
+    if model is not None:
+        lm = load_model(model, device="cpu")
+        space = UnitSpace.from_groups(get_adapter(lm.model).groups(), meta["granularity"], lm.fingerprint, lm.name)  # type: ignore[arg-type]
+    else:
+        shapes = [GroupShape(int(la), k, int(n), int(c)) for la, k, n, c in json.loads(meta["structure"])]
+        space = UnitSpace(shapes, meta["granularity"], meta.get("model_fingerprint"), meta.get("model_name"))  # type: ignore[arg-type]
+    sets = load_unit_sets(units_file, space, allow_other_weights=allow_other_weights)
+    typer.echo(
+        f"{units_file}: {space.total} units of {meta.get('model_name') or '?'} ({meta['granularity']} granularity)"
+    )
+    for key in ("rule", "shares", "metric"):
+        if meta.get(key):
+            typer.echo(f"{key}: {meta[key]}")
+    for name, s in sets.items():
+        typer.echo(f"{name:>6}: {len(s):>8} units ({100 * s.fraction:.2f}%)")
+
+
+@app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")],
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
@@ -164,20 +194,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SSAH_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="ssah", standalone_mode=False)
+        rc = command.main(args=argv, prog_name="ssah", standalone_mode=False)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
-        return 2
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click): bad option, unknown command
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        return int(getattr(exc, "exit_code", 2) or 2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from ssah.errors import ModelError
 
@@ -70,11 +71,13 @@ class LoadedModel:
 
 
 def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Hash of the parameter names, shapes and an evenly strided sample of each tensor's values.
+    """Hash of the model type, parameter names, shapes and an evenly strided sample of each tensor's values.
 
     Sampling keeps this fast on large models while any fine-tune (which moves almost every weight) changes it.
     """
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update(f"{getattr(config, 'model_type', '')}:{getattr(config, 'architectures', '')};".encode())
     with torch.no_grad():
         for name, p in model.state_dict().items():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
@@ -109,6 +112,7 @@ def convert_gguf(gguf: Path, *, force: bool = False) -> Path:
     if (out / "config.json").is_file() and not force:
         return out
     log.info("converting %s to safetensors (once) into %s", gguf.name, out)
+    hf_logging.enable_progress_bar()
     try:
         quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -136,6 +140,7 @@ def convert_gguf(gguf: Path, *, force: bool = False) -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        hf_logging.disable_progress_bar()
     return out
 
 
@@ -188,6 +193,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a registry name, folder, ``.gguf`` file or hub id."""
     t0 = time.perf_counter()
+    hf_logging.disable_progress_bar()  # sub-second loads from safetensors don't need bars; GGUF conversion re-enables
     name = str(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

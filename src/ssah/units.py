@@ -395,7 +395,7 @@ def load_unit_sets(
     out: dict[str, UnitSet] = {}
     with safe_open(str(path), framework="pt") as f:
         for name in wanted:
-            per_group = {k: f.get_tensor(f"{name}.{k}") for k in space.group_keys() if f"{name}.{k}" in f.keys()}  # noqa: SIM118
+            per_group = {k: f.get_tensor(f"{name}.{k}") for k in space.group_keys() if f"{name}.{k}" in f.keys()}
             out[name] = UnitSet(space, space.join(per_group).to(torch.bool), name)
     return out
 

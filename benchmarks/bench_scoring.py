@@ -1,0 +1,129 @@
+"""Scoring cost against a plain forward pass, and peak memory against the number of tokens.
+
+Measures, does not assert: prints a table and writes JSON (default ``runs/benchmarks/scoring.json``).
+The scoring pass (streaming float64 statistics by pre-hooks on every reader) runs over exactly the batches a
+plain ``torch.no_grad`` forward runs over; the ratio of their times is the cost of scoring. Peak memory is
+taken in fresh processes over 1x and 4x the tokens: streaming statistics should not grow with the data.
+
+    python benchmarks/bench_scoring.py [--model smollm2-135m-instruct] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _data(copies: int = 1):
+    from ssah.data import PromptSet, load_prompts
+
+    s, u = load_prompts("builtin:safety"), load_prompts("builtin:utility")
+    examples = (s.examples + u.examples) * copies
+    return PromptSet("bench", "builtin:safety+utility", examples)
+
+
+def _plain_forward(model, tok, data, batch_size: int, max_length: int) -> float:
+    from ssah.data import batches, collate, encode_set
+
+    enc = encode_set(tok, data, max_length=max_length)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for idx in batches(enc, batch_size):
+            b = collate([enc[i] for i in idx], tok.pad_token_id)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    return time.perf_counter() - t
+
+
+def _scoring(model, tok, data, batch_size: int, max_length: int) -> tuple[float, int]:
+    from ssah.scoring import collect_statistics
+
+    t = time.perf_counter()
+    stats = collect_statistics(model, tok, data, batch_size=batch_size, max_length=max_length, progress=False)
+    return time.perf_counter() - t, stats.tokens
+
+
+def _peak_child(model_name: str, copies: int, batch_size: int, max_length: int, queue) -> None:  # type: ignore[no-untyped-def]
+    from ssah.models import load_model
+
+    lm = load_model(model_name, device="cpu")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, tokens = _scoring(lm.model, lm.tokenizer, _data(copies), batch_size, max_length)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put(
+        {
+            "copies": copies,
+            "tokens": tokens,
+            "peak_rss_mb": after / 1024,
+            "growth_during_scoring_mb": (after - before) / 1024,
+        }
+    )
+
+
+def peak_memory(model_name: str, copies: int, batch_size: int, max_length: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=(model_name, copies, batch_size, max_length, q))
+    p.start()
+    result = q.get()
+    p.join()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="runs/benchmarks/scoring.json")
+    args = ap.parse_args()
+
+    from ssah.models import load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    lm = load_model(args.model, device="cpu")
+    data = _data()
+    _plain_forward(lm.model, lm.tokenizer, data.take(8), args.batch_size, args.max_length)  # warm-up
+    plain, scored, tokens = [], [], 0
+    for _ in range(args.repeats):  # interleaved so that machine noise hits both alike
+        plain.append(_plain_forward(lm.model, lm.tokenizer, data, args.batch_size, args.max_length))
+        t, tokens = _scoring(lm.model, lm.tokenizer, data, args.batch_size, args.max_length)
+        scored.append(t)
+    ratio = statistics.median(scored) / statistics.median(plain)
+    mem = [peak_memory(args.model, c, args.batch_size, args.max_length) for c in (1, 4)]
+    result = {
+        "model": args.model,
+        "examples": len(data),
+        "tokens_counted": tokens,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "plain_forward_s": [round(x, 3) for x in plain],
+        "scoring_s": [round(x, 3) for x in scored],
+        "scoring_over_forward_ratio": round(ratio, 3),
+        "peak_memory": mem,
+        "peak_rss_ratio_4x_tokens": round(mem[1]["peak_rss_mb"] / mem[0]["peak_rss_mb"], 3),
+    }
+    print(
+        f"scoring / plain forward (median of {args.repeats}): {ratio:.3f}  "
+        f"({statistics.median(scored):.2f} s vs {statistics.median(plain):.2f} s, {tokens} tokens)"
+    )
+    for m in mem:
+        print(f"peak RSS with {m['tokens']} tokens: {m['peak_rss_mb']:.0f} MB")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
