@@ -18,10 +18,12 @@ from ssah.data.loaders import (
     load_prompts,
     parse_column_mapping,
 )
+from ssah.data.presets import PRESETS, load_preset
 
 __all__ = [
     "BUILTIN_SETS",
     "FALLBACK_TEMPLATE",
+    "PRESETS",
     "Encoded",
     "Example",
     "PromptSet",
@@ -32,6 +34,7 @@ __all__ = [
     "encode_example",
     "encode_set",
     "format_chat",
+    "load_preset",
     "load_prompts",
     "parse_column_mapping",
 ]

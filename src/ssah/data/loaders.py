@@ -34,11 +34,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt, with the reference response and category when the data has them."""
+    """One prompt, with the reference response, category and checkable short answer when the data has them."""
 
     prompt: str
     response: str | None = None
     category: str | None = None
+    answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,13 @@ class PromptSet:
         return bool(self.examples) and all(ex.response for ex in self.examples)
 
     def fingerprint(self) -> str:
-        """SHA-256 of a canonical JSON of the examples, in order; identifies the data in run manifests."""
-        rows = [[ex.prompt, ex.response, ex.category] for ex in self.examples]
+        """SHA-256 of a canonical JSON of the examples, in order; identifies the data in run manifests.
+
+        The answer joins a row only when present, so sets without answers keep their earlier fingerprints."""
+        rows = [
+            [ex.prompt, ex.response, ex.category] + ([ex.answer] if ex.answer is not None else [])
+            for ex in self.examples
+        ]
         blob = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -125,6 +131,7 @@ PROMPT_COLUMNS = ("prompt", "instruction", "goal", "behavior", "question", "forb
 # not a reply, and must never pass silently as a refusal response; map it with --column response=target.
 RESPONSE_COLUMNS = ("response", "output", "answer", "completion")
 CATEGORY_COLUMNS = ("category", "semanticcategory", "type", "focus", "tag")
+ANSWER_COLUMNS = ("answer",)  # a short checkable answer (e.g. "437"), read only when not taken as the response
 INPUT_COLUMNS = ("input",)
 LOGICAL_COLUMNS = ("prompt", "response", "category")
 
@@ -165,21 +172,36 @@ def load_prompts(
     limit: int | None = None,
     name: str | None = None,
 ) -> PromptSet:
-    """Load a prompt set from ``builtin:<name>`` (or a bare built-in name), a .csv/.json/.jsonl file, or a folder
-    holding exactly one such file.
+    """Load a prompt set from ``builtin:<name>`` (or a bare built-in name), a benchmark preset (``advbench``,
+    ``preset:xstest``, ... read in place from the public data, see ``ssah.data.presets.PRESETS``), a Hugging Face
+    dataset (``hf:<name or path>[:split]``), a .csv/.json/.jsonl file, or a folder holding exactly one such file.
 
     ``columns`` maps ``prompt``/``response``/``category`` to column names and overrides detection; ``limit`` keeps
-    the first rows; ``name`` overrides the set's name (by default the built-in name or the file stem).
+    the first rows; ``name`` overrides the set's name (by default the built-in or preset name, or the file stem).
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be at least 1, got {limit}: pass a positive limit or none")
     mapping = _check_mapping(columns)
+    text = os.fspath(spec)
+    if text.startswith(("hf:", "preset:")) or (text in _preset_names() and not Path(text).expanduser().exists()):
+        from ssah.data import presets  # lazy: presets builds on this module
+
+        if text.startswith("hf:"):
+            return presets.load_hf(text[len("hf:") :], columns=mapping, limit=limit, name=name)
+        return presets.load_preset(text.removeprefix("preset:"), columns=mapping, limit=limit, name=name)
     path, source, default_name = _resolve(spec)
     rows = _read_rows(path)
     examples = _to_examples(rows, mapping, path)
     if limit is not None:
         examples = examples[:limit]
     return PromptSet(name or default_name, source, tuple(examples))
+
+
+def _preset_names() -> tuple[str, ...]:
+    """Names of the benchmark presets (imported lazily to keep the module graph acyclic)."""
+    from ssah.data.presets import PRESETS
+
+    return tuple(PRESETS)
 
 
 def _check_mapping(columns: Mapping[str, str] | None) -> dict[str, str]:
@@ -206,7 +228,12 @@ def _resolve(spec: str | os.PathLike[str]) -> tuple[Path, str, str]:
     if not path.exists():
         if text in BUILTIN_SETS:
             return _builtin_file(text), f"{BUILTIN_PREFIX}{text}", text
-        hint = f" or a built-in set ({', '.join(BUILTIN_SETS)})" if os.sep not in text and "." not in text else ""
+        hint = (
+            f" or a built-in set ({', '.join(BUILTIN_SETS)}), a preset ({', '.join(_preset_names())}) "
+            f"or hf:<dataset>[:split]"
+            if os.sep not in text and "." not in text
+            else ""
+        )
         raise DataError(f"data file not found: {text}: pass an existing .csv, .json or .jsonl file{hint}")
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS)
@@ -380,7 +407,7 @@ def _strip_llama2(prompt: str) -> str:
     return _LLAMA2_TOKENS.sub("", _LLAMA2_SYS.sub("", prompt)).strip()
 
 
-def _to_examples(rows: list[dict[str, Any]], mapping: dict[str, str], path: Path) -> list[Example]:
+def _to_examples(rows: list[dict[str, Any]], mapping: dict[str, str], path: Path | str) -> list[Example]:
     """Map rows to examples using the column mapping or detection; rows with an empty prompt are dropped."""
     if not rows:
         raise DataError(f"{path} has no rows: pass a file with at least one example")
@@ -402,6 +429,7 @@ def _to_examples(rows: list[dict[str, Any]], mapping: dict[str, str], path: Path
         [n for n in names if n not in (prompt_col, response_col)], CATEGORY_COLUMNS
     )
     input_col = _detect(names, INPUT_COLUMNS) if _match(prompt_col, ("instruction",)) else None
+    answer_col = _detect([n for n in names if n not in (prompt_col, response_col, category_col)], ANSWER_COLUMNS)
 
     examples: list[Example] = []
     for row in rows:
@@ -413,7 +441,8 @@ def _to_examples(rows: list[dict[str, Any]], mapping: dict[str, str], path: Path
         response = _cell(row.get(response_col)) if response_col else ""
         response = response.removesuffix("</s>").rstrip()
         category = _cell(row.get(category_col)) if category_col else ""
-        examples.append(Example(prompt, response or None, category or None))
+        answer = _cell(row.get(answer_col)) if answer_col else ""
+        examples.append(Example(prompt, response or None, category or None, answer or None))
     if not examples:
         raise DataError(f"every prompt in {path} (column '{prompt_col}') is empty: pass --column prompt=<name>")
     return examples

@@ -21,5 +21,7 @@ def shared_data_dir(required: bool = True) -> Path | None:
         if c.is_dir():
             return c.resolve()
     if required:
-        raise DataError("public benchmark data not found: set SSAH_SHARED_DATA to the folder holding advbench/, xstest/, ...")
+        raise DataError(
+            "public benchmark data not found: set SSAH_SHARED_DATA to the folder holding advbench/, xstest/, ..."
+        )
     return None

@@ -1,0 +1,272 @@
+"""Benchmark presets: public safety sets read in place from the shared data folder, by name.
+
+``load_prompts("advbench")`` (or ``"preset:advbench"``) reads ``advbench/harmful_behaviors.csv`` from
+:func:`ssah.data.shared.shared_data_dir` with the right columns, row filter and categories, so that a run names a
+benchmark instead of a file path. ``hf:<name or path>[:split]`` loads a Hugging Face dataset the user already has
+(offline: from the local cache or a local folder) through the same column detection as files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssah.data.loaders import PromptSet, _read_rows, _to_examples
+from ssah.data.shared import shared_data_dir
+from ssah.errors import DataError
+
+__all__ = ["PRESETS", "Preset", "load_hf", "load_preset", "preset_path"]
+
+Row = dict[str, Any]
+
+
+def _harmbench_rows(rows: list[Row]) -> list[Row]:
+    """Contextual HarmBench behaviours carry their context: the prompt is ``context + "\\n\\n" + behavior`` (as
+    HarmBench's own chat formatting does); CRLF inside contexts becomes LF so that text_all and text_test agree."""
+    out = []
+    for row in rows:
+        behavior = (row.get("Behavior") or "").strip()
+        context = (row.get("ContextString") or "").replace("\r\n", "\n").strip()
+        out.append({**row, "Behavior": f"{context}\n\n{behavior}" if context else behavior})
+    return out
+
+
+def _label(value: str) -> Callable[[list[Row]], list[Row]]:
+    """Keep the rows whose ``label`` column equals ``value`` (XSTest safe / unsafe)."""
+
+    def keep(rows: list[Row]) -> list[Row]:
+        return [r for r in rows if str(r.get("label", "")).strip() == value]
+
+    return keep
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A benchmark file under the shared data folder and how to read it."""
+
+    description: str
+    path: tuple[str, ...]
+    columns: Mapping[str, str] = field(default_factory=dict)
+    rows: Callable[[list[Row]], list[Row]] | None = None  # filter / rewrite rows before column mapping
+    count: int | None = None  # rows the file yields, per its SOURCE.md (documentation and tests)
+
+
+_PRESETS: dict[str, Preset] = {
+    "advbench": Preset(
+        "AdvBench harmful behaviors (Zou et al. 2023): 520 harmful requests; the target column is an attack "
+        "target, not a response",
+        ("advbench", "harmful_behaviors.csv"),
+        {"prompt": "goal"},
+        count=520,
+    ),
+    "harmbench": Preset(
+        "HarmBench text behaviors, all (Mazeika et al. 2024): 400 (standard, contextual with their context, "
+        "copyright), categories from SemanticCategory",
+        ("harmbench", "harmbench_behaviors_text_all.csv"),
+        {"prompt": "Behavior", "category": "SemanticCategory"},
+        _harmbench_rows,
+        400,
+    ),
+    "harmbench-val": Preset(
+        "HarmBench text behaviors, validation split: 80",
+        ("harmbench", "harmbench_behaviors_text_val.csv"),
+        {"prompt": "Behavior", "category": "SemanticCategory"},
+        _harmbench_rows,
+        80,
+    ),
+    "harmbench-test": Preset(
+        "HarmBench text behaviors, test split: 320",
+        ("harmbench", "harmbench_behaviors_text_test.csv"),
+        {"prompt": "Behavior", "category": "SemanticCategory"},
+        _harmbench_rows,
+        320,
+    ),
+    "jailbreakbench": Preset(
+        "JailbreakBench JBB-Behaviors harmful (Chao et al. 2024): 100, 10 per category",
+        ("jailbreakbench", "harmful-behaviors.csv"),
+        {"prompt": "Goal", "category": "Category"},
+        count=100,
+    ),
+    "jailbreakbench-benign": Preset(
+        "JailbreakBench JBB-Behaviors benign: 100 safe prompts matched topic-for-topic (over-refusal)",
+        ("jailbreakbench", "benign-behaviors.csv"),
+        {"prompt": "Goal", "category": "Category"},
+        count=100,
+    ),
+    "xstest": Preset(
+        "XSTest safe prompts (Röttger et al. 2024): 250 safe but sensitive-sounding prompts (over-refusal), "
+        "category = type",
+        ("xstest", "xstest_prompts.csv"),
+        {"prompt": "prompt", "category": "type"},
+        _label("safe"),
+        250,
+    ),
+    "xstest-unsafe": Preset(
+        "XSTest unsafe contrast prompts: 200 that should be refused, category = type",
+        ("xstest", "xstest_prompts.csv"),
+        {"prompt": "prompt", "category": "type"},
+        _label("unsafe"),
+        200,
+    ),
+    "strongreject": Preset(
+        "StrongREJECT forbidden prompts (Souly et al. 2024): 313 across 6 categories",
+        ("strongreject", "strongreject_dataset.csv"),
+        {"prompt": "forbidden_prompt", "category": "category"},
+        count=313,
+    ),
+    "alignment-attribution": Preset(
+        "safety-short SFT set (Wei et al. 2024): 1015 AdvBench prompts with Llama-2-chat refusals",
+        ("alignment_attribution", "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
+        {"prompt": "prompt", "response": "response"},
+        count=1015,
+    ),
+    "safety-tuned-llamas": Preset(
+        "safety-only SFT data (Bianchi et al. 2024): 2483 harmful instructions with safe responses",
+        ("safety_tuned_llamas", "safety_only_data_Instructions.json"),
+        {"prompt": "instruction", "response": "output"},
+        count=2483,
+    ),
+    "refusal-direction-harmful-train": Preset(
+        "refusal-direction harmful train split (Arditi et al. 2024): 260",
+        ("refusal_direction_splits", "harmful_train.json"),
+        {"prompt": "instruction", "category": "category"},
+        count=260,
+    ),
+    "refusal-direction-harmful-val": Preset(
+        "refusal-direction harmful val split (= HarmBench val): 39",
+        ("refusal_direction_splits", "harmful_val.json"),
+        {"prompt": "instruction", "category": "category"},
+        count=39,
+    ),
+    "refusal-direction-harmful-test": Preset(
+        "refusal-direction harmful test split (JailbreakBench + HarmBench test + StrongREJECT): 572",
+        ("refusal_direction_splits", "harmful_test.json"),
+        {"prompt": "instruction", "category": "category"},
+        count=572,
+    ),
+    "refusal-direction-harmless-train": Preset(
+        "refusal-direction harmless train split (Alpaca instructions, no responses): 18793",
+        ("refusal_direction_splits", "harmless_train.json"),
+        {"prompt": "instruction"},
+        count=18793,
+    ),
+    "refusal-direction-harmless-val": Preset(
+        "refusal-direction harmless val split (Alpaca instructions, no responses): 6264",
+        ("refusal_direction_splits", "harmless_val.json"),
+        {"prompt": "instruction"},
+        count=6264,
+    ),
+    "refusal-direction-harmless-test": Preset(
+        "refusal-direction harmless test split (Alpaca instructions, no responses): 6266",
+        ("refusal_direction_splits", "harmless_test.json"),
+        {"prompt": "instruction"},
+        count=6266,
+    ),
+}
+
+PRESETS: dict[str, str] = {name: p.description for name, p in _PRESETS.items()}
+
+
+def _preset(name: str) -> Preset:
+    """The preset of that name, or a DataError listing the names."""
+    if name not in _PRESETS:
+        raise DataError(f"unknown preset '{name}': use one of {', '.join(_PRESETS)}")
+    return _PRESETS[name]
+
+
+def preset_path(name: str) -> Path:
+    """The file a preset reads, inside the shared benchmark data folder (which must exist)."""
+    preset = _preset(name)
+    fix = (
+        "set SSAH_SHARED_DATA to the folder holding advbench/, harmbench/, xstest/, ... (or pass the data file itself)"
+    )
+    root = shared_data_dir(required=False)
+    if root is None:
+        raise DataError(f"preset '{name}' needs the public benchmark data: {fix}")
+    path = root.joinpath(*preset.path)
+    if not path.is_file():
+        raise DataError(f"preset '{name}' needs the public benchmark data, but {path} is missing from {root}: {fix}")
+    return path
+
+
+def load_preset(
+    preset: str,
+    /,
+    *,
+    columns: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    name: str | None = None,
+) -> PromptSet:
+    """Load a preset as a ``PromptSet`` named after it; ``columns`` overrides the preset's mapping (e.g.
+    ``{"response": "target"}`` for AdvBench attack targets) and ``limit`` keeps the first examples."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, got {limit}: pass a positive limit or none")
+    spec = _preset(preset)
+    path = preset_path(preset)
+    rows = _read_rows(path)
+    if spec.rows is not None:
+        rows = spec.rows(rows)
+    mapping = {**spec.columns, **dict(columns or {})}
+    examples = _to_examples(rows, mapping, path)
+    if limit is not None:
+        examples = examples[:limit]
+    return PromptSet(name or preset, f"preset:{preset}:{path}", tuple(examples))
+
+
+def _split_hf_spec(spec: str) -> tuple[str, str | None]:
+    """``name[:split]`` -> (name, split); a colon is a split separator only when what follows has no slash."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and tail and "/" not in tail and os.sep not in tail:
+        return head, tail
+    return spec, None
+
+
+def load_hf(
+    spec: str,
+    /,
+    *,
+    columns: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    name: str | None = None,
+) -> PromptSet:
+    """Load ``<name or path>[:split]`` with ``datasets.load_dataset`` (offline: a cached or local dataset) and map
+    its columns like a file. A dataset with several splits and none named is an error listing the splits."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, got {limit}: pass a positive limit or none")
+    dataset_name, split = _split_hf_spec(spec.strip())
+    if not dataset_name:
+        raise DataError("empty Hugging Face dataset spec 'hf:': write hf:<name or path>[:split]")
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
+        raise DataError("hf: data specs need the 'datasets' package: pip install datasets") from exc
+    try:
+        loaded = datasets.load_dataset(dataset_name, split=split)
+    except Exception as exc:  # datasets raises many types (offline, missing, bad split): report them alike
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise DataError(
+            f"cannot load Hugging Face dataset '{dataset_name}'"
+            f"{f' split {split!r}' if split else ''} ({reason}): check the name and split, download it while "
+            f"online (HF_HUB_OFFLINE=1 allows only cached data), or pass a local file"
+        ) from exc
+    if isinstance(loaded, (datasets.DatasetDict, dict)):
+        splits = list(loaded)
+        if len(splits) != 1:
+            raise DataError(
+                f"Hugging Face dataset '{dataset_name}' has splits {', '.join(splits)}: "
+                f"name one as hf:{dataset_name}:<split>"
+            )
+        split = splits[0]
+        loaded = loaded[split]
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError(f"hf:{spec} did not load as a table ({type(loaded).__name__}): pass a map-style dataset")
+    rows = [dict(r) for r in loaded]
+    where = f"hf:{dataset_name}" + (f":{split}" if split else "")
+    examples = _to_examples(rows, dict(columns or {}), where)
+    if limit is not None:
+        examples = examples[:limit]
+    default = Path(dataset_name.rstrip("/")).name or dataset_name
+    return PromptSet(name or default, where, tuple(examples))
