@@ -308,3 +308,14 @@ def test_system_prompt_reaches_the_model(llama: tuple[Any, Any]) -> None:
     assert [g.output for g in base] != [g.output for g in with_system]
     ids = greedy_ids(model, tok, format_chat(tok, PROMPTS[0], system="You are a pirate."), 8)
     assert with_system[0].output == tok.decode(ids, skip_special_tokens=True).rstrip()
+
+
+def test_scoring_encoding_matches_generation_encoding_for_bos_tokenizers() -> None:
+    from ssah.data import Example, encode_example
+
+    for template in (None, "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"):
+        tok = bos_adding_tokenizer(template)
+        enc = encode_example(tok, Example("hi"))
+        assert enc.input_ids == encode_prompt(tok, format_chat(tok, "hi"))
+        assert enc.input_ids.count(tok.bos_token_id) == 1
+        assert not enc.prompt_mask[0] and not enc.response_mask[0]

@@ -19,6 +19,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ssah.data import format_chat
+from ssah.data.chat import bos_to_add
 from ssah.errors import ModelError, UserError
 
 __all__ = [
@@ -98,16 +99,6 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
         vocab = tokenizer.get_vocab()
         ids += [vocab[tok] for tok in END_OF_TURN_TOKENS if tok in template and tok in vocab]
     return list(dict.fromkeys(ids))
-
-
-def bos_to_add(tokenizer: Any) -> int | None:
-    """The BOS id when the tokenizer prepends it by default (Llama, Gemma style), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return bos if with_special[:1] == [bos] and without[:1] != [bos] else None
 
 
 def encode_prompt(tokenizer: Any, text: str, *, bos_id: int | None = None) -> list[int]:

@@ -196,10 +196,29 @@ def _prefix_count(tokenizer: Any, text: str, pos: int, total: int) -> int:
     return min(total, len(tokenizer(text[:pos], add_special_tokens=False)["input_ids"]))
 
 
+def bos_to_add(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer prepends it by default (Llama, Gemma style), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if with_special[:1] == [bos] and without[:1] != [bos] else None
+
+
 def encode_example(
-    tokenizer: Any, example: Example, *, system: str | None = None, max_length: int | None = None
+    tokenizer: Any,
+    example: Example,
+    *,
+    system: str | None = None,
+    max_length: int | None = None,
+    bos_id: int | Literal["auto"] | None = "auto",
 ) -> Encoded:
-    """Format and tokenize an example, with exact prompt/response masks; ``max_length`` keeps the start."""
+    """Format and tokenize an example, with exact prompt/response masks; ``max_length`` keeps the start.
+
+    The BOS a tokenizer would prepend is added when the formatted text lacks it, exactly as generation does
+    (``bos_id``: ``bos_to_add(tokenizer)``, computed here when "auto"), so scoring and generation see one input.
+    """
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be at least 1, got {max_length}: pass a positive length or none")
     text, (p0, p1), resp = _spans(tokenizer, example.prompt, example.response or None, system)
@@ -217,6 +236,10 @@ def encode_example(
         in_resp = set(token_range(*resp)) if resp is not None else set()
         prompt_mask = [i in in_prompt for i in range(n)]
         response_mask = [i in in_resp and i not in in_prompt for i in range(n)]
+    if bos_id == "auto":
+        bos_id = bos_to_add(tokenizer)
+    if bos_id is not None and ids[:1] != [bos_id]:
+        ids, prompt_mask, response_mask = [bos_id, *ids], [False, *prompt_mask], [False, *response_mask]
     if max_length is not None:
         ids, prompt_mask, response_mask = ids[:max_length], prompt_mask[:max_length], response_mask[:max_length]
     return Encoded(ids, prompt_mask, response_mask)
@@ -226,7 +249,8 @@ def encode_set(
     tokenizer: Any, prompts: PromptSet, *, system: str | None = None, max_length: int | None = None
 ) -> list[Encoded]:
     """Encode every example of a prompt set, in order."""
-    return [encode_example(tokenizer, ex, system=system, max_length=max_length) for ex in prompts]
+    bos_id = bos_to_add(tokenizer)
+    return [encode_example(tokenizer, ex, system=system, max_length=max_length, bos_id=bos_id) for ex in prompts]
 
 
 def collate(
