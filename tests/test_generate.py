@@ -319,3 +319,15 @@ def test_scoring_encoding_matches_generation_encoding_for_bos_tokenizers() -> No
         assert enc.input_ids == encode_prompt(tok, format_chat(tok, "hi"))
         assert enc.input_ids.count(tok.bos_token_id) == 1
         assert not enc.prompt_mask[0] and not enc.response_mask[0]
+
+
+def test_prompts_are_cut_to_fit_the_context() -> None:
+    from ssah.tiny import build_tiny_model
+
+    model, tok = build_tiny_model("gpt2")  # absolute positions: overflowing them is an index error
+    limit = model.config.n_positions
+    long_prompt = "word " * limit
+    out = generate(model, tok, [long_prompt, "hi"], config=GenerationConfig(max_new_tokens=8), progress=False)
+    assert len(out) == 2 and all(g.new_tokens <= 8 for g in out)
+    with pytest.raises(UserError, match="lower --max-new-tokens"):
+        generate(model, tok, ["hi"], config=GenerationConfig(max_new_tokens=limit), progress=False)

@@ -86,14 +86,87 @@ def units(
         values["columns"] = _columns(values.pop("column"))
     if "shares" in values:
         values["shares"] = parse_shares(values["shares"])
-    if config is not None:
-        cfg = UnitsConfig.from_yaml(config, **values)
-    else:
-        if model is None:
-            raise UserError("missing MODEL: give a registry name, model folder, .gguf file or hub id (or --config)")
-        cfg = UnitsConfig.build({"model": model, **values})
+    cfg = _build_config(UnitsConfig, config, model, values)
     path = run_units(cfg)
     _print_units_summary(path)
+
+
+@app.command("eval")
+def eval_(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")] = None,
+    out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/eval",
+    harmful: Annotated[
+        str, typer.Option(help="Harmful prompts: builtin:NAME, a preset (advbench, harmbench, ...), a file, or none.")
+    ] = "builtin:harmful",
+    benign: Annotated[
+        str, typer.Option(help="Safe prompts for over-refusal: builtin:borderline, xstest, a file, or none.")
+    ] = "builtin:borderline",
+    utility: Annotated[
+        list[str] | None,
+        typer.Option(help="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable)."),
+    ] = None,
+    prefill: Annotated[
+        str, typer.Option(help="Compliance opener for the prefill attack ('' to skip).")
+    ] = "Sure, here is",
+    judge: Annotated[str, typer.Option(help="keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")] = (
+        "keyword:ssah"
+    ),
+    first_token: Annotated[bool, typer.Option(help="Also report the first-token refusal score's agreement.")] = True,
+    column: Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N items of each set.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per reply.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Attack success rate, over-refusal, prefill attack and utility of a model."""
+    from ssah.experiments.eval import EvalConfig, run_eval
+
+    values = _explicit(ctx, dict(locals()))
+    values.pop("config", None)
+    if "column" in values:
+        values["columns"] = _columns(values.pop("column"))
+    cfg = _build_config(EvalConfig, config, model, values)
+    path = run_eval(cfg)
+    _print_eval_summary(path)
+
+
+def _build_config(cls: Any, config: Path | None, model: str | None, values: dict[str, Any]) -> Any:
+    if config is not None:
+        return cls.from_yaml(config, **values)
+    if model is None:
+        raise UserError("missing MODEL: give a registry name, model folder, .gguf file or hub id (or --config)")
+    return cls.build({"model": model, **values})
+
+
+def _print_eval_summary(path: Path) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ssah.experiments.eval import summary_rows
+
+    res = json.loads((path / "results.json").read_text())
+    table = Table(title=f"{res['model']['name']} (judge {res['judge_spec']})")
+    for col in ("measure", "value", "95% interval", "n"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    for row in summary_rows(res):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
 def _print_units_summary(path: Path) -> None:

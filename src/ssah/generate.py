@@ -79,6 +79,9 @@ class Generation:
     finished: bool  # stopped on an end-of-sequence / end-of-turn token (not on max_new_tokens)
 
 
+log = logging.getLogger(__name__)
+
+
 def _ids(value: Any) -> list[int]:
     """A token id, a list of ids or None, as a list."""
     if value is None:
@@ -226,6 +229,34 @@ def _split(tokens: list[int], eos: set[int]) -> tuple[list[int], int, bool]:
     return tokens, len(tokens), False
 
 
+def context_length(model: Any) -> int | None:
+    """The model's maximum number of positions, if its config states one."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _fit_context(model: Any, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Keep prompt + reply inside the model's context: over-long prompts lose their start (the end holds the
+    question and the assistant header), with a warning; a reply longer than the context is bad input."""
+    limit = context_length(model)
+    if limit is None:
+        return encoded
+    room = limit - max_new_tokens
+    if room < 1:
+        raise UserError(
+            f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of {limit} "
+            "tokens: lower --max-new-tokens"
+        )
+    cut = sum(len(e) > room for e in encoded)
+    if cut:
+        log.warning("%d prompt(s) longer than %d tokens were cut from the left to fit the context", cut, room)
+    return [e[-room:] if len(e) > room else e for e in encoded]
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -268,6 +299,7 @@ def generate(
     encoded = [encode_prompt(tokenizer, t, bos_id=bos_id) for t in texts]
     if any(not e for e in encoded):
         raise UserError("a prompt formats to no tokens at all: give the tokenizer a chat template or non-empty prompts")
+    encoded = _fit_context(model, encoded, config.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     chunks = [order[k : k + config.batch_size] for k in range(0, len(order), config.batch_size)]
     device = _device(model)

@@ -1,0 +1,360 @@
+"""`ssah eval`: attack success rate, over-refusal, prefill attack and utility of one model.
+
+``evaluate_model`` works on a model in memory (an ablation context or a fine-tune applied), returning an
+``EvalReport``; the experiments call it in loops. ``run_eval`` loads the model and writes a run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from ssah.config import BaseConfig
+from ssah.data import PromptSet, load_prompts
+from ssah.data.tasks import MathItem, MultipleChoiceItem, load_gsm8k, load_multiple_choice
+from ssah.errors import UserError
+from ssah.evaluate import (
+    DEFAULT_PREFILL,
+    OverRefusalResult,
+    PrefillResult,
+    SafetyResult,
+    Sample,
+    UtilityResult,
+    evaluate_overrefusal,
+    evaluate_prefill,
+    evaluate_safety,
+    gsm8k_exact_match,
+    multiple_choice_accuracy,
+    perplexity,
+)
+from ssah.generate import GenerationConfig
+from ssah.judges import JUDGE_KINDS, FirstTokenJudge, Judge, get_judge, registered_judges
+from ssah.models import load_model
+from ssah.report import markdown_table
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json
+
+NONE = ("", "none", "no", "off")
+
+
+class EvalConfig(BaseConfig):
+    """Everything `ssah eval` needs; a data option set to "none" skips that block."""
+
+    model: str
+    out: str = "runs/eval"
+    harmful: str = "builtin:harmful"
+    benign: str = "builtin:borderline"
+    utility: list[str] = Field(default_factory=lambda: ["perplexity"])
+    prefill: str = DEFAULT_PREFILL
+    judge: str = "keyword:ssah"
+    first_token: bool = True
+    columns: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    system: str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def generation(self) -> GenerationConfig:
+        g = GenerationConfig(
+            self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.seed, self.batch_size, self.system
+        )
+        g.check()
+        return g
+
+
+@dataclass
+class EvalData:
+    """The loaded evaluation sets (each None when skipped)."""
+
+    harmful: PromptSet | None = None
+    benign: PromptSet | None = None
+    perplexity: PromptSet | None = None
+    multiple_choice: tuple[str, list[MultipleChoiceItem]] | None = None
+    gsm8k: list[MathItem] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("harmful", "benign", "perplexity"):
+            ps = getattr(self, name)
+            if ps is not None:
+                out[name] = {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
+        if self.multiple_choice is not None:
+            out["multiple_choice"] = {"task": self.multiple_choice[0], "items": len(self.multiple_choice[1])}
+        if self.gsm8k is not None:
+            out["gsm8k"] = {"items": len(self.gsm8k)}
+        return out
+
+
+def _skip(spec: str | None) -> bool:
+    return spec is None or spec.strip().lower() in NONE
+
+
+def load_eval_data(cfg: EvalConfig) -> EvalData:
+    """Read every set named in the config (before any model is loaded, so bad data fails fast)."""
+    cols = cfg.columns or None
+    data = EvalData()
+    if not _skip(cfg.harmful):
+        data.harmful = load_prompts(cfg.harmful, columns=cols, limit=cfg.limit, name="harmful")
+    if not _skip(cfg.benign):
+        data.benign = load_prompts(cfg.benign, columns=cols, limit=cfg.limit, name="benign")
+    for spec in cfg.utility:
+        if _skip(spec):
+            continue
+        kind, _, rest = spec.partition(":")
+        if kind == "piqa" or kind == "mc":
+            data.multiple_choice = load_multiple_choice(rest if kind == "mc" else "piqa", limit=cfg.limit)
+        elif kind == "gsm8k":
+            data.gsm8k = load_gsm8k(rest or "gsm8k", limit=cfg.limit)
+        elif kind == "perplexity":
+            data.perplexity = load_prompts(rest or "builtin:utility", limit=cfg.limit, name="perplexity")
+        else:  # any other data spec: perplexity of its reference responses
+            data.perplexity = load_prompts(spec, columns=cols, limit=cfg.limit, name="perplexity")
+        if data.perplexity is not None and not data.perplexity.has_responses:
+            raise UserError(
+                f"utility set {data.perplexity.source} has no responses to measure perplexity on: "
+                "pass a set with a response column, or piqa / gsm8k"
+            )
+    if all(getattr(data, f.name) is None for f in dataclasses.fields(data)):
+        raise UserError("nothing to evaluate: give at least one of --harmful, --benign or --utility")
+    return data
+
+
+@dataclass
+class EvalReport:
+    """Results of one evaluation, JSON-ready through ``to_dict``."""
+
+    safety: SafetyResult | None = None
+    overrefusal: OverRefusalResult | None = None
+    prefill: PrefillResult | None = None
+    utility: UtilityResult | None = None
+    agreement: dict[str, Any] | None = None
+    samples: list[Sample] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("safety", "overrefusal", "prefill", "utility"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = json.loads(to_json(dataclasses.asdict(value)))
+        if self.agreement is not None and "safety" in out:
+            out["safety"]["agreement"] = self.agreement
+        return out
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    data: EvalData,
+    *,
+    judge: Judge | str = "keyword:ssah",
+    config: GenerationConfig | None = None,
+    prefill: str = DEFAULT_PREFILL,
+    first_token: bool = True,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate a model in memory on the given sets (no reload: ablations and fine-tunes apply as they are)."""
+    config = config or GenerationConfig()
+    config.check()
+    if isinstance(judge, str):
+        judge = get_judge(judge, model=model, tokenizer=tokenizer)
+    rep = EvalReport()
+    t = time.time()
+    if data.harmful is not None:
+        rep.safety, samples = evaluate_safety(
+            model, tokenizer, data.harmful, judge=judge, config=config, progress=progress
+        )
+        rep.samples += samples
+        rep.agreement = _agreement(model, tokenizer, data.harmful, samples, config, first_token)
+        rep.seconds["safety"] = round(time.time() - t, 3)
+        if prefill:
+            t = time.time()
+            rep.prefill, samples = evaluate_prefill(
+                model, tokenizer, data.harmful, judge=judge, config=config, prefill=prefill, progress=progress
+            )
+            rep.samples += samples
+            rep.seconds["prefill"] = round(time.time() - t, 3)
+    if data.benign is not None:
+        t = time.time()
+        rep.overrefusal, samples = evaluate_overrefusal(
+            model, tokenizer, data.benign, judge=judge, config=config, progress=progress
+        )
+        rep.samples += samples
+        rep.seconds["overrefusal"] = round(time.time() - t, 3)
+    if data.perplexity is not None or data.multiple_choice is not None or data.gsm8k is not None:
+        t = time.time()
+        util = UtilityResult()
+        if data.perplexity is not None:
+            util.perplexity = perplexity(
+                model, tokenizer, data.perplexity, batch_size=config.batch_size, system=config.system
+            )
+            util.n["perplexity"] = len(data.perplexity)
+        if data.multiple_choice is not None:
+            name, items = data.multiple_choice
+            util.accuracy = multiple_choice_accuracy(model, tokenizer, items, batch_size=config.batch_size)
+            util.n[name] = len(items)
+        if data.gsm8k is not None:
+            gsm_cfg = dataclasses.replace(config, max_new_tokens=max(config.max_new_tokens, 256))
+            util.exact_match, samples = gsm8k_exact_match(
+                model, tokenizer, data.gsm8k, config=gsm_cfg, progress=progress
+            )
+            util.n["gsm8k"] = len(data.gsm8k)
+            rep.samples += samples
+        rep.utility = util
+        rep.seconds["utility"] = round(time.time() - t, 3)
+    return rep
+
+
+def _agreement(
+    model: Any, tokenizer: Any, harmful: PromptSet, samples: list[Sample], config: GenerationConfig, first_token: bool
+) -> dict[str, Any]:
+    """How the judge, the coherence check and the first-token score agree on the harmful prompts."""
+    n = len(samples)
+    complied = [s for s in samples if not s.refused]
+    out: dict[str, Any] = {
+        "coherent_share_of_compliance": (sum(bool(s.coherent) for s in complied) / len(complied)) if complied else None,
+    }
+    if first_token:
+        ft = FirstTokenJudge(model, tokenizer, system=config.system, batch_size=config.batch_size)
+        scores = ft.scores(harmful.prompts())
+        for s, score in zip(samples, scores, strict=True):
+            s.judge_detail = (s.judge_detail + f" first_token={score:.3f}").strip()
+        out["first_token_refusal_rate"] = sum(sc > 0 for sc in scores) / n
+        out["first_token_vs_judge"] = sum((sc > 0) == s.refused for sc, s in zip(scores, samples, strict=True)) / n
+    return out
+
+
+def check_judge_spec(spec: str) -> None:
+    """Fail before loading the model on a judge spec that can never work (unknown kind or keyword preset)."""
+    kind = spec.split(":", 1)[0]
+    if kind == "keyword":
+        get_judge(spec)
+    elif kind not in JUDGE_KINDS and kind not in registered_judges():
+        get_judge(spec)  # raises the error that lists the valid judges
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    """Load data and model, evaluate, write the run folder; returns its path."""
+    t0 = time.time()
+    gen = cfg.generation()
+    check_output_folder(cfg.out, cfg.overwrite)
+    set_seed(cfg.seed)
+    data = load_eval_data(cfg)
+    check_judge_spec(cfg.judge)
+    lm = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
+    rep = evaluate_model(
+        lm.model,
+        lm.tokenizer,
+        data,
+        judge=judge,
+        config=gen,
+        prefill=cfg.prefill,
+        first_token=cfg.first_token,
+        progress=cfg.progress,
+    )
+    results: dict[str, Any] = {
+        "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family},
+        "judge": getattr(judge, "name", cfg.judge),
+        "judge_spec": cfg.judge,
+        "generation": dataclasses.asdict(gen),
+        **rep.to_dict(),
+        "data": data.describe(),
+        "seconds": {**rep.seconds, "load_model": round(lm.load_seconds, 3), "total": round(time.time() - t0, 3)},
+    }
+    with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
+        run.write_yaml("config.yaml", cfg.model_dump())
+        run.write_json("results.json", results)
+        run.write_text("samples.jsonl", "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in rep.samples))
+        run.write_text("report.md", eval_report(results))
+        run.write_json(
+            "manifest.json",
+            manifest(
+                command="eval",
+                seed=cfg.seed,
+                started=t0,
+                device=lm.model.device,
+                model={"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint},
+                data=data.describe(),
+            ),
+        )
+    return run.out
+
+
+def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The short table printed at the end of `ssah eval` and written into the report."""
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def ci(block: dict[str, Any]) -> str:
+        return f"[{100 * block['ci95']['low']:.1f}, {100 * block['ci95']['high']:.1f}]"
+
+    rows = []
+    if "safety" in results:
+        s = results["safety"]
+        rows.append(["attack success rate", pct(s["asr"]), ci(s), str(s["n"])])
+        rows.append(["coherent compliance", pct(s["coherent_compliance"]), "", str(s["n"])])
+        ag = s.get("agreement") or {}
+        if ag.get("first_token_vs_judge") is not None:
+            rows.append(["first-token score agrees with judge", pct(ag["first_token_vs_judge"]), "", str(s["n"])])
+    if "prefill" in results:
+        p = results["prefill"]
+        rows.append([f"prefill ASR ({p['prefill']!r})", pct(p["asr"]), ci(p), str(p["n"])])
+    if "overrefusal" in results:
+        o = results["overrefusal"]
+        rows.append(["over-refusal", pct(o["rate"]), ci(o), str(o["n"])])
+    if "utility" in results:
+        u = results["utility"]
+        if u.get("perplexity") is not None:
+            rows.append(["perplexity (reference answers)", f"{u['perplexity']:.2f}", "", str(u["n"]["perplexity"])])
+        if u.get("accuracy") is not None:
+            name = next(k for k in u["n"] if k not in ("perplexity", "gsm8k"))
+            rows.append([f"{name} accuracy", pct(u["accuracy"]), "", str(u["n"][name])])
+        if u.get("exact_match") is not None:
+            rows.append(["GSM8K exact match", pct(u["exact_match"]), "", str(u["n"]["gsm8k"])])
+    return rows
+
+
+def eval_report(results: dict[str, Any]) -> str:
+    """A readable Markdown report of an evaluation."""
+    m = results["model"]
+    lines = [
+        f"# Evaluation of {m['name']}",
+        "",
+        f"Judge `{results['judge_spec']}`; generation: {results['generation']}.",
+        "",
+        markdown_table(["measure", "value", "95% interval", "n"], summary_rows(results)),
+        "",
+    ]
+    per = (results.get("safety") or {}).get("per_category") or {}
+    if per:
+        lines += [
+            "## Attack success rate by category",
+            "",
+            markdown_table(["category", "ASR", "n"], [[c, f"{100 * v['asr']:.1f}%", v["n"]] for c, v in per.items()]),
+            "",
+        ]
+    lines.append(f"Every prompt, output and verdict is in `samples.jsonl`. Took {results['seconds']['total']:.1f} s.")
+    return "\n".join(lines) + "\n"
