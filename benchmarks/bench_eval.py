@@ -50,7 +50,7 @@ def main() -> None:
     verdicts = judge.judge(prompts, [g.output for g in gens])
     t_gen_judge = time.perf_counter() - t
     t = time.perf_counter()
-    scores = first_token_refusal_scores(lm.model, lm.tokenizer, prompts, batch_size=args.batch_size)
+    scores = first_token_refusal_scores(lm.model, lm.tokenizer, prompts, batch_size=16)
     t_first = time.perf_counter() - t
     agree = sum((s > 0) == v.refused for s, v in zip(scores, verdicts, strict=True)) / len(prompts)
 
@@ -65,7 +65,8 @@ def main() -> None:
         "identical_outputs": f"{identical}/{len(prompts)}",
         "generation_plus_keyword_judge_s": round(t_gen_judge, 2),
         "first_token_score_s": round(t_first, 3),
-        "first_token_speedup": round(t_gen_judge / t_first, 1),
+        "first_token_speedup_vs_batched_generation": round(t_gen_judge / t_first, 1),
+        "first_token_speedup_vs_serial_generation": round(t_serial / t_first, 1),
         "first_token_agreement_with_keyword_judge": round(agree, 3),
         "keyword_refusal_rate": sum(v.refused for v in verdicts) / len(prompts),
         "first_token_refusal_rate": sum(s > 0 for s in scores) / len(prompts),
