@@ -46,3 +46,17 @@ class BaseConfig(BaseModel):
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a mapping of option: value")
         return cls.build({**data, **overrides})
+
+
+class ModelRunConfig(BaseConfig):
+    """Options every command that loads one model and writes one run folder shares."""
+
+    model: str
+    out: str = "runs/run"
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True

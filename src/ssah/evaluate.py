@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from ssah.data.tasks import MathItem, MultipleChoiceItem, canonical_number, extr
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
+from ssah.modelutil import frozen_eval, model_device
 
 __all__ = [
     "DEFAULT_PREFILL",
@@ -216,26 +216,6 @@ def _samples(
     ]
 
 
-@contextmanager
-def _no_grad_eval(model: Any) -> Iterator[None]:
-    """Eval mode (no dropout) and no gradients for the block; the training flag is restored afterwards."""
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _pad_id(tokenizer: Any) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -388,10 +368,10 @@ def perplexity(model: Any, tokenizer: Any, data: PromptSet, *, batch_size: int =
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
     encoded = _with_bos(encode_set(tokenizer, data, system=system), tokenizer)
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), _pad_id(tokenizer)
     total_nll = 0.0
     total_tokens = 0
-    with _no_grad_eval(model):
+    with frozen_eval(model):
         for idx in batches(encoded, batch_size):
             batch = collate([encoded[i] for i in idx], pad, region="response", padding_side="right")
             logits = model(
@@ -424,9 +404,9 @@ def _continuation_logprobs(
             raise UserError(f"choice {continuation!r} has no tokens: remove empty choices from the task")
         encoded.append((ctx, cont))
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), _pad_id(tokenizer)
     scores = [0.0] * len(encoded)
-    with _no_grad_eval(model):
+    with frozen_eval(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             rows = [encoded[i][0] + encoded[i][1] for i in chunk]
@@ -525,7 +505,7 @@ def lm_eval_bridge(
         ) from exc
     if not tasks:
         raise UserError("no lm-eval tasks given: pass at least one task name or task dict")
-    with _no_grad_eval(model):
+    with frozen_eval(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **kw)
     if not out:

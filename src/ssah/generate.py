@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ssah.data import format_chat
 from ssah.data.chat import bos_to_add
 from ssah.errors import ModelError, UserError
+from ssah.modelutil import frozen_eval, model_device
 
 __all__ = [
     "END_OF_TURN_TOKENS",
@@ -188,28 +189,7 @@ def _quiet_length_clash() -> Iterator[None]:
         hf_logger.removeFilter(flt)
 
 
-@contextmanager
-def _inference(model: Any) -> Iterator[None]:
-    """Eval mode and inference mode for the block; the model's training flag is restored afterwards."""
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def _device(model: Any) -> torch.device:
-    """Where the model's inputs go (its first parameter's device)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # a model without parameters: inputs stay on the CPU
-        return torch.device("cpu")
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded input ids and attention mask for a batch of token id lists."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -302,14 +282,14 @@ def generate(
     encoded = _fit_context(model, encoded, config.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     chunks = [order[k : k + config.batch_size] for k in range(0, len(order), config.batch_size)]
-    device = _device(model)
+    device = model_device(model)
     eos_set = set(eos)
     results: list[Generation | None] = [None] * len(prompts)
     devices = [device] if device.type == "cuda" else []
-    with _inference(model), _quiet_length_clash(), torch.random.fork_rng(devices=devices):
+    with frozen_eval(model, inference=True), _quiet_length_clash(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         for chunk in tqdm(chunks, desc=desc or "generate", disable=not progress, unit="batch"):
-            input_ids, attention_mask = _left_pad([encoded[i] for i in chunk], pad, device)
+            input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad, device)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_config)
             new = out[:, input_ids.shape[1] :].tolist()
             for row, i in enumerate(chunk):

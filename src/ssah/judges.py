@@ -29,7 +29,8 @@ import torch
 
 from ssah.data import format_chat
 from ssah.errors import DataError, ModelError, UserError
-from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate
+from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
+from ssah.modelutil import frozen_eval, model_device
 
 __all__ = [
     "COMPLIANCE_OPENERS",
@@ -755,28 +756,17 @@ def first_token_refusal_scores(
     encoded = [encode_prompt(tokenizer, format_chat(tokenizer, p, system=system), bos_id=bos_id) for p in prompts]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None else 0
-    device = next(model.parameters()).device
+    device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     scores = [0.0] * len(prompts)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for k in range(0, len(order), batch_size):
-                chunk = order[k : k + batch_size]
-                width = max(len(encoded[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                    mask[row, width - len(encoded[i]) :] = 1
-                logp = torch.log_softmax(_forward_last_logits(model, ids.to(device), mask.to(device)), dim=-1)
-                diff = torch.logsumexp(logp[:, refusal], -1) - torch.logsumexp(logp[:, compliance], -1)
-                for row, i in enumerate(chunk):
-                    scores[i] = float(diff[row])
-    finally:
-        if was_training:
-            model.train()
+    with frozen_eval(model, inference=True):
+        for k in range(0, len(order), batch_size):
+            chunk = order[k : k + batch_size]
+            ids, mask = left_pad([encoded[i] for i in chunk], pad, device)
+            logp = torch.log_softmax(_forward_last_logits(model, ids, mask), dim=-1)
+            diff = torch.logsumexp(logp[:, refusal], -1) - torch.logsumexp(logp[:, compliance], -1)
+            for row, i in enumerate(chunk):
+                scores[i] = float(diff[row])
     return scores
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ssah.config import BaseConfig
+from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.tasks import MathItem, MultipleChoiceItem, load_gsm8k, load_multiple_choice
 from ssah.errors import UserError
@@ -42,10 +42,9 @@ from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json
 NONE = ("", "none", "no", "off")
 
 
-class EvalConfig(BaseConfig):
+class EvalConfig(ModelRunConfig):
     """Everything `ssah eval` needs; a data option set to "none" skips that block."""
 
-    model: str
     out: str = "runs/eval"
     harmful: str = "builtin:harmful"
     benign: str = "builtin:borderline"
@@ -61,13 +60,6 @@ class EvalConfig(BaseConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     system: str | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def generation(self) -> GenerationConfig:
         g = GenerationConfig(

@@ -18,7 +18,7 @@ from ssah.categorize import (
     check_shares,
     expected_random_jaccard,
 )
-from ssah.config import BaseConfig
+from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.models import LoadedModel, load_model
@@ -31,10 +31,9 @@ from ssah.units import GRANULARITIES, UnitSpace
 REGIONS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 
 
-class UnitsConfig(BaseConfig):
+class UnitsConfig(ModelRunConfig):
     """Everything `ssah units` needs."""
 
-    model: str
     out: str = "runs/units"
     safety: str = "builtin:safety"
     utility: str = "builtin:utility"
@@ -51,13 +50,6 @@ class UnitsConfig(BaseConfig):
     max_length: int = 512
     system: str | None = None
     stability: bool = False
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def check(self) -> None:
         """Cheap validation, done before any data or model is loaded."""
