@@ -41,7 +41,8 @@ def _plain_forward(model, tok, data, batch_size: int, max_length: int) -> float:
     with torch.no_grad():
         for idx in batches(enc, batch_size):
             b = collate([enc[i] for i in idx], tok.pad_token_id)
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+            # the same forward the scoring pass makes (last-position logits only), without the statistics hooks
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False, logits_to_keep=1)
     return time.perf_counter() - t
 
 

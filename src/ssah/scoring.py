@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +163,7 @@ def collect_statistics(
                 batch = collate([encoded[i] for i in idx], pad_id, region=region, padding_side="right")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 recorder.set_mask(batch["count_mask"])
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                out = _forward(model, batch, all_logits=gradients)
                 if gradients:
                     logits = out.logits[:, :-1].float()
                     labels = batch["labels"][:, 1:]
@@ -185,6 +185,22 @@ def collect_statistics(
     return UnitStatistics(
         stats, {k: v.cpu() for k, v in grad_sum.items()}, grad_tokens, len(data), [data.fingerprint()]
     )
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, all_logits: bool) -> Any:
+    """Forward pass; without a loss only the last position's logits are computed (statistics need none, and the
+    vocabulary projection of every token would cost time and hundreds of MB per batch)."""
+    kwargs: dict[str, Any] = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "use_cache": False,
+    }
+    if not all_logits:
+        try:
+            return model(**kwargs, logits_to_keep=1)
+        except TypeError:  # a model class without logits_to_keep
+            pass
+    return model(**kwargs)
 
 
 def compute_scores(
