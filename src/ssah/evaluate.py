@@ -23,7 +23,7 @@ from ssah.data.tasks import MathItem, MultipleChoiceItem, canonical_number, extr
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
-from ssah.modelutil import frozen_eval, model_device
+from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "DEFAULT_PREFILL",
@@ -216,16 +216,6 @@ def _samples(
     ]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
-
-
-# ----------------------------------------------------------------------------------------------- safety
-
-
 def evaluate_safety(
     model: Any,
     tokenizer: Any,
@@ -368,7 +358,7 @@ def perplexity(model: Any, tokenizer: Any, data: PromptSet, *, batch_size: int =
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
     encoded = _with_bos(encode_set(tokenizer, data, system=system), tokenizer)
-    device, pad = model_device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_id(tokenizer)
     total_nll = 0.0
     total_tokens = 0
     with frozen_eval(model):
@@ -404,7 +394,7 @@ def _continuation_logprobs(
             raise UserError(f"choice {continuation!r} has no tokens: remove empty choices from the task")
         encoded.append((ctx, cont))
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    device, pad = model_device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_id(tokenizer)
     scores = [0.0] * len(encoded)
     with frozen_eval(model):
         for start in range(0, len(order), batch_size):

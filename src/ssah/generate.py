@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ssah.data import format_chat
 from ssah.data.chat import bos_to_add
 from ssah.errors import ModelError, UserError
-from ssah.modelutil import frozen_eval, model_device
+from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "END_OF_TURN_TOKENS",
@@ -136,14 +136,6 @@ def _prefills(prefill: str | Sequence[str] | None, n: int) -> list[str]:
     if len(out) != n:
         raise UserError(f"got {len(out)} prefills for {n} prompts: pass one prefill string or one per prompt")
     return out
-
-
-def _pad_id(tokenizer: Any, eos: list[int]) -> int:
-    """The pad id: the tokenizer's, else the first EOS id (padding is masked out either way)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is not None:
-        return int(pad)
-    return eos[0] if eos else 0
 
 
 def _hf_config(model: Any, config: GenerationConfig, eos: list[int], pad: int) -> transformers.GenerationConfig:
@@ -269,7 +261,7 @@ def generate(
     if not prompts:
         return []
     eos = eos_token_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
+    pad = pad_id(tokenizer, eos)
     hf_config = _hf_config(model, config, eos, pad)
     bos_id = bos_to_add(tokenizer)
     if preformatted:

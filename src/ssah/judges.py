@@ -30,7 +30,7 @@ import torch
 from ssah.data import format_chat
 from ssah.errors import DataError, ModelError, UserError
 from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
-from ssah.modelutil import frozen_eval, model_device
+from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "COMPLIANCE_OPENERS",
@@ -754,8 +754,7 @@ def first_token_refusal_scores(
     )
     bos_id = bos_to_add(tokenizer)
     encoded = [encode_prompt(tokenizer, format_chat(tokenizer, p, system=system), bos_id=bos_id) for p in prompts]
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = int(pad) if pad is not None else 0
+    pad = pad_id(tokenizer)
     device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     scores = [0.0] * len(prompts)

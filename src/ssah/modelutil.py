@@ -29,3 +29,15 @@ def model_device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def pad_id(tokenizer: Any, eos: list[int] | None = None) -> int:
+    """The id to pad with: the tokenizer's pad token, else its (or the given) first EOS id, else 0; padded
+    positions are always masked out, so any id works, but a real token keeps embeddings in range."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
+        pad = (eos[0] if eos else None) if tok_eos is None else tok_eos
+    if isinstance(pad, list):
+        pad = pad[0] if pad else None
+    return int(pad) if pad is not None else 0

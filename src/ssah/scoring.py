@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ssah.arch import ArchAdapter, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.errors import UnitFileError, UserError
+from ssah.modelutil import pad_id
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
 
@@ -137,9 +138,7 @@ def collect_statistics(
         )
     adapter = adapter or get_adapter(model)
     groups = adapter.groups()
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    pad = pad_id(tokenizer)
     encoded = encode_set(tokenizer, data, system=system, max_length=max_length)
     order = batches(encoded, batch_size)
     device = next(model.parameters()).device
@@ -160,7 +159,7 @@ def collect_statistics(
                 w.grad = None
         with recorder.recording(), torch.set_grad_enabled(gradients):
             for idx in tqdm(order, desc=desc or f"statistics: {data.name}", disable=not progress, unit="batch"):
-                batch = collate([encoded[i] for i in idx], pad_id, region=region, padding_side="right")
+                batch = collate([encoded[i] for i in idx], pad, region=region, padding_side="right")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 recorder.set_mask(batch["count_mask"])
                 out = _forward(model, batch, all_logits=gradients)
