@@ -1,0 +1,324 @@
+"""Freezing units exactly and training only units: parameter slices, gradient masks, restore, deltas, merge."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from ssah.arch import ParamSlice, get_adapter
+from ssah.errors import UnitFileError, UserError
+from ssah.interventions import (
+    freeze_units,
+    space_of,
+    train_only_units,
+    trainable_share,
+    unit_param_masks,
+    unit_param_slices,
+)
+from ssah.tiny import build_tiny_model
+from ssah.units import UnitSet, UnitSpace
+
+FAMILIES = ("llama", "gpt2", "phi3", "gpt_neox")
+
+# Hand-picked units: two attention channels in different query heads of one KV group (llama-like: 4 heads of
+# 16 channels, 2 KV heads) and two MLP neurons.
+PICKED = [(0, "attn", 5), (0, "attn", 20), (1, "mlp", 3), (1, "mlp", 100)]
+ATTN = {5, 20}
+MLP = {3, 100}
+
+# What the picked units own, written out by hand per family (prefix of the blocks, then name -> (dim, indices)).
+EXPECTED: dict[str, dict[str, tuple[int, set[int]]]] = {
+    "llama": {
+        "model.layers.0.self_attn.o_proj.weight": (1, ATTN),
+        "model.layers.0.self_attn.v_proj.weight": (0, {5, 4}),  # channel 20 = head 1 -> KV head 0, row 4
+        "model.layers.1.mlp.down_proj.weight": (1, MLP),
+        "model.layers.1.mlp.gate_proj.weight": (0, MLP),
+        "model.layers.1.mlp.up_proj.weight": (0, MLP),
+    },
+    "phi3": {
+        "model.layers.0.self_attn.o_proj.weight": (1, ATTN),
+        "model.layers.0.self_attn.qkv_proj.weight": (0, {96 + 5, 96 + 4}),  # after q (64) and k (32) rows
+        "model.layers.1.mlp.down_proj.weight": (1, MLP),
+        "model.layers.1.mlp.gate_up_proj.weight": (0, MLP | {128 + 3, 128 + 100}),  # gate rows and up rows
+    },
+    "gpt2": {  # Conv1D weights are [in, out]
+        "transformer.h.0.attn.c_proj.weight": (0, ATTN),
+        "transformer.h.0.attn.c_attn.weight": (1, {128 + 5, 128 + 20}),  # no GQA: v after q, k
+        "transformer.h.0.attn.c_attn.bias": (0, {128 + 5, 128 + 20}),
+        "transformer.h.1.mlp.c_proj.weight": (0, MLP),
+        "transformer.h.1.mlp.c_fc.weight": (1, MLP),
+        "transformer.h.1.mlp.c_fc.bias": (0, MLP),
+    },
+    "gpt_neox": {  # query_key_value rows are [head, (q, k, v), head_dim]
+        "gpt_neox.layers.0.attention.dense.weight": (1, ATTN),
+        "gpt_neox.layers.0.attention.query_key_value.weight": (0, {32 + 5, 48 + 32 + 4}),
+        "gpt_neox.layers.0.attention.query_key_value.bias": (0, {32 + 5, 48 + 32 + 4}),
+        "gpt_neox.layers.1.mlp.dense_4h_to_h.weight": (1, MLP),
+        "gpt_neox.layers.1.mlp.dense_h_to_4h.weight": (0, MLP),
+        "gpt_neox.layers.1.mlp.dense_h_to_4h.bias": (0, MLP),
+    },
+}
+
+
+def _model(family: str) -> torch.nn.Module:
+    model, _ = build_tiny_model(family)
+    return model  # eval mode: no dropout, so forward passes are deterministic
+
+
+def _picked(model: torch.nn.Module) -> UnitSet:
+    return UnitSet.from_units(space_of(model), PICKED, name="picked")  # type: ignore[arg-type]
+
+
+def _inputs(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (2, 8), generator=g)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One step on a toy loss: the sum of the logits."""
+    model(x).logits.sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- slices and masks --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slices_of_hand_picked_units(family: str) -> None:
+    model = _model(family)
+    slices = unit_param_slices(model, _picked(model))
+    got = {name: (dim, set(idx.tolist())) for name, (dim, idx) in slices.items()}
+    assert got == EXPECTED[family]
+    for _dim, idx in slices.values():
+        assert idx.dtype == torch.int64 and torch.equal(idx, idx.sort().values)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slices_follow_the_adapters_param_slices(family: str) -> None:
+    model = _model(family)
+    units = _picked(model)
+    slices = unit_param_slices(model, units)
+    masks = units.channel_masks()
+    expected: dict[str, set[int]] = {}
+    for g in get_adapter(model).groups():
+        chosen = masks[g.key].nonzero().flatten()
+        if len(chosen) == 0:
+            continue
+        for s in (g.reader, *g.writers):
+            expected.setdefault(s.name, set()).update(s.index[chosen].tolist())
+    assert {k: set(v[1].tolist()) for k, v in slices.items()} == expected
+    readers = unit_param_slices(model, units, writers=False)
+    writers = unit_param_slices(model, units, readers=False)
+    assert set(readers) | set(writers) == set(slices) and not set(readers) & set(writers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masks_have_parameter_shapes_and_mark_the_slices(family: str) -> None:
+    model = _model(family)
+    units = _picked(model)
+    slices = unit_param_slices(model, units)
+    masks = unit_param_masks(model, units)
+    assert set(masks) == set(slices)
+    for name, mask in masks.items():
+        param = model.get_parameter(name)
+        dim, idx = slices[name]
+        assert mask.shape == param.shape and mask.dtype == torch.bool and mask.device == param.device
+        per_index = mask.movedim(dim, 0).reshape(mask.shape[dim], -1)
+        assert per_index[idx].all() and not per_index[[i for i in range(mask.shape[dim]) if i not in idx]].any()
+
+
+def test_gqa_shared_v_row_belongs_to_every_unit_that_reads_it() -> None:
+    model = _model("llama")
+    space = space_of(model)
+    head0 = unit_param_slices(model, UnitSet.from_units(space, [(0, "attn", 0)]))
+    head1 = unit_param_slices(model, UnitSet.from_units(space, [(0, "attn", 16)]))  # same KV head
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert head0[v][1].tolist() == head1[v][1].tolist() == [0]
+
+
+def test_head_granularity_expands_to_channels() -> None:
+    model = _model("llama")
+    units = UnitSet.from_units(space_of(model, "head"), [(0, "attn", 1)])
+    slices = unit_param_slices(model, units)
+    assert slices["model.layers.0.self_attn.o_proj.weight"][1].tolist() == list(range(16, 32))
+    assert slices["model.layers.0.self_attn.v_proj.weight"][1].tolist() == list(range(16))  # KV head 0
+
+
+def test_empty_set_has_no_slices_and_foreign_set_is_refused() -> None:
+    model = _model("llama")
+    assert unit_param_slices(model, UnitSet.empty(space_of(model))) == {}
+    other = UnitSpace(space_of(model).shapes[:2])  # a one-layer model's layout
+    with pytest.raises(UnitFileError):
+        unit_param_slices(model, UnitSet.full(other))
+
+
+def test_parameter_sliced_along_two_dims_is_a_value_error() -> None:
+    model = _model("llama")
+    adapter = get_adapter(model)
+    groups = adapter.groups()
+    attn, mlp = groups[0], groups[3]  # layer 0 attention, layer 1 MLP: both hold picked units
+    bad = dataclasses.replace(mlp, writers=(ParamSlice(attn.reader.name, 0, mlp.reader.index % 64),))
+    adapter._groups = [*groups[:3], bad]
+    with pytest.raises(ValueError, match="two dims|dims 1 and 0"):
+        unit_param_slices(model, _picked(model), adapter=adapter)
+
+
+# -- freezing --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_slices_stay_bit_identical_under_adamw_weight_decay(family: str) -> None:
+    model = _model(family)
+    units = _picked(model)
+    before = _snapshot(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = _inputs()
+    with freeze_units(model, units) as frozen:
+        assert frozen.frozen_parameters == sum(int(m.sum()) for m in frozen.masks.values()) > 0
+        for _ in range(5):
+            model(x).logits.sum().backward()
+            for name, mask in frozen.masks.items():  # the hook zeroed the frozen gradient entries
+                assert not model.get_parameter(name).grad[mask].any()
+            opt.step()
+            frozen.restore()
+            opt.zero_grad(set_to_none=True)
+        assert frozen.max_drift() == 0.0
+    for name, mask in frozen.masks.items():
+        now = model.get_parameter(name).detach()
+        assert torch.equal(now[mask], before[name][mask]), name
+        assert (now[~mask] != before[name][~mask]).any(), name  # the rest of the parameter trained
+    assert all(not torch.equal(p.detach(), before[k]) for k, p in model.named_parameters())  # training happened
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_without_restore_weight_decay_moves_frozen_entries(family: str) -> None:
+    """The restore step is what makes freezing exact: skipping it lets weight decay drift (the test can fail)."""
+    model = _model(family)
+    before = _snapshot(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = _inputs()
+    with freeze_units(model, _picked(model)) as frozen:
+        for _ in range(5):
+            _step(model, opt, x)
+        assert frozen.max_drift() > 0.0
+        name, mask = next(iter(frozen.masks.items()))
+        assert not torch.equal(model.get_parameter(name).detach()[mask], before[name][mask])
+        frozen.restore()
+        assert frozen.max_drift() == 0.0
+
+
+def test_without_weight_decay_gradient_mask_alone_is_exact() -> None:
+    """With zero gradients and no decay, Adam leaves the frozen entries alone: the hooks do mask the gradient."""
+    model = _model("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    with freeze_units(model, _picked(model)) as frozen:
+        for _ in range(3):
+            _step(model, opt, _inputs())
+        assert frozen.max_drift() == 0.0
+
+
+def test_remove_detaches_the_gradient_hooks() -> None:
+    model = _model("llama")
+    frozen = freeze_units(model, _picked(model))
+    frozen.remove()
+    model(_inputs()).logits.sum().backward()
+    name, mask = next(iter(frozen.masks.items()))
+    assert model.get_parameter(name).grad[mask].abs().sum() > 0
+
+
+def test_freezing_an_empty_set_is_a_no_op() -> None:
+    model = _model("llama")
+    frozen = freeze_units(model, UnitSet.empty(space_of(model)))
+    assert frozen.masks == {} and frozen.frozen_parameters == 0 and frozen.max_drift() == 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = _snapshot(model)
+    _step(model, opt, _inputs())
+    frozen.restore()
+    assert all(not torch.equal(p.detach(), before[k]) for k, p in model.named_parameters())
+
+
+# -- training only units -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_units_train_and_merge_gives_a_plain_model(family: str, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = _model(family)
+    units = _picked(model)
+    masks = unit_param_masks(model, units)
+    keys = list(model.state_dict())
+    total = sum(p.numel() for p in model.parameters())
+    before = _snapshot(model)
+    x = _inputs()
+    logits0 = model(x).logits.detach()
+
+    deltas = train_only_units(model, units)
+    assert torch.equal(model(x).logits.detach(), logits0)  # zero deltas: same function
+    assert deltas.trainable_parameters == sum(int(m.sum()) for m in masks.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(".delta"))
+    opt = torch.optim.AdamW(deltas.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        _step(model, opt, x)
+    assert sum(s["exp_avg"].numel() for s in opt.state.values()) == deltas.trainable_parameters
+    share = trainable_share(model)
+    assert share["trainable"] == deltas.trainable_parameters
+    assert share["total"] == total
+    logits_trained = model(x).logits.detach()
+
+    for name, mask in masks.items():  # parametrized weights: only the unit slices moved
+        module_name, _, attr = name.rpartition(".")
+        now = getattr(model.get_submodule(module_name), attr).detach()
+        assert torch.equal(now[~mask], before[name][~mask]), name
+        assert (now[mask] != before[name][mask]).all(), name
+
+    deltas.merge()
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x).logits.detach(), logits_trained)
+    after = model.state_dict()
+    for key, value in before.items():
+        if key in masks:
+            assert torch.equal(after[key][~masks[key]], value[~masks[key]]) and not torch.equal(after[key], value)
+        else:
+            assert torch.equal(after[key], value), key
+    assert trainable_share(model)["share"] == 1.0  # requires_grad flags are back
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model.eval()
+    assert torch.allclose(reloaded(x).logits, model(x).logits, atol=1e-6)
+
+
+def test_training_an_empty_set_is_a_user_error() -> None:
+    model = _model("llama")
+    with pytest.raises(UserError, match="no units to train: "):
+        train_only_units(model, UnitSet.empty(space_of(model), name="RU"))
+    assert trainable_share(model)["share"] == 1.0  # nothing was frozen
+
+
+# -- trainable share -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])  # gemma ties its embeddings: counted once
+def test_trainable_share(family: str) -> None:
+    model = _model(family)
+    total = sum(p.numel() for p in model.parameters())
+    assert trainable_share(model) == {"trainable": total, "total": total, "share": 1.0}
+    embed = model.get_input_embeddings().weight
+    embed.requires_grad_(False)
+    share = trainable_share(model)
+    assert share["trainable"] == total - embed.numel() and share["total"] == total
+    assert share["share"] == pytest.approx((total - embed.numel()) / total)
+    deltas = train_only_units(model, _picked(model))
+    share = trainable_share(model)
+    assert share == {"trainable": deltas.trainable_parameters, "total": total, "share": share["share"]}
+    assert share["share"] == pytest.approx(deltas.trainable_parameters / total)
