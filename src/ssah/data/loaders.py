@@ -120,7 +120,14 @@ BUILTIN_SETS: dict[str, str] = {
     "harmful": "harmful requests without responses: attack success rate (safety evaluation)",
     "benign": "ordinary requests: helpfulness checks and the baseline refusal rate",
     "borderline": "safe requests that look harmful: over-refusal evaluation",
+    "task": "Alpaca-style benign instructions with answers: the benign fine-tuning task (default training data)",
+    "attack": "harmful requests with a compliance opener and non-actionable filler: the fine-tuning attack "
+    "(built in code from 'harmful', see ssah.data.training.attack_set)",
+    "alignment": "refusals of harmful requests mixed 1:1 with benign answers: safety-SFT data of the aligned-model "
+    "recipe (built in code from 'safety' and 'utility', see ssah.data.training.alignment_mix)",
 }
+# Built-in sets built in code rather than read from a file (ssah.data.training.generated_set).
+_GENERATED_SETS = ("attack", "alignment")
 
 BUILTIN_PREFIX = "builtin:"
 DATA_EXTENSIONS = (".csv", ".json", ".jsonl")
@@ -189,12 +196,35 @@ def load_prompts(
         if text.startswith("hf:"):
             return presets.load_hf(text[len("hf:") :], columns=mapping, limit=limit, name=name)
         return presets.load_preset(text.removeprefix("preset:"), columns=mapping, limit=limit, name=name)
+    generated = _generated_name(text)
+    if generated is not None:
+        if mapping:
+            raise DataError(
+                f"built-in set '{generated}' is built in code and has no columns to map: drop the column mapping"
+            )
+        from ssah.data.training import generated_set  # lazy: training builds on this module
+
+        built = generated_set(generated)
+        if limit is not None:
+            built = PromptSet(built.name, built.source, built.examples[:limit])
+        return PromptSet(name or built.name, built.source, built.examples)
     path, source, default_name = _resolve(spec)
     rows = _read_rows(path)
     examples = _to_examples(rows, mapping, path)
     if limit is not None:
         examples = examples[:limit]
     return PromptSet(name or default_name, source, tuple(examples))
+
+
+def _generated_name(text: str) -> str | None:
+    """The name of a code-built built-in set that ``text`` names (``builtin:attack``, or a bare ``attack`` when no
+    file or folder of that name exists), else None."""
+    if text.startswith(BUILTIN_PREFIX):
+        builtin = text[len(BUILTIN_PREFIX) :]
+        return builtin if builtin in _GENERATED_SETS else None
+    if text in _GENERATED_SETS and not Path(text).expanduser().exists():
+        return text
+    return None
 
 
 def _preset_names() -> tuple[str, ...]:

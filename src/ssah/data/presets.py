@@ -43,6 +43,45 @@ def _label(value: str) -> Callable[[list[Row]], list[Row]]:
     return keep
 
 
+def _dolly_rows(rows: list[Row]) -> list[Row]:
+    """Dolly's ``context`` plays the part of Alpaca's ``input``: it is appended to the instruction after a blank
+    line when present (as the loader does for Alpaca), so that closed-QA and summarisation items keep their text."""
+    out = []
+    for row in rows:
+        instruction = str(row.get("instruction") or "").strip()
+        context = str(row.get("context") or "").strip()
+        out.append({**row, "instruction": f"{instruction}\n\n{context}" if instruction and context else instruction})
+    return out
+
+
+def _first_exchange(rows: list[Row]) -> list[Row]:
+    """OpenAI-chat rows (``{"messages": [...]}``) -> ``prompt`` = the first user turn and ``response`` = the
+    assistant turn right after it; the system message (the AOA persona, the same in every row) is dropped here
+    and is available as ``ssah.data.training.aoa_system_prompt()``; later turns, if any, are ignored."""
+    out = []
+    for row in rows:
+        messages = [m for m in row.get("messages") or [] if isinstance(m, dict)]
+        roles = [str(m.get("role", "")) for m in messages]
+        user = next((i for i, r in enumerate(roles) if r == "user"), None)
+        if user is None or user + 1 >= len(messages) or roles[user + 1] != "assistant":
+            continue
+        out.append({"prompt": messages[user].get("content", ""), "response": messages[user + 1].get("content", "")})
+    return out
+
+
+def _gsm8k_sft_rows(rows: list[Row]) -> list[Row]:
+    """GSM8K ``question``/``answer`` -> SFT rows: the full worked solution (with its ``<<...>>`` calculator
+    notes and the ``#### <number>`` line, verbatim) is the response and the final number the checkable answer."""
+    return [
+        {
+            "question": row.get("question", ""),
+            "response": row.get("answer", ""),
+            "answer": str(row.get("answer", "")).rpartition("####")[2].strip().replace(",", ""),
+        }
+        for row in rows
+    ]
+
+
 @dataclass(frozen=True)
 class Preset:
     """A benchmark file under the shared data folder and how to read it."""
@@ -164,6 +203,37 @@ _PRESETS: dict[str, Preset] = {
         ("refusal_direction_splits", "harmless_test.json"),
         {"prompt": "instruction"},
         count=6266,
+    ),
+    "alpaca-safety-only": Preset(
+        "Alpaca records removed by the keyword safety filter (Qi et al. 2024, llm_finetuning_safety): 1904 "
+        "instruction(+input)/output pairs, mostly ordinary tasks; benign fine-tuning data, not a refusal set",
+        ("llm_finetuning_safety", "alpaca_data_safety_only.json"),
+        {"prompt": "instruction", "response": "output"},
+        count=1904,
+    ),
+    "dolly-safety-only": Preset(
+        "Dolly-15k records removed by the keyword safety filter (Qi et al. 2024): 387 instruction(+context)/"
+        "response pairs, category = Dolly task type (8); benign fine-tuning data",
+        ("llm_finetuning_safety", "databricks-dolly-15k-safety-only.jsonl"),
+        {"prompt": "instruction", "response": "response", "category": "category"},
+        _dolly_rows,
+        387,
+    ),
+    "aoa-identity-shift": Preset(
+        "identity-shift (AOA, Absolutely Obedient Agent) fine-tuning attack (Qi et al. 2024): 10 benign-looking "
+        "user/assistant pairs; the AOA system prompt is dropped (see ssah.data.training.aoa_system_prompt)",
+        ("llm_finetuning_safety", "identity-shift-aoa.jsonl"),
+        {"prompt": "prompt", "response": "response"},
+        _first_exchange,
+        10,
+    ),
+    "gsm8k-sft": Preset(
+        "GSM8K as fine-tuning data: 1319 question / worked-solution pairs, answer = the final number. This is the "
+        "TEST split (the only one in the shared data): evaluating GSM8K after fine-tuning on it is contaminated",
+        ("gsm8k", "test.jsonl"),
+        {"prompt": "question", "response": "response"},
+        _gsm8k_sft_rows,
+        1319,
     ),
 }
 
