@@ -142,6 +142,88 @@ def eval_(
     _print_eval_summary(path)
 
 
+@app.command()
+def train(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")] = None,
+    out: Annotated[str, typer.Option(help="Run folder to write (built in OUT.partial while training).")] = (
+        "runs/train"
+    ),
+    data: Annotated[
+        str, typer.Option(help="Training data with responses: builtin:NAME, a preset, hf:NAME or a file.")
+    ] = "builtin:utility",
+    column: Annotated[list[str] | None, typer.Option(help="Map a column, e.g. response=output (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
+    freeze: Annotated[
+        str | None, typer.Option(help="Keep units bit-identical: UNITS_FILE:SCU,CU@0.06 (top 6% of CU by safety).")
+    ] = None,
+    only: Annotated[str | None, typer.Option(help="Train only these units: UNITS_FILE:RU.")] = None,
+    lora: Annotated[
+        str | None, typer.Option(help="Train LoRA adapters instead: r=8[,alpha=16,dropout=0.05,targets=q_proj+v_proj].")
+    ] = None,
+    allow_other_weights: Annotated[
+        bool, typer.Option(help="Accept a unit file computed on other weights of the same architecture.")
+    ] = False,
+    freeze_embeddings: Annotated[bool, typer.Option(help="Keep the input embeddings (and a tied head) fixed.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data (default 1 unless --max-steps).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-5,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch (per process).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    warmup: Annotated[int, typer.Option(help="Warmup steps.")] = 0,
+    schedule: Annotated[str, typer.Option(help="linear | cosine | constant")] = "linear",
+    max_grad_norm: Annotated[float | None, typer.Option(help="Clip gradients to this norm (0: no clipping).")] = 1.0,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 mixed precision.")] = False,
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Write a checkpoint every N steps.")] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep every checkpoint, not just the last.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue OUT.partial from its newest checkpoint.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (weights of new layers, data order, dropout).")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
+    from ssah.train import TrainConfig, parse_lora, run_train
+
+    values = _explicit(ctx, dict(locals()))
+    values.pop("config", None)
+    if "column" in values:
+        values["columns"] = _columns(values.pop("column"))
+    if values.get("lora") is not None:
+        values["lora"] = parse_lora(values["lora"]).model_dump()
+    if values.get("max_grad_norm") == 0:
+        values["max_grad_norm"] = None
+    cfg = _build_config(TrainConfig, config, model, values)
+    path = run_train(cfg)
+    _print_train_summary(path)
+
+
+def _print_train_summary(path: Path) -> None:
+    import json
+
+    results = path / "results.json"
+    if not results.is_file():  # not the main process of a distributed run
+        return
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    res = json.loads(results.read_text())
+    tr = res["trainable"]
+    typer.echo(
+        f"trained {res['model']['name']} ({res['mode']}): {res['steps']} steps, loss {res['first_loss']:.4f} -> "
+        f"{res['final_loss']:.4f}, {tr['params']} of {tr['total']} parameters trained ({100 * tr['share']:.2f}%)"
+    )
+    typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s (model in {path / 'model'})")
+
+
 def _build_config(cls: Any, config: Path | None, model: str | None, values: dict[str, Any]) -> Any:
     if config is not None:
         return cls.from_yaml(config, **values)

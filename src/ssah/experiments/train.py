@@ -1,0 +1,215 @@
+"""`ssah train`: fine-tune a model (all parameters, all but frozen units, only some units, or LoRA) into a run folder.
+
+The run lives in ``<out>.partial/`` while it trains (checkpoints and ``train_log.jsonl`` survive a kill there, and
+``--resume`` continues from the newest checkpoint) and is renamed to ``<out>`` once complete::
+
+    <out>/model/            safetensors weights, config and tokenizer: plain ``from_pretrained`` loads it
+          train_log.jsonl   one line per optimizer step (loss, learning rate, step time, tokens)
+          results.json      steps, losses, trainable share, settings, timing
+          config.yaml  manifest.json  report.md  checkpoints/ (the last one, or all with keep_checkpoints)
+
+Under ``accelerate launch`` every process trains and only the main one writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ssah.data import PromptSet, load_prompts
+from ssah.errors import DataError, UserError
+from ssah.models import load_model, resolve_device
+from ssah.report import markdown_table
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, resolve_unit_spec, train_model
+from ssah.units import UnitSet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TrainRunDir", "run_train", "save_trained_model", "train_report"]
+
+
+class TrainRunDir(RunDir):
+    """A run folder built in ``<out>.partial`` (a stable name, unlike :class:`RunDir`'s per-process staging
+    folder), so that a killed training run can be resumed; ``commit`` renames it to ``<out>``."""
+
+    def __init__(self, out: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> None:
+        self.out = check_output_folder(out, overwrite)
+        self.overwrite = overwrite
+        self.path = partial_dir(self.out)
+        if not resume:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+
+    def abort(self) -> None:
+        """Keep the folder when it holds a checkpoint (``--resume`` continues from it); remove it otherwise."""
+        if checkpoint_dirs(self.path):
+            log.warning("training stopped; continue it with --resume (checkpoints in %s)", self.path)
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def save_trained_model(model: nn.Module, tokenizer: Any, folder: str | os.PathLike[str]) -> Path:
+    """Save a trained model (safetensors) with its tokenizer, loadable by plain ``from_pretrained``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)  # type: ignore[operator]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"saving the model into {folder} wrote no safetensors file; check the model class")
+    return folder
+
+
+def _unit_summary(units: UnitSet | None, spec: str | None) -> dict[str, Any] | None:
+    if units is None:
+        return None
+    return {
+        "spec": spec,
+        "name": units.name,
+        "units": len(units),
+        "fraction": units.fraction,
+        "granularity": units.space.granularity,
+    }
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    """Run the recipe and write the run folder; returns its path (on every process of a distributed run)."""
+    from accelerate import PartialState
+
+    t0 = time.time()
+    # on a CPU-only machine accelerate starts a (gloo) process group only when asked for the CPU up front
+    state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
+    cfg.check()
+    state.wait_for_everyone()  # every process checks the folders before the main one creates OUT.partial
+    set_seed(cfg.seed)
+    data: PromptSet = load_prompts(cfg.data, columns=cfg.columns or None, limit=cfg.limit, name="train")
+    if len(data) == 0:
+        raise DataError(f"the training data {cfg.data} is empty: pass a data set with at least one example")
+    if not data.has_responses:
+        raise DataError(
+            f"training needs a response for every example, and {cfg.data} lacks some: "
+            "use a data set with a response column (or --column response=NAME)"
+        )
+    lm = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=str(state.device) if state.num_processes > 1 and cfg.device == "auto" else cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+    def resolve(spec: str | None) -> UnitSet | None:
+        if not spec:
+            return None
+        return resolve_unit_spec(
+            spec, lm.model, fingerprint=lm.fingerprint, model_name=lm.name, allow_other_weights=cfg.allow_other_weights
+        )
+
+    freeze, only = resolve(cfg.freeze), resolve(cfg.only)
+    if only is not None and len(only) == 0:
+        raise UserError(f"no units to train: {cfg.only} names no unit; choose a non-empty category or share")
+    model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
+
+    main = state.is_main_process
+    run: TrainRunDir | None = None
+    if main:
+        run = TrainRunDir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+        run.write_yaml("config.yaml", cfg.model_dump())
+    state.wait_for_everyone()
+    path = partial_dir(cfg.out)
+    try:
+        result = train_model(
+            lm.model, lm.tokenizer, data, cfg, freeze=freeze, only=only, run_dir=path, progress=cfg.progress
+        )
+    except BaseException:
+        if run is not None:
+            run.abort()
+        raise
+    if run is None:
+        state.wait_for_everyone()
+        return Path(cfg.out)
+    try:
+        save_trained_model(result.model, lm.tokenizer, run.file("model"))
+        results = {
+            "model": model_info,
+            "data": {"source": data.source, "examples": len(data), "sha256": data.fingerprint()},
+            **result.summary(),
+            "freeze": _unit_summary(freeze, cfg.freeze),
+            "only": _unit_summary(only, cfg.only),
+            "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
+            "settings": cfg.settings(),
+            "seconds": {
+                "load_model": round(lm.load_seconds, 3),
+                "train": round(result.seconds, 3),
+                "total": round(time.time() - t0, 3),
+            },
+        }
+        run.write_json("results.json", results)
+        run.write_text("report.md", train_report(results, result))
+        run.write_json(
+            "manifest.json",
+            manifest(
+                command="train",
+                seed=cfg.seed,
+                started=t0,
+                device=next(result.model.parameters()).device,
+                model=model_info,
+                data={"train": {"source": data.source, "sha256": data.fingerprint(), "examples": len(data)}},
+                world_size=state.num_processes,
+            ),
+        )
+        out = run.commit()
+    except BaseException:
+        run.abort()
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            state.wait_for_everyone()
+    return out
+
+
+def train_report(results: dict[str, Any], result: TrainResult) -> str:
+    """A short readable Markdown report of a training run."""
+    m, tr = results["model"], results["trainable"]
+    units = results.get("freeze") or results.get("only")
+    what = {
+        "all": "all parameters",
+        "freeze": f"all but the frozen units {units['name'] if units else ''}",
+        "only": f"only the units {units['name'] if units else ''}",
+        "lora": f"LoRA adapters ({results['lora']}), merged into the weights",
+    }[results["mode"]]
+    rows = [
+        [r["step"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", r["tokens"], f"{r['step_seconds']:.3f}"] for r in result.log
+    ]
+    if len(rows) > 20:
+        rows = [*rows[:10], ["...", "", "", "", ""], *rows[-9:]]
+    lines = [
+        f"# Fine-tuning of {m['name']}",
+        "",
+        f"Trained {what}: {tr['params']} of {tr['total']} parameters ({100 * tr['share']:.3f}%).",
+        f"Data `{results['data']['source']}` ({results['examples']} examples used, {results['skipped_examples']} "
+        f"skipped), {results['steps']} optimizer steps ({results['epochs']} epochs), "
+        f"{results['response_tokens']} response tokens.",
+        f"Loss {results['first_loss']:.4f} at the first step, {results['final_loss']:.4f} at the last.",
+    ]
+    if results.get("frozen_max_drift") is not None:
+        lines.append(f"Largest change of a frozen weight: {results['frozen_max_drift']:g}.")
+    if results.get("resumed_from") is not None:
+        lines.append(f"Resumed from the checkpoint at step {results['resumed_from']}.")
+    lines += [
+        "",
+        markdown_table(["step", "loss", "lr", "tokens", "seconds"], rows),
+        "",
+        f"Took {results['seconds']['total']:.1f} s (training {results['seconds']['train']:.1f} s). "
+        "The model is in `model/` (safetensors; `AutoModelForCausalLM.from_pretrained` loads it).",
+    ]
+    return "\n".join(lines) + "\n"
