@@ -151,7 +151,7 @@ def train(
     ),
     data: Annotated[
         str, typer.Option(help="Training data with responses: builtin:NAME, a preset, hf:NAME or a file.")
-    ] = "builtin:utility",
+    ] = "builtin:task",
     column: Annotated[list[str] | None, typer.Option(help="Map a column, e.g. response=output (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
@@ -203,6 +203,48 @@ def train(
     cfg = _build_config(TrainConfig, config, model, values)
     path = run_train(cfg)
     _print_train_summary(path)
+
+
+@app.command()
+def align(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="The base model to align (registry name, folder, ...).")] = None,
+    out: Annotated[
+        str, typer.Option(help="Run folder to write; the aligned model goes to OUT/model.")
+    ] = "runs/aligned",
+    harmful: Annotated[str, typer.Option(help="Harmful requests with refusal responses.")] = "builtin:safety",
+    benign: Annotated[str, typer.Option(help="Benign instructions with answers.")] = "builtin:utility",
+    benign_ratio: Annotated[float, typer.Option(help="Share of benign examples in the SFT mix.")] = 0.5,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-5,
+    freeze_embeddings: Annotated[bool, typer.Option(help="Keep the embeddings fixed.")] = True,
+    eval_harmful: Annotated[str, typer.Option(help="Held-out harmful prompts.")] = "builtin:harmful",
+    eval_benign: Annotated[str, typer.Option(help="Held-out benign prompts.")] = "builtin:benign",
+    eval_limit: Annotated[int, typer.Option(help="Prompts per held-out set.")] = 50,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per evaluation reply.")] = 48,
+    judge: Annotated[str, typer.Option(help="Refusal judge.")] = "keyword:ssah",
+    cache: Annotated[bool, typer.Option(help="Reuse / store the aligned model in $SSAH_CACHE/aligned.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Make an aligned model by a short safety SFT (cached), with refusal and over-refusal before and after."""
+    import json
+
+    from ssah.experiments.align import AlignConfig, run_align
+
+    values = _explicit(ctx, dict(locals()))
+    values.pop("config", None)
+    cfg = _build_config(AlignConfig, config, model, values)
+    path = run_align(cfg)
+    res = json.loads((path / "results.json").read_text())
+    b, a = res["before"], res["after"]
+    typer.echo(f"refusal on held-out harmful: {100 * b['refusal_rate']:.1f}% -> {100 * a['refusal_rate']:.1f}%")
+    typer.echo(f"over-refusal on held-out benign: {100 * b['overrefusal']:.1f}% -> {100 * a['overrefusal']:.1f}%")
+    typer.echo(f"wrote {path} (aligned model in {path / 'model'}) in {res['seconds']:.1f} s")
 
 
 def _print_train_summary(path: Path) -> None:

@@ -111,7 +111,7 @@ class TrainConfig(ModelRunConfig):
 
     out: str = "runs/train"
     dtype: str = "float32"
-    data: str = "builtin:utility"
+    data: str = "builtin:task"
     columns: dict[str, str] = Field(default_factory=dict)
     limit: int | None = None
     system: str | None = None

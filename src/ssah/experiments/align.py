@@ -1,0 +1,231 @@
+"""`ssah align`: make the *aligned* model of the paper by a short safety SFT, and measure what it did.
+
+Safety SFT on harmful requests with refusal responses mixed with benign instructions with answers (built-in
+sets by default), embeddings frozen. Refusal on held-out harmful prompts and over-refusal on held-out benign
+prompts are measured before and after. The trained model is cached under ``$SSAH_CACHE/aligned/<key>`` (key =
+base-model fingerprint + every training setting), so the demo and the slow tests do not retrain it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ssah.config import ModelRunConfig
+from ssah.data import load_prompts
+from ssah.data.training import alignment_mix
+from ssah.errors import UserError
+from ssah.evaluate import evaluate_overrefusal, evaluate_safety
+from ssah.generate import GenerationConfig
+from ssah.judges import get_judge
+from ssah.models import cache_dir, load_model, model_fingerprint
+from ssah.report import markdown_table
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.train import TrainConfig, train_model
+
+TRAINING_KEYS = (
+    "harmful",
+    "benign",
+    "benign_ratio",
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "max_grad_norm",
+    "freeze_embeddings",
+    "max_length",
+    "seed",
+    "dtype",
+    "system",
+)
+
+
+class AlignConfig(ModelRunConfig):
+    """Everything `ssah align` needs."""
+
+    out: str = "runs/aligned"
+    dtype: str = "float32"
+    harmful: str = "builtin:safety"
+    benign: str = "builtin:utility"
+    benign_ratio: float = 0.5
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "constant"
+    max_grad_norm: float | None = None
+    freeze_embeddings: bool = True
+    max_length: int = 512
+    system: str | None = None
+    eval_harmful: str = "builtin:harmful"
+    eval_benign: str = "builtin:benign"
+    eval_limit: int = 50
+    max_new_tokens: int = 48
+    judge: str = "keyword:ssah"
+    cache: bool = True
+
+    def training_key(self, fingerprint: str) -> str:
+        """Identity of the trained weights: the base model and every setting that changes them."""
+        blob = json.dumps({"model": fingerprint, **{k: getattr(self, k) for k in TRAINING_KEYS}}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _evaluate(model: Any, tokenizer: Any, cfg: AlignConfig, harmful: Any, benign: Any) -> dict[str, Any]:
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=16, system=cfg.system)
+    judge = get_judge(cfg.judge)
+    safety, _ = evaluate_safety(model, tokenizer, harmful, judge=judge, config=gen, progress=cfg.progress)
+    over, _ = evaluate_overrefusal(model, tokenizer, benign, judge=judge, config=gen, progress=cfg.progress)
+    return {
+        "refusal_rate": safety.refusal_rate,
+        "coherent_compliance": safety.coherent_compliance,
+        "overrefusal": over.rate,
+        "n_harmful": safety.n,
+        "n_benign": over.n,
+    }
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a model folder, hard-linking files where the file system allows (the cache is read-only to us)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def run_align(cfg: AlignConfig) -> Path:
+    """Train (or reuse the cached) aligned model, evaluate base and aligned, write the run folder."""
+    t0 = time.time()
+    if cfg.steps < 1 or cfg.lr <= 0:
+        raise UserError("align needs steps >= 1 and a positive learning rate: fix --steps / --lr")
+    check_output_folder(cfg.out, cfg.overwrite)
+    set_seed(cfg.seed)
+    mix = alignment_mix(
+        harmful_with_refusals=load_prompts(cfg.harmful, name="harmful"),
+        benign=load_prompts(cfg.benign, name="benign"),
+        benign_ratio=cfg.benign_ratio,
+        seed=cfg.seed,
+    )
+    eval_harmful = load_prompts(cfg.eval_harmful, limit=cfg.eval_limit, name="held-out harmful")
+    eval_benign = load_prompts(cfg.eval_benign, limit=cfg.eval_limit, name="held-out benign")
+    overlap = set(mix.prompts()) & (set(eval_harmful.prompts()) | set(eval_benign.prompts()))
+    if overlap:
+        raise UserError(f"{len(overlap)} evaluation prompts are also training prompts: use held-out sets for --eval-*")
+    lm = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    base_fp = lm.fingerprint
+    key = cfg.training_key(base_fp)
+    cached = cache_dir() / "aligned" / key
+    before = _evaluate(lm.model, lm.tokenizer, cfg, eval_harmful, eval_benign)
+    train_summary: dict[str, Any]
+    if cfg.cache and (cached / "model" / "config.json").is_file():
+        train_summary = json.loads((cached / "train.json").read_text())
+        train_summary["from_cache"] = str(cached)
+        lm = load_model(str(cached / "model"), dtype=cfg.dtype, device=cfg.device)
+    else:
+        tcfg = TrainConfig(
+            model=cfg.model,
+            out=cfg.out,
+            dtype=cfg.dtype,
+            max_steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup=cfg.warmup,
+            schedule=cfg.schedule,
+            max_grad_norm=cfg.max_grad_norm,
+            freeze_embeddings=cfg.freeze_embeddings,
+            max_length=cfg.max_length,
+            system=cfg.system,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+        result = train_model(lm.model, lm.tokenizer, mix, tcfg, progress=cfg.progress)
+        train_summary = {**result.summary(), "from_cache": None}
+        if cfg.cache:
+            tmp = cached.with_name(f".{key}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            result.model.save_pretrained(tmp / "model", safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp / "model")
+            (tmp / "train.json").write_text(json.dumps(train_summary, indent=2))
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(tmp, cached)
+    after = _evaluate(lm.model, lm.tokenizer, cfg, eval_harmful, eval_benign)
+    results = {
+        "model": {"base": cfg.model, "base_fingerprint": base_fp, "aligned_fingerprint": model_fingerprint(lm.model)},
+        "training": train_summary,
+        "data": {
+            "train": {"source": mix.source, "examples": len(mix), "sha256": mix.fingerprint()},
+            "eval_harmful": {"source": eval_harmful.source, "examples": len(eval_harmful)},
+            "eval_benign": {"source": eval_benign.source, "examples": len(eval_benign)},
+        },
+        "before": before,
+        "after": after,
+        "judge": cfg.judge,
+        "seconds": round(time.time() - t0, 3),
+    }
+    with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
+        if cfg.cache:
+            _copy_tree(cached / "model", run.file("model/x").parent)
+        else:
+            lm.model.save_pretrained(run.file("model/x").parent, safe_serialization=True)
+            lm.tokenizer.save_pretrained(run.file("model/x").parent)
+        run.write_yaml("config.yaml", cfg.model_dump())
+        run.write_json("results.json", results)
+        run.write_text("report.md", align_report(results))
+        run.write_json(
+            "manifest.json",
+            manifest(
+                command="align",
+                seed=cfg.seed,
+                started=t0,
+                device=lm.model.device,
+                model={"name": cfg.model, "fingerprint": base_fp},
+                data=results["data"],
+            ),
+        )
+    return run.out
+
+
+def align_report(results: dict[str, Any]) -> str:
+    """A readable Markdown report of an alignment run."""
+    b, a, t = results["before"], results["after"], results["training"]
+    rows = [
+        ["refusal on held-out harmful", f"{100 * b['refusal_rate']:.1f}%", f"{100 * a['refusal_rate']:.1f}%"],
+        ["over-refusal on held-out benign", f"{100 * b['overrefusal']:.1f}%", f"{100 * a['overrefusal']:.1f}%"],
+        [
+            "coherent compliance on harmful",
+            f"{100 * b['coherent_compliance']:.1f}%",
+            f"{100 * a['coherent_compliance']:.1f}%",
+        ],
+    ]
+    cache = f" (reused from the cache {t['from_cache']})" if t.get("from_cache") else ""
+    return "\n".join(
+        [
+            f"# Safety alignment of {results['model']['base']}",
+            "",
+            f"{t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, "
+            f"{100 * t['trainable']['share']:.1f}% of parameters trained{cache}.",
+            "",
+            markdown_table(["measure", "before", "after"], rows),
+            "",
+            f"Judge `{results['judge']}`; {a['n_harmful']} harmful and {a['n_benign']} benign held-out prompts. "
+            f"The aligned model is in `model/`. Took {results['seconds']:.1f} s.",
+            "",
+        ]
+    )

@@ -1,0 +1,48 @@
+"""`ssah align` on a tiny model: the run folder, the cache that spares retraining, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from ssah.cli import main
+
+FAST = ["--steps", "2", "--eval-limit", "3", "--max-new-tokens", "3", "--no-progress"]
+
+
+def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "a"), *FAST]) == 0
+    res = json.loads((tmp_path / "a/results.json").read_text())
+    assert res["training"]["steps"] == 2 and res["training"]["from_cache"] is None
+    assert res["model"]["aligned_fingerprint"] != res["model"]["base_fingerprint"]
+    assert {"refusal_rate", "overrefusal", "coherent_compliance"} <= res["after"].keys()
+    assert res["data"]["eval_harmful"]["examples"] == 3
+    # embeddings frozen by default: the trained share is below 100%
+    assert 0 < res["training"]["trainable"]["share"] < 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a/model")
+    assert model.config.model_type == "llama"
+    assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "b"), *FAST]) == 0
+    again = json.loads((tmp_path / "b/results.json").read_text())
+    assert (
+        again["training"]["from_cache"] and again["model"]["aligned_fingerprint"] == res["model"]["aligned_fingerprint"]
+    )
+    assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "c"), "--lr", "1e-4", *FAST]) == 0
+    other = json.loads((tmp_path / "c/results.json").read_text())
+    assert other["training"]["from_cache"] is None  # another setting is another cache entry
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [(["--lr", "0"], "learning rate"), (["--steps", "0"], "steps"), (["--eval-harmful", "builtin:safety"], "held-out")],
+)
+def test_align_bad_input(extra: list[str], needle: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = main(["align", "tiny-random-llama", "--out", str(out), *FAST, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not out.exists()
