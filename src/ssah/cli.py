@@ -24,6 +24,15 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; command-line options override it.")]
+# Options shared by several commands, declared once.
+ModelArg = Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
+AllowPickleOpt = Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+ColumnOpt = Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")]
 
 
 def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +54,7 @@ def _columns(items: list[str] | None) -> dict[str, str]:
 @app.command()
 def units(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")] = None,
+    model: ModelArg = None,
     out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/units",
     safety: Annotated[
         str, typer.Option(help="Safety calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
@@ -53,7 +62,7 @@ def units(
     utility: Annotated[
         str, typer.Option(help="Utility calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
     ] = "builtin:utility",
-    column: Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")] = None,
+    column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples of each set.")] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
@@ -67,13 +76,13 @@ def units(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     stability: Annotated[bool, typer.Option(help="Also report SCU overlap between two disjoint data halves.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: SeedOpt = 0,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
     config: ConfigOpt = None,
 ) -> None:
     """Score every unit on safety and utility data and split them into SCU / UCU / CU / RU."""
@@ -94,7 +103,7 @@ def units(
 @app.command("eval")
 def eval_(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")] = None,
+    model: ModelArg = None,
     out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/eval",
     harmful: Annotated[
         str, typer.Option(help="Harmful prompts: builtin:NAME, a preset (advbench, harmbench, ...), a file, or none.")
@@ -113,7 +122,7 @@ def eval_(
         "keyword:ssah"
     ),
     first_token: Annotated[bool, typer.Option(help="Also report the first-token refusal score's agreement.")] = True,
-    column: Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")] = None,
+    column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N items of each set.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per reply.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
@@ -121,13 +130,13 @@ def eval_(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: SeedOpt = 0,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
     config: ConfigOpt = None,
 ) -> None:
     """Attack success rate, over-refusal, prefill attack and utility of a model."""
@@ -145,7 +154,7 @@ def eval_(
 @app.command()
 def train(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")] = None,
+    model: ModelArg = None,
     out: Annotated[str, typer.Option(help="Run folder to write (built in OUT.partial while training).")] = (
         "runs/train"
     ),
@@ -182,11 +191,11 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue OUT.partial from its newest checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (weights of new layers, data order, dropout).")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
@@ -225,10 +234,10 @@ def align(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per evaluation reply.")] = 48,
     judge: Annotated[str, typer.Option(help="Refusal judge.")] = "keyword:ssah",
     cache: Annotated[bool, typer.Option(help="Reuse / store the aligned model in $SSAH_CACHE/aligned.")] = True,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
     config: ConfigOpt = None,
 ) -> None:
     """Make an aligned model by a short safety SFT (cached), with refusal and over-refusal before and after."""
@@ -355,8 +364,8 @@ def show(
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")],
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Show a model's family, layers, heads and unit counts."""
     from ssah.arch import get_adapter
