@@ -45,6 +45,15 @@ def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The typed options of a command as config values (``--config`` itself dropped, ``--column`` mapped)."""
+    out = _explicit(ctx, values)
+    out.pop("config", None)
+    if "column" in out:
+        out["columns"] = _columns(out.pop("column"))
+    return out
+
+
 def _columns(items: list[str] | None) -> dict[str, str]:
     from ssah.data import parse_column_mapping
 
@@ -89,10 +98,7 @@ def units(
     from ssah.categorize import parse_shares
     from ssah.experiments.units import UnitsConfig, run_units
 
-    values = _explicit(ctx, dict(locals()))
-    values.pop("config", None)
-    if "column" in values:
-        values["columns"] = _columns(values.pop("column"))
+    values = _options(ctx, dict(locals()))
     if "shares" in values:
         values["shares"] = parse_shares(values["shares"])
     cfg = _build_config(UnitsConfig, config, model, values)
@@ -142,10 +148,7 @@ def eval_(
     """Attack success rate, over-refusal, prefill attack and utility of a model."""
     from ssah.experiments.eval import EvalConfig, run_eval
 
-    values = _explicit(ctx, dict(locals()))
-    values.pop("config", None)
-    if "column" in values:
-        values["columns"] = _columns(values.pop("column"))
+    values = _options(ctx, dict(locals()))
     cfg = _build_config(EvalConfig, config, model, values)
     path = run_eval(cfg)
     _print_eval_summary(path)
@@ -201,10 +204,7 @@ def train(
     """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
     from ssah.train import TrainConfig, parse_lora, run_train
 
-    values = _explicit(ctx, dict(locals()))
-    values.pop("config", None)
-    if "column" in values:
-        values["columns"] = _columns(values.pop("column"))
+    values = _options(ctx, dict(locals()))
     if values.get("lora") is not None:
         values["lora"] = parse_lora(values["lora"]).model_dump()
     if values.get("max_grad_norm") == 0:
@@ -245,8 +245,7 @@ def align(
 
     from ssah.experiments.align import AlignConfig, run_align
 
-    values = _explicit(ctx, dict(locals()))
-    values.pop("config", None)
+    values = _options(ctx, dict(locals()))
     cfg = _build_config(AlignConfig, config, model, values)
     path = run_align(cfg)
     res = json.loads((path / "results.json").read_text())

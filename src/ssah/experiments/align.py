@@ -181,10 +181,10 @@ def run_align(cfg: AlignConfig) -> Path:
     }
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         if cfg.cache:
-            _copy_tree(cached / "model", run.file("model/x").parent)
+            _copy_tree(cached / "model", run.path / "model")
         else:
-            lm.model.save_pretrained(run.file("model/x").parent, safe_serialization=True)
-            lm.tokenizer.save_pretrained(run.file("model/x").parent)
+            lm.model.save_pretrained(run.path / "model", safe_serialization=True)
+            lm.tokenizer.save_pretrained(run.path / "model")
         run.write_yaml("config.yaml", cfg.model_dump())
         run.write_json("results.json", results)
         run.write_text("report.md", align_report(results))
