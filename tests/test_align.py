@@ -46,3 +46,18 @@ def test_align_bad_input(extra: list[str], needle: str, tmp_path: Path, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
     assert not out.exists()
+
+
+def test_aligned_model_trains_once_and_matches_the_align_command(tmp_path: Path, monkeypatch) -> None:
+    from ssah.experiments.align import AlignConfig, aligned_model
+
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    cfg = AlignConfig(model="tiny-random-llama", steps=2, progress=False)
+    folder = aligned_model(cfg=cfg)
+    assert (folder / "model.safetensors").is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert aligned_model(cfg=cfg) == folder  # second call: from the cache, not retrained
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "a"), *FAST]) == 0
+    res = json.loads((tmp_path / "a/results.json").read_text())
+    assert res["training"]["from_cache"] == str(folder.parent)

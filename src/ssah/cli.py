@@ -10,54 +10,25 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ssah.errors import UserError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="ssah: see, protect and install the safety of a language model at neuron level.",
+from ssah.cliutil import (
+    AllowPickleOpt,
+    ColumnOpt,
+    ConfigOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    ProgressOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    app,
+    build_config,
+    options,
 )
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; command-line options override it.")]
-# Options shared by several commands, declared once.
-ModelArg = Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
-AllowPickleOpt = Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
-ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
-ColumnOpt = Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")]
-
-
-def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """Only the options the user actually typed (so that a --config file's values are not overridden by defaults)."""
-    out = {}
-    for key, value in values.items():
-        source = ctx.get_parameter_source(key)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
-            out[key] = value
-    return out
-
-
-def _options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The typed options of a command as config values (``--config`` itself dropped, ``--column`` mapped)."""
-    out = _explicit(ctx, values)
-    out.pop("config", None)
-    if "column" in out:
-        out["columns"] = _columns(out.pop("column"))
-    return out
-
-
-def _columns(items: list[str] | None) -> dict[str, str]:
-    from ssah.data import parse_column_mapping
-
-    return parse_column_mapping(items or [])
+from ssah.errors import UserError
 
 
 @app.command()
@@ -98,10 +69,10 @@ def units(
     from ssah.categorize import parse_shares
     from ssah.experiments.units import UnitsConfig, run_units
 
-    values = _options(ctx, dict(locals()))
+    values = options(ctx, dict(locals()))
     if "shares" in values:
         values["shares"] = parse_shares(values["shares"])
-    cfg = _build_config(UnitsConfig, config, model, values)
+    cfg = build_config(UnitsConfig, config, model, values)
     path = run_units(cfg)
     _print_units_summary(path)
 
@@ -148,8 +119,8 @@ def eval_(
     """Attack success rate, over-refusal, prefill attack and utility of a model."""
     from ssah.experiments.eval import EvalConfig, run_eval
 
-    values = _options(ctx, dict(locals()))
-    cfg = _build_config(EvalConfig, config, model, values)
+    values = options(ctx, dict(locals()))
+    cfg = build_config(EvalConfig, config, model, values)
     path = run_eval(cfg)
     _print_eval_summary(path)
 
@@ -204,12 +175,12 @@ def train(
     """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
     from ssah.train import TrainConfig, parse_lora, run_train
 
-    values = _options(ctx, dict(locals()))
+    values = options(ctx, dict(locals()))
     if values.get("lora") is not None:
         values["lora"] = parse_lora(values["lora"]).model_dump()
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None
-    cfg = _build_config(TrainConfig, config, model, values)
+    cfg = build_config(TrainConfig, config, model, values)
     path = run_train(cfg)
     _print_train_summary(path)
 
@@ -245,8 +216,8 @@ def align(
 
     from ssah.experiments.align import AlignConfig, run_align
 
-    values = _options(ctx, dict(locals()))
-    cfg = _build_config(AlignConfig, config, model, values)
+    values = options(ctx, dict(locals()))
+    cfg = build_config(AlignConfig, config, model, values)
     path = run_align(cfg)
     res = json.loads((path / "results.json").read_text())
     b, a = res["before"], res["after"]
@@ -272,14 +243,6 @@ def _print_train_summary(path: Path) -> None:
         f"{res['final_loss']:.4f}, {tr['params']} of {tr['total']} parameters trained ({100 * tr['share']:.2f}%)"
     )
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s (model in {path / 'model'})")
-
-
-def _build_config(cls: Any, config: Path | None, model: str | None, values: dict[str, Any]) -> Any:
-    if config is not None:
-        return cls.from_yaml(config, **values)
-    if model is None:
-        raise UserError("missing MODEL: give a registry name, model folder, .gguf file or hub id (or --config)")
-    return cls.build({"model": model, **values})
 
 
 def _print_eval_summary(path: Path) -> None:
@@ -392,6 +355,9 @@ def list_models() -> None:
 
     for name in registry_names():
         typer.echo(name)
+
+
+import ssah.commands  # noqa: E402,F401  (registers the experiment commands defined in ssah/commands/)
 
 
 def main(argv: list[str] | None = None) -> int:

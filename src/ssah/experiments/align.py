@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ssah.config import ModelRunConfig
-from ssah.data import load_prompts
+from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import evaluate_overrefusal, evaluate_safety
 from ssah.generate import GenerationConfig
 from ssah.judges import get_judge
-from ssah.models import cache_dir, load_model, model_fingerprint
+from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
 from ssah.train import TrainConfig, train_model
@@ -102,6 +102,80 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _training_mix(cfg: AlignConfig) -> PromptSet:
+    return alignment_mix(
+        harmful_with_refusals=load_prompts(cfg.harmful, name="harmful"),
+        benign=load_prompts(cfg.benign, name="benign"),
+        benign_ratio=cfg.benign_ratio,
+        seed=cfg.seed,
+    )
+
+
+def _train_or_reuse(cfg: AlignConfig, lm: LoadedModel, mix: PromptSet, key: str) -> tuple[LoadedModel, dict[str, Any]]:
+    """The aligned model: from the cache when ``cfg.cache`` and present, else trained (and stored if caching)."""
+    cached = cache_dir() / "aligned" / key
+    if cfg.cache and (cached / "model" / "config.json").is_file():
+        train_summary = json.loads((cached / "train.json").read_text())
+        train_summary["from_cache"] = str(cached)
+        return load_model(str(cached / "model"), dtype=cfg.dtype, device=cfg.device), train_summary
+    tcfg = TrainConfig(
+        model=cfg.model,
+        out=cfg.out,
+        dtype=cfg.dtype,
+        max_steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        schedule=cfg.schedule,
+        max_grad_norm=cfg.max_grad_norm,
+        freeze_embeddings=cfg.freeze_embeddings,
+        max_length=cfg.max_length,
+        system=cfg.system,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    result = train_model(lm.model, lm.tokenizer, mix, tcfg, progress=cfg.progress)
+    train_summary = {**result.summary(), "from_cache": None}
+    if cfg.cache:
+        tmp = cached.with_name(f".{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        result.model.save_pretrained(tmp / "model", safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp / "model")
+        (tmp / "train.json").write_text(json.dumps(train_summary, indent=2))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    return lm, train_summary
+
+
+def aligned_model(
+    base: str = "smollm2-135m-instruct", *, cfg: AlignConfig | None = None, progress: bool = False
+) -> Path:
+    """The folder of ``base`` aligned by the default recipe (or ``cfg``), trained once and then read from the cache.
+
+    This is what the demo, the experiments and the slow tests use to get the paper's *aligned* model without
+    retraining it; no evaluation is run (use ``ssah align`` for the before/after numbers).
+    """
+    cfg = cfg or AlignConfig(model=base, progress=progress)
+    if not cfg.cache:
+        raise UserError("aligned_model needs the cache: set cache=True")
+    set_seed(cfg.seed)
+    mix = _training_mix(cfg)
+    lm = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    key = cfg.training_key(lm.fingerprint)
+    folder = cache_dir() / "aligned" / key / "model"
+    if not (folder / "config.json").is_file():
+        _train_or_reuse(cfg, lm, mix, key)
+    return folder
+
+
 def run_align(cfg: AlignConfig) -> Path:
     """Train (or reuse the cached) aligned model, evaluate base and aligned, write the run folder."""
     t0 = time.time()
@@ -109,12 +183,7 @@ def run_align(cfg: AlignConfig) -> Path:
         raise UserError("align needs steps >= 1 and a positive learning rate: fix --steps / --lr")
     check_output_folder(cfg.out, cfg.overwrite)
     set_seed(cfg.seed)
-    mix = alignment_mix(
-        harmful_with_refusals=load_prompts(cfg.harmful, name="harmful"),
-        benign=load_prompts(cfg.benign, name="benign"),
-        benign_ratio=cfg.benign_ratio,
-        seed=cfg.seed,
-    )
+    mix = _training_mix(cfg)
     eval_harmful = load_prompts(cfg.eval_harmful, limit=cfg.eval_limit, name="held-out harmful")
     eval_benign = load_prompts(cfg.eval_benign, limit=cfg.eval_limit, name="held-out benign")
     overlap = set(mix.prompts()) & (set(eval_harmful.prompts()) | set(eval_benign.prompts()))
@@ -129,42 +198,8 @@ def run_align(cfg: AlignConfig) -> Path:
     )
     base_fp = lm.fingerprint
     key = cfg.training_key(base_fp)
-    cached = cache_dir() / "aligned" / key
     before = _evaluate(lm.model, lm.tokenizer, cfg, eval_harmful, eval_benign)
-    train_summary: dict[str, Any]
-    if cfg.cache and (cached / "model" / "config.json").is_file():
-        train_summary = json.loads((cached / "train.json").read_text())
-        train_summary["from_cache"] = str(cached)
-        lm = load_model(str(cached / "model"), dtype=cfg.dtype, device=cfg.device)
-    else:
-        tcfg = TrainConfig(
-            model=cfg.model,
-            out=cfg.out,
-            dtype=cfg.dtype,
-            max_steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup=cfg.warmup,
-            schedule=cfg.schedule,
-            max_grad_norm=cfg.max_grad_norm,
-            freeze_embeddings=cfg.freeze_embeddings,
-            max_length=cfg.max_length,
-            system=cfg.system,
-            seed=cfg.seed,
-            progress=cfg.progress,
-        )
-        result = train_model(lm.model, lm.tokenizer, mix, tcfg, progress=cfg.progress)
-        train_summary = {**result.summary(), "from_cache": None}
-        if cfg.cache:
-            tmp = cached.with_name(f".{key}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            result.model.save_pretrained(tmp / "model", safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp / "model")
-            (tmp / "train.json").write_text(json.dumps(train_summary, indent=2))
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(cached, ignore_errors=True)
-            os.replace(tmp, cached)
+    lm, train_summary = _train_or_reuse(cfg, lm, mix, key)
     after = _evaluate(lm.model, lm.tokenizer, cfg, eval_harmful, eval_benign)
     results = {
         "model": {"base": cfg.model, "base_fingerprint": base_fp, "aligned_fingerprint": model_fingerprint(lm.model)},
@@ -181,7 +216,7 @@ def run_align(cfg: AlignConfig) -> Path:
     }
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         if cfg.cache:
-            _copy_tree(cached / "model", run.path / "model")
+            _copy_tree(cache_dir() / "aligned" / key / "model", run.path / "model")
         else:
             lm.model.save_pretrained(run.path / "model", safe_serialization=True)
             lm.tokenizer.save_pretrained(run.path / "model")

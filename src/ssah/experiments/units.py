@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,12 @@ class UnitsConfig(ModelRunConfig):
     stability: bool = False
 
     def check(self) -> None:
-        """Cheap validation, done before any data or model is loaded."""
+        """Cheap validation, done before any data or model is loaded (the output folder included)."""
+        self.check_settings()
+        check_output_folder(self.out, self.overwrite)
+
+    def check_settings(self) -> None:
+        """Validate the scoring and categorisation settings (for in-memory use, where no folder is written)."""
         check_metric(self.metric)
         check_shares(self.rule, self.shares)
         for value, allowed, what in (
@@ -67,7 +73,6 @@ class UnitsConfig(ModelRunConfig):
             raise UserError("batch_size must be at least 1 and max_length at least 8")
         if self.limit is not None and self.limit < 2 and self.stability:
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
-        check_output_folder(self.out, self.overwrite)
 
 
 def _stats(lm: LoadedModel, data: PromptSet, cfg: UnitsConfig, desc: str) -> UnitStatistics:
@@ -83,6 +88,64 @@ def _stats(lm: LoadedModel, data: PromptSet, cfg: UnitsConfig, desc: str) -> Uni
         progress=cfg.progress,
         desc=desc,
     )
+
+
+@dataclass
+class UnitsOutcome:
+    """Scores and categories of one model on one pair of calibration sets, in memory."""
+
+    categorization: Categorization
+    safety: Scores
+    utility: Scores
+    stability: dict[str, Any] | None = None
+
+
+def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg: UnitsConfig) -> UnitsOutcome:
+    """Score a loaded model's units on the two sets and categorise them with ``cfg``'s settings (no files written).
+
+    The experiments (ablation, attribute transfer, protected fine-tuning, budget) call this on a model they
+    already hold in memory; ``cfg.out`` is ignored. ``cfg.stability`` also categorises each half of the data.
+    """
+    cfg.check_settings()
+    adapter = get_adapter(lm.model)
+    neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
+    space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
+    halves: list[list[UnitStatistics]] = []
+    full: list[UnitStatistics] = []
+    for data in (safety, utility):
+        parts = data.split(2) if cfg.stability else [data]
+        # Statistics merge exactly, so the halves needed for --stability cost no extra pass over the data.
+        stats = [
+            _stats(lm, p, cfg, f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name)
+            for i, p in enumerate(parts)
+        ]
+        halves.append(stats)
+        merged = stats[0]
+        for part in stats[1:]:
+            merged = merged.merge(part)
+        full.append(merged)
+
+    def scores(stats: UnitStatistics, data: PromptSet) -> Scores:
+        return compute_scores(
+            lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=cfg.tokens, adapter=adapter
+        )
+
+    s_scores, u_scores = scores(full[0], safety), scores(full[1], utility)
+    options: dict[str, Any] = {
+        "rule": cfg.rule,
+        "shares": cfg.shares,
+        "normalization": cfg.normalization,
+        "ranking": cfg.ranking,
+        "granularity": cfg.granularity,
+        "space": space,
+    }
+    cats = categorize(s_scores, u_scores, **options)
+    stability = None
+    if cfg.stability:
+        a = categorize(scores(halves[0][0], safety), scores(halves[1][0], utility), **options)
+        b = categorize(scores(halves[0][1], safety), scores(halves[1][1], utility), **options)
+        stability = _stability(a, b)
+    return UnitsOutcome(cats, s_scores, u_scores, stability)
 
 
 def run_units(cfg: UnitsConfig) -> Path:
@@ -103,45 +166,10 @@ def run_units(cfg: UnitsConfig) -> Path:
         trust_remote_code=cfg.trust_remote_code,
     )
     adapter = get_adapter(lm.model)
-    neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
     space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
-
     t_score = time.time()
-    halves: dict[str, list[UnitStatistics]] = {}
-    full: dict[str, UnitStatistics] = {}
-    for data in (safety, utility):
-        parts = data.split(2) if cfg.stability else [data]
-        # Statistics merge exactly, so the halves needed for --stability cost no extra pass over the data.
-        stats = [
-            _stats(lm, p, cfg, f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name)
-            for i, p in enumerate(parts)
-        ]
-        halves[data.name] = stats
-        merged = stats[0]
-        for s in stats[1:]:
-            merged = merged.merge(s)
-        full[data.name] = merged
-
-    def scores(stats: UnitStatistics, data: PromptSet) -> Scores:
-        return compute_scores(
-            lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=cfg.tokens, adapter=adapter
-        )
-
-    s_scores, u_scores = scores(full["safety"], safety), scores(full["utility"], utility)
-    options: dict[str, Any] = {
-        "rule": cfg.rule,
-        "shares": cfg.shares,
-        "normalization": cfg.normalization,
-        "ranking": cfg.ranking,
-        "granularity": cfg.granularity,
-        "space": space,
-    }
-    cats = categorize(s_scores, u_scores, **options)
-    stability = None
-    if cfg.stability:
-        a = categorize(scores(halves["safety"][0], safety), scores(halves["utility"][0], utility), **options)
-        b = categorize(scores(halves["safety"][1], safety), scores(halves["utility"][1], utility), **options)
-        stability = _stability(a, b)
+    outcome = categorize_model(lm, safety, utility, cfg)
+    cats, s_scores, u_scores, stability = outcome.categorization, outcome.safety, outcome.utility, outcome.stability
     score_seconds = time.time() - t_score
 
     summary = cats.summary()
