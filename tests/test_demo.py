@@ -1,0 +1,96 @@
+"""`ssah demo` on a tiny model: every stage runs, the report is written, a second run continues instead of redoing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ssah.cli import main
+from ssah.experiments.demo import STAGE_NAMES
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SSAH_CACHE", str(root / "cache"))
+    try:
+        assert main(["demo", "--model", "tiny-random-llama", "--out", str(root / "demo"), "--no-progress"]) == 0
+    finally:
+        mp.undo()
+    return root / "demo"
+
+
+def test_demo_runs_every_stage_and_writes_one_report(demo_run: Path) -> None:
+    res = json.loads((demo_run / "results.json").read_text())
+    assert list(res["stages"]) == list(STAGE_NAMES)
+    for name, stage in res["stages"].items():
+        assert stage["done"] and stage["seconds"] is not None, name
+        assert (demo_run / name / "results.json").is_file() and (demo_run / name / "report.md").is_file()
+    assert res["headlines"], "the report compares with the published effects"
+    report = (demo_run / "report.md").read_text()
+    assert "Published effects and what we measured" in report
+    for title in (s["title"] for s in res["stages"].values()):
+        assert title in report
+    # stage reports are inlined with their image paths rewritten to stay valid from the demo folder
+    for image in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (demo_run / image).is_file(), image
+    assert json.loads((demo_run / "manifest.json").read_text())["command"] == "demo"
+
+
+def test_demo_continues_where_it_stopped(demo_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(demo_run.parent / "cache"))
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_run, copy)
+    shutil.rmtree(copy / "units")  # as if the demo had been interrupted during the units stage
+    (copy / ".units.partial-123").mkdir()  # ... leaving a staging folder behind
+    before = (copy / "align" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["demo", "--model", "tiny-random-llama", "--out", str(copy), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing" in out and "Scoring and categorising units" in out
+    assert (copy / "align" / "results.json").stat().st_mtime_ns == before  # not redone
+    assert (copy / "units" / "results.json").is_file() and not (copy / ".units.partial-123").exists()
+
+
+def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "tiny-random-llama", "--out", str(out), "--stages", "eval-base"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["stages"]["eval-base"]["done"] and not res["stages"]["align"]["done"]
+    capsys.readouterr()
+    code = main(["demo", "--model", "tiny-random-llama", "--out", str(out), "--stages", "units"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs stage align" in err[0]
+    assert not (out / "units").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--stages", "align,nope"], "unknown demo stage 'nope'"),
+        (["--model", "tiny-random-qwen2"], "holds a demo of tiny-random-llama"),
+    ],
+)
+def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text(json.dumps({"model": "tiny-random-llama", "quick": True, "stages": {}}))
+    code = main(["demo", "--model", "tiny-random-llama", "--out", str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["demo", "--model", "tiny-random-llama", "--out", str(out)])
+    assert code == 2 and "not a demo folder" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
