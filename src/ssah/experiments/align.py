@@ -22,6 +22,7 @@ from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import evaluate_overrefusal, evaluate_safety
 from ssah.generate import GenerationConfig
+from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import get_judge
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.report import markdown_table
@@ -222,7 +223,8 @@ def run_align(cfg: AlignConfig) -> Path:
             lm.tokenizer.save_pretrained(run.path / "model")
         run.write_yaml("config.yaml", cfg.model_dump())
         run.write_json("results.json", results)
-        run.write_text("report.md", align_report(results))
+        markdown = render(results, run.path)
+        write_report_files(run.path, markdown, report_title(markdown, "align"))
         run.write_json(
             "manifest.json",
             manifest(
@@ -235,6 +237,11 @@ def run_align(cfg: AlignConfig) -> Path:
             ),
         )
     return run.out
+
+
+def render(results: dict[str, Any], run_dir: Path) -> str:
+    """The Markdown report of an align run from its results alone (it has no plots to draw into ``run_dir``)."""
+    return align_report(results)
 
 
 def align_report(results: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from ssah.evaluate import (
     perplexity,
 )
 from ssah.generate import GenerationConfig
+from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import JUDGE_KINDS, FirstTokenJudge, Judge, get_judge, registered_judges
 from ssah.models import load_model
 from ssah.report import markdown_table
@@ -279,7 +280,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         run.write_yaml("config.yaml", cfg.model_dump())
         run.write_json("results.json", results)
         run.write_text("samples.jsonl", "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in rep.samples))
-        run.write_text("report.md", eval_report(results))
+        markdown = render(results, run.path)
+        write_report_files(run.path, markdown, report_title(markdown, "eval"))
         run.write_json(
             "manifest.json",
             manifest(
@@ -327,6 +329,11 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
         if u.get("exact_match") is not None:
             rows.append(["GSM8K exact match", pct(u["exact_match"]), "", str(u["n"]["gsm8k"])])
     return rows
+
+
+def render(results: dict[str, Any], run_dir: Path) -> str:
+    """The Markdown report of an eval run from its results alone (it has no plots to draw into ``run_dir``)."""
+    return eval_report(results)
 
 
 def eval_report(results: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ Under ``accelerate launch`` every process trains and only the main one writes fi
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from torch import nn
 
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
+from ssah.htmlreport import report_title, write_report_files
 from ssah.models import load_model, resolve_device
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
@@ -33,7 +35,7 @@ from ssah.units import UnitSet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainRunDir", "run_train", "save_trained_model", "train_report"]
+__all__ = ["TrainConfig", "TrainRunDir", "render", "run_train", "save_trained_model", "train_report"]
 
 
 class TrainRunDir(RunDir):
@@ -154,7 +156,8 @@ def run_train(cfg: TrainConfig) -> Path:
             },
         }
         run.write_json("results.json", results)
-        run.write_text("report.md", train_report(results, result))
+        markdown = render(results, run.path)
+        write_report_files(run.path, markdown, report_title(markdown, "train"))
         run.write_json(
             "manifest.json",
             manifest(
@@ -177,8 +180,19 @@ def run_train(cfg: TrainConfig) -> Path:
     return out
 
 
+def render(results: dict[str, Any], run_dir: Path) -> str:
+    """The Markdown report of a train run from its results and the step log ``run_dir/train_log.jsonl`` (no plots)."""
+    log_file = Path(run_dir) / "train_log.jsonl"
+    lines = log_file.read_text(encoding="utf-8").splitlines() if log_file.is_file() else []
+    return _train_markdown(results, [json.loads(line) for line in lines if line.strip()])
+
+
 def train_report(results: dict[str, Any], result: TrainResult) -> str:
     """A short readable Markdown report of a training run."""
+    return _train_markdown(results, result.log)
+
+
+def _train_markdown(results: dict[str, Any], log: list[dict[str, Any]]) -> str:
     m, tr = results["model"], results["trainable"]
     units = results.get("freeze") or results.get("only")
     what = {
@@ -187,9 +201,7 @@ def train_report(results: dict[str, Any], result: TrainResult) -> str:
         "only": f"only the units {units['name'] if units else ''}",
         "lora": f"LoRA adapters ({results['lora']}), merged into the weights",
     }[results["mode"]]
-    rows = [
-        [r["step"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", r["tokens"], f"{r['step_seconds']:.3f}"] for r in result.log
-    ]
+    rows = [[r["step"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", r["tokens"], f"{r['step_seconds']:.3f}"] for r in log]
     if len(rows) > 20:
         rows = [*rows[:10], ["...", "", "", "", ""], *rows[-9:]]
     lines = [

@@ -22,6 +22,7 @@ from ssah.categorize import (
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
+from ssah.htmlreport import report_title, write_report_files
 from ssah.models import LoadedModel, load_model
 from ssah.report import markdown_table, plot_units_by_layer
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
@@ -210,9 +211,9 @@ def run_units(cfg: UnitsConfig) -> Path:
             run.file("units.safetensors"),
             {"metric": cfg.metric, "safety_data": safety.fingerprint(), "utility_data": utility.fingerprint()},
         )
-        plot_units_by_layer(summary, run.file("plots/units_by_layer.png"), title=f"{lm.name}: units by layer")
         run.write_json("results.json", results)
-        run.write_text("report.md", units_report(results))
+        markdown = render(results, run.path)
+        write_report_files(run.path, markdown, report_title(markdown, "units"))
         run.write_json(
             "manifest.json",
             manifest(
@@ -239,6 +240,14 @@ def _stability(a: Categorization, b: Categorization) -> dict[str, Any]:
         out[c] = {"jaccard": round(a[c].jaccard(b[c]), 4), "chance": round(expected_random_jaccard(k, n), 4)}
     out["jaccard_scu"] = out["SCU"]["jaccard"]
     return out
+
+
+def render(results: dict[str, Any], run_dir: Path) -> str:
+    """Redraw a units run's plots into ``run_dir/plots`` from its results alone and return its Markdown report."""
+    summary = {"categories": results["categories"], "by_layer": results["by_layer"]}
+    title = f"{results['model']['name']}: units by layer"
+    plot_units_by_layer(summary, Path(run_dir) / "plots" / "units_by_layer.png", title=title)
+    return units_report(results)
 
 
 def units_report(results: dict[str, Any]) -> str:

@@ -1,0 +1,95 @@
+"""`ssah report RUN_DIR`: rebuild a run folder's plots, ``report.md`` and self-contained ``report.html``.
+
+The run's ``manifest.json`` names the command that wrote it; ``ssah.experiments.<command>.render(results, run_dir)``
+redraws the plots from ``results.json`` alone and returns the Markdown, so a report can be regenerated (after a
+change of the report code, or when it was deleted) without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import webbrowser
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ssah.cliutil import app
+from ssah.errors import UserError
+
+Renderer = Callable[[dict[str, Any], Path], str]
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {what} {path}: {exc}".replace("\n", " ")) from exc
+
+
+def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """The command that wrote a run folder and its results; a ``UserError`` when it is not a finished run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder (no such folder): pass a folder written by an ssah command")
+    manifest_file = run_dir / "manifest.json"
+    if not manifest_file.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no manifest.json): pass a folder written by an ssah command")
+    man = _read_json(manifest_file, "the manifest")
+    command = man.get("command") if isinstance(man, dict) else None
+    if not isinstance(command, str) or not command.isidentifier():
+        raise UserError(f"{manifest_file} names no valid command (found {command!r}): is it an ssah run folder?")
+    results_file = run_dir / "results.json"
+    if not results_file.is_file():
+        raise UserError(f"{run_dir} has no results.json: the `{command}` run did not finish; run it again")
+    results = _read_json(results_file, "the results")
+    if not isinstance(results, dict):
+        raise UserError(f"{results_file} does not hold a JSON object: it was not written by `ssah {command}`")
+    return command, results
+
+
+def renderer_for(command: str) -> Renderer:
+    """``ssah.experiments.<command>.render``; a ``UserError`` when that experiment has no renderer."""
+    module_name = f"ssah.experiments.{command}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:  # the module exists but something it imports does not: a real bug
+            raise
+        raise UserError(f"no report renderer for command {command!r}: ssah has no module {module_name}") from exc
+    render = getattr(module, "render", None)
+    if not callable(render):
+        raise UserError(f"no report renderer for command {command!r}: {module_name} has no render(results, run_dir)")
+    return render  # type: ignore[no-any-return]
+
+
+def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Redraw a run folder's plots and rewrite its ``report.md`` and ``report.html``; returns their paths."""
+    from ssah.htmlreport import report_title, write_report_files
+
+    run_dir = Path(run_dir)
+    command, results = load_run(run_dir)
+    render = renderer_for(command)
+    try:
+        markdown = render(results, run_dir)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(
+            f"results.json in {run_dir} does not fit the `{command}` report ({type(exc).__name__}: {exc}): "
+            "was it written by another ssah version? rerun the experiment"
+        ) from exc
+    return write_report_files(run_dir, markdown, report_title(markdown, f"{command}: {run_dir.name}"))
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by an ssah command (has manifest.json).")],
+    open_: Annotated[bool, typer.Option("--open/--no-open", help="Open report.html in the web browser.")] = False,
+) -> None:
+    """Rebuild a run folder's plots, report.md and self-contained report.html from its results.json."""
+    md_path, html_path = rebuild_report(run_dir)
+    typer.echo(str(md_path))
+    typer.echo(str(html_path))
+    if open_ and not webbrowser.open(html_path.resolve().as_uri()):
+        typer.echo(f"no web browser to open {html_path} with", err=True)
