@@ -39,6 +39,8 @@ def test_demo_runs_every_stage_and_writes_one_report(demo_run: Path) -> None:
     for image in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (demo_run / image).is_file(), image
     assert json.loads((demo_run / "manifest.json").read_text())["command"] == "demo"
+    html = (demo_run / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html and "missing image" not in html
 
 
 def test_demo_continues_where_it_stopped(demo_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:

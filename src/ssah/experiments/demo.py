@@ -309,10 +309,6 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
 
 def write_demo_report(out: Path, results: dict[str, Any]) -> None:
     """Write report.md and the self-contained report.html of a demo folder."""
-    md = render(results, out)
-    try:
-        from ssah.htmlreport import write_report_files
-    except ImportError:  # pragma: no cover - until the HTML writer exists
-        atomic_write_text(out / "report.md", md)
-        return
-    write_report_files(out, md, f"ssah demo: {results['model']}")
+    from ssah.htmlreport import write_report_files
+
+    write_report_files(out, render(results, out), f"ssah demo: {results['model']}")
