@@ -15,7 +15,7 @@ from ssah.arch import get_adapter
 from ssah.categorize import categorize
 from ssah.cli import main
 from ssah.data import Example, PromptSet, collate, encode_set
-from ssah.errors import UserError
+from ssah.errors import DataError, UnitFileError, UserError
 from ssah.experiments.train import save_trained_model
 from ssah.interventions import unit_param_masks
 from ssah.models import model_fingerprint
@@ -24,6 +24,7 @@ from ssah.tiny import build_tiny_model
 from ssah.train import (
     DataPlan,
     TrainConfig,
+    fsdp_requested,
     parse_lora,
     parse_unit_spec,
     partial_dir,
@@ -226,6 +227,46 @@ def test_lora_trains_and_merges_into_a_plain_model(tmp_path: Path) -> None:
         assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
 
 
+def test_train_model_rejects_bad_input_and_leaves_the_model_alone(unit_file: Path) -> None:
+    model, tok = build_tiny_model("llama")
+    before = params(model)
+    scu, ru = resolve_unit_spec(f"{unit_file}:SCU", model), resolve_unit_spec(f"{unit_file}:RU", model)
+    with pytest.raises(UserError, match="not both"):
+        train_model(model, tok, DATA, cfg(max_steps=1), freeze=scu, only=ru)
+    with pytest.raises(DataError, match="empty"):
+        train_model(model, tok, PromptSet("none", "memory", ()), cfg(max_steps=1))
+    for lr in (0.0, -1e-5, float("nan")):
+        with pytest.raises(UserError, match="learning rate must be positive"):
+            train_model(model, tok, DATA, cfg(max_steps=1, lr=lr))
+    with pytest.raises(UserError, match="is empty"):
+        train_model(model, tok, DATA, cfg(max_steps=1), only=ru - ru)
+    with pytest.raises(UserError, match="LoRA"):
+        train_model(model, tok, DATA, cfg(max_steps=1, lora="r=4"), freeze=scu)
+    other, _ = build_tiny_model("mistral")
+    with pytest.raises(UnitFileError, match="another model"):  # same layout, other weights
+        resolve_unit_spec(f"{unit_file}:SCU", other, fingerprint=model_fingerprint(other))
+    with pytest.raises(UnitFileError, match="'XYZ' is not in"):
+        resolve_unit_spec(f"{unit_file}:XYZ", model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_fsdp_flag_in_one_process_trains_unsharded_and_reads_accelerate_env(monkeypatch) -> None:
+    plain, tok = build_tiny_model("llama")
+    flagged, _ = build_tiny_model("llama")
+    a = train_model(plain, tok, DATA, cfg(max_steps=2), progress=False)
+    b = train_model(flagged, tok, DATA, cfg(max_steps=2, fsdp=True), progress=False)
+    assert b.fsdp is False and b.summary()["fsdp"] is False and a.losses == b.losses
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), flagged.parameters(), strict=True))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not fsdp_requested(cfg()) and fsdp_requested(cfg(fsdp=True))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp_requested(cfg())
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UserError, match="FSDP2 only"):
+        fsdp_requested(cfg())
+
+
 class Killed(Exception):
     """Stands in for a kill after a checkpoint."""
 
@@ -282,7 +323,7 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 def test_cli_train_run_folder(tmp_path: Path, unit_file: Path, data_file: Path, capsys) -> None:
     out = tmp_path / "ft"
-    args = ["train", "tiny-random-llama", "--data", str(data_file), "--freeze", f"{unit_file}:SCU,CU@0.06"]
+    args = ["train", "tiny-random-llama", "--data", str(data_file), "--freeze", f"{unit_file}:SCU,CU@0.06", "--fsdp"]
     code, stdout, err = run([*args, "--max-steps", "4", "--checkpoint-every", "2", "--out", str(out), *FAST], capsys)
     assert code == 0, err
     for rel in ("model/model.safetensors", "model/config.json", "model/tokenizer.json", "train_log.jsonl"):
@@ -294,6 +335,7 @@ def test_cli_train_run_folder(tmp_path: Path, unit_file: Path, data_file: Path, 
     assert res["mode"] == "freeze" and res["steps"] == 4 and res["final_loss"] < res["first_loss"]
     assert 0 < res["trainable"]["share"] < 1 and res["freeze"]["units"] > 0 and res["frozen_max_drift"] == 0.0
     assert res["settings"]["lr"] == 3e-3
+    assert res["settings"]["fsdp"] is True and res["fsdp"] is False  # asked for, but one process trains unsharded
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert "trained tiny-random-llama (freeze)" in stdout and "wrote" in stdout

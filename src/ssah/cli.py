@@ -163,6 +163,9 @@ def train(
     checkpoint_every: Annotated[int | None, typer.Option(help="Write a checkpoint every N steps.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep every checkpoint, not just the last.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue OUT.partial from its newest checkpoint.")] = False,
+    fsdp: Annotated[
+        bool, typer.Option(help="Shard with FSDP2 (per decoder block) across the processes of torchrun/accelerate.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Random seed (weights of new layers, data order, dropout).")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
     device: DeviceOpt = "auto",

@@ -12,6 +12,12 @@ data parallelism give the gradient of one large batch. Trainable sets:
   merged into the weights at the end;
 - ``lora``: peft LoRA adapters (the paper's PEFT baseline), merged at the end.
 
+With several processes (``torchrun`` or ``accelerate launch``) the model is replicated (DDP), or, with
+``fsdp`` (``--fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``), sharded with FSDP2: a twin of the
+model that shares its parameters is cut by ``torch.distributed.fsdp.fully_shard`` per decoder block and then at
+the root, gradients and AdamW state exist only as shards, the freeze hooks are placed on the sharded parameters
+(after sharding), and at the end the full trained values are gathered back into the caller's plain model.
+
 The data order is a function of the seed and the epoch, so a checkpoint only needs the step to know where the
 data stands; a checkpoint holds the trainable tensors, the optimizer and scheduler states and the RNG states,
 and a run resumed from it reaches the same weights, bit for bit, as one that was never interrupted.
@@ -21,6 +27,7 @@ and a run resumed from it reaches the same weights, bit for bit, as one that was
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -107,6 +114,8 @@ class TrainConfig(ModelRunConfig):
     ``freeze`` / ``only`` are unit specs (``PATH:SCU,CU@0.06``, see :func:`parse_unit_spec`); ``epochs``
     defaults to 1 when ``max_steps`` is not given, and without ``epochs`` a ``max_steps`` run cycles through the
     data as often as needed; with both, the run stops at whichever comes first. ``warmup`` is in optimizer steps.
+    ``fsdp`` shards the model with FSDP2 across the processes of a distributed launch (see :func:`fsdp_requested`;
+    a single process trains unsharded).
     """
 
     out: str = "runs/train"
@@ -134,6 +143,7 @@ class TrainConfig(ModelRunConfig):
     checkpoint_every: int | None = None
     keep_checkpoints: bool = False
     resume: bool = False
+    fsdp: bool = False
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -411,6 +421,7 @@ class TrainResult:
     resumed_from: int | None = None
     frozen_max_drift: float | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    fsdp: bool = False
 
     @property
     def final_loss(self) -> float | None:
@@ -436,6 +447,7 @@ class TrainResult:
             "skipped_examples": self.skipped,
             "resumed_from": self.resumed_from,
             "frozen_max_drift": self.frozen_max_drift,
+            "fsdp": self.fsdp,
             "seconds": round(self.seconds, 3),
         }
 
@@ -454,6 +466,102 @@ def _accelerator(mixed_precision: str, cpu: bool) -> Any:
             raise
         AcceleratorState._reset_state()
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------------------
+def fsdp_requested(cfg: TrainConfig) -> bool:
+    """Whether to shard with FSDP2: ``cfg.fsdp``, or a launch by ``accelerate launch --use_fsdp --fsdp_version 2``
+    (or an accelerate config with FSDP2), which accelerate 1.15 itself ignores on CPUs."""
+    if cfg.fsdp:
+        return True
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() not in ("1", "true", "yes"):
+        return False
+    if os.environ.get("FSDP_VERSION", "1").strip() != "2":
+        raise UserError(
+            "ssah train shards with FSDP2 only: launch with --fsdp_version 2 (or fsdp_version: 2 in the config)"
+        )
+    return True
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (collective: every rank must call it), else the tensor itself."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else t).detach()
+
+
+@torch.no_grad()
+def _copy_full_into(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``t``, or into this rank's shard of ``t`` when it is a DTensor (no communication)."""
+    from ssah.interventions import _like_param, _local
+
+    full = full.to(device=_local(t.detach()).device, dtype=t.dtype)
+    _local(t.detach()).copy_(_local(_like_param(full, t)))
+
+
+class _Sharded:
+    """An FSDP2-sharded twin of the model being trained.
+
+    ``copy.deepcopy`` with every parameter in its memo gives a structural copy that shares the caller's Parameter
+    objects; ``fully_shard`` (each decoder block, then the root) replaces them in the copy only, by DTensor shards
+    of their values. The caller's model keeps its class, hooks and parameters (the full weights stay on each
+    rank; gradients and AdamW state are sharded), and :meth:`write_back` gathers the trained values into it.
+    ``named`` maps the keys of the trainable set to the sharded parameters.
+    """
+
+    def __init__(self, model: nn.Module, named: Mapping[str, nn.Parameter], blocks: Sequence[nn.Module], device: Any):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        module_names = {id(m): n for n, m in model.named_modules()}
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        self.originals = dict(named)
+        self.module: nn.Module = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+        for block in blocks:
+            fully_shard(self.module.get_submodule(module_names[id(block)]), mesh=mesh)
+        fully_shard(self.module, mesh=mesh)
+        self.named = {k: cast(nn.Parameter, self.module.get_parameter(param_names[id(p)])) for k, p in named.items()}
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        """The full values of the trainable tensors (collective)."""
+        return {k: _full(p) for k, p in self.named.items()}
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the trained values into the caller's parameters (collective)."""
+        for k, full in self.gather().items():
+            self.originals[k].copy_(full)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's full state (collective; the values land on rank 0 only)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.module, optimizer, options=options)  # type: ignore[no-any-return]
+
+    def optimizer_loader(self, optimizer: Any) -> Any:
+        """An object whose ``load_state_dict(full_state)`` shards a full optimizer state into ``optimizer``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        module = self.module
+
+        class _Loader:
+            def load_state_dict(self, state: dict[str, Any]) -> None:
+                options = StateDictOptions(full_state_dict=True)
+                set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
+
+        return _Loader()
+
+
+def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks FSDP2 shards one by one (none when the architecture is unknown: the root only)."""
+    try:
+        adapter = get_adapter(model)
+        return [adapter.block(i) for i in range(adapter.num_layers)]
+    except Exception as exc:  # an unknown architecture still trains, sharded at the root only
+        log.warning("FSDP2 shards the whole model as one unit: no decoder blocks found (%s)", exc)
+        return []
 
 
 def unit_set_digest(units: UnitSet | None) -> str | None:
@@ -509,7 +617,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step-N`` (trainable tensors and RNG as safetensors, optimizer and scheduler states
     with ``torch.save``, position and settings as JSON) via a temporary folder and a rename; older checkpoints
-    are removed unless ``keep_all``."""
+    are removed unless ``keep_all``. ``optimizer`` is an optimizer or its state dict (the gathered full state
+    of an FSDP2 run)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -520,7 +629,8 @@ def save_checkpoint(
     )
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    opt_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+    torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_json}), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -536,7 +646,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint into the trainable tensors, optimizer and scheduler (and the RNGs); returns its state.
 
-    Raises a ``UserError`` when the checkpoint was written by a run with other training settings.
+    ``optimizer`` is anything with ``load_state_dict``. Raises a ``UserError`` when the checkpoint was written by
+    a run with other training settings.
     """
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -551,9 +662,8 @@ def load_checkpoint(
     tensors = load_file(str(path / "trainable.safetensors"))
     if set(tensors) != set(trainable):
         raise UserError(f"{path} holds other trainable tensors than this run: pass --overwrite to start over")
-    with torch.no_grad():
-        for name, t in trainable.items():
-            t.copy_(tensors[name].to(device=t.device, dtype=t.dtype))
+    for name, t in trainable.items():
+        _copy_full_into(t, tensors[name])  # a DTensor (FSDP2) takes its shard
     device = next(iter(trainable.values())).device if trainable else torch.device("cpu")
     opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
@@ -667,7 +777,9 @@ def train_model(
     optimizer step to ``train_log.jsonl`` there and writes checkpoints every ``cfg.checkpoint_every`` steps into
     ``checkpoints/``; with ``cfg.resume`` training continues from the newest of them. ``on_step`` is called
     with each step's log record (after the step's checkpoint, if any). The returned model is plain (saveable
-    with ``save_pretrained``) and in the training mode it had before.
+    with ``save_pretrained``) and in the training mode it had before. With ``cfg.fsdp`` (or an FSDP2 accelerate
+    launch) and several processes, an FSDP2-sharded twin of the model trains and every rank's ``model`` receives
+    the gathered trained weights at the end (a run that fails midway leaves ``model`` as it was).
     """
     cfg.check_training()
     if freeze is not None and only is not None:
@@ -714,29 +826,43 @@ def train_model(
         epochs=cfg.epochs,
         max_steps=cfg.max_steps,
     )
+    shard = fsdp_requested(cfg) and world > 1
+    if fsdp_requested(cfg) and not shard:
+        log.info("FSDP2 shards across several processes; a single process trains unsharded")
     settings = {
         **cfg.settings(),
+        "fsdp": shard,
         "data_sha256": data.fingerprint(),
         "examples": len(encoded),
         "world_size": world,
         "freeze_units": unit_set_digest(freeze),
         "only_units": unit_set_digest(only),
     }
+    blocks = _decoder_blocks(model) if shard else []
 
     was_training = model.training
     tr = _prepare_trainable(model, cfg, freeze, only)
     had_forward = "forward" in tr.model.__dict__
     ok = False
     frozen = None
+    sharded: _Sharded | None = None
     try:
-        optimizer = torch.optim.AdamW(list(tr.named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        named = tr.named
+        if shard:
+            sharded = _Sharded(tr.model, tr.named, blocks, accelerator.device)
+            named = sharded.named
+        optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, plan.total_steps, cfg.warmup))
-        wrapped, optimizer = accelerator.prepare(tr.model, optimizer)
+        if sharded is not None:
+            wrapped, opt_loader = sharded.module, sharded.optimizer_loader(optimizer)
+        else:
+            wrapped, optimizer = accelerator.prepare(tr.model, optimizer)
+            opt_loader = optimizer
         if freeze is not None:
             from ssah.interventions import freeze_units
 
-            # after accelerate wrapped (or sharded) the model: the hooks must sit on the parameters it trains
-            frozen = freeze_units(accelerator.unwrap_model(wrapped), freeze)
+            # after accelerate wrapped or FSDP2 sharded the model: the hooks must sit on the parameters it trains
+            frozen = freeze_units(wrapped if sharded is not None else accelerator.unwrap_model(wrapped), freeze)
         trainable_params = tr.params - (frozen.frozen_parameters if frozen is not None else 0)
         trainable = {
             "params": trainable_params,
@@ -747,7 +873,7 @@ def train_model(
         start, resumed_from, history = 0, None, []
         ckpts = checkpoint_dirs(run_path) if run_path is not None and cfg.resume else []
         if ckpts:
-            state = load_checkpoint(ckpts[-1], tr.named, optimizer, scheduler, settings)
+            state = load_checkpoint(ckpts[-1], named, opt_loader, scheduler, settings)
             start = resumed_from = int(state["step"])
         if run_path is not None:
             history = _read_log(run_path / "train_log.jsonl", start)
@@ -757,27 +883,43 @@ def train_model(
         accelerator.wait_for_everyone()
 
         wrapped.train()
-        params = list(tr.named.values())
+        params = list(named.values())
         records: list[dict[str, Any]] = list(history)
         log_file = open(run_path / "train_log.jsonl", "a", encoding="utf-8") if run_path and main else None  # noqa: SIM115
         bar = _progress(plan.total_steps, start, progress and main)
         try:
             for step in range(start, plan.total_steps):
                 record = _train_step(
-                    step, plan, encoded, wrapped, optimizer, scheduler, params, accelerator, frozen, cfg, pad_id, rank
+                    step,
+                    plan,
+                    encoded,
+                    wrapped,
+                    optimizer,
+                    scheduler,
+                    params,
+                    accelerator,
+                    frozen,
+                    cfg,
+                    pad_id,
+                    rank,
+                    fsdp=sharded is not None,
                 )
                 records.append(record)
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if run_path is not None and cfg.checkpoint_every and record["step"] % cfg.checkpoint_every == 0:
+                    tensors: Mapping[str, torch.Tensor] = named
+                    opt_state: Any = optimizer
+                    if sharded is not None:  # gathered by every rank, written by the main one
+                        tensors, opt_state = sharded.gather(), sharded.optimizer_state(optimizer)
                     accelerator.wait_for_everyone()
                     if main:
                         save_checkpoint(
                             run_path,
                             record["step"],
-                            tr.named,
-                            optimizer,
+                            tensors,
+                            opt_state,
                             scheduler,
                             {
                                 "format": CHECKPOINT_FORMAT,
@@ -801,10 +943,15 @@ def train_model(
                 log_file.close()
         accelerator.wait_for_everyone()
         drift = frozen.max_drift() if frozen is not None else None
+        if sharded is not None:
+            if drift is not None:  # each rank saw its own shards
+                drift = float(accelerator.reduce(torch.tensor([drift], device=accelerator.device), "max").max())
+            sharded.write_back()
         ok = True
     finally:
         if frozen is not None:
             frozen.remove()
+        sharded = None  # drops the sharded twin (the caller's model holds the trained values)
         # accelerate's mixed precision patches the instance's forward (autocast): give back the class's own
         if not had_forward:
             tr.model.__dict__.pop("forward", None)
@@ -827,6 +974,7 @@ def train_model(
         resumed_from=resumed_from,
         frozen_max_drift=drift,
         log=records,
+        fsdp=shard,
     )
 
 
@@ -851,8 +999,14 @@ def _train_step(
     cfg: TrainConfig,
     pad_id: int,
     rank: int,
+    *,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
-    """One optimizer step over its micro-batches; returns the step's log record."""
+    """One optimizer step over its micro-batches; returns the step's log record.
+
+    ``fsdp``: ``model`` is FSDP2-sharded (not prepared by accelerate): gradient sync, backward, mixed precision
+    and clipping go through torch directly.
+    """
     t0 = time.perf_counter()
     micro = plan.step(step)
     response_tokens = sum(plan.response_tokens[i] for mb in micro for idx in mb for i in idx)
@@ -863,15 +1017,28 @@ def _train_step(
         batch = collate([encoded[i] for i in mb[rank]], pad_id, padding_side="right")
         batch = {k: v.to(device) for k, v in batch.items() if k != "count_mask"}
         # gradients are synchronised across processes once per optimizer step, on its last micro-batch
-        sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+        last = j == len(micro) - 1
+        if fsdp:
+            model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            sync = accelerator.autocast() if cfg.bf16 else contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
             ce, _ = response_loss(model, batch)
-            # the token-weighted mean over the whole step (all micro-batches, all ranks: DDP averages over ranks)
-            accelerator.backward(ce * plan.world / response_tokens)
+            # the token-weighted mean over the whole step (all micro-batches, all ranks: DDP and FSDP2 average
+            # gradients over ranks)
+            loss = ce * plan.world / response_tokens
+            if fsdp:
+                loss.backward()
+            else:
+                accelerator.backward(loss)
         ce_sum += ce.detach().double()
     grad_norm = None
     if cfg.max_grad_norm is not None:
-        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if fsdp:  # the norm of sharded gradients is a DTensor
+            norm = _full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         grad_norm = float(norm) if norm is not None else None
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
