@@ -1,0 +1,120 @@
+"""`ssah ablate`: the paper's Table 1 with random controls, a dose curve and the calibration comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssah.cliutil import (
+    AllowPickleOpt,
+    ConfigOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    ProgressOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    app,
+    build_config,
+    options,
+)
+
+
+@app.command()
+def ablate(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/ablate",
+    units: Annotated[
+        str | None, typer.Option(help="units.safetensors of this model (default: compute the units in memory).")
+    ] = None,
+    allow_other_weights: Annotated[
+        bool, typer.Option(help="Accept a unit file computed on other weights of the same architecture.")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Small run: 16 harmful + 16 safe prompts, 32 new tokens, 2 seeds, 3 dose points.")
+    ] = False,
+    safety: Annotated[str, typer.Option(help="Safety calibration set (when computing units).")] = "builtin:safety",
+    utility: Annotated[str, typer.Option(help="Utility calibration set (when computing units).")] = "builtin:utility",
+    calibration_limit: Annotated[
+        int | None, typer.Option(help="Use N examples (spread over the set) of each calibration set.")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
+    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    tokens: Annotated[
+        str, typer.Option(help="Calibration tokens counted: prompt+response | response | prompt | all")
+    ] = "prompt+response",
+    harmful: Annotated[str, typer.Option(help="Harmful prompts: builtin:NAME, a preset, or a file.")] = (
+        "builtin:harmful"
+    ),
+    benign: Annotated[str, typer.Option(help="Safe prompts for over-refusal (or none).")] = "builtin:borderline",
+    utility_eval: Annotated[
+        list[str] | None,
+        typer.Option(help="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable; as in ssah eval)."),
+    ] = None,
+    judge: Annotated[str, typer.Option(help="keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")] = (
+        "keyword:ssah"
+    ),
+    limit: Annotated[
+        int | None, typer.Option(help="Harmful and safe prompts per condition (default 64; quick 16).")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per reply (default 64; quick 32).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 32,
+    seeds: Annotated[int | None, typer.Option(help="Random-control seeds (default 3; quick 2).")] = None,
+    dose: Annotated[
+        str | None, typer.Option(help="Dose shares of all units, e.g. 0.25%,0.5%,1%,2%,5% (the default).")
+    ] = None,
+    categories: Annotated[str | None, typer.Option(help="Categories to ablate, e.g. SCU,RU (default all).")] = None,
+    random_for: Annotated[
+        str | None, typer.Option(help="Categories that get same-size random controls (default: all ablated).")
+    ] = None,
+    compare_calibration: Annotated[
+        bool, typer.Option(help="Also ablate SCU found with prompt-only calibration (no refusal text).")
+    ] = True,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
+    seed: SeedOpt = 0,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Ablate each unit category (and same-size random units) and measure ASR, coherent compliance and utility."""
+    from ssah.categorize import parse_shares
+    from ssah.experiments.ablate import AblateConfig, parse_dose, run_ablate
+
+    values = options(ctx, dict(locals()))
+    if "shares" in values:
+        values["shares"] = parse_shares(values["shares"])
+    if values.get("dose") is not None:
+        values["dose"] = parse_dose(values["dose"])
+    if values.get("utility_eval") is None:
+        values.pop("utility_eval", None)
+    cfg = build_config(AblateConfig, config, model, values)
+    path = run_ablate(cfg)
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ssah.experiments.ablate import summary_lines, summary_rows
+
+    res = json.loads((path / "results.json").read_text())
+    table = Table(title=f"{res['model']['name']}: ablation (calibration {res['calibration']['main']})")
+    for col in ("condition", "units", "ASR", "coh. compl.", "over-refusal", "utility"):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    for row in summary_rows(res):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for line in summary_lines(res):
+        console.print(line)
+    console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
