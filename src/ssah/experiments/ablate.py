@@ -421,8 +421,8 @@ def _load_units(
     t = time.time()
     if cfg.units is None:
         outcome = categorize_model(lm, safety, utility, cfg.units_config())
-        info = {"source": "computed", "calibration": cfg.tokens, "metric": cfg.metric, "rule": cfg.rule}
-        return outcome.categorization, outcome.safety, outcome.utility, info, time.time() - t
+        computed = {"source": "computed", "calibration": cfg.tokens, "metric": cfg.metric, "rule": cfg.rule}
+        return outcome.categorization, outcome.safety, outcome.utility, computed, time.time() - t
     path = Path(cfg.units)
     meta = read_unit_file_metadata(path)
     space = UnitSpace.from_groups(adapter.groups(), meta["granularity"], lm.fingerprint, lm.name)  # type: ignore[arg-type]
@@ -477,7 +477,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     data.harmful = _spread(data.harmful, r["limit"]) if data.harmful is not None else None
     data.benign = _spread(data.benign, r["limit"]) if data.benign is not None else None
     if data.perplexity is not None:
-        data.perplexity = _spread(data.perplexity, r["limit"] * (1 if cfg.quick else 2))
+        data.perplexity = _spread(data.perplexity, r["limit"])
     if data.harmful is None:
         raise UserError("ablate measures safety on harmful prompts: --harmful cannot be none")
     # Calibration sets: for computing the units, the other-calibration comparison, or (a unit file without
@@ -919,6 +919,25 @@ def _short_name(results: dict[str, Any]) -> str:
     return name if len(parts) <= 2 else ".../" + "/".join(parts[-2:])
 
 
+def _span(entry: dict[str, Any] | None) -> tuple[float, float, float]:
+    """(value, low, high) of a rate: its Wilson interval for one run, min..max over seeds for a random control."""
+    if entry is None:
+        return 0.0, 0.0, 0.0
+    if "rate" in entry:
+        return entry["rate"], entry["ci95"][0], entry["ci95"][1]
+    return entry["mean"], entry["min"], entry["max"]
+
+
+def _utility_span(row: dict[str, Any]) -> tuple[float, float, float]:
+    """(value, low, high) of the utility number (min..max over seeds for a random control)."""
+    u = row.get("utility") or {}
+    if "mean" in u:
+        return u["mean"], u["min"], u["max"]
+    v = _utility_value(row)
+    val = v[1] if v else 0.0
+    return val, val, val
+
+
 def _errs(values: list[float], lows: list[float], highs: list[float]) -> list[list[float]]:
     return [
         [max(0.0, v - lo) for v, lo in zip(values, lows, strict=True)],
@@ -953,30 +972,16 @@ def _plot_bars(results: dict[str, Any], path: Path) -> None:
     titles = {"asr": "ASR (keyword)", "coherent_compliance": "coherent compliance", "overrefusal": "over-refusal"}
     x = list(range(len(table)))
     for ax, key in zip(axes[0], panels, strict=False):
-        vals, lo, hi = [], [], []
-        for t in table:
-            e = t["row"].get(key)
-            if e is None:
-                vals.append(0.0), lo.append(0.0), hi.append(0.0)
-            elif "rate" in e:
-                vals.append(e["rate"]), lo.append(e["ci95"][0]), hi.append(e["ci95"][1])
-            else:
-                vals.append(e["mean"]), lo.append(e["min"]), hi.append(e["max"])
+        spans = [_span(t["row"].get(key)) for t in table]
+        vals, lo, hi = ([s[i] for s in spans] for i in range(3))
         ax.bar(x, vals, color=colors, yerr=_errs(vals, lo, hi), capsize=3)
         ax.set_ylim(0, 1.05)
         ax.set_title(titles[key])
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     if has_util:
         ax = axes[0][-1]
-        vals, lo, hi = [], [], []
-        for t in table:
-            u = t["row"].get("utility") or {}
-            if "mean" in u:
-                vals.append(u["mean"]), lo.append(u["min"]), hi.append(u["max"])
-            else:
-                v = _utility_value(t["row"])
-                val = v[1] if v else 0.0
-                vals.append(val), lo.append(val), hi.append(val)
+        spans = [_utility_span(t["row"]) for t in table]
+        vals, lo, hi = ([s[i] for s in spans] for i in range(3))
         ax.bar(x, vals, color=colors, yerr=_errs(vals, lo, hi), capsize=3)
         name = _utility_name(results)
         if name == "perplexity" and max(vals, default=0) > 0:
@@ -1033,11 +1038,11 @@ def _plot_dose(results: dict[str, Any], path: Path) -> None:
         name = _utility_name(results)
         ax.plot(
             counts,
-            [_utility_value(p["scu"])[1] for p in dose],
+            [_utility_span(p["scu"])[0] for p in dose],
             marker="o",
             color=CATEGORY_COLORS["SCU"],
             label="SCU ranking, top k",
-        )  # type: ignore[index]
+        )
         if all(p["random"] and "utility" in p["random"] for p in dose):
             ax.plot(
                 counts,
