@@ -1,0 +1,105 @@
+"""`ssah transfer`: how unit categories move when a model is fine-tuned (attribute transfer, paper Fig. 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssah.cliutil import (
+    AllowPickleOpt,
+    ColumnOpt,
+    ConfigOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    ProgressOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    app,
+    build_config,
+    options,
+)
+
+
+@app.command()
+def transfer(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    finetuned: Annotated[
+        str | None, typer.Option(help="The fine-tuned model (folder, ...); without it a copy is fine-tuned in memory.")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/transfer",
+    data: Annotated[
+        str, typer.Option(help="Fine-tuning data when --finetuned is absent (builtin:NAME, a preset or a file).")
+    ] = "builtin:task",
+    steps: Annotated[
+        int | None, typer.Option(help="Fine-tuning steps when --finetuned is absent (20; quick 8).")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate when --finetuned is absent.")] = 2e-5,
+    train_batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 8,
+    safety: Annotated[str, typer.Option(help="Safety calibration set.")] = "builtin:safety",
+    utility: Annotated[str, typer.Option(help="Utility calibration set.")] = "builtin:utility",
+    column: ColumnOpt = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Use only the first N examples of each calibration set (quick: 48).")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
+    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
+    ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
+    granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
+    tokens: Annotated[
+        str, typer.Option(help="Tokens counted: prompt+response | response | prompt | all")
+    ] = "prompt+response",
+    batch_size: Annotated[int, typer.Option(help="Examples per scoring forward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    control: Annotated[
+        bool, typer.Option(help="Also categorise two disjoint data halves of the unchanged model (noise control).")
+    ] = True,
+    quick: Annotated[bool, typer.Option(help="A small run: 48 calibration examples per set, 8 fine-tuning steps.")] = (
+        False
+    ),
+    seed: SeedOpt = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Attribute transfer: the SCU / UCU / CU / RU transition matrix between a model and its fine-tune."""
+    from ssah.categorize import parse_shares
+    from ssah.experiments.transfer import TransferConfig, run_transfer
+
+    values = options(ctx, dict(locals()))
+    if "shares" in values:
+        values["shares"] = parse_shares(values["shares"])
+    cfg = build_config(TransferConfig, config, model, values)
+    path = run_transfer(cfg)
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    res = json.loads((path / "results.json").read_text())
+    tr, p = res["transition"], res["paper"]
+    order = tr["order"]
+    typer.echo("before \\ after " + " ".join(f"{c:>8}" for c in order))
+    for i, a in enumerate(order):
+        typer.echo(f"{a:>14} " + " ".join(f"{n:>8}" for n in tr["counts"][i]))
+    line = f"SCU -> CU {100 * p['scu_to_cu']:.1f}%, CU -> UCU {100 * p['cu_to_ucu']:.1f}%"
+    if p["control_scu_to_cu"] is not None:
+        line += (
+            f"; across data halves with the fine-tune {100 * p['matched_scu_to_cu']:.1f}% / "
+            f"{100 * p['matched_cu_to_ucu']:.1f}%, without (noise) {100 * p['control_scu_to_cu']:.1f}% / "
+            f"{100 * p['control_cu_to_ucu']:.1f}%"
+        )
+    typer.echo(line)
+    typer.echo(
+        f"paper's claim (over half of SCU -> CU, part of CU -> UCU): {'' if p['reproduced'] else 'not '}reproduced"
+    )
+    typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")
