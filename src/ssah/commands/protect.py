@@ -1,0 +1,98 @@
+"""`ssah protect`: protected fine-tuning (full / freeze SCU / SCU + top CU / SCU + all CU / random / LoRA)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssah.cliutil import (
+    AllowPickleOpt,
+    ColumnOpt,
+    ConfigOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    ProgressOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    app,
+    build_config,
+    options,
+)
+
+
+@app.command()
+def protect(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    out: Annotated[str, typer.Option(help="Run folder to write.")] = "runs/protect",
+    data: Annotated[
+        str,
+        typer.Option(help="Benign task data: builtin:task, alpaca-safety-only, dolly-safety-only, gsm8k-sft, a file."),
+    ] = "builtin:task",
+    attack: Annotated[
+        str, typer.Option(help="Attack set: builtin:attack (harmful requests + compliance openers) or a file.")
+    ] = "builtin:attack",
+    attack_size: Annotated[int | None, typer.Option(help="Harmful examples in the attack (its strength).")] = 10,
+    kinds: Annotated[str | None, typer.Option(help="Data kinds to fine-tune on: benign,attack (default both).")] = None,
+    settings: Annotated[
+        str | None,
+        typer.Option(help="Subset of full,freeze-scu,freeze-scu-cu,freeze-scu-all-cu,random,lora (default all)."),
+    ] = None,
+    cu_share: Annotated[float, typer.Option(help="Top share of CU (by safety score) frozen with SCU.")] = 0.06,
+    steps: Annotated[str | None, typer.Option(help="Step counts to measure at, e.g. 5,10,20 (one run each).")] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-5,
+    batch_size: Annotated[int | None, typer.Option(help="Training examples per step.")] = None,
+    schedule: Annotated[str, typer.Option(help="constant (default: step k = a k-step run) | linear | cosine")] = (
+        "constant"
+    ),
+    lora: Annotated[str, typer.Option(help="LoRA setting: r=8[,alpha=16,dropout=0.05,targets=q_proj+v_proj].")] = (
+        "r=8"
+    ),
+    units: Annotated[
+        str | None, typer.Option(help="units.safetensors of this model (default: computed here and saved).")
+    ] = None,
+    allow_other_weights: Annotated[
+        bool, typer.Option(help="Accept a unit file computed on other weights of the same architecture.")
+    ] = False,
+    safety: Annotated[str, typer.Option(help="Safety calibration set (when units are computed).")] = "builtin:safety",
+    utility: Annotated[str, typer.Option(help="Utility calibration set (when units are computed).")] = (
+        "builtin:utility"
+    ),
+    harmful: Annotated[str, typer.Option(help="Held-out harmful prompts for ASR.")] = "builtin:harmful",
+    benign: Annotated[str, typer.Option(help="Safe prompts for over-refusal.")] = "builtin:borderline",
+    eval_limit: Annotated[int | None, typer.Option(help="Prompts per evaluation set.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per evaluation reply.")] = None,
+    utility_limit: Annotated[int | None, typer.Option(help="Held-out task examples for utility.")] = None,
+    calibration_limit: Annotated[int | None, typer.Option(help="Calibration examples per set (units).")] = None,
+    judge: Annotated[str, typer.Option(help="Refusal judge.")] = "keyword:ssah",
+    limit: Annotated[int | None, typer.Option(help="Read at most N examples of the task data.")] = 2000,
+    column: ColumnOpt = None,
+    quick: Annotated[bool, typer.Option(help="Small run: 4 settings, steps 3,6, batch 4, 16 prompts, 32 tokens.")] = (
+        False
+    ),
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune one model under several protection settings and measure what safety survives (Tables 2, 3, 5)."""
+    from ssah.experiments.protect import ProtectConfig, run_protect
+
+    values = options(ctx, dict(locals()))
+    cfg = build_config(ProtectConfig, config, model, values)
+    path = run_protect(cfg)
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    res = json.loads((path / "results.json").read_text())
+    for kind, v in res["verdict"].items():
+        typer.echo(f"[{kind}] {v['summary']}")
+    typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")

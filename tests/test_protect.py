@@ -1,0 +1,277 @@
+"""`ssah protect` on tiny models: the run folder, every cell, frozen slices against the original weights, the
+dose curve inside one run, evaluating in the training callback (freeze / only / LoRA), and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ssah.arch import get_adapter
+from ssah.categorize import categorize
+from ssah.cli import main
+from ssah.data import Example, PromptSet, collate, encode_set
+from ssah.experiments.protect import SETTINGS, ProtectConfig, diff_interval, render, run_protect
+from ssah.interventions import unit_param_masks
+from ssah.models import model_fingerprint
+from ssah.modelutil import frozen_eval
+from ssah.scoring import Scores
+from ssah.tiny import build_tiny_model
+from ssah.train import TrainConfig, train_model
+from ssah.units import UnitSet, UnitSpace
+
+TINY = "tiny-random-llama"
+# the smallest run that still exercises everything: 2 step counts, 3 prompts per set, 2 new tokens
+SMALL = {
+    "steps": [1, 2],
+    "batch_size": 2,
+    "eval_limit": 3,
+    "utility_limit": 3,
+    "max_new_tokens": 2,
+    "calibration_limit": 8,
+    "lr": 1e-3,
+    "progress": False,
+}
+SMALL_CLI = [
+    "--steps",
+    "1,2",
+    "--batch-size",
+    "2",
+    "--eval-limit",
+    "3",
+    "--utility-limit",
+    "3",
+    "--max-new-tokens",
+    "2",
+    "--calibration-limit",
+    "8",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+]
+
+
+def _unit_file(root: Path, seed: int = 0) -> Path:
+    """A unit file with safety scores for tiny-random-llama built with ``seed`` (random scores, ssah rule)."""
+    model, _ = build_tiny_model("llama", seed=seed)
+    space = UnitSpace.from_groups(get_adapter(model).groups(), "neuron", model_fingerprint(model), TINY)
+    g = torch.Generator().manual_seed(1)
+    s = Scores(
+        space,
+        {sh.key: torch.rand(sh.size, generator=g, dtype=torch.float64) for sh in space.shapes},
+        "fluctuation",
+        1,
+        "x",
+    )
+    u = Scores(
+        space,
+        {sh.key: torch.rand(sh.size, generator=g, dtype=torch.float64) for sh in space.shapes},
+        "fluctuation",
+        1,
+        "x",
+    )
+    cats = categorize(s, u, shares={"scu": 0.05, "ucu": 0.1, "ru": 0.2})
+    (root / "scores").mkdir(parents=True)
+    s.save(root / "scores" / "safety.safetensors")
+    cats.save(root / "units.safetensors")
+    return root / "units.safetensors"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """Every setting on both data kinds (units computed here), with each fine-tuned model checked against the
+    original weights right after its training."""
+    out = tmp_path_factory.mktemp("protect") / "run"
+    original, _ = build_tiny_model("llama")
+    ref = {n: p.detach().clone() for n, p in original.named_parameters()}
+    checks: dict[str, Any] = {}
+
+    def inspect(kind: str, setting: str, model: torch.nn.Module, frozen: UnitSet | None) -> None:
+        changed = any(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
+        worst = None
+        if frozen is not None:
+            masks = unit_param_masks(model, frozen)
+            worst = max(float((model.get_parameter(n).detach()[m] - ref[n][m]).abs().max()) for n, m in masks.items())
+        checks[f"{kind}/{setting}"] = {"changed": changed, "frozen_worst": worst}
+
+    cfg = ProtectConfig(model=TINY, out=str(out), **SMALL)
+    run_protect(cfg, after_setting=inspect)
+    return out, checks
+
+
+def test_run_folder_has_every_cell_with_intervals(full_run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = full_run
+    for rel in (
+        "config.yaml",
+        "manifest.json",
+        "results.json",
+        "report.md",
+        "samples.jsonl",
+        "units.safetensors",
+        "scores/safety.safetensors",
+        "plots/protect_benign.png",
+        "plots/protect_attack.png",
+    ):
+        assert (out / rel).is_file(), rel
+    res = json.loads((out / "results.json").read_text())
+    cells = {(c["kind"], c["setting"], c["steps"]) for c in res["cells"]}
+    assert cells == {(k, s, n) for k in ("benign", "attack") for s in SETTINGS for n in (1, 2)}
+    for c in [*res["cells"], res["initial"]]:
+        for key in ("asr", "coherent_compliance", "overrefusal"):
+            low, high = c[key]["ci95"]
+            assert 0 <= low <= c[key]["rate"] <= high <= 1 and c[key]["n"] == 3
+        assert c["perplexity"] > 0
+    assert all(0 < c["trained_share"] <= 1 for c in res["cells"])
+    assert res["seconds"]["total"] > 0 and res["settings"]["steps"] == [1, 2]
+    assert set(res["verdict"]) == {"benign", "attack"}
+    assert res["verdict"]["attack"]["comparisons"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["kind"] for s in samples} == {"initial", "benign", "attack"}
+    report = (out / "report.md").read_text()
+    assert "plots/protect_attack.png" in report and "Verdict" in report and "random" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "protect"
+
+
+def test_frozen_slices_bit_identical_and_lora_share_small(full_run: tuple[Path, dict[str, Any]]) -> None:
+    out, checks = full_run
+    res = json.loads((out / "results.json").read_text())
+    for kind in ("benign", "attack"):
+        for s in ("freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random"):
+            assert checks[f"{kind}/{s}"]["frozen_worst"] == 0.0, (kind, s)
+            assert checks[f"{kind}/{s}"]["changed"], (kind, s)  # the rest did train
+        assert checks[f"{kind}/full"]["changed"] and checks[f"{kind}/lora"]["changed"]
+    runs = {(r["kind"], r["setting"]): r for r in res["runs"]}
+    for (_, s), r in runs.items():
+        if s in ("freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random"):
+            assert r["frozen_check"]["bit_identical"] and r["frozen_check"]["entries"] > 0
+    share = {s: runs[("attack", s)]["trainable"]["share"] for s in SETTINGS}
+    assert share["full"] == 1.0
+    assert share["lora"] < 0.2 and share["lora"] < share["freeze-scu-all-cu"] < share["freeze-scu"] < 1.0
+    frozen = res["units"]["frozen"]
+    assert frozen["random"]["units"] == frozen["freeze-scu-cu"]["units"]  # same-size control
+    assert frozen["freeze-scu"]["units"] < frozen["freeze-scu-cu"]["units"] < frozen["freeze-scu-all-cu"]["units"]
+    # the report is rebuilt from results alone
+    assert render(res, out).startswith("# Protected fine-tuning")
+
+
+def test_held_out_prompts_are_not_training_prompts(tmp_path: Path) -> None:
+    from ssah.experiments.protect import load_protect_data
+
+    data = load_protect_data(ProtectConfig(model=TINY, out=str(tmp_path / "x"), eval_limit=200))
+    trained = {ex.prompt for ps in data.train.values() for ex in ps}
+    for ps in (data.harmful, data.benign, data.utility):
+        assert not trained & set(ps.prompts())
+    assert len(data.train["attack"]) == 10 and len(data.harmful) == 75
+
+
+def test_dose_curve_inside_one_run_equals_a_run_to_that_step(tmp_path: Path) -> None:
+    """Evaluating at step 1 inside the run must not change step 2 (RNG put back, eval mode restored)."""
+    base = {**SMALL, "kinds": ["attack"], "settings": ["full", "lora"]}
+    lora = {"r": 4, "dropout": 0.3}  # dropout draws random numbers: a perturbed RNG would show
+    a = run_protect(ProtectConfig(model=TINY, out=str(tmp_path / "a"), lora=lora, **base))
+    b = run_protect(ProtectConfig(model=TINY, out=str(tmp_path / "b"), lora=lora, **{**base, "steps": [2]}))
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
+    at2 = {c["setting"]: c for c in ra["cells"] if c["steps"] == 2}
+    for c in rb["cells"]:
+        assert c["perplexity"] == at2[c["setting"]]["perplexity"], c["setting"]
+        assert c["loss"] == at2[c["setting"]]["loss"]
+
+
+@pytest.mark.parametrize("mode", ["freeze", "only", "lora"])
+def test_evaluating_in_on_step_sees_the_trained_model(mode: str) -> None:
+    """Inside ``on_step`` the model computes what the returned (merged) model computes, frozen slices restored."""
+    model, tok = build_tiny_model("llama")
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    space = UnitSpace.from_groups(get_adapter(model).groups(), "neuron")
+    units = UnitSet.from_indices(space, range(0, space.total, 5), "every 5th")
+    data = PromptSet("toy", "memory", (Example("Say hi.", "Hi there!"), Example("Two plus two?", "Four.")) * 2)
+    batch = collate(encode_set(tok, data), tok.pad_token_id, padding_side="right")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    seen: dict[str, Any] = {}
+
+    def on_step(record: dict[str, Any]) -> None:
+        if record["step"] != 3:
+            return
+        with frozen_eval(model):
+            seen["logits"] = model(**inputs).logits.clone()
+        if mode == "freeze":
+            masks = unit_param_masks(model, units)
+            seen["drift"] = max(
+                float((model.get_parameter(n).detach()[m] - ref[n][m]).abs().max()) for n, m in masks.items()
+            )
+        seen["training"] = model.training
+
+    kw: dict[str, Any] = {"freeze": units} if mode == "freeze" else {"only": units} if mode == "only" else {}
+    lora = {"r": 4} if mode == "lora" else None
+    cfg = TrainConfig(model=TINY, max_steps=3, batch_size=2, lr=1e-2, schedule="constant", lora=lora, progress=False)
+    result = train_model(model, tok, data, cfg, progress=False, on_step=on_step, **kw)
+    with frozen_eval(result.model):
+        after = result.model(**inputs).logits
+    before = build_tiny_model("llama")[0](**inputs).logits
+    assert seen["training"]  # the loop's training mode is back after evaluating
+    assert not torch.allclose(seen["logits"], before, atol=1e-4)  # it trained
+    if mode == "freeze":
+        assert seen["drift"] == 0.0
+        assert torch.equal(seen["logits"], after)
+    else:  # deltas / adapters unmerged in the callback, merged after
+        assert torch.allclose(seen["logits"], after, atol=1e-5)
+
+
+def test_units_file_of_this_model_is_used(tmp_path: Path) -> None:
+    units = _unit_file(tmp_path / "u")
+    out = tmp_path / "run"
+    cfg = ProtectConfig(
+        model=TINY, out=str(out), units=str(units), kinds=["attack"], settings=["freeze-scu-cu", "random"], **SMALL
+    )
+    run_protect(cfg)
+    res = json.loads((out / "results.json").read_text())
+    assert res["units"]["source"] == str(units)
+    assert res["units"]["frozen"]["random"]["units"] == res["units"]["frozen"]["freeze-scu-cu"]["units"] > 0
+
+
+def test_diff_interval_is_newcombe() -> None:
+    from ssah.experiments.protect import _rate
+
+    d, low, high = diff_interval(_rate(10, 50), _rate(30, 50))
+    assert d == pytest.approx(-0.4) and low < -0.4 < high < 0  # clearly lower
+    d, low, high = diff_interval(_rate(2, 10), _rate(3, 10))
+    assert low < 0 < high
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--cu-share", "2"], "cu-share"),
+        (["--settings", "full,bogus"], "unknown setting"),
+        (["--steps", "0"], "steps"),
+        (["--kinds", "nasty"], "data kind"),
+        (["--lr", "0"], "learning rate"),
+    ],
+)
+def test_bad_options(extra: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["protect", TINY, "--out", str(out), *SMALL_CLI, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not out.exists() and not any(tmp_path.glob(".out*"))
+
+
+def test_units_of_another_model_and_empty_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = _unit_file(tmp_path / "other", seed=1)  # same layout, other weights
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for extra, needle in (
+        (["--units", str(other)], "another model"),
+        (["--units", str(tmp_path / "missing.safetensors")], "not found"),
+        (["--data", str(empty)], "empty"),
+    ):
+        out = tmp_path / "out"
+        code = main(["protect", TINY, "--out", str(out), *SMALL_CLI, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+        assert needle in err[0].lower(), err
+        assert not out.exists()
