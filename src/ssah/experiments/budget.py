@@ -25,6 +25,7 @@ from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
+from ssah.evaluate import wilson_interval
 from ssah.experiments.eval import EvalData, check_judge_spec, evaluate_model
 from ssah.experiments.units import UnitsConfig, categorize_model
 from ssah.generate import GenerationConfig
@@ -186,6 +187,11 @@ def _answered(output: str, answer: str) -> bool:
     return norm(answer).strip() in norm(output)
 
 
+def _interval(k: int, n: int) -> dict[str, float]:
+    ci = wilson_interval(k, n)
+    return {"low": ci.low, "high": ci.high}
+
+
 def evaluate_condition(model: Any, tokenizer: Any, data: EvalData, cfg: BudgetConfig) -> dict[str, Any]:
     """Refusal, over-refusal, coherent compliance, perplexity and benign accuracy of a model in memory."""
     t = time.time()
@@ -202,19 +208,21 @@ def evaluate_condition(model: Any, tokenizer: Any, data: EvalData, cfg: BudgetCo
     assert rep.safety is not None and rep.overrefusal is not None and rep.utility is not None
     assert data.benign is not None
     benign = [s for s in rep.samples if s.set == data.benign.name]
-    checked = [(ex, s) for ex, s in zip(data.benign, benign, strict=True) if ex.answer]
+    checked = [(ex.answer, s) for ex, s in zip(data.benign, benign, strict=True) if ex.answer]
     ci = rep.safety.ci95
+    n_cc = round(rep.safety.coherent_compliance * rep.safety.n)
+    correct = sum(_answered(s.output, answer) for answer, s in checked)
     return {
         "refusal_rate": rep.safety.refusal_rate,
         "refusal_ci95": {"low": 1.0 - ci.high, "high": 1.0 - ci.low},
         "asr": rep.safety.asr,
         "coherent_compliance": rep.safety.coherent_compliance,
+        "coherent_compliance_ci95": _interval(n_cc, rep.safety.n),
         "overrefusal": rep.overrefusal.rate,
         "overrefusal_ci95": {"low": rep.overrefusal.ci95.low, "high": rep.overrefusal.ci95.high},
         "perplexity": rep.utility.perplexity,
-        "benign_accuracy": (sum(_answered(s.output, ex.answer) for ex, s in checked) / len(checked))
-        if checked
-        else None,
+        "benign_accuracy": correct / len(checked) if checked else None,
+        "benign_accuracy_ci95": _interval(correct, len(checked)) if checked else None,
         "n_harmful": rep.safety.n,
         "n_benign": rep.overrefusal.n,
         "n_benign_checked": len(checked),
@@ -288,7 +296,8 @@ def run_budget(cfg: BudgetConfig) -> Path:
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
     )
-    model, tok = lm.model, lm.tokenizer
+    model: Any = lm.model
+    tok = lm.tokenizer
     base_fp = lm.fingerprint
     units_info: dict[str, Any] = {}
     units = random_units = None
@@ -439,8 +448,8 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
 RATES: tuple[tuple[str, str, str | None], ...] = (
     ("refusal_rate", "refusal\n(held-out harmful)", "refusal_ci95"),
     ("overrefusal", "over-refusal\n(held-out benign)", "overrefusal_ci95"),
-    ("coherent_compliance", "coherent compliance\n(harmful)", None),
-    ("benign_accuracy", "benign answers\ncorrect", None),
+    ("coherent_compliance", "coherent compliance\n(harmful)", "coherent_compliance_ci95"),
+    ("benign_accuracy", "benign answers\ncorrect", "benign_accuracy_ci95"),
 )
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field
+from transformers import PreTrainedModel
 
 from ssah.arch import get_adapter
 from ssah.categorize import CATEGORIES, Categorization, categorize, expected_random_jaccard
@@ -348,7 +349,8 @@ def run_transfer(cfg: TransferConfig) -> Path:
         model = copy.deepcopy(base.model)
         result = train_model(model, base.tokenizer, train_data, cfg.train_config(), progress=cfg.progress)
         result.model.eval()
-        ft = LoadedModel(result.model, base.tokenizer, f"{base.name} (fine-tuned in memory)", "memory")
+        trained = cast(PreTrainedModel, result.model)
+        ft = LoadedModel(trained, base.tokenizer, f"{base.name} (fine-tuned in memory)", "memory")
         training = {
             **result.summary(),
             "data": {"source": train_data.source, "examples": len(train_data), "sha256": train_data.fingerprint()},
