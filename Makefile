@@ -28,6 +28,10 @@ lint:
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The main job: the whole method on SmolLM2 with one report (runs/demo/report.html); continues an interrupted run.
+demo:
+	$(BIN)/ssah demo --out runs/demo
+
 bench:
 	$(PYTEST_ENV) $(BIN)/python benchmarks/bench_scoring.py
 
