@@ -749,8 +749,13 @@ def _verdict(results: dict[str, Any]) -> list[str]:
             "Most of the SCU ablation's 'successful attacks' are not coherent compliance: the keyword ASR flatters "
             "the effect, part of it is the model breaking rather than complying."
         )
-    elif not cmp["scu_coherent_exceeds_random_max"]:
-        lines.append("Coherent compliance under the SCU ablation does not exceed the random control's maximum.")
+    if cmp["scu_coherent_exceeds_random_max"]:
+        lines.append("Coherent compliance under the SCU ablation also exceeds the random control's maximum.")
+    else:
+        lines.append(
+            "By coherent compliance the SCU ablation does NOT exceed the random control's maximum: on that measure "
+            "SCU are not shown to be special here."
+        )
     return lines
 
 
