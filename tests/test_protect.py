@@ -140,19 +140,20 @@ def test_frozen_slices_bit_identical_and_lora_share_small(full_run: tuple[Path, 
     out, checks = full_run
     res = json.loads((out / "results.json").read_text())
     for kind in ("benign", "attack"):
-        for s in ("freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random"):
+        for s in ("freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random", "random-all-cu"):
             assert checks[f"{kind}/{s}"]["frozen_worst"] == 0.0, (kind, s)
             assert checks[f"{kind}/{s}"]["changed"], (kind, s)  # the rest did train
         assert checks[f"{kind}/full"]["changed"] and checks[f"{kind}/lora"]["changed"]
     runs = {(r["kind"], r["setting"]): r for r in res["runs"]}
     for (_, s), r in runs.items():
-        if s in ("freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random"):
+        if s.startswith(("freeze", "random")):
             assert r["frozen_check"]["bit_identical"] and r["frozen_check"]["entries"] > 0
     share = {s: runs[("attack", s)]["trainable"]["share"] for s in SETTINGS}
     assert share["full"] == 1.0
     assert share["lora"] < 0.2 and share["lora"] < share["freeze-scu-all-cu"] < share["freeze-scu"] < 1.0
     frozen = res["units"]["frozen"]
-    assert frozen["random"]["units"] == frozen["freeze-scu-cu"]["units"]  # same-size control
+    assert frozen["random"]["units"] == frozen["freeze-scu-cu"]["units"]  # same-size controls
+    assert frozen["random-all-cu"]["units"] == frozen["freeze-scu-all-cu"]["units"]
     assert frozen["freeze-scu"]["units"] < frozen["freeze-scu-cu"]["units"] < frozen["freeze-scu-all-cu"]["units"]
     # the report is rebuilt from results alone
     assert render(res, out).startswith("# Protected fine-tuning")

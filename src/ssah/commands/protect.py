@@ -1,4 +1,4 @@
-"""`ssah protect`: protected fine-tuning (full / freeze SCU / SCU + top CU / SCU + all CU / random / LoRA)."""
+"""`ssah protect`: protected fine-tuning (full / freeze SCU / SCU + top CU / SCU + all CU / random controls / LoRA)."""
 
 from __future__ import annotations
 
@@ -40,11 +40,14 @@ def protect(
     kinds: Annotated[str | None, typer.Option(help="Data kinds to fine-tune on: benign,attack (default both).")] = None,
     settings: Annotated[
         str | None,
-        typer.Option(help="Subset of full,freeze-scu,freeze-scu-cu,freeze-scu-all-cu,random,lora (default all)."),
+        typer.Option(
+            help="Subset of full,freeze-scu,freeze-scu-cu,freeze-scu-all-cu,random,random-all-cu,lora (default all)."
+        ),
     ] = None,
     cu_share: Annotated[float, typer.Option(help="Top share of CU (by safety score) frozen with SCU.")] = 0.06,
     steps: Annotated[str | None, typer.Option(help="Step counts to measure at, e.g. 5,10,20 (one run each).")] = None,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-5,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 5e-5,
+    lora_lr: Annotated[float | None, typer.Option(help="LoRA's learning rate (default 10x --lr).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training examples per step.")] = None,
     schedule: Annotated[str, typer.Option(help="constant (default: step k = a k-step run) | linear | cosine")] = (
         "constant"
