@@ -219,3 +219,21 @@ def test_existing_output_needs_overwrite(tmp_path: Path, capsys) -> None:
 def test_usage_errors_exit_2(capsys) -> None:
     assert run(["units", "tiny-random-llama", "--batch-size", "many"], capsys)[0] == 2
     assert run(["no-such-command"], capsys)[0] == 2
+
+
+def test_global_threads_option(capsys, monkeypatch) -> None:
+    """`ssah --threads N` (or SSAH_THREADS) sets torch's CPU threads for the command; 0 is refused with exit 2."""
+    before = torch.get_num_threads()
+    try:
+        code, out, _ = run(["--threads", "1", "models"], capsys)
+        assert code == 0 and "tiny-random-llama" in out
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("SSAH_THREADS", "1")
+        assert run(["models"], capsys)[0] == 0
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("SSAH_THREADS")
+        code, _, err = run(["--threads", "0", "models"], capsys)
+        assert code == 2 and "--threads" in err
+    finally:
+        torch.set_num_threads(before)

@@ -276,3 +276,10 @@ def test_units_of_another_model_and_empty_data(tmp_path: Path, capsys: pytest.Ca
         assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
         assert needle in err[0].lower(), err
         assert not out.exists()
+
+
+def test_quick_runs_benign_data_only_unless_told() -> None:
+    """--quick fine-tunes on the benign data (the paper's setting); the full run on both kinds; --kinds wins."""
+    assert ProtectConfig(model=TINY, quick=True).effective().kinds == ["benign"]
+    assert ProtectConfig(model=TINY).effective().kinds == ["benign", "attack"]
+    assert ProtectConfig(model=TINY, quick=True, kinds="attack").effective().kinds == ["attack"]

@@ -20,6 +20,25 @@ app = typer.Typer(
     help="ssah: see, protect and install the safety of a language model at neuron level.",
 )
 
+
+@app.callback()
+def _global_options(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            envvar="SSAH_THREADS",
+            min=1,
+            help="CPU threads for torch in every command (1-2 is fastest when several runs share a small CPU).",
+        ),
+    ] = None,
+) -> None:
+    """Options that apply to every command; given before the command name, e.g. ``ssah --threads 1 demo``."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; command-line options override it.")]
 # Options shared by several commands, declared once.
 ModelArg = Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")]

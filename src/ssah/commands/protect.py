@@ -37,7 +37,9 @@ def protect(
         str, typer.Option(help="Attack set: builtin:attack (harmful requests + compliance openers) or a file.")
     ] = "builtin:attack",
     attack_size: Annotated[int | None, typer.Option(help="Harmful examples in the attack (its strength).")] = 10,
-    kinds: Annotated[str | None, typer.Option(help="Data kinds to fine-tune on: benign,attack (default both).")] = None,
+    kinds: Annotated[
+        str | None, typer.Option(help="Data kinds to fine-tune on: benign,attack (default both; --quick: benign).")
+    ] = None,
     settings: Annotated[
         str | None,
         typer.Option(

@@ -136,10 +136,11 @@ class ProtectConfig(ModelRunConfig):
     (see :meth:`effective`); the effective values are recorded in ``results.json``.
 
     Full run: all seven settings, steps 4,8 at batch 4, 40 prompts per evaluation set, 16 held-out task answers,
-    32 new tokens, units from the whole calibration sets. ``quick``: full / freeze-scu-cu / random / lora,
-    steps 3,6, 16 prompts, 8 task answers, 32 calibration examples per set. The learning rate is 5e-5 (constant):
-    on the aligned SmolLM2, 6 attack steps at 2e-5 left ASR at 0%, at 5e-5 they took it to 100%. LoRA trains at
-    ``lora_lr`` (default 10x ``lr``): at 5e-5 its adapters barely moved in a few steps.
+    32 new tokens, units from the whole calibration sets, benign and attack data. ``quick``: full / freeze-scu-cu /
+    random / lora on the benign data only, steps 3,6, 16 prompts, 8 task answers, 32 calibration examples per set.
+    The learning rate is 5e-5 (constant): on the aligned SmolLM2, 6 attack steps at 2e-5 left ASR at 0%, at 5e-5
+    they took it to 100%. LoRA trains at ``lora_lr`` (default 10x ``lr``): at 5e-5 its adapters barely moved in a
+    few steps.
     """
 
     out: str = "runs/protect"
@@ -152,7 +153,7 @@ class ProtectConfig(ModelRunConfig):
     task_holdout: float = 0.2
     attack: str = "builtin:attack"
     attack_size: int | None = 10
-    kinds: list[str] = Field(default_factory=lambda: list(KINDS))
+    kinds: list[str] | None = None  # full run: benign and attack; quick: benign only (the paper's Tables 2, 3)
     # how
     settings: list[str] | None = None
     cu_share: float = 0.06
@@ -212,6 +213,7 @@ class ProtectConfig(ModelRunConfig):
         q = self.quick
         fill: dict[str, Any] = {
             "settings": list(QUICK_SETTINGS if q else SETTINGS),
+            "kinds": ["benign"] if q else list(KINDS),
             "steps": [3, 6] if q else [4, 8],
             "batch_size": 4,
             "eval_limit": 16 if q else 40,
@@ -238,7 +240,7 @@ class ProtectConfig(ModelRunConfig):
                 if unknown
                 else f"no setting chosen: pass --settings with some of {', '.join(SETTINGS)}"
             )
-        bad_kinds = [k for k in e.kinds if k not in KINDS]
+        bad_kinds = [k for k in e.kinds or [] if k not in KINDS]
         if bad_kinds or not e.kinds:
             raise UserError(f"unknown data kind {(bad_kinds or [''])[0]!r}: use benign, attack or both")
         if not 0.0 < self.cu_share <= 1.0 or math.isnan(self.cu_share):
@@ -357,9 +359,9 @@ def load_protect_data(cfg: ProtectConfig) -> ProtectData:
     task_train, task_held = held_out_split(task, fraction=cfg.task_holdout, seed=cfg.seed)
     harmful = _not_empty(load_prompts(cfg.harmful, limit=None, name="harmful"), "harmful evaluation set", cfg.harmful)
     train: dict[str, PromptSet] = {}
-    if "benign" in e.kinds:
+    if "benign" in (e.kinds or []):
         train["benign"] = task_train
-    if "attack" in e.kinds:
+    if "attack" in (e.kinds or []):
         if cfg.attack.strip().lower() == "builtin:attack":
             if len(harmful) < 2:
                 raise DataError(f"{cfg.harmful} needs at least 2 prompts to split into attack and held-out parts")
@@ -668,7 +670,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     samples.extend({"kind": "initial", "setting": "initial", "steps": 0, **s} for s in init_samples)
     runs: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
-    jobs = [(k, s) for k in e.kinds if k in data.train for s in e.settings or []]
+    jobs = [(k, s) for k in e.kinds or [] if k in data.train for s in e.settings or []]
     bar = _bar(len(jobs), cfg.progress)
     for kind, setting in jobs:
         if bar is not None:
