@@ -300,12 +300,23 @@ def _headline_transfer(r: dict[str, Any]) -> dict[str, Any]:
 
 def _headline_protect(r: dict[str, Any]) -> dict[str, Any]:
     parts, verdicts = [], []
+    names = {"full": "full", "freeze-scu-cu": "frozen SCU+CU", "random": "random-frozen", "lora": "LoRA"}
     for kind, v in r["verdict"].items():
         comps = {(c["a"], c["b"]): c for c in v["comparisons"]}
         c = comps.get(("freeze-scu-cu", "random")) or comps.get(("freeze-scu-cu", "full"))
         if c is None:
             continue
-        parts.append(f"{kind}: frozen SCU+CU ASR {_pct(c['asr_a'])} vs {c['b']} {_pct(c['asr_b'])} ({c['outcome']})")
+        cells = [x for x in r.get("cells", []) if x["kind"] == kind]
+        last = max((x["steps"] for x in cells), default=None)
+        asr = {x["setting"]: x["asr"]["rate"] for x in cells if x["steps"] == last}
+        after = ", ".join(f"{label} {_pct(asr[k])}" for k, label in names.items() if k in asr)
+        initial = r.get("initial", {}).get("asr", {}).get("rate")
+        parts.append(
+            f"{kind}, ASR {_pct(initial)} before -> after {last} steps: {after} "
+            f"(frozen SCU+CU vs {c['b']}: {c['outcome']})"
+            if after
+            else f"{kind}: frozen SCU+CU ASR {_pct(c['asr_a'])} vs {c['b']} {_pct(c['asr_b'])} ({c['outcome']})"
+        )
         verdicts.append(c["outcome"] == "lower")
     return {
         "effect": "freezing SCU (+ top CU) while fine-tuning keeps safety better than full fine-tuning (Tables 2-3)",
@@ -338,6 +349,21 @@ HEADLINES: tuple[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]], ...] = 
 )
 
 
+def _overrefusal_row(out: Path) -> dict[str, Any] | None:
+    """Not a published effect but its price: over-refusal of borderline-safe prompts before and after alignment."""
+    base, aligned = _read(out, "eval-base"), _read(out, "eval-aligned")
+    if not base or not aligned:
+        return None
+    b, a = base["overrefusal"], aligned["overrefusal"]
+    return {
+        "effect": "the safety tax: refusing borderline-safe prompts (XSTest-style) after alignment",
+        "published": "not reported in the paper (reviewers asked for over-refusal)",
+        "ours": f"over-refusal {_pct(b['rate'])} -> {_pct(a['rate'])} on {a['n']} borderline prompts"
+        + (" (the short SFT over-generalises: see the evaluations below)" if a["rate"] - b["rate"] > 0.25 else ""),
+        "reproduced": None,
+    }
+
+
 def headlines(out: Path) -> list[dict[str, Any]]:
     """One row per published effect: what the paper reports, what this run measured, and whether it reproduced."""
     rows: list[dict[str, Any]] = []
@@ -364,6 +390,12 @@ def headlines(out: Path) -> list[dict[str, Any]]:
                 "reproduced": st["jaccard"] > 10 * max(st["chance"], 1e-3),
             },
         )
+    try:
+        row = _overrefusal_row(out)
+    except (KeyError, TypeError):  # eval folders from another ssah version
+        row = None
+    if row is not None:
+        rows.insert(1 if rows and rows[0]["effect"].startswith("a short safety SFT") else 0, row)
     return rows
 
 
