@@ -60,7 +60,7 @@ def ablate(
         "keyword:ssah"
     ),
     limit: Annotated[
-        int | None, typer.Option(help="Harmful and safe prompts per condition (default 64; quick 16).")
+        int | None, typer.Option(help="Harmful and safe prompts per condition (default 32; quick 16).")
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per reply (default 64; quick 32).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 32,
