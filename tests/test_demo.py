@@ -103,3 +103,16 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path, capsys) -> Non
     code = main(["demo", "--model", "tiny-random-llama", "--out", str(out)])
     assert code == 2 and "not a demo folder" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_report_rebuild_reads_the_headlines_from_the_stage_folders(demo_run: Path, tmp_path: Path) -> None:
+    """`ssah report` on a demo folder recomputes the published-vs-ours table from the stages' results."""
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_run, copy)
+    res = json.loads((copy / "results.json").read_text())
+    res["headlines"] = []  # as if written by a version that knew fewer effects
+    (copy / "results.json").write_text(json.dumps(res))
+    (copy / "report.md").unlink()
+    assert main(["report", str(copy)]) == 0
+    report = (copy / "report.md").read_text()
+    assert "safety tax" in report and "freezing SCU" in report

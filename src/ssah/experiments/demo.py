@@ -425,6 +425,9 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     def yes(v: bool | None) -> str:
         return "yes" if v else ("no" if v is not None else "n/a")
 
+    # Read again from the stage folders, so that `ssah report` shows the current comparison of the numbers there.
+    rows = headlines(run_dir) or results.get("headlines", [])
+
     lines = [
         f"# ssah demo: {results['model']}",
         "",
@@ -435,7 +438,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "",
         markdown_table(
             ["effect", "published", "ours", "reproduced"],
-            [[h["effect"], h["published"], h["ours"], yes(h["reproduced"])] for h in results["headlines"]],
+            [[h["effect"], h["published"], h["ours"], yes(h["reproduced"])] for h in rows],
         ),
         "",
         "## Stages and time",
