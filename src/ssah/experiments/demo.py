@@ -282,7 +282,14 @@ def _headline_ablate(r: dict[str, Any]) -> dict[str, Any]:
         "published": "ASR rises sharply after ablating ~1.3% SCU (Llama-2-7B-Chat)",
         "ours": f"ASR {_pct(c['baseline_asr'])} -> {_pct(c['scu_asr'])} (coherent compliance "
         f"{_pct(c['scu_coherent_compliance'])}); random same-size: mean {_pct(c['random_asr_mean'])}, max "
-        f"{_pct(c['random_asr_max'])} over {c['seeds']} seeds",
+        f"{_pct(c['random_asr_max'])} over {c['seeds']} seeds"
+        + (
+            f" (coherent compliance max {_pct(c['random_coherent_compliance_max'])}"
+            + ("" if c.get("scu_coherent_exceeds_random_max") else ": SCU not beyond random on that measure")
+            + ")"
+            if c.get("random_coherent_compliance_max") is not None
+            else ""
+        ),
         "reproduced": bool(c["scu_asr_exceeds_random_max"]),
     }
 
