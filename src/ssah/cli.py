@@ -19,10 +19,12 @@ from ssah.cliutil import (
     ColumnOpt,
     ConfigOpt,
     DeviceOpt,
+    DtypeOpt,
     ModelArg,
     OverwriteOpt,
     ProgressOpt,
     SeedOpt,
+    SharesOpt,
     TrustRemoteCodeOpt,
     app,
     build_config,
@@ -46,7 +48,7 @@ def units(
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples of each set.")] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
-    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
@@ -57,7 +59,7 @@ def units(
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     stability: Annotated[bool, typer.Option(help="Also report SCU overlap between two disjoint data halves.")] = False,
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -66,12 +68,9 @@ def units(
     config: ConfigOpt = None,
 ) -> None:
     """Score every unit on safety and utility data and split them into SCU / UCU / CU / RU."""
-    from ssah.categorize import parse_shares
     from ssah.experiments.units import UnitsConfig, run_units
 
     values = options(ctx, dict(locals()))
-    if "shares" in values:
-        values["shares"] = parse_shares(values["shares"])
     cfg = build_config(UnitsConfig, config, model, values)
     path = run_units(cfg)
     _print_units_summary(path)
@@ -108,7 +107,7 @@ def eval_(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -167,7 +166,7 @@ def train(
         bool, typer.Option(help="Shard with FSDP2 (per decoder block) across the processes of torchrun/accelerate.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Random seed (weights of new layers, data order, dropout).")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

@@ -44,6 +44,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; c
 ModelArg = Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
+SharesOpt = Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")]
 AllowPickleOpt = Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
@@ -62,11 +64,15 @@ def explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The typed options of a command as config values (``--config`` itself dropped, ``--column`` mapped)."""
+    """The typed options of a command as config values (``--config`` dropped, ``--column`` and ``--shares`` parsed)."""
     out = explicit(ctx, values)
     out.pop("config", None)
     if "column" in out:
         out["columns"] = columns(out.pop("column"))
+    if isinstance(out.get("shares"), str):
+        from ssah.categorize import parse_shares
+
+        out["shares"] = parse_shares(out["shares"])
     return out
 
 

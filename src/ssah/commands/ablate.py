@@ -12,10 +12,12 @@ from ssah.cliutil import (
     AllowPickleOpt,
     ConfigOpt,
     DeviceOpt,
+    DtypeOpt,
     ModelArg,
     OverwriteOpt,
     ProgressOpt,
     SeedOpt,
+    SharesOpt,
     TrustRemoteCodeOpt,
     app,
     build_config,
@@ -44,7 +46,7 @@ def ablate(
     ] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
-    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    shares: SharesOpt = None,
     tokens: Annotated[
         str, typer.Option(help="Calibration tokens counted: prompt+response | response | prompt | all")
     ] = "prompt+response",
@@ -77,7 +79,7 @@ def ablate(
     ] = True,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -86,12 +88,9 @@ def ablate(
     config: ConfigOpt = None,
 ) -> None:
     """Ablate each unit category (and same-size random units) and measure ASR, coherent compliance and utility."""
-    from ssah.categorize import parse_shares
     from ssah.experiments.ablate import AblateConfig, parse_dose, run_ablate
 
     values = options(ctx, dict(locals()))
-    if "shares" in values:
-        values["shares"] = parse_shares(values["shares"])
     if values.get("dose") is not None:
         values["dose"] = parse_dose(values["dose"])
     if values.get("utility_eval") is None:

@@ -13,10 +13,12 @@ from ssah.cliutil import (
     ColumnOpt,
     ConfigOpt,
     DeviceOpt,
+    DtypeOpt,
     ModelArg,
     OverwriteOpt,
     ProgressOpt,
     SeedOpt,
+    SharesOpt,
     TrustRemoteCodeOpt,
     app,
     build_config,
@@ -53,7 +55,7 @@ def budget(
     limit: Annotated[int | None, typer.Option(help="Calibration examples per set (quick: 32).")] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
-    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     tokens: Annotated[
@@ -70,7 +72,7 @@ def budget(
         bool, typer.Option(help="A small run: 10 steps, 16 prompts per set, 32 new tokens, 32 calibration examples.")
     ] = False,
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -79,12 +81,9 @@ def budget(
     config: ConfigOpt = None,
 ) -> None:
     """Alignment budget: safety SFT of all parameters vs only the redundant units vs as many random units."""
-    from ssah.categorize import parse_shares
     from ssah.experiments.budget import BudgetConfig, run_budget
 
     values = options(ctx, dict(locals()))
-    if "shares" in values:
-        values["shares"] = parse_shares(values["shares"])
     if "condition" in values:
         values["conditions"] = values.pop("condition")
     cfg = build_config(BudgetConfig, config, model, values)

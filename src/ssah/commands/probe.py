@@ -13,6 +13,7 @@ from ssah.cliutil import (
     ColumnOpt,
     ConfigOpt,
     DeviceOpt,
+    DtypeOpt,
     ModelArg,
     OverwriteOpt,
     ProgressOpt,
@@ -77,7 +78,7 @@ def probe(
         int | None, typer.Option(help="CPU threads for torch (1 is fastest on a CPU shared by many processes).")
     ] = None,
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

@@ -13,10 +13,12 @@ from ssah.cliutil import (
     ColumnOpt,
     ConfigOpt,
     DeviceOpt,
+    DtypeOpt,
     ModelArg,
     OverwriteOpt,
     ProgressOpt,
     SeedOpt,
+    SharesOpt,
     TrustRemoteCodeOpt,
     app,
     build_config,
@@ -48,7 +50,7 @@ def transfer(
     ] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
-    shares: Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")] = None,
+    shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
@@ -64,7 +66,7 @@ def transfer(
         False
     ),
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -73,12 +75,9 @@ def transfer(
     config: ConfigOpt = None,
 ) -> None:
     """Attribute transfer: the SCU / UCU / CU / RU transition matrix between a model and its fine-tune."""
-    from ssah.categorize import parse_shares
     from ssah.experiments.transfer import TransferConfig, run_transfer
 
     values = options(ctx, dict(locals()))
-    if "shares" in values:
-        values["shares"] = parse_shares(values["shares"])
     cfg = build_config(TransferConfig, config, model, values)
     path = run_transfer(cfg)
     _print_summary(path)
