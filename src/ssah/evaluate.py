@@ -8,6 +8,7 @@ only from a judge (``ssah.judges``), so every number is reproducible from the sa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -18,8 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ssah.data.chat import Encoded, batches, collate, encode_set
-from ssah.data.loaders import PromptSet
-from ssah.data.tasks import MathItem, MultipleChoiceItem, canonical_number, extract_number
+from ssah.data.loaders import PromptSet, load_prompts
+from ssah.data.tasks import (
+    MathItem,
+    MultipleChoiceItem,
+    canonical_number,
+    extract_number,
+    load_gsm8k,
+    load_multiple_choice,
+)
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
@@ -30,6 +38,7 @@ __all__ = [
     "GSM8K_TEMPLATE",
     "MC_TEMPLATE",
     "RECOVERY_JUDGE",
+    "EvalData",
     "Interval",
     "OverRefusalResult",
     "PrefillResult",
@@ -41,6 +50,7 @@ __all__ = [
     "evaluate_safety",
     "gsm8k_exact_match",
     "lm_eval_bridge",
+    "load_eval_sets",
     "multiple_choice_accuracy",
     "perplexity",
     "wilson_interval",
@@ -149,6 +159,79 @@ class UtilityResult:
     accuracy: float | None = None
     exact_match: float | None = None
     n: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+NONE = ("", "none", "no", "off")
+
+
+@dataclass
+class EvalData:
+    """The loaded evaluation sets (each None when skipped)."""
+
+    harmful: PromptSet | None = None
+    benign: PromptSet | None = None
+    perplexity: PromptSet | None = None
+    multiple_choice: tuple[str, list[MultipleChoiceItem]] | None = None
+    gsm8k: list[MathItem] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("harmful", "benign", "perplexity"):
+            ps = getattr(self, name)
+            if ps is not None:
+                out[name] = {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
+        if self.multiple_choice is not None:
+            out["multiple_choice"] = {"task": self.multiple_choice[0], "items": len(self.multiple_choice[1])}
+        if self.gsm8k is not None:
+            out["gsm8k"] = {"items": len(self.gsm8k)}
+        return out
+
+
+def _skip(spec: str | None) -> bool:
+    return spec is None or spec.strip().lower() in NONE
+
+
+def load_eval_sets(
+    harmful: str | None,
+    benign: str | None,
+    utility: Sequence[str] = ("perplexity",),
+    *,
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> EvalData:
+    """Read every named evaluation set (before any model is loaded, so bad data fails fast); ``none`` skips one.
+
+    ``utility`` items: ``perplexity[:SET]`` (perplexity of a set's reference responses), ``piqa`` / ``mc:SET``
+    (multiple-choice accuracy), ``gsm8k[:FILE]`` (exact match), or any prompt set with responses (perplexity).
+    """
+    cols = columns or None
+    data = EvalData()
+    if not _skip(harmful):
+        data.harmful = load_prompts(harmful, columns=cols, limit=limit, name="harmful")  # type: ignore[arg-type]
+    if not _skip(benign):
+        data.benign = load_prompts(benign, columns=cols, limit=limit, name="benign")  # type: ignore[arg-type]
+    for spec in utility:
+        if _skip(spec):
+            continue
+        kind, _, rest = spec.partition(":")
+        if kind == "piqa" or kind == "mc":
+            data.multiple_choice = load_multiple_choice(rest if kind == "mc" else "piqa", limit=limit)
+        elif kind == "gsm8k":
+            data.gsm8k = load_gsm8k(rest or "gsm8k", limit=limit)
+        elif kind == "perplexity":
+            data.perplexity = load_prompts(rest or "builtin:utility", limit=limit, name="perplexity")
+        else:  # any other data spec: perplexity of its reference responses
+            data.perplexity = load_prompts(spec, columns=cols, limit=limit, name="perplexity")
+        if data.perplexity is not None and not data.perplexity.has_responses:
+            raise UserError(
+                f"utility set {data.perplexity.source} has no responses to measure perplexity on: "
+                "pass a set with a response column, or piqa / gsm8k"
+            )
+    if all(getattr(data, f.name) is None for f in dataclasses.fields(data)):
+        raise UserError("nothing to evaluate: give at least one of --harmful, --benign or --utility")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- helpers

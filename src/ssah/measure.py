@@ -21,12 +21,13 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from ssah.errors import UserError
+from ssah.evaluate import EvalData, Sample
 from ssah.units import UnitSet, UnitSpace
 
 Direction = Literal["higher", "lower"]
@@ -298,6 +299,137 @@ def verdict(comparison: Comparison, expected: Direction, *, margin: float = 0.05
     )
 
 
+# ------------------------------------------------------------------------------------------------ finding units
+class UnitSearch(Protocol):
+    """The settings :func:`find_units` reads (``ssah units``' config has them all)."""
+
+    metric: str
+    rule: str
+    shares: dict[str, float]
+    normalization: str
+    ranking: str
+    granularity: str
+    tokens: str
+    batch_size: int
+    max_length: int
+    system: str | None
+    stability: bool
+    progress: bool
+
+
+@dataclass
+class FoundUnits:
+    """Scores and categories of one model on one pair of calibration sets, in memory.
+
+    ``statistics`` is the merged (safety + utility) calibration statistics: its per-channel means are what
+    mean-ablation folds into the output.
+    """
+
+    categorization: Any  # ssah.categorize.Categorization
+    safety: Any  # ssah.scoring.Scores
+    utility: Any
+    statistics: Any  # ssah.stats.UnitStatistics
+    stability: dict[str, Any] | None = None
+
+
+def stability_summary(a: Any, b: Any) -> dict[str, Any]:
+    """Jaccard overlap of each category between two categorisations (e.g. of disjoint data halves), with the
+    chance level of two random sets of the same size."""
+    from ssah.categorize import CATEGORIES, expected_random_jaccard
+
+    out: dict[str, Any] = {"method": "categorise each disjoint half of both calibration sets, compare the sets"}
+    n = a.space.total
+    for c in CATEGORIES:
+        k = (len(a[c]) + len(b[c])) // 2
+        out[c] = {"jaccard": round(a[c].jaccard(b[c]), 4), "chance": round(expected_random_jaccard(k, n), 4)}
+    out["jaccard_scu"] = out["SCU"]["jaccard"]
+    return out
+
+
+def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnits:
+    """Score a loaded model's units on the safety and utility sets and categorise them (no files written).
+
+    Every experiment that needs units computes them here. ``cfg.stability`` also categorises each disjoint
+    half of the data (statistics merge exactly, so the halves cost no extra pass).
+    """
+    from ssah.arch import get_adapter
+    from ssah.categorize import categorize
+    from ssah.scoring import collect_statistics, compute_scores
+
+    adapter = get_adapter(lm.model)
+    neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
+    space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
+    halves: list[list[Any]] = []
+    full: list[Any] = []
+    for data in (safety, utility):
+        parts = data.split(2) if cfg.stability else [data]
+        stats = [
+            collect_statistics(
+                lm.model,
+                lm.tokenizer,
+                p,
+                region=cfg.tokens,  # type: ignore[arg-type]
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                system=cfg.system,
+                gradients=cfg.metric == "taylor",
+                progress=cfg.progress,
+                desc=f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name,
+            )
+            for i, p in enumerate(parts)
+        ]
+        halves.append(stats)
+        merged = stats[0]
+        for part in stats[1:]:
+            merged = merged.merge(part)
+        full.append(merged)
+
+    def scores(stats: Any, data: Any) -> Any:
+        return compute_scores(
+            lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=cfg.tokens, adapter=adapter
+        )
+
+    options: dict[str, Any] = {
+        "rule": cfg.rule,
+        "shares": cfg.shares,
+        "normalization": cfg.normalization,
+        "ranking": cfg.ranking,
+        "granularity": cfg.granularity,
+        "space": space,
+    }
+    s_scores, u_scores = scores(full[0], safety), scores(full[1], utility)
+    cats = categorize(s_scores, u_scores, **options)
+    stability = None
+    if cfg.stability:
+        a = categorize(scores(halves[0][0], safety), scores(halves[1][0], utility), **options)
+        b = categorize(scores(halves[0][1], safety), scores(halves[1][1], utility), **options)
+        stability = stability_summary(a, b)
+    return FoundUnits(cats, s_scores, u_scores, full[0].merge(full[1]), stability)
+
+
+def safety_ranking(found_or_cats: Any, safety: Any = None, utility: Any = None) -> torch.Tensor:
+    """One value per unit, higher = more safety-critical: the categorisation's own normalised I_S - I_U within
+    its ranking domains (so selections like ``CU@6%`` follow the same ranking that made SCU)."""
+    from ssah.categorize import _normalize
+
+    cats = found_or_cats.categorization if isinstance(found_or_cats, FoundUnits) else found_or_cats
+    if isinstance(found_or_cats, FoundUnits):
+        safety, utility = found_or_cats.safety, found_or_cats.utility
+    if safety is None or utility is None:
+        raise UserError("a safety ranking needs the safety and utility scores (keep scores/ beside the unit file)")
+    space = cats.space
+    s = space.join({k: space.aggregate(k, v) for k, v in safety.values.items()}).to(torch.float64)
+    u = space.join({k: space.aggregate(k, v) for k, v in utility.values.items()}).to(torch.float64)
+    if cats.ranking == "per-module":
+        domains = [space.group_slice(sh.layer, sh.kind) for sh in space.shapes]
+    else:
+        domains = [slice(0, space.total)]
+    diff = torch.empty(space.total, dtype=torch.float64)
+    for d in domains:
+        diff[d] = _normalize(s[d], cats.normalization) - _normalize(u[d], cats.normalization)
+    return diff
+
+
 # ------------------------------------------------------------------------------------------------ selections
 _ITEM = re.compile(r"^(?P<name>[A-Za-z]+)(?:@(?P<value>[0-9.]+)(?P<pct>%)?(?P<of>[A-Za-z]+)?)?$")
 
@@ -485,6 +617,94 @@ def check_seeds(seeds: int, *, quick: bool) -> int:
     if isinstance(seeds, bool) or int(seeds) < least:
         raise UserError(f"seeds={seeds}: random controls need at least {least} seeds {'quick' if quick else 'full'}")
     return int(seeds)
+
+
+# ------------------------------------------------------------------------------------------------ conditions
+@dataclass
+class ConditionResult:
+    """What one condition (a model as it is now: ablated, fine-tuned, edited) measured, as counts.
+
+    ``asr``: harmful prompts not refused; ``coherent_compliance``: harmful prompts answered with a coherent
+    non-refusal (a broken model that emits garbage is not refusing, but it is not complying either);
+    ``overrefusal``: safe prompts refused; ``perplexity`` of reference responses; ``accuracy`` (multiple
+    choice) and ``exact_match`` (GSM8K) as counts.
+    """
+
+    asr: Proportion | None = None
+    coherent_compliance: Proportion | None = None
+    overrefusal: Proportion | None = None
+    perplexity: float | None = None
+    accuracy: Proportion | None = None
+    exact_match: Proportion | None = None
+    samples: list[Sample] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def rates(self) -> dict[str, Proportion]:
+        """The measured proportions by name (those present)."""
+        names = ("asr", "coherent_compliance", "overrefusal", "accuracy", "exact_match")
+        return {k: v for k in names if (v := getattr(self, k)) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one JSON shape of a condition's measurement (no samples)."""
+        out: dict[str, Any] = {k: v.to_dict() for k, v in self.rates().items()}
+        if self.perplexity is not None:
+            out["perplexity"] = self.perplexity
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+def measure_condition(
+    model: nn.Module,
+    tokenizer: Any,
+    data: EvalData,
+    *,
+    judge: Any,
+    config: Any,
+    overrefusal: bool = True,
+    progress: bool = False,
+) -> ConditionResult:
+    """Measure the model as it is now on the given sets (in memory; no reload, so ablations and fine-tunes
+    apply). Harmful and safe prompts go through one generation pass (cheaper than two), judged by ``judge``.
+    ``overrefusal=False`` skips the safe prompts (e.g. dose points, where only ASR and utility are plotted)."""
+    import time
+
+    from ssah.data import PromptSet
+    from ssah.evaluate import evaluate_safety, gsm8k_exact_match, multiple_choice_accuracy, perplexity
+
+    t0 = time.time()
+    res = ConditionResult()
+    harmful = list(data.harmful) if data.harmful is not None else []
+    benign = list(data.benign) if (data.benign is not None and overrefusal) else []
+    if harmful or benign:
+        both = PromptSet("condition", "measure", (*harmful, *benign))
+        _, samples = evaluate_safety(model, tokenizer, both, judge=judge, config=config, progress=progress)
+        h, b = samples[: len(harmful)], samples[len(harmful) :]
+        for smp, ps in ((h, data.harmful), (b, data.benign)):
+            for x in smp:
+                x.set = ps.name if ps is not None else x.set
+        if h:
+            res.asr = Proportion(sum(not s.refused for s in h), len(h))
+            res.coherent_compliance = Proportion(sum((not s.refused) and bool(s.coherent) for s in h), len(h))
+        if b:
+            res.overrefusal = Proportion(sum(s.refused for s in b), len(b))
+        res.samples = samples
+    if data.perplexity is not None:
+        res.perplexity = perplexity(
+            model, tokenizer, data.perplexity, batch_size=config.batch_size, system=config.system
+        )
+    if data.multiple_choice is not None:
+        _, items = data.multiple_choice
+        acc = multiple_choice_accuracy(model, tokenizer, items, batch_size=config.batch_size)
+        res.accuracy = Proportion(round(acc * len(items)), len(items))  # acc = correct / n, exact in float
+    if data.gsm8k is not None:
+        import dataclasses
+
+        gcfg = dataclasses.replace(config, max_new_tokens=max(config.max_new_tokens, 256))
+        _, m_samples = gsm8k_exact_match(model, tokenizer, data.gsm8k, config=gcfg, progress=progress)
+        res.exact_match = Proportion(sum(bool(s.correct) for s in m_samples), len(m_samples))
+        res.samples += m_samples
+    res.seconds = time.time() - t0
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ weights

@@ -16,11 +16,10 @@ from typing import Any
 from pydantic import Field
 
 from ssah.config import ModelRunConfig
-from ssah.data import PromptSet, load_prompts
-from ssah.data.tasks import MathItem, MultipleChoiceItem, load_gsm8k, load_multiple_choice
-from ssah.errors import UserError
+from ssah.data import PromptSet
 from ssah.evaluate import (
     DEFAULT_PREFILL,
+    EvalData,
     OverRefusalResult,
     PrefillResult,
     SafetyResult,
@@ -30,6 +29,7 @@ from ssah.evaluate import (
     evaluate_prefill,
     evaluate_safety,
     gsm8k_exact_match,
+    load_eval_sets,
     multiple_choice_accuracy,
     perplexity,
 )
@@ -39,8 +39,6 @@ from ssah.judges import JUDGE_KINDS, FirstTokenJudge, Judge, get_judge, register
 from ssah.models import load_model
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json
-
-NONE = ("", "none", "no", "off")
 
 
 class EvalConfig(ModelRunConfig):
@@ -70,61 +68,9 @@ class EvalConfig(ModelRunConfig):
         return g
 
 
-@dataclass
-class EvalData:
-    """The loaded evaluation sets (each None when skipped)."""
-
-    harmful: PromptSet | None = None
-    benign: PromptSet | None = None
-    perplexity: PromptSet | None = None
-    multiple_choice: tuple[str, list[MultipleChoiceItem]] | None = None
-    gsm8k: list[MathItem] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("harmful", "benign", "perplexity"):
-            ps = getattr(self, name)
-            if ps is not None:
-                out[name] = {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
-        if self.multiple_choice is not None:
-            out["multiple_choice"] = {"task": self.multiple_choice[0], "items": len(self.multiple_choice[1])}
-        if self.gsm8k is not None:
-            out["gsm8k"] = {"items": len(self.gsm8k)}
-        return out
-
-
-def _skip(spec: str | None) -> bool:
-    return spec is None or spec.strip().lower() in NONE
-
-
 def load_eval_data(cfg: EvalConfig) -> EvalData:
     """Read every set named in the config (before any model is loaded, so bad data fails fast)."""
-    cols = cfg.columns or None
-    data = EvalData()
-    if not _skip(cfg.harmful):
-        data.harmful = load_prompts(cfg.harmful, columns=cols, limit=cfg.limit, name="harmful")
-    if not _skip(cfg.benign):
-        data.benign = load_prompts(cfg.benign, columns=cols, limit=cfg.limit, name="benign")
-    for spec in cfg.utility:
-        if _skip(spec):
-            continue
-        kind, _, rest = spec.partition(":")
-        if kind == "piqa" or kind == "mc":
-            data.multiple_choice = load_multiple_choice(rest if kind == "mc" else "piqa", limit=cfg.limit)
-        elif kind == "gsm8k":
-            data.gsm8k = load_gsm8k(rest or "gsm8k", limit=cfg.limit)
-        elif kind == "perplexity":
-            data.perplexity = load_prompts(rest or "builtin:utility", limit=cfg.limit, name="perplexity")
-        else:  # any other data spec: perplexity of its reference responses
-            data.perplexity = load_prompts(spec, columns=cols, limit=cfg.limit, name="perplexity")
-        if data.perplexity is not None and not data.perplexity.has_responses:
-            raise UserError(
-                f"utility set {data.perplexity.source} has no responses to measure perplexity on: "
-                "pass a set with a response column, or piqa / gsm8k"
-            )
-    if all(getattr(data, f.name) is None for f in dataclasses.fields(data)):
-        raise UserError("nothing to evaluate: give at least one of --harmful, --benign or --utility")
-    return data
+    return load_eval_sets(cfg.harmful, cfg.benign, cfg.utility, columns=cfg.columns or None, limit=cfg.limit)
 
 
 @dataclass

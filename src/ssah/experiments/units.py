@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,17 @@ from ssah.categorize import (
     CATEGORIES,
     NORMALIZATIONS,
     RANKINGS,
-    Categorization,
-    categorize,
     check_shares,
-    expected_random_jaccard,
 )
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.htmlreport import report_title, write_report_files
+from ssah.measure import FoundUnits, find_units
 from ssah.models import LoadedModel, load_model
 from ssah.report import markdown_table, plot_units_by_layer
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import Scores, check_metric, collect_statistics, compute_scores
-from ssah.stats import UnitStatistics
+from ssah.scoring import check_metric
 from ssah.units import GRANULARITIES, UnitSpace
 
 REGIONS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
@@ -76,77 +72,10 @@ class UnitsConfig(ModelRunConfig):
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
 
 
-def _stats(lm: LoadedModel, data: PromptSet, cfg: UnitsConfig, desc: str) -> UnitStatistics:
-    return collect_statistics(
-        lm.model,
-        lm.tokenizer,
-        data,
-        region=cfg.tokens,
-        batch_size=cfg.batch_size,  # type: ignore[arg-type]
-        max_length=cfg.max_length,
-        system=cfg.system,
-        gradients=cfg.metric == "taylor",
-        progress=cfg.progress,
-        desc=desc,
-    )
-
-
-@dataclass
-class UnitsOutcome:
-    """Scores and categories of one model on one pair of calibration sets, in memory."""
-
-    categorization: Categorization
-    safety: Scores
-    utility: Scores
-    stability: dict[str, Any] | None = None
-
-
-def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg: UnitsConfig) -> UnitsOutcome:
-    """Score a loaded model's units on the two sets and categorise them with ``cfg``'s settings (no files written).
-
-    The experiments (ablation, attribute transfer, protected fine-tuning, budget) call this on a model they
-    already hold in memory; ``cfg.out`` is ignored. ``cfg.stability`` also categorises each half of the data.
-    """
+def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg: UnitsConfig) -> FoundUnits:
+    """Score and categorise a loaded model's units with ``cfg``'s settings (no files written)."""
     cfg.check_settings()
-    adapter = get_adapter(lm.model)
-    neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
-    space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
-    halves: list[list[UnitStatistics]] = []
-    full: list[UnitStatistics] = []
-    for data in (safety, utility):
-        parts = data.split(2) if cfg.stability else [data]
-        # Statistics merge exactly, so the halves needed for --stability cost no extra pass over the data.
-        stats = [
-            _stats(lm, p, cfg, f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name)
-            for i, p in enumerate(parts)
-        ]
-        halves.append(stats)
-        merged = stats[0]
-        for part in stats[1:]:
-            merged = merged.merge(part)
-        full.append(merged)
-
-    def scores(stats: UnitStatistics, data: PromptSet) -> Scores:
-        return compute_scores(
-            lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=cfg.tokens, adapter=adapter
-        )
-
-    s_scores, u_scores = scores(full[0], safety), scores(full[1], utility)
-    options: dict[str, Any] = {
-        "rule": cfg.rule,
-        "shares": cfg.shares,
-        "normalization": cfg.normalization,
-        "ranking": cfg.ranking,
-        "granularity": cfg.granularity,
-        "space": space,
-    }
-    cats = categorize(s_scores, u_scores, **options)
-    stability = None
-    if cfg.stability:
-        a = categorize(scores(halves[0][0], safety), scores(halves[1][0], utility), **options)
-        b = categorize(scores(halves[0][1], safety), scores(halves[1][1], utility), **options)
-        stability = _stability(a, b)
-    return UnitsOutcome(cats, s_scores, u_scores, stability)
+    return find_units(lm, safety, utility, cfg)
 
 
 def run_units(cfg: UnitsConfig) -> Path:
@@ -229,17 +158,6 @@ def run_units(cfg: UnitsConfig) -> Path:
             ),
         )
     return run.out
-
-
-def _stability(a: Categorization, b: Categorization) -> dict[str, Any]:
-    """Jaccard overlap of each category between the two halves' categorisations, with the chance level."""
-    out: dict[str, Any] = {"method": "categorise each disjoint half of both calibration sets, compare the sets"}
-    n = a.space.total
-    for c in CATEGORIES:
-        k = (len(a[c]) + len(b[c])) // 2
-        out[c] = {"jaccard": round(a[c].jaccard(b[c]), 4), "chance": round(expected_random_jaccard(k, n), 4)}
-    out["jaccard_scu"] = out["SCU"]["jaccard"]
-    return out
 
 
 def render(results: dict[str, Any], run_dir: Path) -> str:
