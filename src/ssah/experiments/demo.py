@@ -262,7 +262,7 @@ def _headline_align(r: dict[str, Any]) -> dict[str, Any]:
 
 def _headline_probe(r: dict[str, Any]) -> dict[str, Any]:
     sep = r["separation"]
-    good = [m for m, v in sep.items() if v["verdict"] == "separates" and m != "naive"]
+    good = [m for m, v in sep.items() if v["verdict"] == "reproduced" and m != "naive"]
     naive = sep.get("naive", {}).get("verdict")
     emb = [v["embedding_gap"]["mean"] for v in r.get("confound", {}).values()]
     return {

@@ -37,6 +37,7 @@ from ssah.probe import (
     measure_model,
     method_values,
     separation,
+    separation_verdict,
     token_values,
 )
 from ssah.report import markdown_table
@@ -247,11 +248,10 @@ def analyse(
     sep: dict[str, Any] = {}
     if len(measures) == 2:
         for method in methods:
-            s = separation(est[method][0], est[method][1], level=level)
-            hi_later = [x for x in s["higher"] if x in later]
-            lo_later = [x for x in s["lower"] if x in later]
-            verdict = "separates" if hi_later and not lo_later else "opposite" if lo_later else "no"
-            sep[method] = {**s, "higher_later": hi_later, "lower_later": lo_later, "verdict": verdict}
+            a, b = est[method]
+            s = separation(a, b, level=level)
+            v = separation_verdict(a.reps - b.reps, later, level=level)
+            sep[method] = {**s, "verdict": v["verdict"], "decision": v}
     confound: dict[str, Any] = {}
     if "naive" in methods:
         for label, e in zip(labels, est["naive"], strict=True):
@@ -683,19 +683,22 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
     out = [
         "## Which methods separate the two models",
         "",
-        f"Expected direction: `{a}` (probed) above `{b}` (compare). *Separates* = the {pct} intervals of the two "
-        f"models do not overlap, in the expected direction, at some of the later layers ({later[0]}-{later[-1]}).",
+        f"Expected direction: `{a}` (probed) above `{b}` (compare). Verdict rule: the paired bootstrap interval of "
+        f"the difference `{a}` - `{b}` at each later layer ({later[0]}-{later[-1]}), Bonferroni-corrected for the "
+        f"{len(later)} later layers tested, must exclude zero upwards over a run of consecutive later layers "
+        "(*reproduced*); any later layer excluding zero downwards is *not reproduced*; otherwise *inconclusive*.",
         "",
     ]
     rows = []
     for method, s in results["separation"].items():
         info = results["methods"][method]
         gap = results["gaps"][method]
-        word = {"separates": "**separates**", "opposite": "opposite direction", "no": "does not separate"}[s["verdict"]]
+        d = s["decision"]
+        word = f"**{s['verdict']}**" if s["verdict"] == "reproduced" else s["verdict"]
         rows.append(
             [
                 f"`{method}`" + ("" if info["controlled"] else " (uncontrolled)"),
-                word,
+                f"{word} (run {d['longest_run']}/{d['min_run']})",
                 layer_ranges(s["higher"]),
                 layer_ranges(s["lower"]),
                 _at(gap[a]["gap"], layers),
@@ -716,7 +719,7 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
         ),
         "",
     ]
-    good = [m for m, s in results["separation"].items() if s["verdict"] == "separates"]
+    good = [m for m, s in results["separation"].items() if s["verdict"] == "reproduced"]
     controlled = [m for m in good if results["methods"][m]["controlled"]]
     if controlled:
         out.append(f"Confound-controlled methods that separate the models: {', '.join(f'`{m}`' for m in controlled)}.")
