@@ -37,6 +37,7 @@ def test_proportion_wilson_matches_known_values() -> None:
     p = Proportion(0, 10)
     lo, hi = p.ci95
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)  # Wilson upper bound at 0/10
+    assert Proportion(0, 3).ci95[0] == 0.0 and Proportion(3, 3).ci95[1] == 1.0  # exact at the ends
     lo, hi = Proportion(5, 10).ci95
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     assert Proportion(3, 4).to_dict()["k"] == 3 and Proportion.from_dict(Proportion(3, 4).to_dict()) == Proportion(3, 4)

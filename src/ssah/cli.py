@@ -223,8 +223,8 @@ def align(
     path = run_align(cfg)
     res = json.loads((path / "results.json").read_text())
     b, a = res["before"], res["after"]
-    typer.echo(f"refusal on held-out harmful: {100 * b['refusal_rate']:.1f}% -> {100 * a['refusal_rate']:.1f}%")
-    typer.echo(f"over-refusal on held-out benign: {100 * b['overrefusal']:.1f}% -> {100 * a['overrefusal']:.1f}%")
+    for key, what in (("refusal", "refusal on held-out harmful"), ("overrefusal", "over-refusal on held-out benign")):
+        typer.echo(f"{what}: {100 * b[key]['rate']:.1f}% -> {100 * a[key]['rate']:.1f}%")
     typer.echo(f"wrote {path} (aligned model in {path / 'model'}) in {res['seconds']:.1f} s")
 
 
