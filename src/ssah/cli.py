@@ -175,7 +175,8 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
-    from ssah.train import TrainConfig, parse_lora, run_train
+    from ssah.experiments.train import run_train
+    from ssah.train import TrainConfig, parse_lora
 
     values = options(ctx, dict(locals()))
     if values.get("lora") is not None:
