@@ -230,3 +230,26 @@ def test_restored_weights_on_error() -> None:
             model.weight.add_(1)
         raise RuntimeError("boom")
     assert weights_digest(model) == before
+
+
+def test_stability_summary_decides_beyond_chance() -> None:
+    from ssah.categorize import categorize
+    from ssah.measure import stability_summary
+
+    space = _space()
+    g = torch.Generator().manual_seed(0)
+    s, u = (
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+    )
+    shares = {"scu": 0.1, "ucu": 0.1, "ru": 0.1}
+    a = categorize(s, u, space=space, shares=shares, normalization="none")
+    same = stability_summary(a, a)
+    assert same["SCU"]["jaccard"] == 1.0 and same["SCU"]["verdict"]["verdict"] == "reproduced"
+    s2, u2 = (
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+    )
+    other = stability_summary(a, categorize(s2, u2, space=space, shares=shares, normalization="none"))
+    assert other["SCU"]["verdict"]["verdict"] != "reproduced"  # independent scores: nothing beyond chance
+    assert other["SCU"]["found_again"]["n"] == len(a["SCU"])

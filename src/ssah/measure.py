@@ -334,15 +334,30 @@ class FoundUnits:
 
 
 def stability_summary(a: Any, b: Any) -> dict[str, Any]:
-    """Jaccard overlap of each category between two categorisations (e.g. of disjoint data halves), with the
-    chance level of two random sets of the same size."""
+    """How stable each category is between two categorisations (e.g. of disjoint data halves).
+
+    Per category: the Jaccard overlap with its chance level, and the verdict on "stable beyond chance" by the one
+    rule: the share of ``a``'s units found again in ``b`` (a :class:`Proportion`) against the share of all units
+    that ``b`` holds (what a random set would find again), ``reproduced`` when the interval of the difference
+    excludes zero upwards.
+    """
     from ssah.categorize import CATEGORIES, expected_random_jaccard
 
     out: dict[str, Any] = {"method": "categorise each disjoint half of both calibration sets, compare the sets"}
     n = a.space.total
     for c in CATEGORIES:
         k = (len(a[c]) + len(b[c])) // 2
-        out[c] = {"jaccard": round(a[c].jaccard(b[c]), 4), "chance": round(expected_random_jaccard(k, n), 4)}
+        entry: dict[str, Any] = {
+            "jaccard": round(a[c].jaccard(b[c]), 4),
+            "chance": round(expected_random_jaccard(k, n), 4),
+        }
+        if len(a[c]) and len(b[c]):
+            found = Proportion(len(a[c] & b[c]), len(a[c]))
+            chance = Proportion(len(b[c]), n)
+            entry["found_again"] = found.to_dict()
+            entry["found_again_by_chance"] = chance.to_dict()
+            entry["verdict"] = verdict(compare(found, chance), "higher").to_dict()
+        out[c] = entry
     out["jaccard_scu"] = out["SCU"]["jaccard"]
     return out
 
