@@ -26,7 +26,7 @@ from ssah.htmlreport import report_title, write_report_files
 from ssah.models import LoadedModel, load_model
 from ssah.report import markdown_table, plot_units_by_layer
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import Scores, check_metric, collect_statistics, compute_scores
+from ssah.scoring import Scores, check_metric, collect_statistics, compute_scores, gradient_mode
 from ssah.stats import UnitStatistics
 from ssah.units import GRANULARITIES, UnitSpace
 
@@ -85,7 +85,7 @@ def _stats(lm: LoadedModel, data: PromptSet, cfg: UnitsConfig, desc: str) -> Uni
         batch_size=cfg.batch_size,  # type: ignore[arg-type]
         max_length=cfg.max_length,
         system=cfg.system,
-        gradients=cfg.metric == "taylor",
+        gradients=gradient_mode(cfg.metric),
         progress=cfg.progress,
         desc=desc,
     )
