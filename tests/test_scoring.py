@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from ssah.arch import get_adapter
 from ssah.data import Example, PromptSet, collate, encode_set
 from ssah.errors import UnitFileError, UserError
-from ssah.scoring import METRICS, Scores, collect_statistics, compute_scores, gradient_mode, score_units
+from ssah.scoring import (
+    METRICS,
+    Scores,
+    collect_statistics,
+    compute_scores,
+    gradient_mode,
+    response_loss,
+    score_units,
+)
 from ssah.units import GroupShape, UnitSpace
 
 
@@ -103,6 +111,30 @@ def _example_loss(model, batch):
 
 def _per_unit(per_weight: torch.Tensor, g) -> torch.Tensor:
     return per_weight.movedim(g.reader.dim, 0).reshape(g.size, -1).double().sum(dim=1)
+
+
+def test_response_loss_keeps_only_needed_logits(tiny_llama) -> None:
+    """Logits only where a response token is predicted give the full-logits loss, also for a model class
+    without ``logits_to_keep`` (it computes all logits and they are sliced)."""
+    model, tok = tiny_llama
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask, use_cache=False):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    batch = collate(encode_set(tok, small_set(4)), tok.pad_token_id)
+    with torch.no_grad():
+        expected = _example_loss(model, batch)
+        for m in (model, NoKeep()):
+            loss, examples, tokens = response_loss(m, batch)
+            assert torch.allclose(loss, expected, rtol=1e-5)
+            assert examples == 4 and tokens == int((batch["labels"] != -100).sum())
+        no_response = dict(batch, labels=torch.full_like(batch["labels"], -100))
+        assert response_loss(model, no_response)[1:] == (0, 0)
 
 
 def test_taylor_is_the_set_gradient_score(tiny_llama) -> None:

@@ -196,33 +196,42 @@ def collect_statistics(
             batch = collate([encoded[i] for i in idx], pad, region=region, padding_side="right")
             batch = {k: v.to(device) for k, v in batch.items()}
             recorder.set_mask(batch["count_mask"])
-            out = _forward(model, batch, all_logits=mode != "none")
-            if readers is not None:
-                loss, n_examples, n_tokens = example_losses(out.logits, batch["labels"])
-                if n_examples:
-                    loss.backward()
-                grad_examples += n_examples
-                grad_tokens += n_tokens
-                del loss
-            del out
+            if readers is None:
+                _forward(model, batch, keep=1)
+                continue
+            loss, n_examples, n_tokens = response_loss(model, batch)
+            if n_examples:
+                loss.backward()
+            grad_examples += n_examples
+            grad_tokens += n_tokens
+            del loss
     grad_sum, example_sum = readers.results() if readers is not None else ({}, {})
     stats = {k: v.to("cpu") for k, v in recorder.stats.items()}
     return UnitStatistics(stats, grad_sum, grad_tokens, len(data), [data.fingerprint()], example_sum, grad_examples)
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Sum over the batch of each example's mean response-token cross-entropy (next-token prediction).
+def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Forward ``batch`` and return the sum over examples of each one's mean response-token cross-entropy.
 
-    Returns the loss, the number of examples with at least one response token (the others add nothing) and
-    the number of response tokens. Per-example means, as in Wei et al.'s code (one example per step, the
-    ``labels=`` loss of transformers), so that a long response does not outweigh a short one.
+    Also returns the number of examples with at least one response token (the others add nothing) and the
+    number of response tokens. Per-example means, as in Wei et al.'s code (one example per step, the
+    ``labels=`` loss of transformers), so that a long response does not outweigh a short one. Logits are
+    computed only at positions that predict a response token in some row of the batch (prompt positions need
+    none: with a vocabulary of 50k-130k the full logits would dominate the memory of the pass).
     """
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
+    targets = batch["labels"][:, 1:]
+    positions = (targets != -100).any(dim=0).nonzero().flatten()
+    if positions.numel() == 0:  # still run the forward: the activation statistics count this batch
+        _forward(model, batch, keep=1)
+        return torch.zeros(()), 0, 0
+    logits = _forward(model, batch, keep=positions).logits
+    if logits.shape[1] != positions.numel():  # a model class that ignores a tensor logits_to_keep
+        logits = logits[:, positions]
+    targets = targets[:, positions]
     per_token = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(labels.shape)
-    counts = (labels != -100).sum(dim=1)
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    counts = (targets != -100).sum(dim=1)
     keep = counts > 0
     loss = (per_token.sum(dim=1)[keep] / counts[keep]).sum()
     return loss, int(keep.sum()), int(counts.sum())
@@ -346,20 +355,21 @@ class _ReaderGradients:
         return grads, per_unit
 
 
-def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, all_logits: bool) -> Any:
-    """Forward pass; without a loss only the last position's logits are computed (statistics need none, and the
-    vocabulary projection of every token would cost time and hundreds of MB per batch)."""
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, keep: int | torch.Tensor) -> Any:
+    """Forward pass computing logits only at ``keep`` (an int: the last positions; a tensor: these positions).
+
+    Statistics need no logits (``keep=1``): the vocabulary projection of every token would cost time and
+    hundreds of MB per batch. A model class without ``logits_to_keep`` computes them all.
+    """
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
         "use_cache": False,
     }
-    if not all_logits:
-        try:
-            return model(**kwargs, logits_to_keep=1)
-        except TypeError:  # a model class without logits_to_keep
-            pass
-    return model(**kwargs)
+    try:
+        return model(**kwargs, logits_to_keep=keep)
+    except TypeError:  # a model class without logits_to_keep
+        return model(**kwargs)
 
 
 def compute_scores(
