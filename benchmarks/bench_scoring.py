@@ -12,6 +12,11 @@ weights require gradients, folded per layer) against a full backward of the same
 
     python benchmarks/bench_scoring.py [--model smollm2-135m-instruct] [--repeats 3]
     python benchmarks/bench_scoring.py --gradient-memory [--model tiny-random-llama] [--examples 32]
+    python benchmarks/bench_scoring.py --compare-metrics [--examples 32]
+
+``--compare-metrics`` scores the safety set once (one pass with both kinds of gradients) and prints, for each
+pair of metrics, the Spearman correlation of the unit scores and the overlap of their top 1.3% of units; the
+pre-Wanda formula (mean |x| x L2 norm of the reader column) is included to show what the rename changed.
 """
 
 from __future__ import annotations
@@ -166,6 +171,55 @@ def gradient_memory(model_name: str, examples: int, batch_size: int, max_length:
     return rows
 
 
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(v)
+    r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+    return r
+
+
+def compare_metrics(model_name: str, examples: int, batch_size: int, max_length: int, top: float = 0.013) -> dict:
+    """Spearman correlation and top-share overlap (Jaccard) between the metrics on one safety pass."""
+    from ssah.arch import get_adapter
+    from ssah.data import load_prompts
+    from ssah.models import load_model
+    from ssah.scoring import METRICS, collect_statistics, compute_scores
+    from ssah.units import UnitSpace
+
+    lm = load_model(model_name, device="cpu", dtype="float32")
+    data = load_prompts("builtin:safety").take(examples)
+    adapter = get_adapter(lm.model)
+    space = UnitSpace.from_groups(adapter.groups())
+    t = time.perf_counter()
+    stats = collect_statistics(
+        lm.model, lm.tokenizer, data, batch_size=batch_size, max_length=max_length, gradients="both", progress=False
+    )
+    seconds = time.perf_counter() - t
+    flat = {m: compute_scores(lm.model, stats, m, space).flat() for m in METRICS}
+    flat["old-wanda"] = space.join(
+        {g.key: stats.groups[g.key].mean_abs * adapter.reader_column_norms(g) for g in adapter.groups()}
+    )
+    k = max(1, round(top * len(flat["magnitude"])))
+    tops = {m: set(v.topk(k).indices.tolist()) for m, v in flat.items()}
+    names = list(flat)
+    pairs = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ra, rb = _ranks(flat[a]), _ranks(flat[b])
+            rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+            pairs[f"{a} ~ {b}"] = {
+                "spearman": round(rho, 3),
+                f"top_{top:.1%}_jaccard": round(len(tops[a] & tops[b]) / len(tops[a] | tops[b]), 3),
+            }
+    return {
+        "model": model_name,
+        "examples": examples,
+        "units": len(flat["magnitude"]),
+        "top_k": k,
+        "gradient_pass_s": round(seconds, 1),
+        "pairs": pairs,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -175,11 +229,22 @@ def main() -> None:
     ap.add_argument("--out", default="runs/benchmarks/scoring.json")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
     ap.add_argument("--gradient-memory", action="store_true", help="snip / taylor against a full backward")
-    ap.add_argument("--examples", type=int, default=32, help="examples of the gradient-memory passes")
+    ap.add_argument("--compare-metrics", action="store_true", help="rank agreement between the metrics")
+    ap.add_argument("--examples", type=int, default=32, help="examples of the gradient-memory / comparison passes")
     args = ap.parse_args()
 
     from ssah.models import load_model
 
+    if args.compare_metrics:
+        torch.set_num_threads(1)
+        res = compare_metrics(args.model, args.examples, args.batch_size, args.max_length)
+        for pair, v in res["pairs"].items():
+            print(f"{pair:>28}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+        out = Path(args.out).with_name("scoring_metric_agreement.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if args.gradient_memory:
         rows = gradient_memory(args.model, args.examples, args.batch_size, args.max_length)
         for r in rows:

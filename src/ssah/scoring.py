@@ -15,8 +15,9 @@ row j of a GPT-2 ``Conv1D``). Per-weight scores are reduced to a unit by summing
 - ``magnitude``: ||W[:, j]||_2 (data-free).
 
 Gradient metrics need gradients of the reader weights only: every other parameter has ``requires_grad`` off
-during the pass (restored after), and each reader's gradient is folded into float64 sums as soon as backward
-reaches its layer and then freed, so no full set of weight gradients is ever held.
+during the pass (restored after), and each reader's gradient is folded into running sums as soon as backward
+reaches its layer and then freed. ``snip`` keeps one float64 number per unit; ``taylor`` keeps the set gradient,
+one float32 (or wider: the weight's dtype promoted to float32) copy of every reader weight, float64 on return.
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def _restore_training(model: nn.Module, was_training: bool) -> Iterator[None]:
 
 
 class _ReaderGradients:
-    """Reader-weight gradients of a scoring pass, folded per layer into float64 sums as backward reaches it.
+    """Reader-weight gradients of a scoring pass, folded per layer into running sums as backward reaches it.
 
     While active, only the reader weights require gradients (every other parameter's flag is restored on exit),
     so backward stops at the first reader and no other weight gradient is ever allocated. Each reader's
@@ -304,7 +305,8 @@ class _ReaderGradients:
             if self.mode in ("set", "both") and w.grad is not None:
                 acc = self.set_sum.get(g.key)
                 if acc is None:
-                    self.set_sum[g.key] = w.grad.detach().to(torch.float64)
+                    # float32 or wider: half the memory of float64 for a sum of a few hundred batch gradients
+                    self.set_sum[g.key] = w.grad.detach().to(torch.promote_types(w.dtype, torch.float32))
                 else:
                     acc += w.grad.detach()
             w.grad = None  # per-layer accumulation: the weight gradient is freed as soon as it is folded
@@ -348,7 +350,7 @@ class _ReaderGradients:
         for g in self.groups:
             w = self.weights[g.key]
             if self.mode in ("set", "both"):
-                grads[g.key] = self.set_sum.get(g.key, torch.zeros(w.shape, dtype=torch.float64)).cpu()
+                grads[g.key] = self.set_sum.get(g.key, torch.zeros(w.shape)).to("cpu", torch.float64)
             if self.mode in ("example", "both"):
                 v = self.example_sum.get(g.key, torch.zeros(w.shape[g.reader.dim], dtype=torch.float64))
                 per_unit[g.key] = v.cpu()[g.reader.index]
