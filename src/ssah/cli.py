@@ -46,7 +46,7 @@ def units(
     ] = "builtin:utility",
     column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples of each set.")] = None,
-    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",

@@ -370,7 +370,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
     """
     from ssah.arch import get_adapter
     from ssah.categorize import categorize
-    from ssah.scoring import collect_statistics, compute_scores
+    from ssah.scoring import collect_statistics, compute_scores, gradient_mode
 
     adapter = get_adapter(lm.model)
     neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
@@ -388,7 +388,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
                 batch_size=cfg.batch_size,
                 max_length=cfg.max_length,
                 system=cfg.system,
-                gradients=cfg.metric == "taylor",
+                gradients=gradient_mode(cfg.metric),
                 progress=cfg.progress,
                 desc=f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name,
             )

@@ -44,7 +44,7 @@ def ablate(
     calibration_limit: Annotated[
         int | None, typer.Option(help="Use N examples (spread over the set) of each calibration set.")
     ] = None,
-    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     tokens: Annotated[
