@@ -50,6 +50,19 @@ AllowPickleOpt = Annotated[bool, typer.Option(help="Allow pickled .bin weights (
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread a big model over devices: auto | balanced | balanced_low_0 | sequential | a JSON file of "
+        "module -> device (0, 1, cpu, disk). Overrides --device."
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None, typer.Option(help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+]
+OffloadFolderOpt = Annotated[
+    str | None, typer.Option(help="Folder for weights offloaded to disk (default: a temporary folder in the cache).")
+]
 ColumnOpt = Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")]
 
 

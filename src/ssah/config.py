@@ -60,3 +60,21 @@ class ModelRunConfig(BaseConfig):
     trust_remote_code: bool = False
     overwrite: bool = False
     progress: bool = True
+    # Big models (accelerate's dispatch; see ssah.models.load_model): a strategy (auto, balanced, balanced_low_0,
+    # sequential), a JSON file or a mapping of module name to device; memory per device ("0=70GiB,cpu=200GiB");
+    # where disk-offloaded weights go (default: a temporary folder in the cache).
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`ssah.models.load_model` this config sets."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "allow_pickle": self.allow_pickle,
+            "trust_remote_code": self.trust_remote_code,
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "offload_folder": self.offload_folder,
+        }

@@ -33,17 +33,16 @@ def ablate(model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = No
     if space_of(model, units.space.granularity, adapter) != units.space:
         raise UnitFileError(f"unit set {units.name!r} was made for a model with another unit layout")
     hooks: dict[str, Any] = {}
-    device = next(model.parameters()).device
     masks = units.channel_masks()
     for g in adapter.groups():
         mask = masks[g.key]
         if not bool(mask.any()):
             continue
-        keep = (~mask).to(device)
+        keep = ~mask  # moved to each reader's input device in the hook: a dispatched model spans several devices
 
         def hook(_m: nn.Module, args: tuple[Any, ...], keep: torch.Tensor = keep) -> tuple[Any, ...]:
             x = args[0]
-            return (x * keep.to(x.dtype), *args[1:])
+            return (x * keep.to(device=x.device, dtype=x.dtype), *args[1:])
 
         hooks[g.reader_module] = hook
     with attach(model, pre=hooks):

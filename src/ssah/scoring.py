@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ssah.arch import ArchAdapter, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.errors import UnitFileError, UserError
-from ssah.modelutil import pad_id
+from ssah.modelutil import model_device, pad_id
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
 
@@ -141,7 +141,7 @@ def collect_statistics(
     pad = pad_id(tokenizer)
     encoded = encode_set(tokenizer, data, system=system, max_length=max_length)
     order = batches(encoded, batch_size)
-    device = next(model.parameters()).device
+    device = model_device(model)
     recorder = ActivationRecorder(model, adapter, groups)
     grad_sum: dict[str, torch.Tensor] = {}
     grad_tokens = 0
@@ -178,7 +178,7 @@ def collect_statistics(
                 w.grad = None
     finally:
         for p in model.parameters():
-            p.requires_grad_(saved_flags[id(p)])
+            p.requires_grad_(saved_flags.get(id(p), p.requires_grad))  # offloading swaps Parameter objects
         model.train(was_training)
     stats = {k: v.to("cpu") for k, v in recorder.stats.items()}
     return UnitStatistics(

@@ -485,13 +485,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     # scores beside it) the dose ranking. Loading them is cheap, so they are always read and checked up front.
     safety = _spread(load_prompts(cfg.safety, name="safety"), r["calibration_limit"])
     utility = _spread(load_prompts(cfg.utility, name="utility"), r["calibration_limit"])
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.generation()
     digest_before, hooks_before = weights_digest(lm.model), _hook_count(lm.model)

@@ -249,13 +249,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     set_seed(cfg.seed)
     data = load_eval_data(cfg)
     check_judge_spec(cfg.judge)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     rep = evaluate_model(
         lm.model,

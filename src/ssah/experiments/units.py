@@ -159,13 +159,7 @@ def run_units(cfg: UnitsConfig) -> Path:
     for data in (safety, utility):
         if cfg.stability and len(data) < 2:
             raise UserError(f"--stability needs at least 2 examples in the {data.name} set, it has {len(data)}")
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())
     adapter = get_adapter(lm.model)
     space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
     t_score = time.time()
