@@ -184,3 +184,29 @@ def test_bad_placement_is_one_line_exit_2(args: list[str], needle: str, tmp_path
     assert code == 2
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+def _drop_volatile(obj):
+    """results.json without timings, times and where it ran (what legitimately differs between two runs)."""
+    if isinstance(obj, dict):
+        return {
+            k: _drop_volatile(v)
+            for k, v in obj.items()
+            if k not in ("seconds", "device", "created", "time", "out", "run_dir", "path")
+        }
+    if isinstance(obj, list):
+        return [_drop_volatile(v) for v in obj]
+    return obj
+
+
+def test_ablate_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
+    fast = ["--quick", "--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "6", "--dose", "5%"]
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(SPLIT))
+    assert main(["ablate", "tiny-random-llama", "--out", str(tmp_path / "one"), "--no-progress", *fast]) == 0
+    args = ["--device-map", str(map_file), "--no-progress", *fast]
+    code = main(["ablate", "tiny-random-llama", "--out", str(tmp_path / "two"), *args])
+    assert code == 0, capsys.readouterr().err
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert _drop_volatile(one) == _drop_volatile(two)

@@ -17,7 +17,6 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,28 +85,27 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
     config = getattr(model, "config", None)
     h.update(f"{getattr(config, 'model_type', '')}:{getattr(config, 'architectures', '')};".encode())
     with torch.no_grad():
-        for name, p in model.state_dict().items():
+        for name, p in state_items(model):
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-            with _materialized(model, name, p) as value:
-                flat = value.detach().reshape(-1)
-                step = max(1, flat.numel() // samples_per_tensor)
-                h.update(flat[::step][:samples_per_tensor].to("cpu", torch.float32).numpy().tobytes())
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            h.update(flat[::step][:samples_per_tensor].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:24]
 
 
-@contextmanager
-def _materialized(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``tensor`` itself, or, for a weight offloaded by accelerate (a meta tensor in the state dict), its real
-    values loaded for the block (so a dispatched model hashes like the same model on one device)."""
-    if tensor.device.type != "meta":
-        yield tensor
-        return
-    from accelerate.utils import align_module_device
+def state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict().items()`` with real values also for weights accelerate offloaded to the CPU or disk
+    (meta tensors in the state dict), loaded one module at a time; use each tensor before taking the next."""
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type != "meta":
+            yield name, tensor
+            continue
+        from accelerate.utils import align_module_device
 
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
-    with align_module_device(module):
-        yield getattr(module, attr)
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        with align_module_device(module):
+            yield name, getattr(module, attr)
 
 
 def smollm2_gguf() -> Path:

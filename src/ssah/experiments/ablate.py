@@ -34,7 +34,7 @@ from ssah.experiments.units import REGIONS, UnitsConfig, categorize_model
 from ssah.generate import GenerationConfig
 from ssah.interventions import ablate
 from ssah.judges import Judge, get_judge
-from ssah.models import LoadedModel, load_model
+from ssah.models import LoadedModel, load_model, state_items
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
 from ssah.scoring import Scores
@@ -230,7 +230,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer, bit for bit (proves the ablations left the weights untouched)."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in state_items(model):  # offloaded weights too
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
