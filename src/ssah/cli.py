@@ -16,6 +16,7 @@ import typer
 
 from ssah.cliutil import (
     AllowPickleOpt,
+    BatchSizeOpt,
     ColumnOpt,
     ConfigOpt,
     DeviceMapOpt,
@@ -58,7 +59,7 @@ def units(
     tokens: Annotated[
         str, typer.Option(help="Tokens counted: prompt+response | response | prompt | all")
     ] = "prompt+response",
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
+    batch_size: BatchSizeOpt = "8",
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     stability: Annotated[bool, typer.Option(help="Also report SCU overlap between two disjoint data halves.")] = False,
     seed: SeedOpt = 0,
@@ -107,7 +108,7 @@ def eval_(
     column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N items of each set.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per reply.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    batch_size: BatchSizeOpt = "16",
     do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,

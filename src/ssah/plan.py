@@ -291,3 +291,164 @@ def format_plan(p: Mapping[str, Any]) -> str:
                 f"{gib(n['optimizer']):>12}{gib(n['per_row']):>12}{gib(n['total']):>12}"
             )
     return "\n".join(lines)
+
+
+# -- Automatic batch sizes ----------------------------------------------------------------------------------------
+#
+# `--batch-size auto` starts from the plan (the rows that fit in the free memory of the model's device), halves on
+# out-of-memory with accelerate's find_executable_batch_size, and remembers the size that worked per model,
+# command, dtype, device and length in $SSAH_CACHE/batch_sizes.json, so later runs start there.
+
+BATCH_CACHE = "batch_sizes.json"
+MAX_AUTO_BATCH = 256
+
+
+def _cache_path() -> Path:
+    from ssah.models import cache_dir
+
+    return cache_dir() / BATCH_CACHE
+
+
+def remembered_batch_sizes() -> dict[str, int]:
+    """Every batch size found so far, by key (empty when none or unreadable)."""
+    try:
+        data = json.loads(_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: int(v) for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+
+def remember_batch_size(key: str, size: int) -> None:
+    """Store a found batch size (atomically; a cache that cannot be written is skipped)."""
+    data = {**remembered_batch_sizes(), key: int(size)}
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def batch_key(model: Any, command: str, length: int) -> str:
+    """What a found batch size depends on: the model (name, type, size), command, dtype, device (and its memory)
+    and the longest sequence."""
+    from ssah.modelutil import model_device
+
+    cfg = getattr(model, "config", None)
+    dev = model_device(model)
+    memory = ""
+    if dev.type == "cuda":
+        memory = f"/{torch.cuda.get_device_properties(dev).total_memory}"
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    name = getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "?")
+    return f"{command}|{name}|{params}|{str(dtype).removeprefix('torch.')}|{dev}{memory}|{length}"
+
+
+def free_memory(model: Any) -> int:
+    """Free bytes where the model computes: the GPU's free memory, else the machine's available memory."""
+    from ssah.modelutil import model_device
+
+    dev = model_device(model)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    from accelerate.utils import get_max_memory
+
+    return int(get_max_memory().get("cpu", 0))
+
+
+def start_from_plan(model: Any, command: str, *, free: int | None = None, **lengths: int) -> int:
+    """The batch size the plan says fits beside the loaded weights (a power of two, 1 to ``MAX_AUTO_BATCH``)."""
+    shape = model_shape(model.config)
+    dtype = str(next((p.dtype for p in model.parameters()), torch.float32)).removeprefix("torch.")
+    need = next(n for n in plan_needs(shape, dtype if dtype in BYTES else "float32", **lengths) if n.command == command)
+    room = (free_memory(model) if free is None else free) - (need.statistics + need.gradients + need.optimizer)
+    rows = max(1, room // max(need.per_row, 1))
+    return int(min(MAX_AUTO_BATCH, 1 << (int(rows).bit_length() - 1)))
+
+
+def find_batch_size(run: Any, *, start: int, key: str | None = None, what: str = "a batch") -> tuple[int, Any]:
+    """Call ``run(b)`` from ``b = start`` (or the size remembered under ``key``), halving on out-of-memory, and
+    return ``(b, run's result)``; the size that worked is remembered. Raises a one-line :class:`UserError` when
+    even 1 does not fit."""
+    from accelerate.utils import find_executable_batch_size
+
+    from ssah.errors import UserError
+
+    remembered = remembered_batch_sizes().get(key) if key else None
+    first = max(1, min(start, remembered) if remembered else start)
+    state = {"b": first}
+
+    def halve() -> int:
+        state["b"] //= 2
+        return state["b"]
+
+    def attempt(b: int) -> tuple[int, Any]:
+        return b, run(b)
+
+    try:
+        b, out = find_executable_batch_size(attempt, starting_batch_size=first, reduce_batch_size_fn=halve)()
+    except RuntimeError as exc:
+        if "No executable batch size" not in str(exc):
+            raise
+        raise UserError(
+            f"{what} of even 1 example does not fit in memory: use --device-map auto with --max-memory (offload), "
+            "a smaller --max-length / --max-new-tokens, or --dtype bfloat16"
+        ) from None
+    if key:
+        remember_batch_size(key, b)
+    return b, out
+
+
+def wants_auto_batch(config: Any, model: Any) -> bool:
+    """``--batch-size auto`` given, or no batch size given at all on a GPU (where auto is the default)."""
+    from ssah.modelutil import model_device
+
+    value = getattr(config, "batch_size", None)
+    if value == "auto":
+        return True
+    return "batch_size" not in getattr(config, "model_fields_set", {"batch_size"}) and (
+        model_device(model).type == "cuda"
+    )
+
+
+def auto_scoring_batch_size(
+    model: Any,
+    tokenizer: Any,
+    datasets: Any,
+    *,
+    max_length: int | None = 512,
+    system: str | None = None,
+    start: int | None = None,
+) -> int:
+    """The largest scoring batch that fits: a forward pass with the statistics hooks on ``b`` copies of the
+    longest example, from the plan's start, halving on out-of-memory (remembered per model and length)."""
+    from ssah.arch import get_adapter
+    from ssah.data import encode_set
+    from ssah.modelutil import frozen_eval, model_device
+    from ssah.stats import ActivationRecorder
+
+    longest: list[int] = []
+    most = 1  # never probe more rows than the largest set has
+    for data in datasets:
+        most = max(most, len(data))
+        for e in encode_set(tokenizer, data, system=system, max_length=max_length):
+            if len(e.input_ids) > len(longest):
+                longest = list(e.input_ids)
+    if not longest:
+        return 1
+    device = model_device(model)
+    adapter = get_adapter(model)
+
+    def probe(b: int) -> None:
+        ids = torch.tensor([longest] * b, dtype=torch.long, device=device)
+        recorder = ActivationRecorder(model, adapter)
+        recorder.set_mask(torch.ones_like(ids, dtype=torch.bool))
+        with frozen_eval(model), recorder.recording():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+
+    first = min(start or start_from_plan(model, "units", seq_len=len(longest)), most)
+    b, _ = find_batch_size(probe, start=first, key=batch_key(model, "units", len(longest)), what="a scoring batch")
+    return b
