@@ -210,3 +210,70 @@ def test_ablate_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert _drop_volatile(one) == _drop_volatile(two)
+
+
+def test_eval_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
+    fast = ["--limit", "4", "--max-new-tokens", "6", "--no-progress", "--batch-size", "3"]
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(SPLIT))
+    assert main(["eval", "tiny-random-llama", "--out", str(tmp_path / "one"), *fast]) == 0
+    code = main(["eval", "tiny-random-llama", "--out", str(tmp_path / "two"), "--device-map", str(map_file), *fast])
+    assert code == 0, capsys.readouterr().err
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert _drop_volatile(one) == _drop_volatile(two)
+    samples = [(tmp_path / d / "samples.jsonl").read_text() for d in ("one", "two")]
+    assert samples[0] == samples[1] and samples[0]
+
+
+def test_freezing_on_a_dispatched_model_is_exact() -> None:
+    """Every block behind accelerate's device hooks (as on several GPUs): frozen slices stay bit-identical and the
+    rest trains exactly as without dispatch."""
+    from accelerate import dispatch_model
+
+    from ssah.interventions import freeze_units
+
+    def trained(dispatched: bool) -> dict[str, torch.Tensor]:
+        lm = load_model("tiny-random-llama", device="cpu")
+        model = lm.model
+        if dispatched:
+            cpu_map = {k: "cpu" for k in SPLIT}
+            model = dispatch_model(model, cpu_map, main_device="cpu", force_hooks=True)
+            assert hasattr(model.model.layers[0], "_hf_hook")
+        space = space_of(model)
+        units = UnitSet.from_indices(space, list(range(0, space.total, 7)), "every-7th")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        ids = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 8]])
+        model.train()
+        with freeze_units(model, units) as frozen:
+            for _ in range(3):
+                model(ids, labels=ids).loss.backward()
+                opt.step()
+                frozen.restore()
+                opt.zero_grad()
+            assert frozen.max_drift() == 0.0
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plain, hooked = trained(False), trained(True)
+    assert plain.keys() == hooked.keys() and all(torch.equal(plain[k], hooked[k]) for k in plain)
+
+
+def test_freezing_offloaded_weights_is_a_clear_error(split) -> None:
+    from ssah.errors import UserError
+    from ssah.interventions import freeze_units
+
+    space = space_of(split.model)
+    with pytest.raises(UserError, match="offloaded"):
+        freeze_units(split.model, UnitSet.from_indices(space, [0, 1], "two"))
+
+
+def test_probe_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
+    fast = ["--quick", "--limit", "4", "--bootstrap", "50", "--no-progress"]
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(SPLIT))
+    assert main(["probe", "tiny-random-llama", "--out", str(tmp_path / "one"), *fast]) == 0
+    code = main(["probe", "tiny-random-llama", "--out", str(tmp_path / "two"), "--device-map", str(map_file), *fast])
+    assert code == 0, capsys.readouterr().err
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert _drop_volatile(one) == _drop_volatile(two)

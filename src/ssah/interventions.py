@@ -144,6 +144,11 @@ class FrozenUnits:
         self.frozen_parameters = 0
         for name, (dim, idx) in slices.items():
             param = model.get_parameter(name)
+            if param.device.type == "meta":
+                raise UserError(
+                    f"cannot freeze units of {name}: its weights are offloaded (CPU / disk) by the device map; "
+                    "train with a device map that keeps every weight on a GPU, or with FSDP2"
+                )
             local = _local(param.detach())
             mask = torch.zeros(param.shape, dtype=torch.bool, device=local.device)
             mask.index_fill_(dim, idx.to(local.device), True)
