@@ -429,7 +429,7 @@ def load_model(
         if device_map is None:
             model = model.to(device=dev, dtype=dt)
         else:
-            model = _dispatch(model.to(dtype=dt), device_map, max_memory, dt, offload_folder)
+            model = _dispatch(model, device_map, max_memory, dt, offload_folder)
         return _finish(LoadedModel(model, tok, name, f"registry:{name}"), t0)
     if name == SMOLLM2:
         folder, source = convert_gguf(smollm2_gguf()), f"registry:{name}"
@@ -490,15 +490,17 @@ def load_model(
 
 
 def _dispatch(
-    model: torch.nn.Module,
+    model: Any,
     device_map: str | Mapping[str, Any],
     max_memory: str | Mapping[Any, Any] | None,
     dtype: torch.dtype,
     offload_folder: str | None,
-) -> torch.nn.Module:
-    """Place an in-memory model (the tiny registry models) by a device map with accelerate's dispatch."""
+) -> Any:
+    """Cast an in-memory model (the tiny registry models) to ``dtype`` and place it by a device map with
+    accelerate's dispatch."""
     from accelerate import dispatch_model
 
+    model = model.to(dtype=dtype)
     dmap = resolve_device_map(model, device_map, max_memory=max_memory, dtype=dtype)
     folder, temporary = _offload_folder(dmap, offload_folder)
     main = next((d for d in dmap.values() if d not in ("cpu", "disk")), "cpu")

@@ -105,7 +105,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Any:
         raise ModelError(f"unknown model_type {model_type!r} in the config ({exc})") from None
 
 
-def meta_model(config: Any) -> torch.nn.Module:
+def meta_model(config: Any) -> Any:
     """The model of ``config`` on the meta device: every module and shape, no memory."""
     from transformers import AutoModelForCausalLM
 
