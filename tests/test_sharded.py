@@ -277,3 +277,13 @@ def test_probe_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert _drop_volatile(one) == _drop_volatile(two)
+
+
+def test_commands_without_placement_refuse_it() -> None:
+    from ssah.errors import UserError
+    from ssah.experiments.units import UnitsConfig
+    from ssah.train import TrainConfig
+
+    assert UnitsConfig.build({"model": "m", "device_map": "auto", "max_memory": "cpu=1GiB"}).device_map == "auto"
+    with pytest.raises(UserError, match="only apply to units, eval, probe and ablate"):
+        TrainConfig.build({"model": "m", "device_map": "auto"})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ssah.errors import UserError
 
@@ -66,6 +66,18 @@ class ModelRunConfig(BaseConfig):
     device_map: str | dict[str, int | str] | None = None
     max_memory: str | None = None
     offload_folder: str | None = None
+    # Commands whose loading honours the three placement fields set this True; the others refuse them rather
+    # than ignore them silently.
+    placement: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _placement_supported(self) -> ModelRunConfig:
+        used = [k for k in ("device_map", "max_memory", "offload_folder") if getattr(self, k) is not None]
+        if used and not type(self).placement:
+            raise ValueError(
+                f"{', '.join(used)} only apply to units, eval, probe and ablate; drop them here (use --device)"
+            )
+        return self
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`ssah.models.load_model` this config sets."""

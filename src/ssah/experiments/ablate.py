@@ -86,6 +86,7 @@ def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
 class AblateConfig(ModelRunConfig):
     """Everything `ssah ablate` needs; options left at None take the full-run or ``quick`` value."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/ablate"
     quick: bool = False
     units: str | None = None

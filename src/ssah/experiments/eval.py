@@ -47,6 +47,7 @@ NONE = ("", "none", "no", "off")
 class EvalConfig(ModelRunConfig):
     """Everything `ssah eval` needs; a data option set to "none" skips that block."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/eval"
     harmful: str = "builtin:harmful"
     benign: str = "builtin:borderline"

@@ -53,6 +53,7 @@ MODE_STYLES = {"greedy": "-", "forced": "--"}
 class ProbeConfig(ModelRunConfig):
     """Everything `ssah probe` needs; ``None`` settings take their default (a smaller one under ``quick``)."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/probe"
     compare: str | None = None
     label: str | None = None

@@ -37,6 +37,7 @@ REGIONS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 class UnitsConfig(ModelRunConfig):
     """Everything `ssah units` needs."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/units"
     safety: str = "builtin:safety"
     utility: str = "builtin:utility"
