@@ -41,6 +41,12 @@ def calib() -> PromptSet:
     )
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch) -> None:
+    """Temporary offload folders (made in the cache when no --offload-folder is given) go to a test folder."""
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def single():
     return load_model("tiny-random-llama", device="cpu")
@@ -287,3 +293,14 @@ def test_commands_without_placement_refuse_it() -> None:
     assert UnitsConfig.build({"model": "m", "device_map": "auto", "max_memory": "cpu=1GiB"}).device_map == "auto"
     with pytest.raises(UserError, match="only apply to units, eval, probe and ablate"):
         TrainConfig.build({"model": "m", "device_map": "auto"})
+
+
+def test_temporary_offload_folder_is_removed_with_the_model(tmp_path: Path) -> None:
+    import gc
+
+    lm = load_model("tiny-random-llama", device_map=SPLIT)  # no offload folder: a temporary one in the cache
+    folders = list((tmp_path / "cache" / "offload").iterdir())
+    assert len(folders) == 1 and any(folders[0].iterdir())
+    del lm
+    gc.collect()
+    assert not folders[0].exists()
