@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     tok = tiny_tokenizer()
     with Meter(device) as m:
         torch.manual_seed(0)
-        with torch.device(device):
+        with torch.device(device):  # random init straight on the device
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        built_on = str(next(model.parameters()).device)
+        if next(model.parameters()).device.type != device.type:  # a transformers that ignores the device context
+            model = model.to(device)
         model.eval()
     params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": params,
         "weights_bytes": weights,
         "weights_vs_plan": round(weights / needs[0]["weights"], 4),
+        "built_on": built_on,
         "peak_bytes": m.peak,
         "peak_kind": m.peak_kind,
     }

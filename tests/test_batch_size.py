@@ -174,3 +174,17 @@ def test_bad_batch_size(bad: str, tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--batch-size" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:
+    import ssah.modelutil
+    from ssah.experiments.eval import EvalConfig
+    from ssah.experiments.units import UnitsConfig
+    from ssah.plan import wants_auto_batch
+
+    unset, given = UnitsConfig.build({"model": "m"}), UnitsConfig.build({"model": "m", "batch_size": 8})
+    auto = EvalConfig.build({"model": "m", "batch_size": "auto"})
+    assert not wants_auto_batch(unset, lm.model) and not wants_auto_batch(given, lm.model)  # CPU: as before
+    assert wants_auto_batch(auto, lm.model)
+    monkeypatch.setattr(ssah.modelutil, "model_device", lambda model: torch.device("cuda"))
+    assert wants_auto_batch(unset, lm.model) and not wants_auto_batch(given, lm.model)  # GPU: auto unless given
