@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -41,7 +42,7 @@ from transformers.pytorch_utils import Conv1D
 from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.errors import UnitFileError, UserError
-from ssah.modelutil import pad_id
+from ssah.modelutil import model_device, pad_id
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
 
@@ -180,7 +181,7 @@ def collect_statistics(
     pad = pad_id(tokenizer)
     encoded = encode_set(tokenizer, data, system=system, max_length=max_length)
     order = batches(encoded, batch_size)
-    device = next(model.parameters()).device
+    device = model_device(model)
     recorder = ActivationRecorder(model, adapter, groups)
     readers = _ReaderGradients(model, adapter, groups, mode) if mode != "none" else None
     grad_tokens = grad_examples = 0
@@ -394,20 +395,28 @@ def compute_scores(
     examples = max(statistics.grad_examples, 1)
     values: dict[str, torch.Tensor] = {}
     for g in adapter.groups():
-        st: RunningStats = statistics.groups[g.key]
-        if metric == "fluctuation":
-            v = st.var * adapter.reader_column_norms(g).to(torch.float64).square()
-        elif metric == "wanda":
-            v = st.l2_norm * _per_unit(adapter.reader_weight(g).detach().abs(), g)
-        elif metric == "magnitude":
-            v = adapter.reader_column_norms(g).to(torch.float64)
-        elif metric == "snip":
-            v = statistics.example_sum[g.key] / examples
-        else:
-            w = adapter.reader_weight(g).detach().to(torch.float64).cpu()
-            v = _per_unit((w * statistics.grad_sum[g.key]).abs(), g) / examples
-        values[g.key] = v.cpu().clamp_min(0.0)
+        with align_module_device(adapter.module(g.reader_module)):  # offloaded readers hold meta tensors
+            values[g.key] = _score_group(adapter, g, statistics, metric, examples)
     return Scores(space, values, metric, statistics.tokens, statistics.data_hash, dataset, region)
+
+
+def _score_group(
+    adapter: ArchAdapter, g: UnitGroup, statistics: UnitStatistics, metric: str, examples: int
+) -> torch.Tensor:
+    """Raw non-negative scores of one group's units (formulas: module doc)."""
+    st: RunningStats = statistics.groups[g.key]
+    if metric == "fluctuation":
+        v = st.var * adapter.reader_column_norms(g).to(torch.float64).square()
+    elif metric == "wanda":
+        v = st.l2_norm * _per_unit(adapter.reader_weight(g).detach().abs(), g)
+    elif metric == "magnitude":
+        v = adapter.reader_column_norms(g).to(torch.float64)
+    elif metric == "snip":
+        v = statistics.example_sum[g.key] / examples
+    else:
+        w = adapter.reader_weight(g).detach().to(torch.float64).cpu()
+        v = _per_unit((w * statistics.grad_sum[g.key]).abs(), g) / examples
+    return v.cpu().clamp_min(0.0)
 
 
 def _per_unit(per_weight: torch.Tensor, g: UnitGroup) -> torch.Tensor:

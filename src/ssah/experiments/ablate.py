@@ -34,7 +34,7 @@ from ssah.experiments.units import REGIONS, UnitsConfig, categorize_model
 from ssah.generate import GenerationConfig
 from ssah.interventions import ablate
 from ssah.judges import Judge, get_judge
-from ssah.models import LoadedModel, load_model
+from ssah.models import LoadedModel, load_model, state_items
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
 from ssah.scoring import Scores
@@ -86,6 +86,7 @@ def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
 class AblateConfig(ModelRunConfig):
     """Everything `ssah ablate` needs; options left at None take the full-run or ``quick`` value."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/ablate"
     quick: bool = False
     units: str | None = None
@@ -230,7 +231,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer, bit for bit (proves the ablations left the weights untouched)."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in state_items(model):  # offloaded weights too
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -485,13 +486,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     # scores beside it) the dose ranking. Loading them is cheap, so they are always read and checked up front.
     safety = _spread(load_prompts(cfg.safety, name="safety"), r["calibration_limit"])
     utility = _spread(load_prompts(cfg.utility, name="utility"), r["calibration_limit"])
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.generation()
     digest_before, hooks_before = weights_digest(lm.model), _hook_count(lm.model)

@@ -54,6 +54,7 @@ MODE_STYLES = {"greedy": "-", "forced": "--"}
 class ProbeConfig(ModelRunConfig):
     """Everything `ssah probe` needs; ``None`` settings take their default (a smaller one under ``quick``)."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/probe"
     compare: str | None = None
     label: str | None = None
@@ -368,16 +369,7 @@ def _run(cfg: ProbeConfig) -> Path:
 
     get_judge(cfg.judge)  # a bad judge spec fails before any model is loaded
     specs = [cfg.model] + ([cfg.compare] if cfg.compare is not None else [])
-    models = [
-        load_model(
-            s,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            allow_pickle=cfg.allow_pickle,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        for s in specs
-    ]
+    models = [load_model(s, **cfg.load_options()) for s in specs]
     _check_compare(cfg, models)
     layers = models[0].model.config.num_hidden_layers
     if cfg.token_layer is not None and not 0 <= cfg.token_layer <= layers:
