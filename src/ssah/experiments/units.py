@@ -21,6 +21,7 @@ from ssah.categorize import (
 )
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
+from ssah.data.chat import context_length
 from ssah.errors import UserError
 from ssah.htmlreport import report_title, write_report_files
 from ssah.models import LoadedModel, load_model
@@ -77,13 +78,16 @@ class UnitsConfig(ModelRunConfig):
 
 
 def _stats(lm: LoadedModel, data: PromptSet, cfg: UnitsConfig, desc: str) -> UnitStatistics:
+    # examples longer than the model's context are cut to it (kept from the start, as max_length does); once
+    # collect_statistics passes context=context_length(model) to encode_set this min() is redundant
+    context = context_length(lm.model)
     return collect_statistics(
         lm.model,
         lm.tokenizer,
         data,
         region=cfg.tokens,
         batch_size=cfg.batch_size,  # type: ignore[arg-type]
-        max_length=cfg.max_length,
+        max_length=min(cfg.max_length, context) if context is not None else cfg.max_length,
         system=cfg.system,
         gradients=cfg.metric == "taylor",
         progress=cfg.progress,
@@ -108,6 +112,12 @@ def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg
     already hold in memory; ``cfg.out`` is ignored. ``cfg.stability`` also categorises each half of the data.
     """
     cfg.check_settings()
+    for data in (safety, utility):
+        if cfg.tokens == "response" and not data.has_responses:
+            raise UserError(
+                f"--tokens response counts response tokens only, and the {data.name} set has examples without a "
+                "response: use a set with responses (--column response=NAME) or --tokens prompt+response"
+            )
     adapter = get_adapter(lm.model)
     neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
     space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
@@ -131,6 +141,12 @@ def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg
             lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=cfg.tokens, adapter=adapter
         )
 
+    for stats, data in zip(full, (safety, utility), strict=True):
+        if stats.tokens == 0:
+            raise UserError(
+                f"no {cfg.tokens} tokens were counted in the {data.name} set (cut away by --max-length?): "
+                "raise --max-length or choose another --tokens"
+            )
     s_scores, u_scores = scores(full[0], safety), scores(full[1], utility)
     options: dict[str, Any] = {
         "rule": cfg.rule,
