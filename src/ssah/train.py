@@ -194,14 +194,12 @@ class TrainConfig(ModelRunConfig):
     def check(self) -> None:
         """Cheap validation before any data or model is loaded: settings, then the output folders."""
         self.check_training()
-        out = Path(self.out)
+        out = check_output_folder(self.out, self.overwrite)  # first: a path that can be a run folder at all
         partial = partial_dir(out)
         if self.resume:
             if not partial.is_dir():
                 raise UserError(f"nothing to resume: {partial} does not exist; run without --resume to start")
-            check_output_folder(out, self.overwrite)
         else:
-            check_output_folder(out, self.overwrite)
             if partial.exists() and not self.overwrite:
                 raise UserError(
                     f"an unfinished run is in {partial}: pass --resume to continue it or --overwrite to start over"
@@ -218,6 +216,8 @@ def partial_dir(out: str | os.PathLike[str]) -> Path:
     It is staged like every run folder (see :class:`ssah.experiments.train.TrainRunDir`): only the process that
     holds ``out``'s lock (:class:`ssah.runs.FolderLock`) creates, trains into or renames it."""
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {str(out)!r} names no new folder: pass a folder name, e.g. --out runs/my-run")
     return out.with_name(out.name + ".partial")
 
 

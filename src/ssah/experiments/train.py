@@ -142,7 +142,8 @@ def run_train(cfg: TrainConfig) -> Path:
     run: TrainRunDir | None = None
     if main:
         run = TrainRunDir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
-        run.write_yaml("config.yaml", cfg.model_dump())
+        if not cfg.resume:  # a resumed run keeps its folder as it is until its checkpoint has loaded
+            run.write_yaml("config.yaml", cfg.model_dump())
     state.wait_for_everyone()
     path = partial_dir(cfg.out)
     try:
@@ -157,6 +158,7 @@ def run_train(cfg: TrainConfig) -> Path:
         state.wait_for_everyone()
         return Path(cfg.out)
     try:
+        run.write_yaml("config.yaml", cfg.model_dump())
         save_trained_model(result.model, lm.tokenizer, run.file("model"))
         results = {
             "model": model_info,
