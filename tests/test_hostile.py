@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from ssah.safefiles import canonical_safetensors, save_safetensors
 
 TRAIN = ["--max-steps", "2", "--checkpoint-every", "1", "--batch-size", "2", "--limit", "4", "--max-length", "256"]
 UNITS = ["--limit", "4", "--max-length", "64", "--no-progress"]
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -336,63 +334,93 @@ def test_allow_pickle_is_honoured(world: World, capsys: pytest.CaptureFixture[st
 
 
 # -- staging ------------------------------------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ssah", "--threads", "1", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _fork(target: Callable[[], int], log: Path) -> int:
+    """Run ``target`` in a forked child process (the modules are already imported: starts in milliseconds) with
+    its stdout and stderr in ``log``; returns the child's PID, to be waited on with ``os.waitpid``."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the child exits right after
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            code = target()
+        except BaseException:  # report and exit, whatever happened
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
 
 
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_two_runs_into_one_folder_at_once_never_mix(tmp_path: Path) -> None:
-    """Two training runs (different seeds) start into one --out at the same moment: one wins whole, the other
+    """Two training processes (different seeds) start into one --out at the same moment: one wins whole, the other
     ends with one error line and exit code 2, and nothing of either is left beside the folder."""
     out = tmp_path / "run"
-    procs = {
-        seed: _cli("train", "tiny-random-llama", "--out", str(out), "--seed", str(seed), *TRAIN, "--no-progress")
+    logs = {seed: tmp_path.parent / f"{tmp_path.name}-{seed}.log" for seed in (1, 2)}
+    pids = {
+        seed: _fork(
+            lambda seed=seed: main(
+                ["train", "tiny-random-llama", "--out", str(out), "--seed", str(seed), *TRAIN, "--no-progress"]
+            ),
+            logs[seed],
+        )
         for seed in (1, 2)
     }
-    results = {seed: (p.wait(timeout=240), *p.communicate()) for seed, p in procs.items()}
-    codes = sorted(code for code, _, _ in results.values())
-    assert codes == [0, 2], results
-    (winner,) = [seed for seed, (code, _, _) in results.items() if code == 0]
-    (loser,) = [seed for seed, (code, _, _) in results.items() if code == 2]
-    err = results[loser][2]
-    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error:")], err
+    codes = {seed: _exit_code(pid) for seed, pid in pids.items()}
+    texts = {seed: logs[seed].read_text() for seed in (1, 2)}
+    assert sorted(codes.values()) == [0, 2], (codes, texts)
+    (winner,) = [seed for seed, code in codes.items() if code == 0]
+    (loser,) = [seed for seed, code in codes.items() if code == 2]
+    assert "Traceback" not in texts[loser], texts[loser]
+    assert len([line for line in texts[loser].splitlines() if line.startswith("error:")]) == 1, texts[loser]
     config = (out / "config.yaml").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     results_json = json.loads((out / "results.json").read_text())
     assert f"seed: {winner}\n" in config and manifest["seed"] == winner
     assert results_json["settings"]["seed"] == winner and (out / "model" / "model.safetensors").is_file()
+    log_steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log_steps == [1, 2]  # one run's log, not two interleaved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder, lock or partial left
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_live_run_blocks_the_folder_and_a_dead_one_does_not(tmp_path: Path, capsys) -> None:
+    from ssah.runs import FolderLock
+
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import sys,time; from ssah.runs import FolderLock; FolderLock({str(out)!r}).acquire()"
-            "; print('held', flush=True); time.sleep(60)",
-        ],
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+
+    def hold() -> int:
+        FolderLock(out).acquire()
+        os.write(ready_w, b"1")
+        os.read(hold_r, 1)  # until the test has tried; then die without releasing, like kill -9
+        os.kill(os.getpid(), 9)
+        return 0
+
+    holder = _fork(hold, tmp_path.parent / f"{tmp_path.name}-holder.log")
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert os.read(ready_r, 1) == b"1"
         line = assert_user_error([*U, "--out", str(out), *UNITS], "another ssah run", watch=tmp_path, capsys=capsys)
-        assert f"PID {holder.pid}" in line
+        assert f"PID {holder}" in line
     finally:
-        holder.kill()
-        holder.wait()
-    # killed (like kill -9): its lock file and a staging folder stay behind, and neither stops the next run
-    (tmp_path / f".run.partial-{holder.pid}").mkdir()
-    (tmp_path / f".run.partial-{holder.pid}" / "half.json").write_text("{")
+        os.write(hold_w, b"1")
+        _exit_code(holder)
+    # killed: its lock file and a staging folder stay behind, and neither stops the next run
+    (tmp_path / f".run.partial-{holder}").mkdir()
+    (tmp_path / f".run.partial-{holder}" / "half.json").write_text("{")
     assert (tmp_path / ".run.lock").is_file()
     assert main([*U, "--out", str(out), *UNITS]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
