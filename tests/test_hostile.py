@@ -225,6 +225,7 @@ CASES: list[Case] = [
     ("config-a-list", lambda w: ["units", "--config", w("configs/a-list.yaml"), "--out", w("o")], "mapping"),
     ("config-a-folder", lambda w: ["units", "--config", w("configs/folder.yaml"), "--out", w("o")], "not found"),
     # data
+    ("data-spec-empty", lambda w: [*U, "--safety", "", "--out", w("o")], "empty data spec"),
     ("prompt-number", lambda w: [*U, "--safety", w("data/prompt-number.jsonl"), "--out", w("o")], "number"),
     ("prompt-bool", lambda w: [*U, "--safety", w("data/prompt-bool.jsonl"), "--out", w("o")], "boolean"),
     ("prompt-list", lambda w: [*U, "--safety", w("data/prompt-list.jsonl"), "--out", w("o")], "list"),
@@ -295,6 +296,11 @@ CASES: list[Case] = [
         "demo-other-seed",
         lambda w: ["demo", "--model", "tiny-random-llama", "--out", w("demo-seed"), "--seed", "1"],
         "not seed=1",
+    ),
+    (
+        "demo-stages-empty",
+        lambda w: ["demo", "--model", "tiny-random-llama", "--out", w("d"), "--stages", ""],
+        "no stage",
     ),
     (
         "demo-stage-needs-another",

@@ -190,6 +190,8 @@ def load_prompts(
         raise DataError(f"limit must be at least 1, got {limit}: pass a positive limit or none")
     mapping = _check_mapping(columns)
     text = os.fspath(spec)
+    if not text.strip():
+        raise DataError("empty data spec: pass builtin:NAME, a preset name, hf:NAME or a .csv/.json/.jsonl file")
     if text.startswith(("hf:", "preset:")) or (text in _preset_names() and not Path(text).expanduser().exists()):
         from ssah.data import presets  # lazy: presets builds on this module
 

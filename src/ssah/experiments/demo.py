@@ -147,9 +147,11 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def check_stages(names: list[str] | None) -> list[Stage]:
-    """The stages to run, in pipeline order; unknown names are an error."""
-    if not names:
+    """The stages to run, in pipeline order (None: all); unknown names, and a list that names none, are errors."""
+    if names is None:
         return list(STAGES)
+    if not names:
+        raise UserError(f"--stages names no stage: list some of {', '.join(STAGE_NAMES)}, or leave it out for all")
     unknown = [n for n in names if n not in STAGE_NAMES]
     if unknown:
         raise UserError(f"unknown demo stage {unknown[0]!r}: use some of {', '.join(STAGE_NAMES)}")
