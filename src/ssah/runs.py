@@ -202,7 +202,7 @@ def sweep_stale_staging(out: str | os.PathLike[str]) -> list[Path]:
     """Remove staging (``.NAME.partial-PID``) and replaced (``.NAME.old-PID``) folders of ``out`` whose process is
     gone; call it holding ``out``'s lock, which no live writer of ``out`` can hold at the same time."""
     out = Path(out)
-    removed = []
+    removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
     for p in out.parent.iterdir():
