@@ -82,7 +82,7 @@ def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, capsys)
     ("args", "needle"),
     [
         (["--stages", "align,nope"], "unknown demo stage 'nope'"),
-        (["--model", "tiny-random-qwen2"], "holds a demo of tiny-random-llama"),
+        (["--model", "tiny-random-qwen2"], "holds a demo started with model=tiny-random-llama"),
     ],
 )
 def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, capsys) -> None:

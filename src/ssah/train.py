@@ -194,14 +194,12 @@ class TrainConfig(ModelRunConfig):
     def check(self) -> None:
         """Cheap validation before any data or model is loaded: settings, then the output folders."""
         self.check_training()
-        out = Path(self.out)
+        out = check_output_folder(self.out, self.overwrite)  # first: a path that can be a run folder at all
         partial = partial_dir(out)
         if self.resume:
             if not partial.is_dir():
                 raise UserError(f"nothing to resume: {partial} does not exist; run without --resume to start")
-            check_output_folder(out, self.overwrite)
         else:
-            check_output_folder(out, self.overwrite)
             if partial.exists() and not self.overwrite:
                 raise UserError(
                     f"an unfinished run is in {partial}: pass --resume to continue it or --overwrite to start over"
@@ -213,8 +211,13 @@ class TrainConfig(ModelRunConfig):
 
 
 def partial_dir(out: str | os.PathLike[str]) -> Path:
-    """Where a training run lives until it completes: ``<out>.partial`` (a stable name, so ``--resume`` finds it)."""
+    """Where a training run lives until it completes: ``<out>.partial`` (a stable name, so ``--resume`` finds it).
+
+    It is staged like every run folder (see :class:`ssah.experiments.train.TrainRunDir`): only the process that
+    holds ``out``'s lock (:class:`ssah.runs.FolderLock`) creates, trains into or renames it."""
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {str(out)!r} names no new folder: pass a folder name, e.g. --out runs/my-run")
     return out.with_name(out.name + ".partial")
 
 
@@ -647,36 +650,73 @@ def load_checkpoint(
     """Load a checkpoint into the trainable tensors, optimizer and scheduler (and the RNGs); returns its state.
 
     ``optimizer`` is anything with ``load_state_dict``. Raises a ``UserError`` when the checkpoint was written by
-    a run with other training settings.
+    a run with other training settings, or when any of its files is damaged (truncated by a full disk, edited):
+    every way such a file can fail to load (JSON, safetensors, torch's unpickler, a wrong structure) says the
+    same thing to the user, so all are caught here.
     """
+    try:
+        return _load_checkpoint(path, trainable, optimizer, scheduler, settings)
+    except UserError:
+        raise
+    except Exception as exc:  # any failure to read a checkpoint file: see the docstring
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(
+            f"checkpoint {path} is damaged ({type(exc).__name__}{': ' + detail if detail else ''}): delete it to "
+            "resume from an earlier checkpoint, or pass --overwrite to start over"
+        ) from None
+
+
+def _load_checkpoint(
+    path: Path, trainable: Mapping[str, torch.Tensor], optimizer: Any, scheduler: Any, settings: dict[str, Any]
+) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an ssah training checkpoint: pass --overwrite to start over")
     saved = state.get("settings", {})
+    if not isinstance(saved, dict):
+        raise ValueError("settings is not a mapping")
     for key in sorted(set(saved) | set(settings)):
         if saved.get(key) != settings.get(key):
             raise UserError(
                 f"the run in {path.parent.parent} was started with {key}={saved.get(key)!r}, not "
                 f"{settings.get(key)!r}: resume with the same settings, or pass --overwrite to start over"
             )
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step {step!r} is not a step count")
     tensors = load_file(str(path / "trainable.safetensors"))
     if set(tensors) != set(trainable):
         raise UserError(f"{path} holds other trainable tensors than this run: pass --overwrite to start over")
-    for name, t in trainable.items():
-        _copy_full_into(t, tensors[name])  # a DTensor (FSDP2) takes its shard
+    for name, t in trainable.items():  # a DTensor's shape is the global one
+        if tuple(tensors[name].shape) != tuple(t.shape):
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, not {tuple(t.shape)}")
     device = next(iter(trainable.values())).device if trainable else torch.device("cpu")
     opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    if not isinstance(opt, dict) or "optimizer" not in opt or "scheduler" not in opt:
+        raise ValueError("optimizer.pt holds no optimizer and scheduler state")
+    rng = load_file(str(path / "rng.safetensors"))
+    if not isinstance(state.get("rng"), dict) or "torch" not in rng:
+        raise ValueError("no RNG state")
+    # everything read and checked: only now change the model
+    for name, t in trainable.items():
+        _copy_full_into(t, tensors[name])  # a DTensor (FSDP2) takes its shard
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    _set_rng_state(rng, state["rng"])
     return state
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= upto]
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r for r in rows if r.get("step", 0) <= upto]
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UserError(
+            f"the step log {path} is damaged ({type(exc).__name__}): delete it (the log restarts) or pass "
+            "--overwrite to start over"
+        ) from None
 
 
 # -- the loop -------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 from ssah.config import ModelRunConfig
 from ssah.errors import UserError
-from ssah.runs import atomic_write_text, manifest, to_json
+from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json
 
 
 class DemoConfig(ModelRunConfig):
@@ -147,9 +147,11 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def check_stages(names: list[str] | None) -> list[Stage]:
-    """The stages to run, in pipeline order; unknown names are an error."""
-    if not names:
+    """The stages to run, in pipeline order (None: all); unknown names, and a list that names none, are errors."""
+    if names is None:
         return list(STAGES)
+    if not names:
+        raise UserError(f"--stages names no stage: list some of {', '.join(STAGE_NAMES)}, or leave it out for all")
     unknown = [n for n in names if n not in STAGE_NAMES]
     if unknown:
         raise UserError(f"unknown demo stage {unknown[0]!r}: use some of {', '.join(STAGE_NAMES)}")
@@ -162,39 +164,93 @@ def stage_done(out: Path, name: str) -> bool:
 
 
 def _check_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder with --out")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not (out / "demo.json").is_file():
-            raise UserError(f"output folder {out} exists and is not a demo folder: choose another --out")
+    """A demo folder must be new, empty, or a demo folder (``demo.json``); with ``overwrite`` anything goes."""
+    check_output_folder(out, overwrite=True)  # a place a folder can be written, and no other run writing it
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not (out / "demo.json").is_file():
+        raise UserError(f"output folder {out} exists and is not a demo folder: choose another --out")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """The demo's state file (``demo.json``), or {} when there is none; a damaged one is a user error."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}): pass --overwrite to start the demo over") from None
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("model"), str)
+        and isinstance(state.get("quick"), bool)
+        and isinstance(state.get("stages", {}), dict)
+    )
+    if not ok:
+        raise UserError(f"{path} is not a demo state (damaged or edited): pass --overwrite to start the demo over")
+    return state  # type: ignore[no-any-return]
+
+
+def _check_continuation(out: Path, state: dict[str, Any], cfg: DemoConfig) -> None:
+    """Continuing a demo needs the settings it was started with: stages run with another model, size or seed
+    would be mixed into one report."""
+    if not state:
+        return
+    theirs = {"model": state.get("model"), "quick": state.get("quick"), "seed": state.get("seed", cfg.seed)}
+    ours = {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}
+    for key in theirs:
+        if theirs[key] != ours[key]:
+            started = ", ".join(f"{k}={v}" for k, v in theirs.items())
+            raise UserError(
+                f"{out} holds a demo started with {started}, not {key}={ours[key]}: use the same settings to "
+                "continue it, or --overwrite to start over"
+            )
+
+
+def _check_needs(out: Path | None, selected: list[Stage]) -> None:
+    """Every selected stage's prerequisites are done in ``out`` (None: a new folder) or selected before it;
+    checked before anything is written."""
+    for i, stage in enumerate(selected):
+        earlier = [s.name for s in selected[:i]]
+        missing = [n for n in stage.needs if not (out is not None and stage_done(out, n)) and n not in earlier]
+        if missing:
+            raise UserError(f"stage {stage.name} needs stage {missing[0]}: add it to --stages or run it first")
 
 
 def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> Path:
-    """Run (or continue) the demo and write its report; returns the demo folder."""
+    """Run (or continue) the demo and write its report; returns the demo folder.
+
+    The demo folder's lock (:class:`ssah.runs.FolderLock`) is held throughout, so two demos cannot write one
+    folder; every check (folder, state, settings, stage order) happens before the first write."""
     t0 = time.time()
     out = Path(cfg.out)
     selected = check_stages(cfg.stages)
     _check_folder(out, cfg.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.partial-*"):  # staging folders of a stage that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    lock = FolderLock(out).acquire()
+    try:
+        return _run_locked(cfg, out, selected, t0, echo)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, echo: Callable[[str], None]) -> Path:
     state_path = out / "demo.json"
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state and (state.get("model") != cfg.model or state.get("quick") != cfg.quick):
-        raise UserError(
-            f"{out} holds a demo of {state.get('model')} (quick={state.get('quick')}): use the same settings to "
-            "continue it, or --overwrite to start over"
-        )
+    state: dict[str, Any] = {}
+    if cfg.overwrite:
+        _check_needs(None, selected)  # the folder is about to be replaced: no stage is done
+        if out.exists():
+            shutil.rmtree(out)
+    else:
+        _check_folder(out, overwrite=False)  # again, under the lock
+        state = _read_state(state_path)
+        _check_continuation(out, state, cfg)
+        _check_needs(out, selected)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.partial-*"):  # staging folders of a stage that was killed (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     state |= {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}
     stages_state: dict[str, Any] = state.setdefault("stages", {})
     atomic_write_text(state_path, to_json(state))
     ctx = DemoContext(cfg, out)
     for i, stage in enumerate(selected, 1):
-        missing = [n for n in stage.needs if not stage_done(out, n) and n not in [s.name for s in selected[:i]]]
-        if missing:
-            raise UserError(f"stage {stage.name} needs stage {missing[0]}: add it to --stages or run it first")
         prefix = f"[{i}/{len(selected)}] {stage.title}"
         if stage_done(out, stage.name):
             echo(f"{prefix}: done before, reusing {out / stage.name}")

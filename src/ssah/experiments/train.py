@@ -29,7 +29,7 @@ from ssah.errors import DataError, UserError
 from ssah.htmlreport import report_title, write_report_files
 from ssah.models import load_model, resolve_device
 from ssah.report import markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.runs import RunDir, manifest, set_seed
 from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, resolve_unit_spec, train_model
 from ssah.units import UnitSet
 
@@ -40,23 +40,40 @@ __all__ = ["TrainConfig", "TrainRunDir", "render", "run_train", "save_trained_mo
 
 class TrainRunDir(RunDir):
     """A run folder built in ``<out>.partial`` (a stable name, unlike :class:`RunDir`'s per-process staging
-    folder), so that a killed training run can be resumed; ``commit`` renames it to ``<out>``."""
+    folder), so that a killed training run can be resumed; ``commit`` renames it to ``<out>``.
+
+    Staging is :class:`RunDir`'s: ``out``'s lock is held for the whole run (a second run into the same folder
+    fails at once), ``<out>.partial`` is created with ``os.mkdir`` (exclusive) unless resuming, and ownership is
+    checked before the final rename.
+    """
 
     def __init__(self, out: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> None:
-        self.out = check_output_folder(out, overwrite)
-        self.overwrite = overwrite
-        self.path = partial_dir(self.out)
-        if not resume:
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.started = time.time()
+        self.resume = resume
+        super().__init__(out, overwrite=overwrite)
+
+    def _staging_path(self) -> Path:
+        return partial_dir(self.out)
+
+    def _make_staging(self) -> None:
+        if self.resume:
+            if not self.path.is_dir():
+                raise UserError(f"nothing to resume: {self.path} does not exist; run without --resume to start")
+            return
+        if self.path.exists():
+            if not self.overwrite:
+                raise UserError(
+                    f"an unfinished run is in {self.path}: pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(self.path)
+        os.mkdir(self.path)
 
     def abort(self) -> None:
         """Keep the folder when it holds a checkpoint (``--resume`` continues from it); remove it otherwise."""
         if checkpoint_dirs(self.path):
             log.warning("training stopped; continue it with --resume (checkpoints in %s)", self.path)
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
+        elif self.lock.owned():
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.lock.release()
 
 
 def save_trained_model(model: nn.Module, tokenizer: Any, folder: str | os.PathLike[str]) -> Path:
@@ -125,7 +142,8 @@ def run_train(cfg: TrainConfig) -> Path:
     run: TrainRunDir | None = None
     if main:
         run = TrainRunDir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
-        run.write_yaml("config.yaml", cfg.model_dump())
+        if not cfg.resume:  # a resumed run keeps its folder as it is until its checkpoint has loaded
+            run.write_yaml("config.yaml", cfg.model_dump())
     state.wait_for_everyone()
     path = partial_dir(cfg.out)
     try:
@@ -140,6 +158,7 @@ def run_train(cfg: TrainConfig) -> Path:
         state.wait_for_everyone()
         return Path(cfg.out)
     try:
+        run.write_yaml("config.yaml", cfg.model_dump())
         save_trained_model(result.model, lm.tokenizer, run.file("model"))
         results = {
             "model": model_info,
