@@ -193,6 +193,11 @@ U = ["units", "tiny-random-llama"]
 NO_GPU = not torch.cuda.is_available()
 
 CASES: list[Case] = [
+    # click's usage errors: one line too, naming the command's --help
+    ("usage-bad-int", lambda w: [*U, "--seed", "abc", "--out", w("o")], "see ssah units --help"),
+    ("usage-threads-zero", lambda w: ["--threads", "0", *U, "--out", w("o")], "--threads"),
+    ("usage-unknown-command", lambda w: ["nosuch-command"], "No such command"),
+    ("usage-unknown-option", lambda w: [*U, "--no-such-option", "--out", w("o")], "no-such-option"),
     # output folders (checked before any work)
     ("out-empty", lambda w: [*U, "--out", "", *UNITS], "names no new folder"),
     ("out-dot", lambda w: [*U, "--out", ".", *UNITS], "names no new folder"),

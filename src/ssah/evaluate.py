@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ssah.data.chat import Encoded, batches, collate, encode_set
+from ssah.data.chat import Encoded, batches, collate, context_length, encode_set, fit_context
 from ssah.data.loaders import PromptSet, load_prompts
 from ssah.data.tasks import (
     MathItem,
@@ -440,7 +440,7 @@ def perplexity(model: Any, tokenizer: Any, data: PromptSet, *, batch_size: int =
         )
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
-    encoded = _with_bos(encode_set(tokenizer, data, system=system), tokenizer)
+    encoded = _with_bos(encode_set(tokenizer, data, system=system, context=context_length(model)), tokenizer)
     device, pad = model_device(model), pad_id(tokenizer)
     total_nll = 0.0
     total_tokens = 0
@@ -475,6 +475,7 @@ def _continuation_logprobs(
         cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
         if not cont:
             raise UserError(f"choice {continuation!r} has no tokens: remove empty choices from the task")
+        ctx = fit_context([ctx], context_length(model), reserve=len(cont))[0]
         encoded.append((ctx, cont))
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     device, pad = model_device(model), pad_id(tokenizer)
