@@ -174,8 +174,8 @@ def test_frozen_slices_bit_identical_and_lora_share_small(full_run: tuple[Path, 
     assert frozen["freeze-scu-cu"]["parts"] == {"SCU": frozen["freeze-scu"]["count"], "CU@6%": round(0.06 * total)}
     assert "% of units)" in res["settings"]["labels"]["freeze-scu-cu"]  # labelled with the real share
     for r in res["runs"]:  # shares of units and of parameters reported for every run
-        if r["frozen"] is not None:
-            assert r["frozen"]["share_of_units"] == pytest.approx(r["frozen"]["count"] / total)
+        if r["frozen_units"]:
+            assert r["frozen_share_of_units"] == pytest.approx(r["frozen_units"] / total)
             assert r["frozen_share_of_params"] == pytest.approx(1 - r["trainable"]["share"])
             assert r["frozen_share_of_params"] > 0
     # the report is rebuilt from results alone
@@ -338,11 +338,13 @@ def test_units_file_of_this_model_is_used(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--cu-share", "2"], "cu-share"),
+        (["--cu-share", "2"], "cu_share"),
+        (["--cu-share", "nan"], "cu_share"),
         (["--settings", "full,bogus"], "unknown setting"),
         (["--steps", "0"], "steps"),
         (["--kinds", "nasty"], "data kind"),
-        (["--lr", "0"], "learning rate"),
+        (["--lr", "0"], "'lr'"),
+        (["--eval-limit", "0"], "eval_limit"),
         (["--seeds", "0"], "seeds"),
         (["--seeds", "2"], "at least 3 seeds"),
         (["--control-strata", "bogus"], "control strata"),
