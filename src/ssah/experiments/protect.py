@@ -519,7 +519,9 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             ma, mb = _measured(cells, a, last), initial if b == "initial" else _measured(cells, b, last)
             if ma is not None and mb is not None:
                 v = measure.verdict(measure.compare(ma, mb), expected)  # type: ignore[arg-type]
-                comps.append({"a": a, "b": b, "metric": "asr", **v.to_dict()})
+                # outcome / asr_a / asr_b: the demo headline's keys (the same as `comparison`, without the interval)
+                old = {"outcome": v.comparison.direction, "asr_a": v.comparison.effect, "asr_b": v.comparison.control}
+                comps.append({"a": a, "b": b, "metric": "asr", **v.to_dict(), **old})
         notes = _notes(comps)
         summary = " ".join([f"After {last} steps on the {kind} data:", *notes, *map(_sentence, comps)])
         out[kind] = {"steps": last, "comparisons": comps, "notes": notes, "summary": summary}
