@@ -336,7 +336,11 @@ def protect_units(lm: LoadedModel, cfg: ProtectConfig, *, progress: bool = False
         return {}, {"source": "not needed (no freezing setting)", "frozen": {}}, None
     found = None
     if cfg.units is not None:
-        ids = {"fingerprint": lm.fingerprint, "model_name": lm.name, "allow_other_weights": cfg.allow_other_weights}
+        ids: dict[str, Any] = {
+            "fingerprint": lm.fingerprint,
+            "model_name": lm.name,
+            "allow_other_weights": cfg.allow_other_weights,
+        }
         sets, ranking = load_ranked_categories(cfg.units, lm.model, **ids)
         summary: dict[str, Any] = {"source": cfg.units}
     else:
@@ -352,6 +356,7 @@ def protect_units(lm: LoadedModel, cfg: ProtectConfig, *, progress: bool = False
         sets, ranking = found.categorization.sets, measure.safety_ranking(found)
         summary = {"source": "found here (units.safetensors, scores/)", **chosen}
         summary |= {"categories": found.categorization.summary()["categories"], "calibration": [x.source for x in data]}
+    assert ranking is not None  # both ways above rank the units
     selections = {s: measure.select(sets, ranking, specs[s]) for s in sorted(needed)}
     frozen = {s: [sel.units] for s, sel in selections.items() if s in settings}
     summary["frozen"] = {s: selections[s].summary() for s in frozen}
@@ -431,14 +436,16 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         before = {n: lm.model.get_parameter(n).detach()[m].clone() for n, m in masks.items()}
         t = time.time()
         with measure.restored_weights(lm.model):
-            tcfg, kw = e.train_config(setting), {"freeze": frozen, "on_step": on_step, "progress": False}
-            res = train_model(lm.model, lm.tokenizer, data.train[kind], tcfg, **kw)
+            tcfg = e.train_config(setting)
+            res = train_model(
+                lm.model, lm.tokenizer, data.train[kind], tcfg, freeze=frozen, on_step=on_step, progress=False
+            )
             check = _frozen_check(lm.model, before, masks)
             if after_setting is not None:
                 after_setting(kind, setting, lm.model, frozen)
         share = frozen.fraction if frozen is not None else 0.0
         frozen_params = 1.0 - res.trainable["share"] if frozen is not None else 0.0
-        run = {
+        run: dict[str, Any] = {
             "frozen_units": len(frozen or ()),
             "frozen_share_of_units": share,
             "frozen_share_of_params": frozen_params,
@@ -450,12 +457,9 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
 
     from tqdm.auto import tqdm
 
-    sets = [
-        (s, i if s in CONTROLS else None, u) for s in e.settings or [] for i, u in enumerate(frozen_sets.get(s, [None]))
-    ]
-    for job in tqdm(
-        [(k, *x) for k in e.kinds or [] for x in sets], desc="protect", unit="run", disable=not cfg.progress
-    ):
+    runs_of = {s: list(enumerate(frozen_sets.get(s, [None]))) for s in e.settings or []}
+    jobs = [(k, s, i if s in CONTROLS else None, u) for k in e.kinds or [] for s, xs in runs_of.items() for i, u in xs]
+    for job in tqdm(jobs, desc="protect", unit="run", disable=not cfg.progress):
         train_one(*job)
 
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
