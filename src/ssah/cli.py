@@ -148,7 +148,11 @@ def train(
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     freeze: Annotated[
-        str | None, typer.Option(help="Keep units bit-identical: UNITS_FILE:SCU,CU@0.06 (top 6% of CU by safety).")
+        str | None,
+        typer.Option(
+            help="Keep units bit-identical: UNITS_FILE:SCU,CU@6% (SCU + 6% of ALL units from CU by safety rank, the "
+            "paper's ~7.5%); CU@6%cu = 6% of CU."
+        ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Train only these units: UNITS_FILE:RU.")] = None,
     lora: Annotated[

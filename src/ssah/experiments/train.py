@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,11 @@ from torch import nn
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
 from ssah.htmlreport import report_title, write_report_files
+from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
 from ssah.report import markdown_table
 from ssah.runs import RunDir, manifest, set_seed
-from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, resolve_unit_spec, train_model
-from ssah.units import UnitSet
+from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,22 @@ def save_trained_model(model: nn.Module, tokenizer: Any, folder: str | os.PathLi
     return folder
 
 
-def _unit_summary(units: UnitSet | None, spec: str | None) -> dict[str, Any] | None:
-    if units is None:
+def _unit_summary(sel: Selection | None, spec: str | None, trainable: Mapping[str, Any], frozen: bool) -> Any:
+    """The unit spec as run: counts per part, the share of all units and of the parameters (frozen for
+    ``--freeze``, trained for ``--only``)."""
+    if sel is None:
         return None
+    params = trainable["total"] - trainable["params"] if frozen else trainable["params"]
     return {
         "spec": spec,
-        "name": units.name,
-        "units": len(units),
-        "fraction": units.fraction,
-        "granularity": units.space.granularity,
+        "name": sel.units.name,
+        "units": len(sel.units),
+        "fraction": sel.units.fraction,
+        "share_of_units": sel.units.fraction,
+        "parts": sel.counts,
+        "params": params,
+        "share_of_params": params / trainable["total"] if trainable["total"] else 0.0,
+        "granularity": sel.units.space.granularity,
     }
 
 
@@ -126,14 +134,16 @@ def run_train(cfg: TrainConfig) -> Path:
         trust_remote_code=cfg.trust_remote_code,
     )
 
-    def resolve(spec: str | None) -> UnitSet | None:
+    def resolve(spec: str | None) -> Selection | None:
         if not spec:
             return None
-        return resolve_unit_spec(
+        return unit_spec_selection(
             spec, lm.model, fingerprint=lm.fingerprint, model_name=lm.name, allow_other_weights=cfg.allow_other_weights
         )
 
-    freeze, only = resolve(cfg.freeze), resolve(cfg.only)
+    freeze_sel, only_sel = resolve(cfg.freeze), resolve(cfg.only)
+    freeze = freeze_sel.units if freeze_sel is not None else None
+    only = only_sel.units if only_sel is not None else None
     if only is not None and len(only) == 0:
         raise UserError(f"no units to train: {cfg.only} names no unit; choose a non-empty category or share")
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
@@ -164,8 +174,8 @@ def run_train(cfg: TrainConfig) -> Path:
             "model": model_info,
             "data": {"source": data.source, "examples": len(data), "sha256": data.fingerprint()},
             **result.summary(),
-            "freeze": _unit_summary(freeze, cfg.freeze),
-            "only": _unit_summary(only, cfg.only),
+            "freeze": _unit_summary(freeze_sel, cfg.freeze, result.trainable, frozen=True),
+            "only": _unit_summary(only_sel, cfg.only, result.trainable, frozen=False),
             "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
             "settings": cfg.settings(),
             "seconds": {
@@ -214,10 +224,11 @@ def train_report(results: dict[str, Any], result: TrainResult) -> str:
 def _train_markdown(results: dict[str, Any], log: list[dict[str, Any]]) -> str:
     m, tr = results["model"], results["trainable"]
     units = results.get("freeze") or results.get("only")
+    share = f" ({units['units']} units, {100 * units['fraction']:.2f}% of all units)" if units else ""
     what = {
         "all": "all parameters",
-        "freeze": f"all but the frozen units {units['name'] if units else ''}",
-        "only": f"only the units {units['name'] if units else ''}",
+        "freeze": f"all but the frozen units {units['name'] if units else ''}{share}",
+        "only": f"only the units {units['name'] if units else ''}{share}",
         "lora": f"LoRA adapters ({results['lora']}), merged into the weights",
     }[results["mode"]]
     rows = [[r["step"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", r["tokens"], f"{r['step_seconds']:.3f}"] for r in log]
