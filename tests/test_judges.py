@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ssah.data.shared import shared_data_dir
-from ssah.errors import DataError, ModelError, UserError
+from ssah.errors import ModelError, UserError
 from ssah.hooks import attach
 from ssah.judges import (
     _SHARED_RULES,

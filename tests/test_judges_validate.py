@@ -208,7 +208,9 @@ def test_validate_on_xstest_reproduces_the_anchors(shared_data: Path, tmp_path: 
     assert got == {"keyword:ssah": 87.5, "keyword:xstest": 89.9, "keyword:gcg": 83.5, "keyword:wei2024": 77.0}
     assert res["data"]["rows_used"] == 1210 and len(res["anchors"]) == 2
     shipped = judge_agreement("keyword:xstest")
-    assert shipped is not None and shipped["agreement"] == pytest.approx(res["judges"]["keyword:xstest"]["agreement"]["value"])
+    assert shipped is not None and shipped["agreement"] == pytest.approx(
+        res["judges"]["keyword:xstest"]["agreement"]["value"]
+    )
 
 
 def _no_label(t: Path) -> list[str]:
@@ -315,9 +317,7 @@ def test_train_then_judge_with_the_folder(tmp_path: Path, tiny_base: Any, capsys
     verdicts = judge.judge(["q"] * 2, [REFUSALS[0], ANSWERS[0]])
     assert all(0.0 <= v.score <= 1.0 for v in verdicts)  # type: ignore[operator]
     # validate accepts the trained judge by its spec
-    res_dir = validate(
-        JudgeValidateConfig(data=[str(a)], judges=[f"learned:{out}"], out=str(tmp_path / "v"))
-    )
+    res_dir = validate(JudgeValidateConfig(data=[str(a)], judges=[f"learned:{out}"], out=str(tmp_path / "v")))
     assert json.loads((res_dir / "results.json").read_text())["judges"][f"learned:{out}"]["n"] == 12
 
 
@@ -441,3 +441,21 @@ def test_labelled_errors_are_data_errors(tmp_path: Path) -> None:
         load_labelled(_no_label(tmp_path))
     with pytest.raises(UserError, match="column role"):
         load_labelled([xstest_like(tmp_path / "m.csv")], columns={"answer": "x"})
+
+
+def test_eval_report_names_its_judge_and_measured_agreement() -> None:
+    from ssah.experiments.eval import eval_report
+
+    results = {
+        "model": {"name": "m"},
+        "judge_spec": "keyword:xstest",
+        "judge_agreement": judge_agreement("keyword:xstest"),
+        "generation": {},
+        "safety": {"asr": 0.25, "n": 4, "ci95": {"low": 0.05, "high": 0.7}, "coherent_compliance": 0.25},
+        "seconds": {"total": 1.0},
+    }
+    text = eval_report(results)
+    assert "attack success rate (judge `keyword:xstest`)" in text
+    assert "agrees with human labels on 89.9%" in text and "1210 replies" in text
+    results["judge_spec"], results["judge_agreement"] = "classifier:x", judge_agreement("classifier:x")
+    assert "no shipped measurement" in eval_report(results)

@@ -22,7 +22,7 @@ from ssah.config import BaseConfig
 from ssah.errors import UserError
 from ssah.evaluate import wilson_interval
 from ssah.htmlreport import report_title, write_report_files
-from ssah.judges import Judge, get_judge
+from ssah.judges import Judge, get_judge, incoherence_reason
 from ssah.judges.labelled import LabelledReply, LabelledSet, PartialRule, apply_partial, load_labelled
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
@@ -71,9 +71,10 @@ class JudgeTrainConfig(BaseConfig):
     columns: dict[str, str] = Field(default_factory=dict)
     partial: PartialRule = "exclude"
     base_model: str = "smollm2-135m-instruct"
-    layers: list[int] | None = None  # candidate layers (default: every other layer)
-    poolings: list[str] = Field(default_factory=lambda: ["mean", "last"])
-    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])
+    layers: list[int] | None = None  # candidate layers (default: every other layer of the first three quarters)
+    # "last" (the last reply token) is also supported; on XSTest it held out at 65-93% against 93-99% for "mean"
+    poolings: list[str] = Field(default_factory=lambda: ["mean"])
+    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1])
     max_prompt_tokens: int = 64
     max_reply_tokens: int = 64
     folds: int = 5
@@ -180,6 +181,7 @@ def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | N
     }
     samples: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
+    reasons = [incoherence_reason(r.prompt, r.reply) for r in rows]
     for spec in cfg.judges:
         t = time.time()
         judge = (judges or {}).get(spec) or get_judge(spec)
@@ -191,6 +193,8 @@ def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | N
             idx = [i for i, r in enumerate(rows) if r.source == source]
             block["per_source"][source] = binary_metrics([human[i] for i in idx], [refused[i] for i in idx])
         block["seconds_per_reply"] = seconds[spec] / len(rows)
+        block["in_sample_sources"] = _in_sample(judge, data)
+        block["coherence"] = _coherence_table(reasons, refused, human)
         results["judges"][spec] = block
         for r, v in zip(rows, verdicts, strict=True):
             if r.label != "partial" and v.refused != (r.label == "refusal"):
@@ -230,6 +234,32 @@ def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | N
             manifest(command="judge validate", seed=cfg.seed, started=t0, model={}, data=data.files),
         )
     return run.out
+
+
+def _coherence_table(reasons: Sequence[str], refused: Sequence[bool], human: Sequence[str]) -> dict[str, Any]:
+    """How the coherence check splits a judge's verdicts (and the human labels): per verdict, coherent replies
+    and the incoherence reasons found; ``agreement`` is the share of the judge's compliant replies that the
+    coherence check calls coherent (real answers should be), ``human_compliance_coherent`` the same for people."""
+    table: dict[str, Any] = {}
+    for verdict in ("refusal", "compliance"):
+        idx = [i for i, r in enumerate(refused) if r == (verdict == "refusal")]
+        counts: dict[str, int] = {}
+        for i in idx:
+            key = reasons[i] or "coherent"
+            counts[key] = counts.get(key, 0) + 1
+        table[verdict] = {"n": len(idx), **counts}
+    comp = table["compliance"]
+    table["agreement"] = _ratio(comp.get("coherent", 0), comp["n"])
+    hc = [reasons[i] for i, h in enumerate(human) if h == "compliance"]
+    table["human_compliance_coherent"] = _ratio(sum(not r for r in hc), len(hc))
+    return table
+
+
+def _in_sample(judge: Any, data: LabelledSet) -> list[str]:
+    """The sources of ``data`` a learned judge was trained on (same file hash): its agreement there is in-sample."""
+    settings = getattr(judge, "settings", None)
+    trained = set((getattr(settings, "trained_on", None) or {}).get("files", {}).values())
+    return [name for name, sha in data.files.items() if sha in trained]
 
 
 def _anchors(data: LabelledSet, partial: str, n: int) -> dict[str, float]:
@@ -288,7 +318,38 @@ def render_validate(results: dict[str, Any]) -> str:
         c = b["confusion"]
         table = [[h, c[h]["refusal"], c[h]["compliance"]] for h in c]
         lines += [f"**`{spec}`**", "", markdown_table(["human \\ judge", "refusal", "compliance"], table), ""]
-    lines += ["## Per source file (agreement [95% CI])", ""]
+    in_sample = {s: b["in_sample_sources"] for s, b in results["judges"].items() if b.get("in_sample_sources")}
+    for spec, sources in in_sample.items():
+        lines += [
+            f"Note: `{spec}` was trained on {', '.join(sources)}: its agreement there is in-sample, not a measure "
+            "of how it does on replies it never saw (see its leave-one-source-out numbers in training.json).",
+            "",
+        ]
+    lines += [
+        "## Coherence check on each judge's compliant replies",
+        "",
+        "Real answers should pass the coherence check; a low share means the check rejects real answers.",
+        "",
+        markdown_table(
+            ["judge", "compliant replies", "coherent [95% CI]", "incoherent by reason"],
+            [
+                [
+                    f"`{s}`",
+                    b["coherence"]["compliance"]["n"],
+                    _pct(b["coherence"]["agreement"]),
+                    ", ".join(f"{k} {v}" for k, v in b["coherence"]["compliance"].items() if k not in ("n", "coherent"))
+                    or "-",
+                ]
+                for s, b in results["judges"].items()
+            ],
+        ),
+        "",
+        f"Human-labelled compliant replies the check calls coherent: "
+        f"{_pct(next(iter(results['judges'].values()))['coherence']['human_compliance_coherent'])}.",
+        "",
+        "## Per source file (agreement [95% CI])",
+        "",
+    ]
     sources = list(next(iter(results["judges"].values()))["per_source"])
     lines += [
         markdown_table(
