@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -119,11 +119,11 @@ def _print_validate(path: Path) -> None:
     for col in ("judge", "agreement [95% CI]", "precision", "recall", "kappa"):
         table.add_column(col)
 
-    def pct(b: dict[str, object]) -> str:
+    def pct(b: dict[str, Any]) -> str:
         if b.get("value") is None:
             return "-"
-        lo, hi = b["ci95"]  # type: ignore[misc]
-        return f"{100 * b['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"  # type: ignore[operator]
+        lo, hi = b["ci95"]
+        return f"{100 * b['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
     for spec, b in res["judges"].items():
         kappa = "-" if b["cohen_kappa"] is None else f"{b['cohen_kappa']:.3f}"

@@ -18,12 +18,15 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ssah.errors import ModelError, UserError
+
+if TYPE_CHECKING:
+    from ssah.judges import Verdict
 
 __all__ = [
     "DEFAULT_BASE",
@@ -290,7 +293,7 @@ class LearnedJudge:
         )
         return head_probs(self.head, feats[:, 0, 0]).tolist()
 
-    def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Any]:
+    def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Verdict]:
         """One verdict per pair."""
         from ssah.judges import Verdict, _check_pairs
 
