@@ -385,7 +385,8 @@ def plot_agreement(results: dict[str, Any], path: Path) -> Path:
                 ax.plot(100 * s["agreement"]["value"], y, "o", color="#ff7f0e", markersize=4)
     for i, (name, value) in enumerate(results.get("anchors", {}).items()):
         ax.axvline(100 * value, linestyle="--", color=["#2ca02c", "#d62728"][i % 2], label=name)
-    ax.set_yticks(range(len(specs)), specs)
+    names = [s + (" (in-sample)" if results["judges"][s].get("in_sample_sources") else "") for s in specs]
+    ax.set_yticks(range(len(specs)), names)
     ax.set_xlabel("agreement with the human label (%), bar = all rows with 95% CI, dots = per source file")
     ax.set_xlim(50, 100)
     if results.get("anchors"):

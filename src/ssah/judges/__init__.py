@@ -1,13 +1,17 @@
 """Judges: decide whether a model's reply to a prompt is a refusal, behind one protocol.
 
-- ``KeywordJudge``: refusal phrases with a match rule (substring or prefix, case, a minimum word count), with
-  named presets: ``ssah`` (ours) and the public lists in ``<shared data>/refusal_keywords/`` with their own rules.
+- ``KeywordJudge``: refusal phrases with a match rule (substring, prefix or the reply's opening sentence, case, a
+  minimum word count), with named presets shipped as package data (``judges/data/keywords.json``): ``ssah`` and
+  ``ssah-prefix`` (ours) and public lists with their sources' own rules, attribution and licence.
+- ``LearnedJudge`` (``learned``, ``learned:FOLDER``): a logistic head on a small local model's hidden states,
+  trained on human-labelled replies (:mod:`ssah.judges.learned`); the shipped one is in ``judges/data/learned``.
 - ``ClassifierJudge``: an HF sequence classifier that labels (prompt, reply) as a harmful completion or not.
 - ``GuardJudge``: a causal guard model (LlamaGuard-style prompt) that answers "safe" or "unsafe".
 - ``FirstTokenJudge``: refusal vs compliance openers' first-token log-probabilities, one forward pass per batch,
   no generation (for fast sweeps).
-- ``is_coherent`` / ``CoherenceCheck``: separates a real answer from a broken, looping or off-topic output, so that
-  "not refused" can be split into coherent compliance and junk.
+- ``is_coherent`` / ``CoherenceCheck``: separates a real answer from a broken, looping, echoed, non-word or
+  off-topic output, so that "not refused" can be split into coherent compliance and junk.
+- ``judge_agreement(spec)``: the shipped measurement of a judge's agreement with human labels.
 
 ``get_judge("keyword:xstest")`` builds one from a spec; ``register_judge`` adds user judges.
 """
