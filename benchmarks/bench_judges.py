@@ -80,7 +80,7 @@ def main() -> None:
     print(f"{what}, {args.threads} torch thread(s)")
     print(f"{'judge':24} {'setup s':>8} {'ms/reply':>10} {'x keyword:ssah':>15}")
     for r in rows:
-        print(f"{r['judge']:24} {r['setup_s']:8.2f} {r['ms_per_reply']:10.3f} {r['x_keyword_ssah']:15.0f}")
+        print(f"{r['judge']:24} {r['setup_s']:8.2f} {r['ms_per_reply']:10.3f} {r['x_keyword_ssah']:15.3g}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": what, "threads": args.threads, "rows": rows}, indent=2) + "\n")
