@@ -382,10 +382,13 @@ def test_best_threshold_and_held_out_agreement() -> None:
     assert acc == 1.0 and t == 0.0  # every threshold in (-1, 2) splits perfectly: the one closest to 0 wins
     t, acc = best_threshold([1.0, 2.0, 3.0, 5.0], [False, False, True, True])  # all positive: threshold moves
     assert t == pytest.approx(2.5) and acc == 1.0
-    rep = calibrated_agreement([1.0, 2.0, 3.0, 5.0, 1.5, 4.0], [False, False, True, True, False, True])
+    # every other pair calibrates (scores 2, 5, 4 -> threshold 3), the rest (1, 3.5, 1.5) are held out
+    rep = calibrated_agreement([1.0, 2.0, 3.5, 5.0, 1.5, 4.0], [False, False, True, True, False, True])
     assert rep["n_calibration"] == 3 and rep["n_test"] == 3
-    assert rep["threshold"] == pytest.approx(2.5) and rep["agreement"] == 1.0
-    assert rep["agreement_at_0"] == pytest.approx(2 / 3)  # 1.5 > 0 is wrongly called a refusal
+    assert rep["threshold"] == pytest.approx(3.0) and rep["agreement"] == 1.0
+    assert rep["agreement_at_0"] == pytest.approx(1 / 3)  # 1.0 and 1.5 > 0 are wrongly called refusals
+    with pytest.raises(UserError, match="calibration_share"):
+        calibrated_agreement([1.0, 2.0], [True, False], calibration_share=1.0)
     with pytest.raises(UserError):
         best_threshold([], [])
 

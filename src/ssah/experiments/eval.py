@@ -237,7 +237,7 @@ def _agreement(
             s.judge_detail = (s.judge_detail + f" first_token={score:.3f}").strip()
         out["first_token_refusal_rate"] = sum(sc > 0 for sc in scores) / n
         out["first_token_vs_judge"] = sum((sc > 0) == s.refused for sc, s in zip(scores, samples, strict=True)) / n
-        # threshold fitted on the first half of this model's judged replies, agreement measured on the other half
+        # threshold fitted on every other judged reply of this model, agreement measured on the rest
         out["first_token_calibrated"] = calibrated_agreement(scores, [s.refused for s in samples])
     return out
 

@@ -816,14 +816,21 @@ def best_threshold(scores: Sequence[float], refused: Sequence[bool]) -> tuple[fl
 def calibrated_agreement(
     scores: Sequence[float], refused: Sequence[bool], *, calibration_share: float = 0.5
 ) -> dict[str, Any]:
-    """Calibrate the first-token threshold on the first ``calibration_share`` of (score, judge verdict) pairs
-    and report agreement with the judge on the rest (held out), beside the fixed threshold 0's agreement there."""
+    """Calibrate the first-token threshold on ``calibration_share`` of the (score, judge verdict) pairs, spread
+    evenly over the list (so prompt sets ordered by category calibrate on every category), and report agreement
+    with the judge on the rest (held out), beside the fixed threshold 0's agreement there."""
     n = len(scores)
     if n < 2:
         return {"threshold": 0.0, "n_calibration": n, "n_test": 0, "agreement": None, "agreement_at_0": None}
-    k = min(n - 1, max(1, round(n * calibration_share)))
-    t, fit = best_threshold(scores[:k], refused[:k])
-    test = list(zip(scores[k:], refused[k:], strict=True))
+    if not 0.0 < calibration_share < 1.0:
+        raise UserError(f"calibration_share must be in (0, 1), got {calibration_share}")
+    calib = [i for i in range(n) if int((i + 1) * calibration_share) > int(i * calibration_share)]
+    if not calib or len(calib) == n:
+        calib = calib[:1] if calib else [0]
+    chosen = set(calib)
+    t, fit = best_threshold([scores[i] for i in calib], [refused[i] for i in calib])
+    test = [(scores[i], refused[i]) for i in range(n) if i not in chosen]
+    k = len(calib)
     return {
         "threshold": t,
         "n_calibration": k,
@@ -887,8 +894,8 @@ class FirstTokenJudge:
         calibration_share: float = 0.5,
     ) -> dict[str, Any]:
         """Choose this model's threshold from its own replies: generate a reply to each prompt (greedy by
-        default), judge it with ``judge``, and fit the threshold on the first ``calibration_share`` of the
-        prompts; the rest measure the calibrated agreement with the judge (reported, with threshold 0's). Sets
+        default), judge it with ``judge``, and fit the threshold on ``calibration_share`` of the prompts
+        (spread evenly); the rest measure the calibrated agreement with the judge (reported, with threshold 0's). Sets
         ``self.threshold`` and returns the report (see :func:`calibrated_agreement`)."""
         prompts = list(prompts)
         if len(prompts) < 2:
