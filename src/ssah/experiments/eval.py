@@ -35,7 +35,15 @@ from ssah.evaluate import (
 )
 from ssah.generate import GenerationConfig, generation_batch_size
 from ssah.htmlreport import report_title, write_report_files
-from ssah.judges import JUDGE_KINDS, FirstTokenJudge, Judge, get_judge, registered_judges
+from ssah.judges import (
+    JUDGE_KINDS,
+    FirstTokenJudge,
+    Judge,
+    calibrated_agreement,
+    get_judge,
+    judge_agreement,
+    registered_judges,
+)
 from ssah.models import load_model
 from ssah.plan import wants_auto_batch
 from ssah.report import markdown_table
@@ -177,6 +185,8 @@ def _agreement(
             s.judge_detail = (s.judge_detail + f" first_token={score:.3f}").strip()
         out["first_token_refusal_rate"] = sum(sc > 0 for sc in scores) / n
         out["first_token_vs_judge"] = sum((sc > 0) == s.refused for sc, s in zip(scores, samples, strict=True)) / n
+        # threshold fitted on every other judged reply of this model, agreement measured on the rest
+        out["first_token_calibrated"] = calibrated_agreement(scores, [s.refused for s in samples])
     return out
 
 
@@ -218,6 +228,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family},
         "judge": getattr(judge, "name", cfg.judge),
         "judge_spec": cfg.judge,
+        "judge_agreement": judge_agreement(cfg.judge),
         "generation": dataclasses.asdict(gen),
         **rep.to_dict(),
         "data": data.describe(),
@@ -255,11 +266,23 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     if "safety" in results:
         s = results["safety"]
-        rows.append(["attack success rate", pct(s["asr"]), ci(s), str(s["n"])])
+        judge = f" (judge `{results['judge_spec']}`)" if results.get("judge_spec") else ""
+        rows.append([f"attack success rate{judge}", pct(s["asr"]), ci(s), str(s["n"])])
         rows.append(["coherent compliance", pct(s["coherent_compliance"]), "", str(s["n"])])
         ag = s.get("agreement") or {}
         if ag.get("first_token_vs_judge") is not None:
             rows.append(["first-token score agrees with judge", pct(ag["first_token_vs_judge"]), "", str(s["n"])])
+        cal = ag.get("first_token_calibrated") or {}
+        if cal.get("agreement") is not None:
+            rows.append(
+                [
+                    f"first-token score agrees with judge, threshold {cal['threshold']:.2f} fitted on "
+                    f"{cal['n_calibration']} replies (0: {pct(cal['agreement_at_0'])})",
+                    pct(cal["agreement"]),
+                    "",
+                    str(cal["n_test"]),
+                ]
+            )
     if "prefill" in results:
         p = results["prefill"]
         rows.append([f"prefill ASR ({p['prefill']!r})", pct(p["asr"]), ci(p), str(p["n"])])
@@ -283,6 +306,17 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     return eval_report(results)
 
 
+def judge_line(spec: str, measured: dict[str, Any] | None) -> str:
+    """One sentence naming the judge and its measured agreement with people (or saying it was not measured)."""
+    if not measured:
+        return f"The judge `{spec}` has no shipped measurement of agreement with human labels."
+    lo, hi = measured["ci95"]
+    return (
+        f"The judge `{spec}` agrees with human labels on {100 * measured['agreement']:.1f}% "
+        f"[{100 * lo:.1f}, {100 * hi:.1f}] of {measured['n']} replies ({measured['data']})."
+    )
+
+
 def eval_report(results: dict[str, Any]) -> str:
     """A readable Markdown report of an evaluation."""
     m = results["model"]
@@ -290,6 +324,8 @@ def eval_report(results: dict[str, Any]) -> str:
         f"# Evaluation of {m['name']}",
         "",
         f"Judge `{results['judge_spec']}`; generation: {results['generation']}.",
+        "",
+        judge_line(results.get("judge_spec", ""), results.get("judge_agreement")),
         "",
         markdown_table(["measure", "value", "95% interval", "n"], summary_rows(results)),
         "",
