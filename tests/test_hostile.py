@@ -503,3 +503,17 @@ def test_units_on_prompts_longer_than_the_context(tmp_path: Path, capsys) -> Non
     long.write_text("".join(json.dumps({"prompt": "word " * 700, "response": "fine " * 5}) + "\n" for _ in range(2)))
     args = ["--safety", str(long), "--utility", str(long), "--max-length", "4000", "--no-progress"]
     assert main(["units", "tiny-random-gpt2", "--out", str(tmp_path / "run"), *args]) == 0, capsys.readouterr()
+
+
+def test_eval_on_prompts_longer_than_the_context(tmp_path: Path, capsys) -> None:
+    """Generation, the first-token score and perplexity all cut to the model's 512 positions (tiny GPT-2)."""
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "word " * 700}) + "\n" for _ in range(2)))
+    answers = tmp_path / "answers.jsonl"  # a long response: perplexity is measured on its first tokens
+    answers.write_text("".join(json.dumps({"prompt": "Say it.", "response": "fine " * 700}) + "\n" for _ in range(2)))
+    args = ["--harmful", str(long), "--benign", "none", "--utility", f"perplexity:{answers}", "--max-new-tokens", "4"]
+    assert main(["eval", "tiny-random-gpt2", "--out", str(tmp_path / "run"), "--no-progress", *args]) == 0, (
+        capsys.readouterr()
+    )
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["safety"]["n"] == 2 and res["utility"]["perplexity"] > 0

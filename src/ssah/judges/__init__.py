@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from ssah.data import format_chat
+from ssah.data.chat import context_length, encode_prompts
 from ssah.errors import ModelError, UserError
 from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
 from ssah.modelutil import frozen_eval, model_device, pad_id
@@ -776,7 +777,8 @@ def first_token_refusal_scores(
         tokenizer, system=system, refusal_openers=refusal_openers, compliance_openers=compliance_openers
     )
     bos_id = bos_to_add(tokenizer)
-    encoded = [encode_prompt(tokenizer, format_chat(tokenizer, p, system=system), bos_id=bos_id) for p in prompts]
+    texts = [format_chat(tokenizer, p, system=system) for p in prompts]
+    encoded = encode_prompts(tokenizer, texts, context=context_length(model), bos_id=bos_id)  # cut to the context
     pad = pad_id(tokenizer)
     device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
