@@ -454,7 +454,11 @@ def test_eval_report_names_its_judge_and_measured_agreement() -> None:
         "judge_spec": "keyword:xstest",
         "judge_agreement": judge_agreement("keyword:xstest"),
         "generation": {},
-        "safety": {"asr": 0.25, "n": 4, "ci95": {"low": 0.05, "high": 0.7}, "coherent_compliance": 0.25},
+        "safety": {
+            "asr": {"k": 1, "n": 4, "rate": 0.25, "ci95": [0.05, 0.7]},
+            "coherent_compliance": {"k": 1, "n": 4, "rate": 0.25, "ci95": [0.05, 0.7]},
+            "n": 4,
+        },
         "seconds": {"total": 1.0},
     }
     text = eval_report(results)
