@@ -1,16 +1,11 @@
 """`ssah budget`: redundant units as an alignment budget (paper §4.3, Table 4, and the reviewers' safety question).
 
-From a base model that complies with harmful requests, the same safety SFT (the `ssah align` data by default) is
-run from the same base weights on every parameter (**full SFT**), on the redundant units only (**RU-only**: RU
-found on the base model by :func:`ssah.measure.find_units`, or read from a unit file), and on as many **random
-units**, drawn with the same count in every (layer, kind) cell, once per seed (the control distribution). After
-each run: refusal of held-out harmful prompts, over-refusal of held-out benign prompts, coherent compliance, and
-utility (the share of benign questions whose reference answer the reply contains, and the perplexity of held-out
-reference answers).
-
-Every verdict comes from :func:`ssah.measure.verdict`: RU-only against the random-units distribution and against
-full SFT, on refusal, over-refusal and utility, each with the 95% interval of the difference. The paper's claim
-(Table 4) is that RU-only SFT keeps more utility than full SFT.
+The same safety SFT of a base model, each run from the same base weights: on every parameter (full SFT), on the
+redundant units only (RU-only; RU from :func:`ssah.measure.find_units` or a unit file), and on as many random units
+with RU's count in every (layer, kind) cell, once per seed (the control distribution). After each run: refusal of
+held-out harmful prompts, over-refusal of held-out benign ones, coherent compliance, benign answers correct and
+perplexity. Every verdict is :func:`ssah.measure.verdict`: RU-only against the random-units distribution and against
+full SFT. The paper's claim (Table 4): RU-only SFT keeps more utility than full SFT.
 """
 
 from __future__ import annotations
@@ -53,6 +48,10 @@ from ssah.units import UnitSet, save_unit_sets
 
 CONDITIONS: tuple[str, ...] = ("full", "ru", "random")
 LABELS = {"base": "base (no SFT)", "full": "full SFT", "ru": "RU-only", "random": "random units only"}
+SHOWN = {"refusal": "refusal (harmful)", "overrefusal": "over-refusal (benign)"} | {
+    "coherent_compliance": "coherent compliance",
+    "task_accuracy": "benign answers correct",
+}
 COLORS = {"base": "#7f7f7f", "full": "#1f77b4", "ru": "#2ca02c", "random": "#ff7f0e"}
 ALIGNMENT = "builtin:alignment"
 TOKENS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
@@ -61,8 +60,8 @@ TOKENS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 # SmolLM2 (8 steps, 16 held-out harmful prompts): RU-only at 3e-4 left refusal at the base's 6%, 1e-3 gave 25%,
 # 3e-3 gave 44% with perplexity up by a third; full SFT at 3e-5 gave 19% (8 steps) and 38% (10 steps).
 DEFAULT_LR_UNITS = 1e-3
-QUICK = {"steps": 10, "eval_limit": 16, "max_new_tokens": 32, "limit": 32}
-FULL = {"steps": 20, "eval_limit": 50, "max_new_tokens": 48, "limit": None}
+QUICK = {"steps": 10, "eval_limit": 16, "max_new_tokens": 32, "limit": 32, "seeds": 3}
+FULL = {"steps": 20, "eval_limit": 50, "max_new_tokens": 48, "limit": None, "seeds": 5}
 # (metric, label, direction the budget hypothesis expects for RU-only against the other condition)
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("refusal", "refusal of held-out harmful prompts", "higher"),
@@ -118,49 +117,25 @@ class BudgetConfig(ModelRunConfig):
         value = getattr(self, name)
         return value if value is not None else (QUICK if self.quick else FULL)[name]
 
-    def n_seeds(self) -> int:
-        return self.seeds if self.seeds is not None else (3 if self.quick else 5)
-
     def unit_search(self) -> SimpleNamespace:
         """The settings :func:`ssah.measure.find_units` reads (RU are found at neuron granularity)."""
-        return SimpleNamespace(
-            metric=self.metric,
-            rule=self.rule,
-            shares=self.shares,
-            normalization=self.normalization,
-            ranking=self.ranking,
-            granularity="neuron",
-            tokens=self.tokens,
-            batch_size=self.score_batch_size,
-            max_length=self.max_length,
-            system=self.system,
-            stability=False,
-            progress=self.progress,
-        )
+        extra = {"granularity": "neuron", "batch_size": self.score_batch_size, "stability": False}
+        return SimpleNamespace(**(self.model_dump() | extra))
 
     def train_config(self, condition: str) -> TrainConfig:
         """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
         full = condition == "full"
+        same = {"model", "out", "dtype", "batch_size", "schedule", "max_length", "system", "seed", "progress"}
         return TrainConfig(
-            model=self.model,
-            out=self.out,
-            dtype=self.dtype,
+            **self.model_dump(include=same),
             max_steps=self.setting("steps"),
-            batch_size=self.batch_size,
             lr=self.lr if full else self.lr_units,
-            schedule=self.schedule,
             max_grad_norm=None,
             freeze_embeddings=self.freeze_embeddings and full,
-            max_length=self.max_length,
-            system=self.system,
-            seed=self.seed,
-            progress=self.progress,
         )
 
     def generation(self) -> GenerationConfig:
-        g = GenerationConfig(max_new_tokens=self.setting("max_new_tokens"), batch_size=16, system=self.system)
-        g.check()
-        return g
+        return GenerationConfig(max_new_tokens=self.setting("max_new_tokens"), batch_size=16, system=self.system)
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
@@ -170,11 +145,9 @@ class BudgetConfig(ModelRunConfig):
         if bad or len(set(self.conditions)) != len(self.conditions):
             raise UserError(f"conditions must be distinct names among {', '.join(CONDITIONS)}, got {self.conditions}")
         if "random" in self.conditions:
-            check_seeds(self.n_seeds(), quick=self.quick)
+            check_seeds(self.setting("seeds"), quick=self.quick)
         if self.control_strata not in STRATA:
             raise UserError(f"unknown --control-strata {self.control_strata!r}: use one of {', '.join(STRATA)}")
-        if self.setting("steps") < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
         for name in ("lr", "lr_units"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -194,7 +167,7 @@ class BudgetConfig(ModelRunConfig):
             ):
                 if value not in allowed:
                     raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
-        self.generation()
+        self.generation().check()
         kind = self.judge.split(":", 1)[0]
         if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
             get_judge(self.judge)  # fails now, with the list of valid judges, on a spec that can never work
@@ -218,8 +191,7 @@ def load_eval_data(cfg: BudgetConfig, train: PromptSet) -> EvalData:
     for what, ps in (("harmful", data.harmful), ("benign", data.benign), ("utility", data.perplexity)):
         if ps is None:
             raise UserError(f"--eval-{what} is needed: give a held-out set")
-        overlap = seen & set(ps.prompts())
-        if overlap:
+        if overlap := seen & set(ps.prompts()):
             raise UserError(
                 f"{len(overlap)} --eval-{what} prompts are also alignment training prompts: use held-out sets"
             )
@@ -250,23 +222,14 @@ def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetC
 def get_units(lm: Any, cfg: BudgetConfig) -> tuple[UnitSet, dict[str, Any]]:
     """The units RU-only trains: RU of the base model (core ``find_units``), or the set ``cfg.units`` names."""
     if cfg.units is not None:
-        units = resolve_unit_spec(
-            cfg.units,
-            lm.model,
-            fingerprint=lm.fingerprint,
-            model_name=lm.name,
-            allow_other_weights=cfg.allow_other_weights,
-        )
-        return units, {"source": cfg.units, "found_on_base": False}
+        same = {"fingerprint": lm.fingerprint, "model_name": lm.name, "allow_other_weights": cfg.allow_other_weights}
+        return resolve_unit_spec(cfg.units, lm.model, **same), {"source": cfg.units, "found_on_base": False}
     n, cols = cfg.setting("limit"), cfg.columns or None
-    safety = load_prompts(cfg.safety, columns=cols, limit=n, name="safety")
-    utility = load_prompts(cfg.utility, columns=cols, limit=n, name="utility")
-    t = time.time()
+    safety, utility = (load_prompts(getattr(cfg, k), columns=cols, limit=n, name=k) for k in ("safety", "utility"))
     cats = find_units(lm, safety, utility, cfg.unit_search()).categorization
     info = {"source": "RU found on the base model", "found_on_base": True, "metric": cfg.metric, "rule": cats.rule}
-    info |= {"shares": cats.shares, "normalization": cats.normalization, "ranking": cats.ranking}
     info["calibration"] = {"safety": safety.source, "utility": utility.source, "examples": [len(safety), len(utility)]}
-    return cats["RU"], {**info, "seconds": round(time.time() - t, 3)}
+    return cats["RU"], info | {"shares": cats.shares, "normalization": cats.normalization, "ranking": cats.ranking}
 
 
 def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -275,15 +238,10 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         evals.setdefault(r["name"], []).append(r["eval"])
     out: dict[str, Any] = {}
-    if "ru" not in evals:
-        return out
-    ru = evals["ru"][0]
-    for other in ("random", "full"):
-        if other not in evals:
-            continue
+    for other in ("random", "full") if "ru" in evals else ():
         block: dict[str, Any] = {}
-        for key, label, expected in METRICS:
-            mine, theirs = ru.get(key), [e.get(key) for e in evals[other]]
+        for key, label, expected in METRICS if other in evals else ():
+            mine, theirs = evals["ru"][0].get(key), [e.get(key) for e in evals[other]]
             if mine is None or any(t is None for t in theirs):
                 block[key] = {"label": label, "verdict": "inconclusive", "reason": f"no {label} measured"}
                 continue
@@ -291,7 +249,8 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
             control = ControlDistribution(draws) if other == "random" else draws[0]
             v = verdict(compare(Proportion.from_dict(mine), control), expected)  # type: ignore[arg-type]
             block[key] = {"label": label, **v.to_dict()}
-        out[f"ru_vs_{other}"] = block
+        if block:
+            out[f"ru_vs_{other}"] = block
     return out
 
 
@@ -302,13 +261,8 @@ def run_budget(cfg: BudgetConfig) -> Path:
     set_seed(cfg.seed)
     train = load_training_data(cfg)
     eval_data = load_eval_data(cfg, train)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    opts = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, **opts)
     model, tok = lm.model, lm.tokenizer
     judge = get_judge(cfg.judge, model=model, tokenizer=tok)
     units, units_info, controls = None, None, []
@@ -318,20 +272,13 @@ def run_budget(cfg: BudgetConfig) -> Path:
             raise UserError("the unit set to train is empty: choose other --shares or another --units category")
         units_info |= {"count": len(units), "share": units.fraction, "units_total": units.space.total}
         if "random" in cfg.conditions:
-            seeds = [cfg.seed + i for i in range(cfg.n_seeds())]
+            seeds = range(cfg.seed, cfg.seed + cfg.setting("seeds"))
             controls = [random_control(units, s, strata=cfg.control_strata) for s in seeds]
-            units_info["controls"] = [
-                c.summary() | {"jaccard_with_ru": round(units.jaccard(c.units), 4)} for c in controls
-            ]
-    rows = [
-        {"name": "base", "label": LABELS["base"], "training": None, "eval": measure(model, tok, eval_data, judge, cfg)}
-    ]
-    runs: list[tuple[str, UnitSet | None, int | None]] = []
-    for cond in cfg.conditions:
-        if cond == "random":
-            runs += [("random", c.units, c.seed) for c in controls]
-        else:
-            runs.append((cond, units if cond == "ru" else None, None))
+            units_info["controls"] = [c.summary() | {"jaccard_ru": round(units.jaccard(c.units), 4)} for c in controls]
+    rows = [{"name": "base", "label": LABELS["base"], "training": None}]
+    rows[0]["eval"] = measure(model, tok, eval_data, judge, cfg)
+    runs = [(c, {"full": None, "ru": units}[c], None) for c in cfg.conditions if c != "random"]
+    runs += [("random", c.units, c.seed) for c in controls]
     for cond, only, seed in runs:
         tcfg = cfg.train_config(cond)
         with restored_weights(model):  # every run starts from the base weights, bit for bit
@@ -342,40 +289,23 @@ def run_budget(cfg: BudgetConfig) -> Path:
             row["eval"] = measure(result.model, tok, eval_data, judge, cfg)
             rows.append(row)
 
-    d = eval_data.describe()
+    fp = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
+    train_info = {"source": train.source, "examples": len(train), "sha256": train.fingerprint()}
     results: dict[str, Any] = {
-        "model": {
-            "name": lm.name,
-            "source": lm.source,
-            "fingerprint": lm.fingerprint,
-            "family": lm.family,
-            "layers": get_adapter(model).num_layers,
-        },
-        "data": {"train": {"source": train.source, "examples": len(train), "sha256": train.fingerprint()}, **d},
+        "model": fp | {"family": lm.family, "layers": get_adapter(model).num_layers},
+        "data": {"train": train_info, **eval_data.describe()},
         "units": units_info,
-        "settings": {
-            "steps": cfg.setting("steps"),
-            "batch_size": cfg.batch_size,
-            "lr_full": cfg.lr,
-            "lr_units": cfg.lr_units,
-            "schedule": cfg.schedule,
-            "freeze_embeddings_full": cfg.freeze_embeddings,
-            "judge": cfg.judge,
-            "max_new_tokens": cfg.setting("max_new_tokens"),
-            "eval_limit": cfg.setting("eval_limit"),
-            "seeds": len(controls),
-            "control_strata": cfg.control_strata,
-            "quick": cfg.quick,
-            "seed": cfg.seed,
-        },
+        "settings": {k: cfg.setting(k) for k in ("steps", "max_new_tokens", "eval_limit")}
+        | {"lr_full": cfg.lr, "freeze_embeddings_full": cfg.freeze_embeddings, "seeds": len(controls)}
+        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "judge", "control_strata", "quick", "seed"}),
         "conditions": rows,
         "verdicts": decide(rows),
         "paper": {"claim": PAPER_CLAIM},
         "seconds": {"load_model": round(lm.load_seconds, 3), "total": 0.0},
     }
-    paper_test = results["verdicts"].get("ru_vs_full", {}).get("task_accuracy")
-    results["paper"]["verdict"] = paper_test["verdict"] if paper_test else "inconclusive"
-    results["paper"]["reason"] = paper_test["reason"] if paper_test else "RU-only and full SFT were not both run"
+    test = results["verdicts"].get("ru_vs_full", {}).get("task_accuracy")
+    results["paper"] |= {k: test[k] for k in ("verdict", "reason")} if test else {"verdict": "inconclusive"}
+    results["paper"].setdefault("reason", "RU-only and full SFT were not both run")
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         run.write_yaml("config.yaml", cfg.model_dump())
         if units is not None:
@@ -385,7 +315,6 @@ def run_budget(cfg: BudgetConfig) -> Path:
         results["seconds"]["total"] = round(time.time() - t0, 3)
         run.write_json("results.json", results)
         run.write_text("report.md", render(results, run.path))
-        fp = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
         run.write_json(
             "manifest.json",
             manifest(command="budget", seed=cfg.seed, started=t0, device=model.device, model=fp, data=results["data"]),
@@ -401,9 +330,7 @@ def plot_budget(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["conditions"]
-    keys = [("refusal", "refusal"), ("overrefusal", "over-refusal"), ("coherent_compliance", "coherent compliance")]
-    keys.append(("task_accuracy", "benign answers correct"))
+    rows, keys = results["conditions"], list(SHOWN.items())
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3.2, 1.2]}, layout="constrained")
     w = 0.8 / len(rows)
     for i, r in enumerate(rows):
@@ -440,9 +367,6 @@ def _p(p: dict[str, Any] | None) -> str:
     return "-" if p is None else f"{100 * p['rate']:.1f}% [{100 * p['ci95'][0]:.0f}, {100 * p['ci95'][1]:.0f}]"
 
 
-HEADER = ("condition", "refusal (harmful)", "over-refusal (benign)", "coherent compliance", "benign correct")
-
-
 def _verdict_lines(results: dict[str, Any]) -> list[str]:
     names = {"ru_vs_random": "the random-units distribution", "ru_vs_full": "full SFT"}
     lines = []
@@ -469,20 +393,9 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     table = []
     for r in results["conditions"]:
         e, t = r["eval"], r["training"]
-        table.append(
-            [_name(r), _p(e["refusal"]), _p(e["overrefusal"]), _p(e["coherent_compliance"]), _p(e["task_accuracy"])]
-            + [f"{e['perplexity']:.2f}"]
-            + (
-                ["-"] * 4
-                if t is None
-                else [
-                    f"{t['trainable']['params']:,} ({100 * t['trainable']['share']:.2f}%)",
-                    f"{t['lr']:g}",
-                    f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}",
-                    f"{t['seconds']:.1f} s",
-                ]
-            )
-        )
+        trained = ["-"] * 3 if t is None else [f"{100 * t['trainable']['share']:.2f}%", f"{t['lr']:g}"]
+        trained += [] if t is None else [f"{t['first_loss']:.3f} -> {t['final_loss']:.3f} ({t['seconds']:.0f} s)"]
+        table.append([_name(r), *(_p(e[k]) for k in SHOWN), f"{e['perplexity']:.2f}", *trained])
     lines = [
         f"# Alignment budget: {m['name']}",
         "",
@@ -492,34 +405,25 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         f"units-only: lr {st['lr_units']:g} (`--lr-units`).",
     ]
     if u:
-        lines.append(
-            f"Units trained: {u['source']}, {u['count']} of {u['units_total']} units ({100 * u['share']:.2f}%)."
-        )
-        if u.get("controls"):
-            seeds = ", ".join(str(c["seed"]) for c in u["controls"])
-            lines.append(
-                f"Control: {len(u['controls'])} random-unit runs (seeds {seeds}),"
-                f" each the same count as RU in every stratum (`{st['control_strata']}`, "
-                f"{len(u['controls'][0]['per_stratum'])} strata; counts in results.json)."
+        lines.append(f"Units trained: {u['source']}, {u['count']} of {u['units_total']} ({100 * u['share']:.2f}%).")
+        for c in u.get("controls", [])[:1]:
+            lines[-1] += (
+                f" Control: {len(u['controls'])} random-unit runs (seeds {st['seed']}, ...), each with RU's count in "
+                f"every stratum (`{c['strata']}`, {len(c['per_stratum'])} strata; counts in results.json)."
             )
     lines += [
         f"Held-out sets: {d['harmful']['examples']} harmful (`{d['harmful']['source']}`), {d['benign']['examples']} "
         f"benign (`{d['benign']['source']}`), perplexity of {d['perplexity']['examples']} reference answers "
         f"(`{d['perplexity']['source']}`); judge `{st['judge']}`, {st['max_new_tokens']} new tokens, greedy.",
         "",
-        markdown_table(
-            [*HEADER, "perplexity", "parameters trained", "lr", "loss", "train time"],
-            table,
-        ),
+        markdown_table(["condition", *SHOWN.values(), "perplexity", "parameters trained", "lr", "loss"], table),
         "",
         "![alignment budget](plots/budget.png)",
         "",
         "## Verdicts",
         "",
-        "Each verdict is the one rule: `reproduced` when the 95% interval of the difference excludes zero in the "
-        "expected direction, `not reproduced` when it excludes zero the other way or lies within ±5 points, else "
-        "`inconclusive`. Against random units the control is the distribution of the seeds (its interval widened by "
-        "their spread).",
+        "The one rule: `reproduced` when the 95% interval of the difference excludes zero in the expected direction; "
+        "against random units the control is the seeds' distribution (its interval widened by their spread).",
         "",
         *_verdict_lines(results),
         "",
