@@ -1,19 +1,17 @@
 """`ssah transfer`: attribute transfer (paper §4.2, Fig. 5) — how unit categories move when a model is fine-tuned.
 
-The units of MODEL and of its fine-tuned version are categorised by :func:`ssah.measure.find_units` on the same
-calibration sets with the same settings; the result is a 4x4 transition matrix SCU / UCU / CU / RU before ->
-after, where the moved units sit (layer, attention vs MLP) and the SCU overlap with its chance level. Without
-``--finetuned`` MODEL is fine-tuned in memory on ``--data`` (benign task data by default) and restored after.
-
-The paper: "over half of the SCU became CU and part of CU became UCU". The verdict compares, at equal data noise,
-the share of SCU (model before, calibration half A) that is CU after fine-tuning (half B) with the same share on
-the unchanged model (half A -> half B: the data-noise control), by :func:`ssah.measure.verdict`. Without the
-control (``--no-control``) the verdict is ``inconclusive``.
+MODEL and its fine-tune (``--finetuned``, or MODEL fine-tuned in memory on ``--data`` and restored after) are
+categorised by :func:`ssah.measure.find_units` on the same calibration sets: a 4x4 transition matrix SCU / UCU /
+CU / RU before -> after, where the moved units sit, and the SCU overlap with its chance level. The paper's "over
+half of the SCU became CU" is decided by :func:`ssah.measure.verdict` at equal data noise: the share of SCU (model
+before, calibration half A) that is CU after fine-tuning (half B) against the same share on the unchanged model
+(half A -> half B: the data-noise control). Without the control the verdict is ``inconclusive``.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,12 +35,8 @@ PAPER_CLAIM = "over half of the SCU became CU and part of the CU became UCU (pap
 # The transitions the paper names: each is tested against the data-noise control; the plot always shows them.
 KEY_PAIRS: tuple[str, ...] = ("SCU->CU", "CU->UCU")
 TOKENS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
-CONTROL_METHOD = (
-    "the unchanged model categorised on disjoint calibration halves A and B: what moves by data noise alone"
-)
-MATCHED_METHOD = (
-    "half A on the model before fine-tuning -> half B on the model after: the fine-tune plus the same noise"
-)
+CONTROL_METHOD = "the unchanged model on disjoint calibration halves A -> B: what moves by data noise alone"
+MATCHED_METHOD = "half A on the model before fine-tuning -> half B on the model after: the fine-tune plus that noise"
 QUICK_LIMIT = 48
 QUICK_STEPS = 8
 DEFAULT_STEPS = 20
@@ -89,19 +83,9 @@ class TransferConfig(ModelRunConfig):
 
     def train_config(self) -> TrainConfig:
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
+        same = {"model", "out", "dtype", "data", "columns", "system", "lr", "max_length", "seed", "progress"}
         return TrainConfig(
-            model=self.model,
-            out=self.out,
-            dtype=self.dtype,
-            data=self.data,
-            columns=self.columns,
-            system=self.system,
-            max_steps=self.effective_steps(),
-            lr=self.lr,
-            batch_size=self.train_batch_size,
-            max_length=self.max_length,
-            seed=self.seed,
-            progress=self.progress,
+            **self.model_dump(include=same), max_steps=self.effective_steps(), batch_size=self.train_batch_size
         )
 
     def check(self) -> None:
@@ -120,8 +104,6 @@ class TransferConfig(ModelRunConfig):
             raise UserError("--batch-size must be at least 1 and --max-length at least 8")
         if self.finetuned is None:
             self.train_config().check_training()
-        if self.effective_steps() < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
         limit = self.effective_limit()
         if self.control and limit is not None and limit < 2:
             raise UserError("the data-noise control splits each calibration set in two: use --limit 2 or more")
@@ -148,18 +130,11 @@ def transition_summary(before: Categorization, after: Categorization) -> dict[st
         if i != j
     }
     moved = n - sum(counts[i][i] for i in range(len(CATEGORIES)))
-    return {
-        "order": list(CATEGORIES),
-        "counts": counts,
-        "row_shares": [[round(c / rows[i], 4) if rows[i] else 0.0 for c in r] for i, r in enumerate(counts)],
-        "before": dict(zip(CATEGORIES, rows, strict=True)),
-        "after": {c: sum(r[j] for r in counts) for j, c in enumerate(CATEGORIES)},
-        "units_total": n,
-        "moved": moved,
-        "moved_share": round(moved / n, 6) if n else 0.0,
-        "pairs": pairs,
-        "overlap": overlap,
-    }
+    shares = [[round(c / rows[i], 4) if rows[i] else 0.0 for c in r] for i, r in enumerate(counts)]
+    out = {"order": list(CATEGORIES), "counts": counts, "row_shares": shares}
+    out |= {"before": dict(zip(CATEGORIES, rows, strict=True))}
+    out |= {"after": {c: sum(r[j] for r in counts) for j, c in enumerate(CATEGORIES)}, "units_total": n}
+    return out | {"moved": moved, "moved_share": round(moved / n, 6), "pairs": pairs, "overlap": overlap}
 
 
 def moved_by_layer(before: Categorization, after: Categorization) -> dict[str, list[dict[str, int]]]:
@@ -178,30 +153,23 @@ def paper_tests(matched: dict[str, Any] | None, control: dict[str, Any] | None) 
     equal noise (both from half A of the unchanged model), by the one verdict rule; no control: inconclusive."""
     out: dict[str, Any] = {}
     for pair in KEY_PAIRS:
-        effect, noise = (
-            (None, None) if matched is None or control is None else (matched["pairs"][pair], control["pairs"][pair])
-        )
+        effect, noise = (b["pairs"][pair] if b else None for b in (matched, control))
+        out[pair] = {"effect": effect, "control": noise, "verdict": "inconclusive"}
         if effect is None or noise is None:
-            reason = "no control" if control is None else f"no {pair.split('->')[0]} on calibration half A"
-            out[pair] = {"verdict": "inconclusive", "reason": reason, "effect": effect, "control": noise}
-            continue
-        v = verdict(compare(Proportion.from_dict(effect), Proportion.from_dict(noise)), "higher")
-        out[pair] = {**v.to_dict(), "effect": effect, "control": noise}
+            out[pair]["reason"] = "no control" if control is None else f"no {pair.split('->')[0]} on calibration half A"
+        else:
+            out[pair] |= verdict(compare(Proportion.from_dict(effect), Proportion.from_dict(noise)), "higher").to_dict()
     return out
 
 
 def check_same_layout(base: LoadedModel, other: LoadedModel) -> None:
     """A fine-tuned model must have the base model's architecture and unit layout (else nothing compares)."""
-    if base.family != other.family:
-        raise UserError(
-            f"the fine-tuned model {other.name!r} is a {other.family} model, {base.name!r} a {base.family} model: "
-            "pass a fine-tune of the same architecture"
-        )
     a, b = (UnitSpace.from_groups(get_adapter(lm.model).groups(), "neuron") for lm in (base, other))
-    if a != b:
+    if base.family != other.family or a != b:
         raise UserError(
-            f"the fine-tuned model {other.name!r} has another unit layout ({b.total} units in {len(b.shapes)} groups, "
-            f"{base.name!r} has {a.total} in {len(a.shapes)}): pass a fine-tune of the same model"
+            f"the fine-tuned model {other.name!r} ({other.family}, {b.total} units in {len(b.shapes)} groups) has "
+            f"another architecture or unit layout than {base.name!r} ({base.family}, {a.total} units in "
+            f"{len(a.shapes)} groups): pass a fine-tune of the same model"
         )
 
 
@@ -214,9 +182,8 @@ def run_transfer(cfg: TransferConfig) -> Path:
     limit, cols = cfg.effective_limit(), cfg.columns or None
     safety = load_prompts(cfg.safety, columns=cols, limit=limit, name="safety")
     utility = load_prompts(cfg.utility, columns=cols, limit=limit, name="utility")
-    for data in (safety, utility) if cfg.control else ():
-        if len(data) < 2:
-            raise UserError(f"the data-noise control needs 2 or more examples in the {data.name} set")
+    for data in [d for d in (safety, utility) if cfg.control and len(d) < 2]:
+        raise UserError(f"the data-noise control needs 2 or more examples in the {data.name} set")
     train_data: PromptSet | None = None
     if cfg.finetuned is None:
         train_data = load_prompts(cfg.data, columns=cols, name="fine-tuning")
@@ -228,35 +195,30 @@ def run_transfer(cfg: TransferConfig) -> Path:
         return load_model(spec, dtype=cfg.dtype, device=cfg.device, **opts)
 
     base = load(cfg.model)
-    ft = load(cfg.finetuned) if cfg.finetuned is not None else None
-    if ft is not None:
+    if (ft := load(cfg.finetuned) if cfg.finetuned is not None else None) is not None:
         check_same_layout(base, ft)
     t_load = time.time() - t0
     search = cfg.unit_search()
-    halves = (safety.split(2), utility.split(2)) if cfg.control else None
+    halves = list(zip(safety.split(2), utility.split(2), strict=True)) if cfg.control else []
 
-    def categorize(lm: LoadedModel, half: int | None = None) -> Categorization:
-        if half is None:
-            return find_units(lm, safety, utility, search).categorization
-        assert halves is not None
-        return find_units(lm, halves[0][half], halves[1][half], search).categorization
+    def categorize(lm: LoadedModel, sets: tuple[PromptSet, PromptSet]) -> Categorization:
+        return find_units(lm, *sets, search).categorization
 
     t_cat = time.time()
-    before = categorize(base)
-    base_a, base_b = (categorize(base, 0), categorize(base, 1)) if halves else (None, None)
+    before = categorize(base, (safety, utility))
+    base_a, base_b = (categorize(base, halves[0]), categorize(base, halves[1])) if halves else (None, None)
     training: dict[str, Any] | None = None
-    with restored_weights(base.model):  # an in-memory fine-tune changes MODEL's weights only inside this block
+    with restored_weights(base.model) if ft is None else nullcontext():  # an in-memory fine-tune: MODEL restored
         if ft is None:
             assert train_data is not None
             result = train_model(base.model, base.tokenizer, train_data, cfg.train_config(), progress=cfg.progress)
             result.model.eval()
             ft = LoadedModel(result.model, base.tokenizer, f"{base.name} (fine-tuned in memory)", "memory")
-            training = {**result.summary(), "lr": cfg.lr, "batch_size": cfg.train_batch_size}
-            training["data"] = {"source": train_data.source, "examples": len(train_data)}
-            training["data"]["sha256"] = train_data.fingerprint()
+            data_id = {"source": train_data.source, "examples": len(train_data), "sha256": train_data.fingerprint()}
+            training = {**result.summary(), "lr": cfg.lr, "batch_size": cfg.train_batch_size, "data": data_id}
         fp_after = model_fingerprint(ft.model)
-        after = categorize(ft)
-        ft_b = categorize(ft, 1) if halves else None
+        after = categorize(ft, (safety, utility))
+        ft_b = categorize(ft, halves[1]) if halves else None
     cat_seconds = time.time() - t_cat - (training["seconds"] if training else 0.0)
     transfer = transition_summary(before, after)
     control = matched = None
@@ -264,57 +226,29 @@ def run_transfer(cfg: TransferConfig) -> Path:
         control = {"method": CONTROL_METHOD, **transition_summary(base_a, base_b)}
         matched = {"method": MATCHED_METHOD, **transition_summary(base_a, ft_b)}
     tests = paper_tests(matched, control)
-    fp_before = base.fingerprint
+    fp_before, n = base.fingerprint, before.space.total
+    ids = [{"name": lm.name, "source": lm.source, "fingerprint": fp} for lm, fp in ((base, fp_before), (ft, fp_after))]
     results: dict[str, Any] = {
-        "model": {
-            "name": base.name,
-            "source": base.source,
-            "fingerprint": fp_before,
-            "family": base.family,
-            "layers": get_adapter(base.model).num_layers,
-            "units_total": before.space.total,
-        },
-        "finetuned": {
-            "name": ft.name,
-            "source": ft.source,
-            "fingerprint": fp_after,
-            "in_memory": cfg.finetuned is None,
-            "same_weights": fp_before == fp_after,
-            "training": training,
-        },
-        "categorization": {
-            "metric": cfg.metric,
-            "rule": before.rule,
-            "shares": before.shares,
-            "normalization": before.normalization,
-            "ranking": before.ranking,
-            "granularity": cfg.granularity,
-            "token_region": cfg.tokens,
-            "limit": limit,
-            "examples": {"safety": len(safety), "utility": len(utility)},
-            "data": {"safety": safety.source, "utility": utility.source},
-        },
+        "model": ids[0] | {"family": base.family, "layers": get_adapter(base.model).num_layers, "units_total": n},
+        "finetuned": ids[1]
+        | {"in_memory": cfg.finetuned is None, "same_weights": fp_before == fp_after}
+        | {"training": training},
+        "categorization": {"rule": before.rule, "shares": before.shares, "normalization": before.normalization}
+        | cfg.model_dump(include={"metric", "ranking", "granularity"})
+        | {"token_region": cfg.tokens, "limit": limit, "examples": {"safety": len(safety), "utility": len(utility)}}
+        | {"data": {"safety": safety.source, "utility": utility.source}},
         "transition": transfer,
         "moved_by_layer": moved_by_layer(before, after),
         "scu_overlap": transfer["overlap"]["SCU"],
         "control": control,
         "matched": matched,
         "stability": stability_summary(base_a, base_b) if base_a is not None else None,
-        "paper": {
-            "claim": PAPER_CLAIM,
-            "scu_to_cu": transfer["pairs"]["SCU->CU"],
-            "cu_to_ucu": transfer["pairs"]["CU->UCU"],
-            "tests": tests,
-            "verdict": tests["SCU->CU"]["verdict"],
-        },
+        "paper": {"claim": PAPER_CLAIM, "tests": tests, "verdict": tests["SCU->CU"]["verdict"]}
+        | {"scu_to_cu": transfer["pairs"]["SCU->CU"], "cu_to_ucu": transfer["pairs"]["CU->UCU"]},
         "quick": cfg.quick,
         "seed": cfg.seed,
-        "seconds": {
-            "load_models": round(t_load, 3),
-            "fine_tune": training["seconds"] if training else 0.0,
-            "categorize": round(cat_seconds, 3),
-            "total": 0.0,
-        },
+        "seconds": {"load_models": round(t_load, 3), "fine_tune": training["seconds"] if training else 0.0}
+        | {"categorize": round(cat_seconds, 3), "total": 0.0},
     }
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         run.write_yaml("config.yaml", cfg.model_dump())
@@ -328,18 +262,8 @@ def run_transfer(cfg: TransferConfig) -> Path:
             for name, ps in (("safety", safety), ("utility", utility), ("fine_tuning", train_data))
             if ps is not None
         }
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="transfer",
-                seed=cfg.seed,
-                started=t0,
-                device=base.model.device,
-                model={"name": base.name, "source": base.source, "fingerprint": fp_before},
-                data=data_info,
-                finetuned={"name": ft.name, "source": ft.source, "fingerprint": fp_after},
-            ),
-        )
+        how = {"command": "transfer", "seed": cfg.seed, "started": t0, "device": base.model.device}
+        run.write_json("manifest.json", manifest(**how, model=ids[0], data=data_info, finetuned=ids[1]))
     return run.out
 
 
@@ -360,16 +284,22 @@ def _heatmap(ax: Any, block: dict[str, Any], title: str, ylabel: str, xlabel: st
     order = block["order"]
     ax.set_xticks(range(len(order)), order)
     ax.set_yticks(range(len(order)), [f"{c} ({block['before'][c]})" for c in order])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
     for i in range(len(order)):
         for j in range(len(order)):
             color = "white" if shares[i, j] > 0.6 else "black"
-            ax.text(
-                j, i, f"{counts[i][j]}\n{100 * shares[i, j]:.1f}%", ha="center", va="center", fontsize=8, color=color
-            )
-    ax.set_title(title, fontsize=10)
+            ax.text(j, i, f"{counts[i][j]}\n{100 * shares[i, j]:.1f}%", ha="center", va="center", fontsize=8, c=color)
     return im
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_transition(results: dict[str, Any], path: Path) -> Path:
@@ -381,19 +311,15 @@ def plot_transition(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [p for p in PANELS if results.get(p[0])]
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.9 * len(panels) + 1.0, 4.6), squeeze=False, layout="constrained"
-    )
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.9 * n + 1.0, 4.6), squeeze=False, layout="constrained")
     im = None
     for ax, (key, title, ylabel, xlabel) in zip(axes[0], panels, strict=True):
         im = _heatmap(ax, results[key], title, ylabel, xlabel)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), label="share of the row", shrink=0.8)
     fig.suptitle(f"{results['model']['name']}: unit categories ({results['transition']['units_total']} units)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _pairs_to_plot(results: dict[str, Any], most: int = 4) -> list[str]:
@@ -425,25 +351,16 @@ def plot_moved_by_layer(results: dict[str, Any], path: Path) -> Path:
     axes[-1, 0].set_xlabel("layer")
     fig.suptitle(f"{results['model']['name']}: units that changed category after fine-tuning, by layer")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def _p(p: dict[str, Any] | None) -> str:
-    return "-" if p is None else f"{100 * p['rate']:.1f}% [{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}]"
-
-
-def _matrix_table(block: dict[str, Any], corner: str = "before \\ after") -> str:
-    order = block["order"]
+def _matrix_table(block: dict[str, Any]) -> str:
+    order, cells = block["order"], zip(block["counts"], block["row_shares"], strict=True)
     rows = [
-        [f"**{a}** ({block['before'][a]})"]
-        + [f"{block['counts'][i][j]} ({100 * block['row_shares'][i][j]:.1f}%)" for j in range(len(order))]
-        for i, a in enumerate(order)
+        [f"**{a}** ({block['before'][a]})", *(f"{c} ({100 * x:.1f}%)" for c, x in zip(*ab, strict=True))]
+        for a, ab in zip(order, cells, strict=True)
     ]
-    rows.append(["(column total)"] + [str(block["after"][c]) for c in order])
-    return markdown_table([corner, *order], rows)
+    return markdown_table(["before \\ after", *order], [*rows, ["(column total)", *(block["after"][c] for c in order)]])
 
 
 def _verdict(results: dict[str, Any]) -> list[str]:
@@ -453,15 +370,14 @@ def _verdict(results: dict[str, Any]) -> list[str]:
         f"Here, on the full calibration data, {_pct_of(p['scu_to_cu'])} of the SCU became CU and "
         f"{_pct_of(p['cu_to_ucu'])} of the CU became UCU (95% Wilson intervals).",
         "",
-        "Verdict (the one rule: `reproduced` only when the 95% interval of the difference to the control excludes "
-        "zero upwards): each move across the fine-tune (SCU of half A on the model before -> half B after) against "
-        "the same move on the unchanged model (half A -> half B, data noise alone), with the same denominator "
-        "(the category on half A of the unchanged model).",
+        "Verdict (`reproduced` only when the 95% interval of the difference excludes zero upwards): each move across "
+        "the fine-tune (half A before -> half B after) against the same move by data noise alone (unchanged model, "
+        "half A -> half B), over the same units (the category on half A before).",
         "",
     ]
     for pair, t in p["tests"].items():
         if "comparison" not in t:
-            lines.append(f"- {pair}: **{t['verdict']}** ({t['reason']}).")
+            lines += [f"- {pair}: **{t['verdict']}** ({t['reason']})."]
             continue
         c = t["comparison"]
         need = f"; about {t['n_needed']} units per side would decide" if t.get("n_needed") else ""
@@ -474,7 +390,11 @@ def _verdict(results: dict[str, Any]) -> list[str]:
 
 
 def _pct_of(p: dict[str, Any] | None) -> str:
-    return "-" if p is None else f"{_p(p)} ({p['k']}/{p['n']})"
+    return (
+        "-"
+        if p is None
+        else f"{100 * p['rate']:.1f}% [{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}] ({p['k']}/{p['n']})"
+    )
 
 
 def render(results: dict[str, Any], run_dir: Path) -> str:
@@ -483,16 +403,12 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     plot_transition(results, run_dir / "plots" / "transition.png")
     plot_moved_by_layer(results, run_dir / "plots" / "moved_by_layer.png")
     m, ft, cat, tr = results["model"], results["finetuned"], results["categorization"], results["transition"]
-    ctrl, matched = results.get("control"), results.get("matched")
-    if ft["in_memory"]:
-        t = ft["training"]
-        how = (
-            f"No fine-tuned model was given: `{m['name']}` was **fine-tuned in memory** on `{t['data']['source']}` "
-            f"({t['data']['examples']} examples) for {t['steps']} steps (batch {t['batch_size']}, lr {t['lr']:g}, all "
-            f"parameters), loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}; its weights were restored after."
-        )
-    else:
-        how = f"Fine-tuned model: `{ft['name']}` (fingerprint `{ft['fingerprint']}`)."
+    t = ft["training"]
+    how = f"Fine-tuned model: `{ft['name']}` (fingerprint `{ft['fingerprint']}`)."
+    if t is not None:
+        how = f"`{m['name']}` **fine-tuned in memory** on `{t['data']['source']}` ({t['data']['examples']} examples), "
+        how += f"{t['steps']} steps of batch {t['batch_size']}, lr {t['lr']:g}, all parameters, loss "
+        how += f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}; its weights were restored after."
     lines = [f"# Attribute transfer: {m['name']}", "", how]
     if ft.get("same_weights"):
         lines += ["", "**Warning**: the fine-tuned model has the same weights as the base model; nothing can move."]
@@ -518,33 +434,16 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         *_verdict(results),
         "",
     ]
-    if ctrl and matched:
-        lines += [
-            "## Data noise: the control",
-            "",
-            f"Control: {ctrl['method']}; {ctrl['moved']} units changed category.",
-            "",
-            _matrix_table(ctrl, "half A \\ half B"),
-            "",
-            f"Matched: {matched['method']}; {matched['moved']} units changed category.",
-            "",
-            _matrix_table(matched, "before, A \\ after, B"),
-            "",
-        ]
-    pair_rows = []
-    for pair in _pairs_to_plot(results, most=6):
-        by_layer = results["moved_by_layer"][pair]
-        attn, mlp = sum(r["attn"] for r in by_layer), sum(r["mlp"] for r in by_layer)
-        top = sorted(by_layer, key=lambda r: -(r["attn"] + r["mlp"]))[:3]
-        where = ", ".join(f"L{r['layer']} ({r['attn'] + r['mlp']})" for r in top if r["attn"] + r["mlp"] > 0)
-        pair_rows.append([pair, attn + mlp, attn, mlp, where or "-"])
-    s = results["seconds"]
+    for block in (b for b in (results.get("matched"), results.get("control")) if b):
+        lines += [f"{block['method'][0].upper()}{block['method'][1:]}: {block['moved']} units changed category.", ""]
+    by_layer, s = results["moved_by_layer"], results["seconds"]
+    kinds = [(p, *(sum(r[k] for r in by_layer[p]) for k in ("attn", "mlp"))) for p in _pairs_to_plot(results, 6)]
     lines += [
         "## Where the moved units sit",
         "",
         "![moved units by layer](plots/moved_by_layer.png)",
         "",
-        markdown_table(["change", "units", "attention", "MLP", "most in layers"], pair_rows),
+        "; ".join(f"{p}: {a} attention, {m} MLP" for p, a, m in kinds) + ".",
         "",
         f"Took {s['total']:.1f} s (model loads {s['load_models']:.1f} s, fine-tuning {s['fine_tune']:.1f} s, "
         f"categorisations {s['categorize']:.1f} s){' in quick mode' if results.get('quick') else ''}.",
