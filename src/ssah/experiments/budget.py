@@ -245,7 +245,7 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if mine is None or any(t is None for t in theirs):
                 block[key] = {"label": label, "verdict": "inconclusive", "reason": f"no {label} measured"}
                 continue
-            draws = tuple(Proportion.from_dict(t) for t in theirs)
+            draws = tuple(Proportion.from_dict(t) for t in theirs if t is not None)
             control = ControlDistribution(draws) if other == "random" else draws[0]
             v = verdict(compare(Proportion.from_dict(mine), control), expected)  # type: ignore[arg-type]
             block[key] = {"label": label, **v.to_dict()}
@@ -261,7 +261,7 @@ def run_budget(cfg: BudgetConfig) -> Path:
     set_seed(cfg.seed)
     train = load_training_data(cfg)
     eval_data = load_eval_data(cfg, train)
-    opts = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
+    opts: dict[str, Any] = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, **opts)
     model, tok = lm.model, lm.tokenizer
     judge = get_judge(cfg.judge, model=model, tokenizer=tok)
@@ -275,16 +275,16 @@ def run_budget(cfg: BudgetConfig) -> Path:
             seeds = range(cfg.seed, cfg.seed + cfg.setting("seeds"))
             controls = [random_control(units, s, strata=cfg.control_strata) for s in seeds]
             units_info["controls"] = [c.summary() | {"jaccard_ru": round(units.jaccard(c.units), 4)} for c in controls]
-    rows = [{"name": "base", "label": LABELS["base"], "training": None}]
+    rows: list[dict[str, Any]] = [{"name": "base", "label": LABELS["base"], "training": None}]
     rows[0]["eval"] = measure(model, tok, eval_data, judge, cfg)
-    runs = [(c, {"full": None, "ru": units}[c], None) for c in cfg.conditions if c != "random"]
-    runs += [("random", c.units, c.seed) for c in controls]
+    runs: list[tuple[str, Any, int | None]] = [(c, units if c == "ru" else None, None) for c in cfg.conditions]
+    runs = [r for r in runs if r[0] != "random"] + [("random", c.units, c.seed) for c in controls]
     for cond, only, seed in runs:
         tcfg = cfg.train_config(cond)
         with restored_weights(model):  # every run starts from the base weights, bit for bit
             result = train_model(model, tok, train, tcfg, only=only, progress=cfg.progress)
             result.model.eval()
-            row = {"name": cond, "label": LABELS[cond], "seed": seed}
+            row: dict[str, Any] = {"name": cond, "label": LABELS[cond], "seed": seed}
             row["training"] = {**result.summary(), "lr": tcfg.lr, "freeze_embeddings": tcfg.freeze_embeddings}
             row["eval"] = measure(result.model, tok, eval_data, judge, cfg)
             rows.append(row)
@@ -334,7 +334,7 @@ def plot_budget(results: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3.2, 1.2]}, layout="constrained")
     w = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        xs, ys, err = [], [], [[], []]
+        xs, ys, err = [], [], ([], [])  # type: ignore[var-annotated]
         for j, (key, _) in enumerate(keys):
             p = r["eval"].get(key)
             if p is None:

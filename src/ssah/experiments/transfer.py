@@ -14,9 +14,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field
+from transformers import PreTrainedModel
 
 from ssah.arch import get_adapter
 from ssah.categorize import CATEGORIES, NORMALIZATIONS, RANKINGS, Categorization, check_shares, expected_random_jaccard
@@ -131,7 +132,7 @@ def transition_summary(before: Categorization, after: Categorization) -> dict[st
     }
     moved = n - sum(counts[i][i] for i in range(len(CATEGORIES)))
     shares = [[round(c / rows[i], 4) if rows[i] else 0.0 for c in r] for i, r in enumerate(counts)]
-    out = {"order": list(CATEGORIES), "counts": counts, "row_shares": shares}
+    out: dict[str, Any] = {"order": list(CATEGORIES), "counts": counts, "row_shares": shares}
     out |= {"before": dict(zip(CATEGORIES, rows, strict=True))}
     out |= {"after": {c: sum(r[j] for r in counts) for j, c in enumerate(CATEGORIES)}, "units_total": n}
     return out | {"moved": moved, "moved_share": round(moved / n, 6), "pairs": pairs, "overlap": overlap}
@@ -191,7 +192,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
             raise UserError(f"fine-tuning data {cfg.data} has no responses: pass a set with a response column")
 
     def load(spec: str) -> LoadedModel:
-        opts = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
+        opts: dict[str, Any] = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
         return load_model(spec, dtype=cfg.dtype, device=cfg.device, **opts)
 
     base = load(cfg.model)
@@ -213,7 +214,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
             assert train_data is not None
             result = train_model(base.model, base.tokenizer, train_data, cfg.train_config(), progress=cfg.progress)
             result.model.eval()
-            ft = LoadedModel(result.model, base.tokenizer, f"{base.name} (fine-tuned in memory)", "memory")
+            ft = LoadedModel(cast(PreTrainedModel, result.model), base.tokenizer, f"{base.name} (fine-tuned)", "memory")
             data_id = {"source": train_data.source, "examples": len(train_data), "sha256": train_data.fingerprint()}
             training = {**result.summary(), "lr": cfg.lr, "batch_size": cfg.train_batch_size, "data": data_id}
         fp_after = model_fingerprint(ft.model)
@@ -262,7 +263,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
             for name, ps in (("safety", safety), ("utility", utility), ("fine_tuning", train_data))
             if ps is not None
         }
-        how = {"command": "transfer", "seed": cfg.seed, "started": t0, "device": base.model.device}
+        how: dict[str, Any] = {"command": "transfer", "seed": cfg.seed, "started": t0, "device": base.model.device}
         run.write_json("manifest.json", manifest(**how, model=ids[0], data=data_info, finetuned=ids[1]))
     return run.out
 
