@@ -342,8 +342,7 @@ def _headline_probe(r: dict[str, Any]) -> dict[str, Any]:
         "ours": (f"primary method `{primary}`: {sep[primary]['decision']['reason']}; " if primary else "")
         + f"controlled methods reproducing over a run of later layers (Bonferroni-corrected): "
         f"{len(good)} of {len(controlled)} ({', '.join(good) or 'none'}); the paper's probe: {naive or 'n/a'} "
-        "(its gap is already "
-        + (f"{emb[0]:+.2f} at the embedding layer, a word-identity confound)" if emb else "n/a)"),
+        "(its gap is already " + confound,
         "verdict": sep[primary]["verdict"] if primary else None,
     }
 
