@@ -548,3 +548,55 @@ def test_ablation_bad_input_is_a_user_error() -> None:
     with pytest.raises(UserError, match="layers.0.attn"), ablate(model, _picked(model), mode="mean", means=short):
         pass
     assert _hooks(model) == 0
+
+
+# -- GQA through training: TrainConfig.gqa, results and `ssah train --gqa` -----------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "gqa"), [("freeze", "strict"), ("only", "any")])
+def test_train_model_passes_gqa_and_reports_the_unit_slices(mode: str, gqa: str) -> None:
+    from ssah.data import Example, PromptSet
+    from ssah.train import TrainConfig, train_model
+
+    model, tok = build_tiny_model("llama")
+    before = _snapshot(model)
+    data = PromptSet("toy", "memory", (Example("Say hello.", "Hello there!"), Example("Say bye.", "Bye now.")))
+    cfg = TrainConfig(model="tiny-random-llama", lr=1e-2, batch_size=2, max_steps=2, gqa=gqa)
+    units = _attn(model, [5])
+    res = train_model(model, tok, data, cfg, progress=False, **{mode: units})
+    report = res.summary()["unit_slices"]
+    assert report["gqa"] == gqa and report["units"] == 1
+    assert report["unit_share"] == pytest.approx(1 / space_of(model).total)
+    moved = not torch.equal(model.state_dict()[V0][5], before[V0][5])
+    if mode == "freeze":  # strict: the shared row is not frozen, so it trains
+        assert report["outside_channels"] == 0 and report["inside_channels_without_row"] == 1 and moved
+        assert res.trainable["params"] == res.trainable["total"] - report["parameters"]
+    else:  # any: the shared row trains with the set, for channel 21 too
+        assert report["outside_channels"] == 1 and moved
+        assert res.trainable["params"] == report["parameters"]
+    with pytest.raises(UserError, match="unknown gqa mode"):
+        TrainConfig(model="tiny-random-llama", gqa="most").check_training()
+
+
+def test_cli_train_gqa_option_reaches_results(tmp_path, capsys) -> None:
+    import json
+
+    from ssah.categorize import categorize
+    from ssah.cli import main
+
+    model, _ = build_tiny_model("llama")
+    space = UnitSpace.from_groups(get_adapter(model).groups(), "neuron")
+    g = torch.Generator().manual_seed(1)
+    s, u = torch.rand(space.total, generator=g), torch.rand(space.total, generator=g)
+    categorize(s, u, space=space, shares={"scu": 0.05, "ucu": 0.1, "ru": 0.2}).save(tmp_path / "units.safetensors")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w}!"}) + "\n" for w in ("hi", "yo")))
+    common = ["train", "tiny-random-llama", "--data", str(data), "--freeze", f"{tmp_path / 'units.safetensors'}:SCU"]
+    fast = ["--no-progress", "--max-steps", "1", "--batch-size", "2", "--max-length", "64"]
+    assert main([*common, "--gqa", "strict", "--out", str(tmp_path / "ft"), *fast]) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert res["unit_slices"]["gqa"] == "strict" and res["settings"]["gqa"] == "strict"
+    assert res["unit_slices"]["units"] == res["freeze"]["units"] > 0
+    assert main([*common, "--gqa", "half", "--out", str(tmp_path / "bad"), *fast]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown gqa mode 'half'" in err and not (tmp_path / "bad").exists()

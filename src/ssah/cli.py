@@ -141,6 +141,10 @@ def train(
         str | None, typer.Option(help="Keep units bit-identical: UNITS_FILE:SCU,CU@0.06 (top 6% of CU by safety).")
     ] = None,
     only: Annotated[str | None, typer.Option(help="Train only these units: UNITS_FILE:RU.")] = None,
+    gqa: Annotated[
+        str,
+        typer.Option(help="Shared GQA value rows: any (in the set if any of its channels is) | strict (if all are)."),
+    ] = "any",
     lora: Annotated[
         str | None, typer.Option(help="Train LoRA adapters instead: r=8[,alpha=16,dropout=0.05,targets=q_proj+v_proj].")
     ] = None,
