@@ -49,7 +49,13 @@ def units(
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
-    normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
+    normalization: Annotated[
+        str,
+        typer.Option(
+            help="mean (over all units) | module-mean | zscore | rank (these three per layer-kind module) "
+            "| global-rank | none"
+        ),
+    ] = "mean",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
     tokens: Annotated[
