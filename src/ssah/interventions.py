@@ -398,6 +398,8 @@ def freeze_units(
 class _SliceDelta(nn.Module):
     """Parametrization ``W -> W + delta`` on the slices ``idx`` along ``dim``; only ``delta`` is trainable."""
 
+    idx: torch.Tensor  # a buffer
+
     def __init__(self, param: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
         super().__init__()
         shape = list(param.shape)
