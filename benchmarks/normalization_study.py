@@ -6,7 +6,8 @@ perplexity of reference responses (``ssah.evaluate.perplexity``) and keyword-jud
 (``ssah.evaluate.evaluate_safety``). The SCU / RU overlap between categorisations of two disjoint halves of the
 calibration data (Jaccard, with the chance level) says how stable each normalisation is. The paper's RU row is
 the target: RU ablation near harmless (here: perplexity up by less than 25%, ASR by less than 15 points, the
-issue's bar), SCU ablation raising ASR. No random control here (see ``ssah ablate`` for that).
+issue's bar), SCU ablation raising ASR more than random sets with SCU's count in every (layer, kind) module
+(``--random-seeds`` draws; a quick indication, ``ssah ablate`` does the full comparison).
 
 Measures, does not assert. Writes ``study.json`` and ``study.md`` under ``--out``:
 
@@ -36,6 +37,25 @@ def _spread(ps: Any, n: int | None) -> Any:
     if n is None or n >= len(ps):
         return ps
     return PromptSet(ps.name, ps.source, tuple(ps.examples[int(i * len(ps) / n)] for i in range(n)))
+
+
+def stratified_random(units: Any, seed: int) -> Any:
+    """A random unit set with ``units``' count in every (layer, kind) module, reproducible by seed.
+
+    Written here because this benchmark predates the measurement core's stratified control; same rule.
+    """
+    import torch
+
+    from ssah.units import UnitSet
+
+    space = units.space
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(space.total, dtype=torch.bool)
+    for i, _shape in enumerate(space.shapes):
+        lo, hi = space.offsets[i], space.offsets[i + 1]
+        k = int(units.mask[lo:hi].sum())
+        mask[lo + torch.randperm(hi - lo, generator=g)[:k]] = True
+    return UnitSet(space, mask, f"random~{units.name} seed {seed}")
 
 
 def _measure(lm: Any, harmful: Any, ppl_set: Any, judge: Any, gen: Any, batch_size: int) -> dict[str, Any]:
@@ -71,6 +91,7 @@ def run_study(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     max_length: int = 512,
+    random_seeds: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score once, then categorise / ablate / measure every (normalisation, mode); returns JSON-ready results."""
@@ -146,6 +167,14 @@ def run_study(
                 m["perplexity_ratio"] = m["perplexity"] / baseline["perplexity"]
                 m["asr_points"] = 100 * (m["asr"]["rate"] - baseline["asr"]["rate"])
                 conditions[cat] = m
+            controls = []
+            for seed in range(random_seeds):
+                with ablate(lm.model, stratified_random(cats["SCU"], seed), mode=mode, means=means, adapter=adapter):
+                    m = _measure(lm, harmful, ppl_set, judge_obj, gen, batch_size)
+                m["seed"] = seed
+                m["perplexity_ratio"] = m["perplexity"] / baseline["perplexity"]
+                m["asr_points"] = 100 * (m["asr"]["rate"] - baseline["asr"]["rate"])
+                controls.append(m)
             ru = conditions["RU"]
             rows.append(
                 {
@@ -154,6 +183,7 @@ def run_study(
                     "ablation": mode,
                     "RU": ru,
                     "SCU": conditions["SCU"],
+                    "SCU_random": controls,
                     "ru_near_harmless": ru["perplexity_ratio"] < RU_PPL_RATIO and ru["asr_points"] < RU_ASR_POINTS,
                     "stability": stability,
                     "by_kind": by_kind,
@@ -170,6 +200,7 @@ def run_study(
             "judge": judge,
             "max_new_tokens": max_new_tokens,
             "means_from": "safety + utility calibration statistics",
+            "random_control": f"{random_seeds} draw(s) with SCU's count in every (layer, kind) module",
             "stability": "SCU / RU of categorisations of two disjoint halves of both calibration sets",
             "ru_target": {"perplexity_ratio_below": RU_PPL_RATIO, "asr_points_below": RU_ASR_POINTS},
         },
@@ -208,6 +239,7 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
             f"{r['SCU']['units']} ({r['by_kind']['SCU']['mlp']} MLP)",
             ppl(r["SCU"]),
             asr(r["SCU"]),
+            ", ".join(f"{100 * c['asr']['rate']:.0f}%" for c in r["SCU_random"]) or "-",
             f"{r['stability']['SCU']['jaccard']:.2f} ({r['stability']['SCU']['chance']:.3f})",
             f"{r['stability']['RU']['jaccard']:.2f} ({r['stability']['RU']['chance']:.3f})",
         ]
@@ -234,6 +266,7 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
                 "SCU units",
                 "SCU perplexity",
                 "SCU ASR (pts)",
+                "random~SCU ASR",
                 "SCU Jaccard halves (chance)",
                 "RU Jaccard halves (chance)",
             ],
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--random-seeds", type=int, default=1, help="stratified random controls of SCU's size")
     ap.add_argument("--out", default="runs/benchmarks/normalization")
     args = ap.parse_args(argv)
 
@@ -304,6 +338,7 @@ def main(argv: list[str] | None = None) -> Path:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        random_seeds=args.random_seeds,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

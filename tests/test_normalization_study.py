@@ -42,6 +42,7 @@ def test_study_on_a_tiny_model_writes_json_and_markdown(tmp_path: Path, capsys) 
     by = {(r["normalization"], r["ablation"]): r for r in res["rows"]}
     assert by[("mean", "zero")]["RU"]["units"] == by[("mean", "mean")]["RU"]["units"]
     assert by[("mean", "zero")]["RU"]["perplexity"] != by[("mean", "mean")]["RU"]["perplexity"]
+    assert all(len(r["SCU_random"]) == 1 for r in res["rows"])
     table = (out / "study.md").read_text()
     assert table.count("| zscore |") == 2 and "RU near harmless" in table
     assert "Normalisation study" in capsys.readouterr().out
@@ -54,3 +55,22 @@ def test_study_rejects_unknown_settings(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown ablation mode"):
         study.main(["--model", "tiny-random-llama", "--modes", "half", "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_stratified_random_keeps_the_count_of_every_module() -> None:
+    import torch
+
+    from ssah.units import GroupShape, UnitSet, UnitSpace
+
+    study = _module()
+    space = UnitSpace([GroupShape(layer, kind, 10) for layer in (0, 1) for kind in ("attn", "mlp")])
+    units = UnitSet.from_indices(space, [0, 1, 2, 25, 39], "SCU")
+    draws = [study.stratified_random(units, seed) for seed in (0, 1)]
+    for d in draws:
+        assert (
+            d.counts_by_group()
+            == units.counts_by_group()
+            == {"layers.0.attn": 3, "layers.0.mlp": 0, "layers.1.attn": 1, "layers.1.mlp": 1}
+        )
+    assert draws[0] != draws[1] and study.stratified_random(units, 0) == draws[0]
+    assert torch.equal(draws[0].mask, study.stratified_random(units, 0).mask)
