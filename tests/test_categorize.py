@@ -234,3 +234,23 @@ def test_cli_units_takes_every_normalization_and_records_it(normalization: str, 
     assert sum(v["count"] for v in res["categories"].values()) == res["model"]["units_total"]
     assert main([*args, "--normalization", "median", "--out", str(tmp_path / "bad")]) == 2
     assert "error: unknown normalization 'median'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_saved_normalization_round_trips_and_old_rank_files_read_as_global_rank(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ssah.categorize import load_categorization
+
+    space, s, u = _two_scales()
+    for normalization in ("rank", "zscore", "global-rank"):
+        path = tmp_path / f"{normalization}.safetensors"
+        categorize(s, u, space=space, normalization=normalization).save(path)
+        assert load_categorization(path, space).normalization == normalization
+    # a file from before per-module ranks: same content, no normalization_scope in its metadata
+    with safe_open(str(tmp_path / "rank.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["normalization_scope"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert load_categorization(tmp_path / "old.safetensors", space).normalization == "global-rank"

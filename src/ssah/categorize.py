@@ -234,6 +234,7 @@ class Categorization:
         meta = {
             "rule": self.rule,
             "normalization": self.normalization,
+            "normalization_scope": _scope_or_unknown(self.normalization),
             "ranking": self.ranking,
             "shares": ",".join(f"{k}={v}" for k, v in self.shares.items()),
         }
@@ -265,11 +266,14 @@ def load_categorization(
 
     meta = read_unit_file_metadata(path)
     sets = load_unit_sets(path, space, names=list(CATEGORIES), allow_other_weights=allow_other_weights)
+    normalization = meta.get("normalization", "?")
+    if normalization == "rank" and "normalization_scope" not in meta:
+        normalization = "global-rank"  # files written before per-module ranks: "rank" was over the ranking domain
     return Categorization(
         sets,
         meta.get("rule", "?"),
         parse_shares(meta.get("shares")),
-        meta.get("normalization", "?"),
+        normalization,
         meta.get("ranking", "?"),
     )
 
