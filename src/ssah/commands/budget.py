@@ -63,7 +63,7 @@ def budget(
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     normalization: Annotated[
-        str, typer.Option(help="mean | module-mean | zscore | rank | global-rank | none")
+        str, typer.Option(help="mean|module-mean|zscore|rank|global-rank|none")
     ] = "mean",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     tokens: Annotated[
