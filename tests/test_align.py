@@ -25,6 +25,8 @@ def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monk
         assert r["k"] + a["k"] == r["n"] == a["n"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
     assert res["verdicts"]["refusal_up"]["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     assert res["data"]["eval_harmful"]["examples"] == 3
+    # the report names its judge and that judge's measured agreement with people
+    assert "`keyword:ssah` agrees with human labels on 87.5%" in (tmp_path / "a/report.md").read_text()
     # embeddings frozen by default: the trained share is below 100%
     assert 0 < res["training"]["trainable"]["share"] < 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "a/model")

@@ -23,7 +23,7 @@ from ssah.errors import UserError
 from ssah.evaluate import EvalData
 from ssah.generate import GenerationConfig
 from ssah.htmlreport import report_title, write_report_files
-from ssah.judges import get_judge
+from ssah.judges import get_judge, judge_line
 from ssah.measure import Proportion, compare, measure_condition, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.report import markdown_table
@@ -288,7 +288,8 @@ def align_report(results: dict[str, Any]) -> str:
             f"{100 * over['difference']:+.1f} points ({100 * olo:+.1f} to {100 * ohi:+.1f}): {over['direction']}.",
             "",
             f"Judge `{results['judge']}`; {a['refusal']['n']} harmful and {a['overrefusal']['n']} benign held-out "
-            f"prompts. The aligned model is in `model/`. Took {results['seconds']:.1f} s.",
+            f"prompts. The aligned model is in `model/`. Took {results['seconds']:.1f} s. "
+            + judge_line(results["judge"]),
             "",
         ]
     )

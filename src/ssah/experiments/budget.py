@@ -26,7 +26,7 @@ from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
-from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.judges import JUDGE_KINDS, get_judge, judge_line, registered_judges
 from ssah.measure import (
     STRATA,
     ControlDistribution,
@@ -414,7 +414,8 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     lines += [
         f"Held-out sets: {d['harmful']['examples']} harmful (`{d['harmful']['source']}`), {d['benign']['examples']} "
         f"benign (`{d['benign']['source']}`), perplexity of {d['perplexity']['examples']} reference answers "
-        f"(`{d['perplexity']['source']}`); judge `{st['judge']}`, {st['max_new_tokens']} new tokens, greedy.",
+        f"(`{d['perplexity']['source']}`); judge `{st['judge']}`, {st['max_new_tokens']} new tokens, greedy. "
+        + judge_line(st["judge"]),
         "",
         markdown_table(["condition", *SHOWN.values(), "perplexity", "parameters trained", "lr", "loss"], table),
         "",

@@ -42,6 +42,7 @@ from ssah.judges import (
     calibrated_agreement,
     get_judge,
     judge_agreement,
+    judge_line,
     registered_judges,
 )
 from ssah.measure import Proportion
@@ -331,17 +332,6 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """The Markdown report of an eval run from its results alone (it has no plots to draw into ``run_dir``)."""
     return eval_report(results)
-
-
-def judge_line(spec: str, measured: dict[str, Any] | None) -> str:
-    """One sentence naming the judge and its measured agreement with people (or saying it was not measured)."""
-    if not measured:
-        return f"The judge `{spec}` has no shipped measurement of agreement with human labels."
-    lo, hi = measured["ci95"]
-    return (
-        f"The judge `{spec}` agrees with human labels on {100 * measured['agreement']:.1f}% "
-        f"[{100 * lo:.1f}, {100 * hi:.1f}] of {measured['n']} replies ({measured['data']})."
-    )
 
 
 def eval_report(results: dict[str, Any]) -> str:

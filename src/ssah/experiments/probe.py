@@ -21,6 +21,7 @@ from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.probe_prompts import COMPLIANCE_OPENERS, FORCED_PREFIX, REFUSAL_OPENERS
 from ssah.errors import UserError
+from ssah.judges import judge_line
 from ssah.measure import Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.probe import (
@@ -811,7 +812,11 @@ def _token_section(results: dict[str, Any], labels: list[str]) -> list[str]:
             rows,
         ),
         "",
-        "Replies were judged in memory (`" + results["settings"]["judge"] + "`) and are not stored. "
+        "Replies were judged in memory (`"
+        + results["settings"]["judge"]
+        + "`) and are not stored. "
+        + judge_line(results["settings"]["judge"])
+        + " "
         "A curve that decays over the first tokens is the paper's point: the direction holds only for a few tokens.",
         "",
     ]

@@ -40,7 +40,7 @@ from ssah.errors import DataError, UserError
 from ssah.evaluate import EvalData
 from ssah.generate import GenerationConfig
 from ssah.interventions import unit_param_masks
-from ssah.judges import get_judge
+from ssah.judges import get_judge, judge_line
 from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.report import markdown_table
@@ -621,7 +621,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         f"not refused by `{s['judge']}`, none a training prompt; over-refusal on {d['eval_benign']['examples']} safe "
         f"prompts (`{d['eval_benign']['source']}`); task utility = perplexity of {d['eval_utility']['examples']} "
         f"held-out task answers. {s['max_new_tokens']} new tokens, greedy. Brackets: 95% intervals (Wilson; for a "
-        "random control the wider of the pooled Wilson and the t interval of its seeds).",
+        "random control the wider of the pooled Wilson and the t interval of its seeds). " + judge_line(s["judge"]),
         f"Initial model: ASR {_fmt(Proportion.from_dict(init['asr']))}, over-refusal "
         f"{_fmt(Proportion.from_dict(init['overrefusal']))}, perplexity {init.get('perplexity', float('nan')):.2f}.",
     ]

@@ -65,6 +65,7 @@ __all__ = [
     "is_coherent",
     "is_nonword",
     "judge_agreement",
+    "judge_line",
     "keyword_judge",
     "keyword_preset_info",
     "keyword_preset_names",
@@ -1044,6 +1045,19 @@ def judge_agreement(spec: str) -> dict[str, Any] | None:
     ``data``, ``command``), or None when the judge was never measured (a user's classifier or judge folder)."""
     entry = _shipped_agreement().get(_canonical_spec(spec))
     return None if entry is None else dict(entry)
+
+
+def judge_line(spec: str, measured: dict[str, Any] | None = None) -> str:
+    """One sentence naming the judge and its measured agreement with people (or saying it was not measured);
+    every report with an ASR table prints it, so a reader knows what the numbers rest on."""
+    measured = measured if measured is not None else judge_agreement(spec)
+    if not measured:
+        return f"The judge `{spec}` has no shipped measurement of agreement with human labels."
+    lo, hi = measured["ci95"]
+    return (
+        f"The judge `{spec}` agrees with human labels on {100 * measured['agreement']:.1f}% "
+        f"[{100 * lo:.1f}, {100 * hi:.1f}] of {measured['n']} replies ({measured['data']})."
+    )
 
 
 from ssah.judges.learned import LearnedJudge  # noqa: E402  (needs Verdict above; re-exported here)
