@@ -37,7 +37,7 @@ def ablate(
         bool, typer.Option(help="Accept a unit file computed on other weights of the same architecture.")
     ] = False,
     quick: Annotated[
-        bool, typer.Option(help="Small run: 16 harmful + 16 safe prompts, 32 new tokens, 2 seeds, 3 dose points.")
+        bool, typer.Option(help="Small run: 16 harmful + 16 safe prompts, 32 new tokens, 3 seeds, 3 dose points.")
     ] = False,
     safety: Annotated[str, typer.Option(help="Safety calibration set (when computing units).")] = "builtin:safety",
     utility: Annotated[str, typer.Option(help="Utility calibration set (when computing units).")] = "builtin:utility",
@@ -45,6 +45,9 @@ def ablate(
         int | None, typer.Option(help="Use N examples (spread over the set) of each calibration set.")
     ] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    normalization: Annotated[str, typer.Option(help="Score normalisation when computing units: mean | rank | none")] = (
+        "mean"
+    ),
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     tokens: Annotated[
@@ -66,7 +69,13 @@ def ablate(
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per reply (default 64; quick 32).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 32,
-    seeds: Annotated[int | None, typer.Option(help="Random-control seeds (default 3; quick 2).")] = None,
+    ablation: Annotated[
+        str, typer.Option(help="zero | mean (FLAP-style: a removed channel reads its calibration mean).")
+    ] = "mean",
+    control_strata: Annotated[
+        str, typer.Option(help="Random controls keep the count per layer-kind | layer | kind | none (uniform).")
+    ] = "layer-kind",
+    seeds: Annotated[int | None, typer.Option(help="Random-control seeds (default 5; quick 3; at least that).")] = None,
     dose: Annotated[
         str | None, typer.Option(help="Dose shares of all units, e.g. 0.25%,0.5%,1%,2%,5% (the default).")
     ] = None,
@@ -107,8 +116,9 @@ def _print_summary(path: Path) -> None:
     from ssah.experiments.ablate import summary_lines, summary_rows
 
     res = json.loads((path / "results.json").read_text())
-    table = Table(title=f"{res['model']['name']}: ablation (calibration {res['calibration']['main']})")
-    for col in ("condition", "units", "ASR", "coh. compl.", "over-refusal", "utility"):
+    st = res["settings"]
+    table = Table(title=f"{res['model']['name']}: {st['ablation']} ablation (calibration {res['calibration']['main']})")
+    for col in ("condition", "units", "ASR", "coh. compl.", "over-refusal", "perplexity"):
         table.add_column(col, justify="left" if col == "condition" else "right")
     for row in summary_rows(res):
         table.add_row(*row)
