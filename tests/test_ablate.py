@@ -18,8 +18,8 @@ from ssah.cli import main
 from ssah.data import load_prompts
 from ssah.evaluate import load_eval_sets
 from ssah.experiments.ablate import (
+    AblateConfig,
     Condition,
-    UnitSettings,
     ablated,
     channel_means,
     measure_conditions,
@@ -62,7 +62,7 @@ def tiny():
         lm,
         load_prompts("builtin:safety", limit=4),
         load_prompts("builtin:utility", limit=4),
-        UnitSettings(progress=False),
+        AblateConfig(model="-", progress=False),
     )
     return lm, found
 
@@ -190,7 +190,9 @@ def test_unit_file_zero_ablation_full_seeds(ablate_run: Path, tmp_path: Path, ca
     assert [t["condition"] for t in res["table"]] == ["baseline", "SCU", "random (as SCU)", "RU", "random (as RU)"]
     st = res["settings"]
     assert not st["quick"] and st["seed_list"] == [0, 1, 2, 3, 4] and st["ablation"] == "zero"
-    assert all(set(r["per_stratum"]) <= {"attn", "mlp"} for r in res["conditions"] if "per_stratum" in r)
+    ctrl = [r for r in res["conditions"] if r["group"] == "random"]
+    assert len(ctrl) == 10 and all(set(r["per_stratum"]) <= {"attn", "mlp"} for r in ctrl)
+    assert all(r["per_stratum"] is None for r in res["conditions"] if r["group"] in ("baseline", "category"))
     first = json.loads((ablate_run / "results.json").read_text())
     assert res["units"]["categories"] == first["units"]["categories"]
     assert "zero ablation" in stdout and "wrote" in stdout
