@@ -250,9 +250,9 @@ def test_ablations_leave_weights_bit_identical(tiny) -> None:
 def test_recipe_imports_no_other_recipe() -> None:
     tree = ast.parse(Path(recipe.__file__).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert "ssah.measure" in names and "ssah.evaluate" in names
-    assert not [m for m in names if m.startswith("ssah.experiments")]
+    names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert "ssah.measure" in names and "ssah.evaluate.load_eval_sets" in names
+    assert not [m for m in names if m.startswith(("ssah.experiments", "ssah.commands"))], names
 
 
 def test_parse_dose() -> None:

@@ -97,11 +97,9 @@ def ablate(
     config: ConfigOpt = None,
 ) -> None:
     """Ablate each unit category (and same-size random units) and measure ASR, coherent compliance and utility."""
-    from ssah.experiments.ablate import AblateConfig, parse_dose, run_ablate
+    from ssah.experiments.ablate import AblateConfig, run_ablate
 
     values = options(ctx, dict(locals()))
-    if values.get("dose") is not None:
-        values["dose"] = parse_dose(values["dose"])
     if values.get("utility_eval") is None:
         values.pop("utility_eval", None)
     cfg = build_config(AblateConfig, config, model, values)
@@ -113,15 +111,15 @@ def _print_summary(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ssah.experiments.ablate import summary_lines, summary_rows
+    from ssah.experiments.ablate import TABLE_COLUMNS, condition_cells, summary_lines
 
     res = json.loads((path / "results.json").read_text())
     st = res["settings"]
     table = Table(title=f"{res['model']['name']}: {st['ablation']} ablation (calibration {res['calibration']['main']})")
-    for col in ("condition", "units", "ASR", "coh. compl.", "over-refusal", "perplexity"):
+    for col in TABLE_COLUMNS.split("|"):
         table.add_column(col, justify="left" if col == "condition" else "right")
-    for row in summary_rows(res):
-        table.add_row(*row)
+    for t in res["table"]:
+        table.add_row(*condition_cells(t))
     console = Console()
     console.print(table)
     for line in summary_lines(res):

@@ -1,12 +1,9 @@
 """`ssah ablate`: the paper's Table 1 — ablate each unit category and measure safety and utility.
 
-One model load. The units come from :func:`ssah.measure.find_units` (in memory) or from a unit file (with the
-scores beside it, which give the safety ranking). Every condition — baseline, each category, random controls of a
-category stratified by (layer, kind) over several seeds, the top-k dose curve by :func:`ssah.measure.safety_ranking`
-with its stratified controls at each point, and SCU found with prompt-only calibration — is applied by one function
-(:func:`ablated`, zero or FLAP-style mean ablation, undone on exit) and measured by
-:func:`ssah.measure.measure_condition`. Counts are :class:`~ssah.measure.Proportion`\\ s, controls
-:class:`~ssah.measure.ControlDistribution`\\ s, and every verdict comes from :func:`ssah.measure.verdict`.
+Units come from ``measure.find_units`` or a unit file (scores beside it give ``measure.safety_ranking``). Every
+condition (baseline, each category, its layer-kind stratified random controls over seeds, the top-k dose curve
+with controls at each point, SCU from prompt-only calibration) is ablated by :func:`ablated` (zero or FLAP-style
+mean), measured by ``measure.measure_condition`` and judged by ``measure.verdict``.
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
+from ssah import measure
 from ssah.arch import get_adapter
 from ssah.categorize import CATEGORIES, NORMALIZATIONS, RANKINGS, Categorization, check_shares, load_categorization
 from ssah.config import ModelRunConfig
@@ -33,20 +31,6 @@ from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
 from ssah.hooks import attach
 from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
-from ssah.measure import (
-    STRATA,
-    ControlDistribution,
-    FoundUnits,
-    Proportion,
-    check_seeds,
-    compare,
-    find_units,
-    measure_condition,
-    random_control,
-    safety_ranking,
-    verdict,
-    weights_digest,
-)
 from ssah.models import LoadedModel, load_model
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
@@ -69,7 +53,7 @@ PAPER_DIRECTIONS: dict[tuple[str, str], str] = {
 }
 CHOICES = {
     "ablation": ("ablation mode", ABLATION_MODES),
-    "control_strata": ("control strata", STRATA),
+    "control_strata": ("control strata", measure.STRATA),
     "normalization": ("normalization", NORMALIZATIONS),
     "ranking": ("ranking", RANKINGS),
     "granularity": ("granularity", GRANULARITIES),
@@ -176,7 +160,7 @@ class AblateConfig(ModelRunConfig):
         for name in (*self.categories, *r["random_for"]):
             if name not in CATEGORIES:
                 raise UserError(f"unknown category {name!r}: use one or more of {', '.join(CATEGORIES)}")
-        check_seeds(r["seeds"], quick=self.quick)
+        measure.check_seeds(r["seeds"], quick=self.quick)
         for key in ("limit", "calibration_limit"):
             if r[key] is not None and r[key] < 1:
                 raise UserError(f"{key} must be at least 1, got {r[key]}")
@@ -267,7 +251,9 @@ def measure_conditions(
     rows = []
     for c in tqdm(conditions, desc="conditions", disable=not progress, unit="cond"):
         with ablated(lm.model, c.units, mode, means):
-            res = measure_condition(lm.model, lm.tokenizer, data, judge=judge, config=config, overrefusal=c.overrefusal)
+            res = measure.measure_condition(
+                lm.model, lm.tokenizer, data, judge=judge, config=config, overrefusal=c.overrefusal
+            )
         own = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in ("units", "overrefusal")}
         n, share = (0, 0.0) if c.units is None else (len(c.units), c.units.fraction)
         rows.append({**own, "units": n, "fraction": share, **res.to_dict()})
@@ -277,11 +263,11 @@ def measure_conditions(
 # ----------------------------------------------------------------------------------------------- aggregation
 
 
-def _measured(v: dict[str, Any]) -> Proportion | ControlDistribution:
+def _measured(v: dict[str, Any]) -> measure.Proportion | measure.ControlDistribution:
     """A rate from results.json back as the core object (a control distribution when it holds draws)."""
     if "draws" in v:
-        return ControlDistribution(tuple(Proportion.from_dict(d) for d in v["draws"]))
-    return Proportion.from_dict(v)
+        return measure.ControlDistribution(tuple(measure.Proportion.from_dict(d) for d in v["draws"]))
+    return measure.Proportion.from_dict(v)
 
 
 def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,24 +276,19 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["seeds"] = [r["seed"] for r in rows]
     for key in RATES:
         if all(key in r for r in rows):
-            out[key] = ControlDistribution(tuple(Proportion.from_dict(r[key]) for r in rows)).to_dict()
+            out[key] = measure.ControlDistribution(tuple(measure.Proportion.from_dict(r[key]) for r in rows)).to_dict()
     ppl = [r["perplexity"] for r in rows if "perplexity" in r]
     if len(ppl) == len(rows):
         out["perplexity"] = {"mean": sum(ppl) / len(ppl), "min": min(ppl), "max": max(ppl), "values": ppl}
     return out
 
 
-def _perplexity(entry: dict[str, Any]) -> float | None:
-    p = entry.get("perplexity")
-    return p["mean"] if isinstance(p, dict) else p
-
-
 def _changes(entry: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Each rate's difference to the baseline (with its 95% interval) and perplexity's relative change."""
     d: dict[str, Any] = {
-        k: compare(_measured(entry[k]), _measured(base[k])).to_dict() for k in RATES if k in entry and k in base
+        k: measure.compare(_measured(entry[k]), _measured(base[k])).to_dict() for k in RATES if k in entry and k in base
     }
-    pe, pb = _perplexity(entry), _perplexity(base)
+    pe, pb = (p["mean"] if isinstance(p := e.get("perplexity"), dict) else p for e in (entry, base))
     if pe is not None and pb:
         d["perplexity_relative"] = pe / pb - 1
     return d
@@ -330,10 +311,6 @@ def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def _utility_key(row: dict[str, Any]) -> str | None:
-    return next((k for k in ("accuracy", "exact_match") if k in row), None)
-
-
 def _verdicts(table: list[dict[str, Any]]) -> dict[str, Any]:
     """SCU against its stratified random control (ASR, coherent compliance) and each category against the
     baseline where Table 1 has a direction; all by :func:`ssah.measure.verdict`."""
@@ -343,13 +320,13 @@ def _verdicts(table: list[dict[str, Any]]) -> dict[str, Any]:
     scu, rnd = by.get("SCU"), next((t for t in table if t["group"] == "random" and t["target"] == "SCU"), None)
     if scu is not None and rnd is not None:
         for key in ("asr", "coherent_compliance"):
-            comp = compare(_measured(scu["row"][key]), _measured(rnd["row"][key]))
-            out["scu_vs_random"][key] = verdict(comp, "higher").to_dict()
+            comp = measure.compare(_measured(scu["row"][key]), _measured(rnd["row"][key]))
+            out["scu_vs_random"][key] = measure.verdict(comp, "higher").to_dict()
     for (cat, metric), direction in PAPER_DIRECTIONS.items():
-        key = _utility_key(base) if metric == "utility" else metric
+        key = next((k for k in ("accuracy", "exact_match") if k in base), None) if metric == "utility" else metric
         if cat in by and key is not None and key in by[cat]["row"]:
-            comp = compare(_measured(by[cat]["row"][key]), _measured(base[key]))
-            out["vs_baseline"].setdefault(cat, {})[key] = verdict(comp, direction).to_dict()  # type: ignore[arg-type]
+            comp = measure.compare(_measured(by[cat]["row"][key]), _measured(base[key]))
+            out["vs_baseline"].setdefault(cat, {})[key] = measure.verdict(comp, direction).to_dict()  # type: ignore[arg-type]
     if "RU" in by and "asr" in base:
         out["ru_target"] = _ru_target(by["RU"])
     return out
@@ -357,15 +334,12 @@ def _verdicts(table: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _ru_target(ru: dict[str, Any]) -> dict[str, Any]:
     """The README's RU target, from the ASR difference's interval and perplexity's (point) relative change."""
-    d = ru["change"]["asr"]
+    d, limit, rel = ru["change"]["asr"], RU_TARGET["asr_points"], ru["change"].get("perplexity_relative")
     lo, hi = d["ci95"]
-    limit = RU_TARGET["asr_points"]
     asr = "met" if hi < limit else "not met" if lo >= limit else "undecided (the interval straddles the target)"
     out: dict[str, Any] = {**RU_TARGET, "asr_difference": d, "asr": asr}
-    rel = ru["change"].get("perplexity_relative")
     if rel is not None:
-        out["perplexity_relative"] = rel
-        out["perplexity"] = "met" if rel < RU_TARGET["perplexity_rise"] else "not met"
+        out |= {"perplexity_relative": rel, "perplexity": "met" if rel < RU_TARGET["perplexity_rise"] else "not met"}
     return out
 
 
@@ -386,7 +360,7 @@ def _units(
     from: computed in memory, or a unit file (scores beside it give the ranking; the statistics for mean
     ablation are computed once on the calibration sets)."""
     if cfg.units is None:
-        found = find_units(lm, safety, utility, cfg)
+        found = measure.find_units(lm, safety, utility, cfg)
         info = {"source": "computed", "calibration": cfg.tokens, "metric": cfg.metric}
         return found.categorization, found.safety, found.utility, found.statistics, info
     path = Path(cfg.units)
@@ -402,14 +376,10 @@ def _units(
     info: dict[str, Any] = {"source": str(path), "metric": meta.get("metric", cfg.metric)}
     scores = [Scores.load(f, neuron) for f in files] if all(f.is_file() for f in files) else None
     info["calibration"] = (scores[0].region or cfg.tokens) if scores else f"{cfg.tokens} (no scores/ beside the file)"
-    found: FoundUnits | None = None
+    found: measure.FoundUnits | None = None
     if scores is None or cfg.ablation == "mean":
-        found = find_units(
-            lm,
-            safety,
-            utility,
-            cfg.model_copy(update={"metric": info["metric"], "tokens": info["calibration"].split(" ")[0]}),
-        )
+        update = {"metric": info["metric"], "tokens": info["calibration"].split(" ")[0]}
+        found = measure.find_units(lm, safety, utility, cfg.model_copy(update=update))
     if scores is None:
         assert found is not None
         scores = [found.safety, found.utility]
@@ -445,7 +415,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.generation()
     hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.model.modules())  # noqa: E731
-    before, hooks_before = weights_digest(lm.model), hooks()
+    before, hooks_before = measure.weights_digest(lm.model), hooks()
     seconds: dict[str, float] = {}
 
     t = time.time()
@@ -453,13 +423,13 @@ def run_ablate(cfg: AblateConfig) -> Path:
     seconds["units"] = time.time() - t
     means = channel_means(stats) if cfg.ablation == "mean" else None
     space = cats.space
-    order = torch.argsort(-safety_ranking(cats, s_scores, u_scores), stable=True)
+    order = torch.argsort(-measure.safety_ranking(cats, s_scores, u_scores), stable=True)
     seeds = [cfg.seed + i for i in range(r["seeds"])]
 
     def controls(units: UnitSet, target: str, group: str, overrefusal: bool = True) -> list[Condition]:
         out = []
         for s in seeds:
-            c = random_control(units, s, strata=cfg.control_strata)
+            c = measure.random_control(units, s, strata=cfg.control_strata)
             out.append(Condition(f"random~{target} seed {s}", group, c.units, target, s, c.counts, overrefusal))
         return out
 
@@ -475,14 +445,11 @@ def run_ablate(cfg: AblateConfig) -> Path:
         other_region = OTHER_CALIBRATION.get(main, "prompt")
         same = {k: getattr(cats, k) for k in ("rule", "normalization", "ranking")} | {"shares": dict(cats.shares)}
         same |= {"metric": units_info["metric"], "granularity": space.granularity, "tokens": other_region}
-        other = find_units(lm, safety, utility, cfg.model_copy(update=same))
+        other = measure.find_units(lm, safety, utility, cfg.model_copy(update=same))
         other_scu = UnitSet(space, other.categorization["SCU"].mask.clone(), "SCU")
         conditions.append(Condition(f"SCU (calibration: {other_region})", "calibration", other_scu))
-        calibration |= {
-            "other": other_region,
-            "scu_jaccard": cats["SCU"].jaccard(other_scu),
-            "scu_sizes": [len(cats["SCU"]), len(other_scu)],
-        }
+        calibration |= {"other": other_region, "scu_jaccard": cats["SCU"].jaccard(other_scu)}
+        calibration["scu_sizes"] = [len(cats["SCU"]), len(other_scu)]
     seconds["other_calibration"] = time.time() - t
     points = _dose_points(r["dose"], order, cats)
     for p in points:
@@ -495,26 +462,28 @@ def run_ablate(cfg: AblateConfig) -> Path:
         lm, conditions, data, judge=judge, config=gen, mode=cfg.ablation, means=means, progress=cfg.progress
     )
     seconds["evaluation"] = time.time() - t
-    after, hooks_left = weights_digest(lm.model), hooks() - hooks_before
+    after, hooks_left = measure.weights_digest(lm.model), hooks() - hooks_before
     if after != before or hooks_left:
         raise RuntimeError("an ablation was not undone: the model's weights or hooks changed")  # a bug, not input
 
     table = _table(rows)
+    by = {t["condition"]: t["row"] for t in table}
+    if cfg.compare_calibration and "SCU" in by:
+        other_row = next(r for r in rows if r["group"] == "calibration")
+        calibration["difference"] = {
+            k: measure.compare(_measured(by["SCU"][k]), _measured(other_row[k])).to_dict()
+            for k in ("asr", "coherent_compliance")
+        }
     dose = []
     for p in points:
         top = next(x for x in rows if x["group"] == "dose" and x["target"] == p["label"])
         agg = _aggregate([x for x in rows if x["group"] == "dose-random" and x["target"] == p["label"]])
-        comp = compare(Proportion.from_dict(top["asr"]), _measured(agg["asr"]))
-        dose.append({**p, "top": top, "random": agg, "asr_vs_random": verdict(comp, "higher").to_dict()})
+        comp = measure.compare(measure.Proportion.from_dict(top["asr"]), _measured(agg["asr"]))
+        dose.append({**p, "top": top, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
     own = {"quick", "categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
     results: dict[str, Any] = {
-        "model": {
-            "name": lm.name,
-            "source": lm.source,
-            "fingerprint": lm.fingerprint,
-            "family": lm.family,
-            "units_total": space.total,
-        },
+        "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
+        | {"units_total": space.total},
         "units": {**units_info, **cats.summary()},
         "settings": {
             **r,
@@ -522,11 +491,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
             "seed_list": seeds,
             "generation": dataclasses.asdict(gen),
             "eval_data": data.describe(),
-            "calibration_data": {
-                "safety": safety.source,
-                "utility": utility.source,
-                "examples": [len(safety), len(utility)],
-            },
+            "calibration_data": {ps.name: {"source": ps.source, "examples": len(ps)} for ps in (safety, utility)},
         },
         "conditions": rows,
         "table": table,
@@ -543,18 +508,12 @@ def run_ablate(cfg: AblateConfig) -> Path:
         results["seconds"]["total"] = round(time.time() - t0, 3)
         run.write_json("results.json", results)
         run.write_text("report.md", render(results, run.path))
-        calib = {ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (safety, utility)}
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="ablate",
-                seed=cfg.seed,
-                started=t0,
-                device=lm.model.device,
-                data=data.describe() | calib,
-                model={k: results["model"][k] for k in ("name", "source", "fingerprint")},
-            ),
-        )
+        used = data.describe() | {
+            ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (safety, utility)
+        }
+        model = {k: results["model"][k] for k in ("name", "source", "fingerprint")}
+        mf = manifest(command="ablate", seed=cfg.seed, started=t0, device=lm.model.device, data=used, model=model)
+        run.write_json("manifest.json", mf)
     return run.out
 
 
@@ -603,19 +562,6 @@ def _verdict_line(name: str, v: dict[str, Any], control: str) -> str:
     )
 
 
-def _units_cell(entry: dict[str, Any]) -> str:
-    return f"{entry['units']} ({100 * entry['fraction']:.2f}%)"
-
-
-def summary_rows(results: dict[str, Any]) -> list[list[str]]:
-    """The short table the CLI prints: one row per Table 1 condition."""
-    keys = ("asr", "coherent_compliance", "overrefusal")
-    return [
-        [t["condition"], _units_cell(t["row"]), *(_cell(t["row"], k) for k in keys), _ppl(t["row"], t["change"])]
-        for t in results["table"]
-    ]
-
-
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """The verdicts in plain sentences (printed by the CLI, listed in the report)."""
     v, st = results["verdicts"], results["settings"]
@@ -629,14 +575,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines += [_verdict_line(f"{cat} ablation vs baseline, {NAMES[k]}", x, "baseline") for k, x in by.items()]
     ru = v.get("ru_target")
     if ru:
+        ppl = f"; perplexity {100 * ru.get('perplexity_relative', 0):+.0f}% (point estimate) -> {ru.get('perplexity')}"
         lines.append(
             f"- RU target (ASR up < {100 * ru['asr_points']:.0f} points, perplexity < +"
             f"{100 * ru['perplexity_rise']:.0f}%): ASR {_diff(ru['asr_difference'])} points -> {ru['asr']}"
-            + (
-                f"; perplexity {100 * ru['perplexity_relative']:+.0f}% (point estimate) -> {ru['perplexity']}"
-                if "perplexity" in ru
-                else ""
-            )
+            + (ppl if "perplexity" in ru else "")
         )
     return lines
 
@@ -645,10 +588,12 @@ TABLE_COLUMNS = "condition|units ablated|ASR|dASR|coherent compliance|dCC|over-r
 DOSE_COLUMNS = "dose|units|SCU in top|ASR (top k)|ASR (random)|dASR|verdict|perplexity (top k)|perplexity (random)"
 
 
-def _condition_cells(t: dict[str, Any]) -> list[str]:
+def condition_cells(t: dict[str, Any]) -> list[str]:
+    """One Table 1 row as text cells (``TABLE_COLUMNS``; the report and the CLI print the same)."""
     e, c = t["row"], t["change"]
     rates = [x for k in ("asr", "coherent_compliance") for x in (_cell(e, k), _diff(c.get(k)))]
-    return [t["condition"], _units_cell(e), *rates, _cell(e, "overrefusal"), _ppl(e, c)]
+    units = f"{e['units']} ({100 * e['fraction']:.2f}%)"
+    return [t["condition"], units, *rates, _cell(e, "overrefusal"), _ppl(e, c)]
 
 
 def _dose_cells(p: dict[str, Any]) -> list[Any]:
@@ -680,7 +625,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "seeds' spread]. Changes against the baseline in points [95% Newcombe interval]; perplexity with its "
         "relative change.",
         "",
-        markdown_table(TABLE_COLUMNS.split("|"), [_condition_cells(t) for t in results["table"]]),
+        markdown_table(TABLE_COLUMNS.split("|"), [condition_cells(t) for t in results["table"]]),
         "",
         "![ablation bars](plots/ablation_bars.png)",
         "",
@@ -689,19 +634,14 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         *summary_lines(results),
         "",
     ]
-    by = {t["group"] if t["group"] == "calibration" else t["condition"]: t["row"] for t in results["table"]}
-    if cal.get("other") and "SCU" in by:
-        d = [
-            _diff(compare(_measured(by["SCU"][k]), _measured(by["calibration"][k])).to_dict())
-            for k in ("asr", "coherent_compliance")
-        ]
+    if cal.get("difference"):
         lines += [
             "## Calibration matters",
             "",
             f"SCU found with `{cal['main']}` calibration vs with `{cal['other']}` "
             f"calibration ({cal['scu_sizes'][0]} and {cal['scu_sizes'][1]} units, Jaccard "
-            f"{cal['scu_jaccard']:.3f}): ASR {_cell(by['SCU'], 'asr')} vs {_cell(by['calibration'], 'asr')}, "
-            f"difference {d[0]} points; coherent compliance difference {d[1]} points.",
+            f"{cal['scu_jaccard']:.3f}): differences in ASR {_diff(cal['difference']['asr'])} points, in "
+            f"coherent compliance {_diff(cal['difference']['coherent_compliance'])} points.",
             "",
         ]
     if results["dose"]:
