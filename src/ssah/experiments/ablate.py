@@ -102,6 +102,7 @@ class AblateConfig(ModelRunConfig):
     granularity: str = "neuron"
     tokens: str = "prompt+response"
     max_length: int = 512
+    stability: bool = False  # also categorise each half of the calibration data (recorded under units.stability)
     ablation: str = "mean"
     control_strata: str = "layer-kind"
     harmful: str = "builtin:harmful"
@@ -139,11 +140,6 @@ class AblateConfig(ModelRunConfig):
             self.random_for if self.random_for is not None else (["SCU"] if self.quick else list(self.categories))
         )
         return out
-
-    @property
-    def stability(self) -> bool:
-        """The in-memory categorisation here never splits the data in halves (``ssah units --stability`` does)."""
-        return False
 
     def generation(self) -> GenerationConfig:
         """Greedy decoding with the resolved reply length."""
@@ -323,8 +319,8 @@ def _verdicts(table: list[dict[str, Any]]) -> dict[str, Any]:
             comp = measure.compare(_measured(scu["row"][key]), _measured(rnd["row"][key]))
             out["scu_vs_random"][key] = measure.verdict(comp, "higher").to_dict()
     for (cat, metric), direction in PAPER_DIRECTIONS.items():
-        key = next((k for k in ("accuracy", "exact_match") if k in base), None) if metric == "utility" else metric
-        if cat in by and key is not None and key in by[cat]["row"]:
+        key = next((k for k in ("accuracy", "exact_match") if k in base), "") if metric == "utility" else metric
+        if cat in by and key in base and key in by[cat]["row"]:
             comp = measure.compare(_measured(by[cat]["row"][key]), _measured(base[key]))
             out["vs_baseline"].setdefault(cat, {})[key] = measure.verdict(comp, direction).to_dict()  # type: ignore[arg-type]
     if "RU" in by and "asr" in base:
@@ -360,9 +356,9 @@ def _units(
     from: computed in memory, or a unit file (scores beside it give the ranking; the statistics for mean
     ablation are computed once on the calibration sets)."""
     if cfg.units is None:
-        found = measure.find_units(lm, safety, utility, cfg)
-        info = {"source": "computed", "calibration": cfg.tokens, "metric": cfg.metric}
-        return found.categorization, found.safety, found.utility, found.statistics, info
+        f = measure.find_units(lm, safety, utility, cfg)
+        computed = {"source": "computed", "calibration": cfg.tokens, "metric": cfg.metric, "stability": f.stability}
+        return f.categorization, f.safety, f.utility, f.statistics, computed
     path = Path(cfg.units)
     meta = read_unit_file_metadata(path)
     adapter = get_adapter(lm.model)
@@ -476,10 +472,10 @@ def run_ablate(cfg: AblateConfig) -> Path:
         }
     dose = []
     for p in points:
-        top = next(x for x in rows if x["group"] == "dose" and x["target"] == p["label"])
+        row = next(x for x in rows if x["group"] == "dose" and x["target"] == p["label"])
         agg = _aggregate([x for x in rows if x["group"] == "dose-random" and x["target"] == p["label"]])
-        comp = measure.compare(measure.Proportion.from_dict(top["asr"]), _measured(agg["asr"]))
-        dose.append({**p, "top": top, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
+        comp = measure.compare(measure.Proportion.from_dict(row["asr"]), _measured(agg["asr"]))
+        dose.append({**p, "top": row, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
     own = {"quick", "categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
