@@ -5,7 +5,18 @@ The scoring pass (streaming float64 statistics by pre-hooks on every reader) run
 plain ``torch.no_grad`` forward runs over; the ratio of their times is the cost of scoring. Peak memory is
 taken in fresh processes over 1x and 4x the tokens: streaming statistics should not grow with the data.
 
+``--gradient-memory`` measures the gradient metrics instead: the peak memory (growth of the peak RSS over the
+RSS after loading, in a fresh process per mode) and time of a ``snip`` pass and a ``taylor`` pass (only reader
+weights require gradients, folded per layer) against a full backward of the same loss over the same batches
+(every parameter requires gradients and keeps its ``.grad``, as a training step's backward does).
+
     python benchmarks/bench_scoring.py [--model smollm2-135m-instruct] [--repeats 3]
+    python benchmarks/bench_scoring.py --gradient-memory [--model tiny-random-llama] [--examples 32]
+    python benchmarks/bench_scoring.py --compare-metrics [--examples 32]
+
+``--compare-metrics`` scores the safety set once (one pass with both kinds of gradients) and prints, for each
+pair of metrics, the Spearman correlation of the unit scores and the overlap of their top 1.3% of units; the
+pre-Wanda formula (mean |x| x L2 norm of the reader column) is included to show what the rename changed.
 """
 
 from __future__ import annotations
@@ -93,6 +104,122 @@ def peak_memory(model_name: str, copies: int, batch_size: int, max_length: int) 
     return result
 
 
+def _gradient_pass(model, tok, data, mode: str, batch_size: int, max_length: int) -> dict:
+    """One gradient pass of ``mode`` (statistics, snip, taylor, full-backward) over ``data``: seconds and counts."""
+    from ssah.data import batches, collate, encode_set
+    from ssah.scoring import collect_statistics, gradient_mode, response_loss
+
+    t = time.perf_counter()
+    if mode != "full-backward":
+        gradients = "none" if mode == "statistics" else gradient_mode(mode)
+        stats = collect_statistics(
+            model, tok, data, batch_size=batch_size, max_length=max_length, gradients=gradients, progress=False
+        )
+        return {"seconds": round(time.perf_counter() - t, 3), "examples": stats.grad_examples or len(data)}
+    # the reference: the same loss (response_loss, logits only where needed) over the same batches, every
+    # parameter requiring (and keeping) its gradient
+    for p in model.parameters():
+        p.requires_grad_(True)
+    enc = encode_set(tok, data, max_length=max_length)
+    examples = 0
+    for idx in batches(enc, batch_size):
+        b = collate([enc[i] for i in idx], tok.pad_token_id)
+        loss, n, _ = response_loss(model, b)
+        loss.backward()
+        examples += n
+    grads_mb = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None) / 2**20
+    return {"seconds": round(time.perf_counter() - t, 3), "examples": examples, "grads_held_mb": round(grads_mb, 1)}
+
+
+def _gradient_child(model_name: str, mode: str, examples: int, batch_size: int, max_length: int, queue) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(1)
+    from ssah.models import load_model
+
+    lm = load_model(model_name, device="cpu", dtype="float32")
+    lm.model.eval()
+    data = _data().take(examples)
+    baseline = _status_kb("VmRSS")
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    result = _gradient_pass(lm.model, lm.tokenizer, data, mode, batch_size, max_length)
+    peak = _status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    queue.put(
+        {
+            "mode": mode,
+            **result,
+            "model_params_mb": round(params_mb, 1),
+            "rss_before_mb": round(baseline / 1024, 1),
+            "peak_growth_mb": round((peak - baseline) / 1024, 1),
+        }
+    )
+
+
+def gradient_memory(model_name: str, examples: int, batch_size: int, max_length: int) -> list[dict]:
+    """Peak memory and time of each gradient mode, each in a fresh process (the order cannot favour one)."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for mode in ("statistics", "snip", "taylor", "full-backward"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_gradient_child, args=(model_name, mode, examples, batch_size, max_length, q))
+        p.start()
+        rows.append(q.get(timeout=1800))
+        p.join()
+    full = rows[-1]["peak_growth_mb"]
+    for r in rows:
+        r["peak_growth_over_full_backward"] = round(r["peak_growth_mb"] / full, 3) if full > 0 else None
+    return rows
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(v)
+    r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+    return r
+
+
+def compare_metrics(model_name: str, examples: int, batch_size: int, max_length: int, top: float = 0.013) -> dict:
+    """Spearman correlation and top-share overlap (Jaccard) between the metrics on one safety pass."""
+    from ssah.arch import get_adapter
+    from ssah.data import load_prompts
+    from ssah.models import load_model
+    from ssah.scoring import METRICS, collect_statistics, compute_scores
+    from ssah.units import UnitSpace
+
+    lm = load_model(model_name, device="cpu", dtype="float32")
+    data = load_prompts("builtin:safety").take(examples)
+    adapter = get_adapter(lm.model)
+    space = UnitSpace.from_groups(adapter.groups())
+    t = time.perf_counter()
+    stats = collect_statistics(
+        lm.model, lm.tokenizer, data, batch_size=batch_size, max_length=max_length, gradients="both", progress=False
+    )
+    seconds = time.perf_counter() - t
+    flat = {m: compute_scores(lm.model, stats, m, space).flat() for m in METRICS}
+    flat["old-wanda"] = space.join(
+        {g.key: stats.groups[g.key].mean_abs * adapter.reader_column_norms(g) for g in adapter.groups()}
+    )
+    k = max(1, round(top * len(flat["magnitude"])))
+    tops = {m: set(v.topk(k).indices.tolist()) for m, v in flat.items()}
+    names = list(flat)
+    pairs = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ra, rb = _ranks(flat[a]), _ranks(flat[b])
+            rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+            pairs[f"{a} ~ {b}"] = {
+                "spearman": round(rho, 3),
+                f"top_{top:.1%}_jaccard": round(len(tops[a] & tops[b]) / len(tops[a] | tops[b]), 3),
+            }
+    return {
+        "model": model_name,
+        "examples": examples,
+        "units": len(flat["magnitude"]),
+        "top_k": k,
+        "gradient_pass_s": round(seconds, 1),
+        "pairs": pairs,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -101,9 +228,48 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs/benchmarks/scoring.json")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
+    ap.add_argument("--gradient-memory", action="store_true", help="snip / taylor against a full backward")
+    ap.add_argument("--compare-metrics", action="store_true", help="rank agreement between the metrics")
+    ap.add_argument("--examples", type=int, default=32, help="examples of the gradient-memory / comparison passes")
     args = ap.parse_args()
 
     from ssah.models import load_model
+
+    if args.compare_metrics:
+        torch.set_num_threads(1)
+        res = compare_metrics(args.model, args.examples, args.batch_size, args.max_length)
+        for pair, v in res["pairs"].items():
+            print(f"{pair:>28}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+        out = Path(args.out).with_name("scoring_metric_agreement.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
+    if args.gradient_memory:
+        rows = gradient_memory(args.model, args.examples, args.batch_size, args.max_length)
+        for r in rows:
+            print(
+                f"{r['mode']:>14}: peak +{r['peak_growth_mb']:.0f} MB over the loaded model "
+                f"({r['peak_growth_over_full_backward']}x a full backward), {r['seconds']:.1f} s"
+            )
+        out = Path(args.out).with_name("scoring_gradient_memory.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "examples": args.examples,
+                    "batch_size": args.batch_size,
+                    "max_length": args.max_length,
+                    "threads": 1,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"wrote {out}")
+        return
 
     if args.memory_only:
         print(json.dumps([peak_memory(args.model, c, args.batch_size, args.max_length) for c in (1, 4)], indent=2))

@@ -19,7 +19,11 @@ def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monk
     res = json.loads((tmp_path / "a/results.json").read_text())
     assert res["training"]["steps"] == 2 and res["training"]["from_cache"] is None
     assert res["model"]["aligned_fingerprint"] != res["model"]["base_fingerprint"]
-    assert {"refusal_rate", "overrefusal", "coherent_compliance"} <= res["after"].keys()
+    assert {"refusal", "overrefusal", "coherent_compliance", "asr"} <= res["after"].keys()
+    for when in ("before", "after"):
+        r, a = res[when]["refusal"], res[when]["asr"]
+        assert r["k"] + a["k"] == r["n"] == a["n"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+    assert res["verdicts"]["refusal_up"]["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     assert res["data"]["eval_harmful"]["examples"] == 3
     # embeddings frozen by default: the trained share is below 100%
     assert 0 < res["training"]["trainable"]["share"] < 1

@@ -37,6 +37,7 @@ def test_proportion_wilson_matches_known_values() -> None:
     p = Proportion(0, 10)
     lo, hi = p.ci95
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)  # Wilson upper bound at 0/10
+    assert Proportion(0, 3).ci95[0] == 0.0 and Proportion(3, 3).ci95[1] == 1.0  # exact at the ends
     lo, hi = Proportion(5, 10).ci95
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     assert Proportion(3, 4).to_dict()["k"] == 3 and Proportion.from_dict(Proportion(3, 4).to_dict()) == Proportion(3, 4)
@@ -229,3 +230,26 @@ def test_restored_weights_on_error() -> None:
             model.weight.add_(1)
         raise RuntimeError("boom")
     assert weights_digest(model) == before
+
+
+def test_stability_summary_decides_beyond_chance() -> None:
+    from ssah.categorize import categorize
+    from ssah.measure import stability_summary
+
+    space = _space()
+    g = torch.Generator().manual_seed(0)
+    s, u = (
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+    )
+    shares = {"scu": 0.1, "ucu": 0.1, "ru": 0.1}
+    a = categorize(s, u, space=space, shares=shares, normalization="none")
+    same = stability_summary(a, a)
+    assert same["SCU"]["jaccard"] == 1.0 and same["SCU"]["verdict"]["verdict"] == "reproduced"
+    s2, u2 = (
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+        torch.rand(space.total, generator=g, dtype=torch.float64),
+    )
+    other = stability_summary(a, categorize(s2, u2, space=space, shares=shares, normalization="none"))
+    assert other["SCU"]["verdict"]["verdict"] != "reproduced"  # independent scores: nothing beyond chance
+    assert other["SCU"]["found_again"]["n"] == len(a["SCU"])

@@ -28,6 +28,7 @@ from ssah.probe import (
     method_values,
     project,
     separation,
+    separation_verdict,
     token_values,
 )
 
@@ -238,6 +239,34 @@ def test_separation_on_constructed_intervals() -> None:
     assert s["higher"] == [1] and s["lower"] == [2] and s["diff_above_zero"] == [1]
 
 
+def _reps(means: list[float], sd: float = 0.1, n: int = 2000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(means, sd, size=(n, len(means)))
+
+
+def test_separation_verdict_needs_a_run_of_later_layers() -> None:
+    later = [6, 7, 8, 9]
+    run = _reps([0, 0, 0, 0, 0, 0, 1.0, 1.0, 1.0, 0.0])
+    v = separation_verdict(run, later)
+    assert v["verdict"] == "reproduced" and v["longest_run"] == 3 and v["above"] == [6, 7, 8]
+    assert v["corrected_level"] == pytest.approx(1 - 0.05 / 4) and "Bonferroni" in v["multiplicity"]
+    # one isolated later layer above zero is not a run
+    lone = _reps([0, 0, 0, 0, 0, 0, 1.0, 0.0, 0.0, 0.0])
+    assert separation_verdict(lone, later)["verdict"] == "inconclusive"
+    # any later layer below zero (corrected) is the other way
+    other = _reps([0, 0, 0, 0, 0, 0, 1.0, 1.0, 1.0, -1.0])
+    assert separation_verdict(other, later)["verdict"] == "not reproduced"
+
+
+def test_separation_verdict_multiplicity_widens_intervals() -> None:
+    # an effect of 2.1 sd: excluded from zero at 95% for one layer, not after correcting for 20 layers
+    later = list(range(20))
+    reps = _reps([0.21] * 20, sd=0.1, n=20000)
+    single = separation_verdict(reps[:, :1], [0])
+    many = separation_verdict(reps, later, min_run=3)
+    assert single["verdict"] == "reproduced"
+    assert many["verdict"] == "inconclusive" and many["above"] == []
+
+
 def test_token_values_mask_steps_after_the_end_of_a_reply(measured) -> None:
     _, _, m = measured
     m.token_alive["greedy"][0, 2:] = False
@@ -258,7 +287,7 @@ def test_probe_cli_compare_with_itself_gives_identical_models(tmp_path: Path, ca
     assert b == "tiny-random-llama (compare)" and res["layers"] == 2
     for method, per_model in res["gaps"].items():
         assert per_model[a] == per_model[b], method
-        assert res["separation"][method]["verdict"] == "no"
+        assert res["separation"][method]["verdict"] == "inconclusive"  # identical models: every difference is 0
         g = per_model[a]["gap"]
         assert all(lo <= mu + 1e-9 and mu <= hi + 1e-9 for mu, lo, hi in zip(g["mean"], g["lo"], g["hi"], strict=True))
     assert res["confound"][a]["embedding_gap"]["mean"] != 0

@@ -25,8 +25,32 @@ def test_chan_merge_equals_direct_statistics(sizes: list[int], seed: int) -> Non
         assert torch.allclose(run.mean, x.mean(0))
         assert torch.allclose(run.var, x.var(0, unbiased=False))
         assert torch.allclose(run.mean_abs, x.abs().mean(0))
+        # Wanda's ||X_j||_2 from the same statistics: sum x^2 = M2 + n * mean^2
+        assert torch.allclose(run.square_sum, x.square().sum(0))
+        assert torch.allclose(run.l2_norm, x.norm(dim=0))
     else:
         assert torch.equal(run.var, torch.zeros(5, dtype=torch.float64))
+
+
+def test_l2_norm_is_accurate_for_large_offsets() -> None:
+    """M2 + n * mean^2 in float64 keeps the norm exact to about 1e-12 even when the mean dwarfs the spread."""
+    x = torch.randn(1000, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-3 + 1e3
+    run = RunningStats.zeros(3)
+    for block in x.split(7):
+        run.update(block.float())  # activations arrive in the model's dtype
+    assert torch.allclose(run.l2_norm, x.float().double().norm(dim=0), rtol=1e-12)
+
+
+def test_gradient_sums_merge() -> None:
+    part = {"g": RunningStats.of(torch.ones(2, 3))}
+    a = UnitStatistics(part, {"g": torch.ones(2, 3)}, 5, 2, ["a"], {"g": torch.tensor([1.0, 2.0, 3.0])}, 2)
+    b = UnitStatistics(part, {"g": torch.ones(2, 3)}, 4, 1, ["b"], {"g": torch.tensor([0.5, 0.5, 0.5])}, 1)
+    m = a.merge(b)
+    assert m.grad_examples == 3 and m.grad_tokens == 9 and m.examples == 3
+    assert torch.equal(m.example_sum["g"], torch.tensor([1.5, 2.5, 3.5]))
+    assert torch.equal(m.grad_sum["g"], torch.full((2, 3), 2.0))
+    plain = UnitStatistics(part, examples=1, data_hashes=["c"])
+    assert not a.merge(plain).example_sum and a.merge(plain).grad_examples == 0
 
 
 def test_recorder_counts_only_masked_tokens(tiny_llama) -> None:

@@ -35,6 +35,16 @@ _EXPORTS = {
     "PromptSet": "ssah.data",
     "Example": "ssah.data",
     "ablate": "ssah.interventions",
+    "Proportion": "ssah.measure",
+    "ControlDistribution": "ssah.measure",
+    "compare": "ssah.measure",
+    "verdict": "ssah.measure",
+    "find_units": "ssah.measure",
+    "select": "ssah.measure",
+    "safety_ranking": "ssah.measure",
+    "random_control": "ssah.measure",
+    "measure_condition": "ssah.measure",
+    "restored_weights": "ssah.measure",
     "SsahError": "ssah.errors",
     "UserError": "ssah.errors",
 }
@@ -47,6 +57,18 @@ if TYPE_CHECKING:
     from ssah.data import Example, PromptSet, load_prompts
     from ssah.errors import SsahError, UserError
     from ssah.interventions import ablate
+    from ssah.measure import (
+        ControlDistribution,
+        Proportion,
+        compare,
+        find_units,
+        measure_condition,
+        random_control,
+        restored_weights,
+        safety_ranking,
+        select,
+        verdict,
+    )
     from ssah.models import LoadedModel, load_model, model_fingerprint
     from ssah.scoring import Scores, collect_statistics, compute_scores, score_units
     from ssah.units import UnitSet, UnitSpace, load_unit_sets, save_unit_sets

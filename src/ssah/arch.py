@@ -256,9 +256,13 @@ class ArchAdapter:
 
     def reader_column_norms(self, group: UnitGroup) -> torch.Tensor:
         """L2 norm of each unit's reader slice, float64 ``[group.size]``."""
-        weight = self.reader_weight(group).detach()
-        per_unit = weight.movedim(group.reader.dim, 0).reshape(weight.shape[group.reader.dim], -1)
-        return per_unit.double().norm(dim=1)[group.reader.index.to(weight.device)].cpu()
+        from accelerate.utils import align_module_device
+
+        # a reader offloaded by accelerate (CPU / disk) holds meta tensors: load it for the read
+        with align_module_device(self.module(group.reader_module)):
+            weight = self.reader_weight(group).detach()
+            per_unit = weight.movedim(group.reader.dim, 0).reshape(weight.shape[group.reader.dim], -1)
+            return per_unit.double().norm(dim=1)[group.reader.index.to(weight.device)].cpu()
 
     def _build_group(self, layer: int, kind: Kind, geometry: _Geometry) -> UnitGroup:
         """Reader and writer slices of one group, checked against the parameter shapes."""

@@ -16,11 +16,15 @@ import typer
 
 from ssah.cliutil import (
     AllowPickleOpt,
+    BatchSizeOpt,
     ColumnOpt,
     ConfigOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelArg,
+    OffloadFolderOpt,
     OverwriteOpt,
     ProgressOpt,
     SeedOpt,
@@ -46,7 +50,7 @@ def units(
     ] = "builtin:utility",
     column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples of each set.")] = None,
-    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
@@ -55,12 +59,15 @@ def units(
     tokens: Annotated[
         str, typer.Option(help="Tokens counted: prompt+response | response | prompt | all")
     ] = "prompt+response",
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
+    batch_size: BatchSizeOpt = "8",
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     stability: Annotated[bool, typer.Option(help="Also report SCU overlap between two disjoint data halves.")] = False,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -101,7 +108,7 @@ def eval_(
     column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N items of each set.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per reply.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    batch_size: BatchSizeOpt = "16",
     do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
@@ -109,6 +116,9 @@ def eval_(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -175,7 +185,8 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
-    from ssah.train import TrainConfig, parse_lora, run_train
+    from ssah.experiments.train import run_train
+    from ssah.train import TrainConfig, parse_lora
 
     values = options(ctx, dict(locals()))
     if values.get("lora") is not None:
@@ -223,8 +234,8 @@ def align(
     path = run_align(cfg)
     res = json.loads((path / "results.json").read_text())
     b, a = res["before"], res["after"]
-    typer.echo(f"refusal on held-out harmful: {100 * b['refusal_rate']:.1f}% -> {100 * a['refusal_rate']:.1f}%")
-    typer.echo(f"over-refusal on held-out benign: {100 * b['overrefusal']:.1f}% -> {100 * a['overrefusal']:.1f}%")
+    for key, what in (("refusal", "refusal on held-out harmful"), ("overrefusal", "over-refusal on held-out benign")):
+        typer.echo(f"{what}: {100 * b[key]['rate']:.1f}% -> {100 * a[key]['rate']:.1f}%")
     typer.echo(f"wrote {path} (aligned model in {path / 'model'}) in {res['seconds']:.1f} s")
 
 
@@ -327,13 +338,42 @@ def show(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")],
+    model: Annotated[str, typer.Argument(help="Registry name, model folder, config.json, .gguf file or hub id.")],
+    plan: Annotated[
+        bool, typer.Option(help="Memory plan of every command from the config alone (no weights are read).")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --plan: print the plan as JSON.")] = False,
+    dtype: Annotated[str, typer.Option(help="With --plan: comma list of dtypes.")] = "float32,bfloat16",
+    seq_len: Annotated[int, typer.Option(help="With --plan: tokens per example for units / train.")] = 512,
+    prompt_len: Annotated[int, typer.Option(help="With --plan: prompt tokens for generation.")] = 256,
+    new_tokens: Annotated[int, typer.Option(help="With --plan: generated tokens per reply.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="With --plan: batch size of the totals.")] = 8,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
-    """Show a model's family, layers, heads and unit counts."""
+    """Show a model's family, layers, heads and unit counts; with --plan, the memory each command needs."""
     from ssah.arch import get_adapter
     from ssah.models import load_model
+
+    if plan:
+        import json
+
+        from ssah.plan import format_plan
+        from ssah.plan import plan as make_plan
+
+        dtypes = tuple(d.strip() for d in dtype.split(",") if d.strip())
+        if min(seq_len, prompt_len, new_tokens, batch_size) < 1:
+            raise UserError("--seq-len, --prompt-len, --new-tokens and --batch-size must be at least 1")
+        p = make_plan(
+            model,
+            dtypes=dtypes,
+            seq_len=seq_len,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            batch_size=batch_size,
+        )
+        typer.echo(json.dumps(p, indent=2) if json_out else format_plan(p))
+        return
 
     lm = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device="cpu")
     adapter = get_adapter(lm.model)

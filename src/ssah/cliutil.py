@@ -50,6 +50,26 @@ AllowPickleOpt = Annotated[bool, typer.Option(help="Allow pickled .bin weights (
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread a big model over devices: auto | balanced | balanced_low_0 | sequential | a JSON file of "
+        "module -> device (0, 1, cpu, disk). Overrides --device."
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None, typer.Option(help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+]
+OffloadFolderOpt = Annotated[
+    str | None, typer.Option(help="Folder for weights offloaded to disk (default: a temporary folder in the cache).")
+]
+BatchSizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Examples per batch, or auto: the largest that fits (from `ssah info --plan`, halved on "
+        "out-of-memory, remembered in the cache); auto is the default on GPUs."
+    ),
+]
 ColumnOpt = Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")]
 
 
@@ -69,11 +89,23 @@ def options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     out.pop("config", None)
     if "column" in out:
         out["columns"] = columns(out.pop("column"))
+    if isinstance(out.get("batch_size"), str):
+        out["batch_size"] = parse_batch_size(out["batch_size"])
     if isinstance(out.get("shares"), str):
         from ssah.categorize import parse_shares
 
         out["shares"] = parse_shares(out["shares"])
     return out
+
+
+def parse_batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive number or ``auto``."""
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise UserError(f"bad --batch-size {text!r}: pass a positive number or auto")
 
 
 def columns(items: list[str] | None) -> dict[str, str]:

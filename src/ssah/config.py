@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ssah.errors import UserError
 
@@ -60,3 +60,33 @@ class ModelRunConfig(BaseConfig):
     trust_remote_code: bool = False
     overwrite: bool = False
     progress: bool = True
+    # Big models (accelerate's dispatch; see ssah.models.load_model): a strategy (auto, balanced, balanced_low_0,
+    # sequential), a JSON file or a mapping of module name to device; memory per device ("0=70GiB,cpu=200GiB");
+    # where disk-offloaded weights go (default: a temporary folder in the cache).
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    # Commands whose loading honours the three placement fields set this True; the others refuse them rather
+    # than ignore them silently.
+    placement: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _placement_supported(self) -> ModelRunConfig:
+        used = [k for k in ("device_map", "max_memory", "offload_folder") if getattr(self, k) is not None]
+        if used and not type(self).placement:
+            raise ValueError(
+                f"{', '.join(used)} only apply to units, eval, probe and ablate; drop them here (use --device)"
+            )
+        return self
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`ssah.models.load_model` this config sets."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "allow_pickle": self.allow_pickle,
+            "trust_remote_code": self.trust_remote_code,
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "offload_folder": self.offload_folder,
+        }

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -48,7 +48,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int | Literal["auto"] = 16  # "auto": the largest that fits, halved on out-of-memory, remembered
     system: str | None = None
 
     def check(self) -> None:
@@ -57,8 +57,10 @@ class GenerationConfig:
             raise UserError(
                 f"max_new_tokens must be at least 1: got {self.max_new_tokens}, pass --max-new-tokens 1 or more"
             )
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1: got {self.batch_size}, pass a positive batch size")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise UserError(
+                f"batch_size must be at least 1 or auto: got {self.batch_size!r}, pass a positive batch size"
+            )
         if self.do_sample and not self.temperature > 0:
             raise UserError(
                 f"temperature must be above 0 when sampling: got {self.temperature}, pass a positive temperature "
@@ -273,19 +275,64 @@ def generate(
         raise UserError("a prompt formats to no tokens at all: give the tokenizer a chat template or non-empty prompts")
     encoded = _fit_context(model, encoded, config.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    chunks = [order[k : k + config.batch_size] for k in range(0, len(order), config.batch_size)]
     device = model_device(model)
     eos_set = set(eos)
     results: list[Generation | None] = [None] * len(prompts)
     devices = [device] if device.type == "cuda" else []
-    with frozen_eval(model, inference=True), _quiet_length_clash(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
+
+    def run(batch_size: int) -> None:
+        """Generate every prompt still without a result, ``batch_size`` at a time (a retry after an
+        out-of-memory error continues where the failed batch started)."""
+        todo = [i for i in order if results[i] is None]
+        chunks = [todo[k : k + batch_size] for k in range(0, len(todo), batch_size)]
         for chunk in tqdm(chunks, desc=desc or "generate", disable=not progress, unit="batch"):
             input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad, device)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_config)
             new = out[:, input_ids.shape[1] :].tolist()
+            del out
             for row, i in enumerate(chunk):
                 kept, count, finished = _split(new[row], eos_set)
                 text = tokenizer.decode(kept, skip_special_tokens=True).rstrip()
                 results[i] = Generation(prompts[i], prefills[i], text, count, finished)
+
+    with frozen_eval(model, inference=True), _quiet_length_clash(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        if config.batch_size == "auto":
+            auto_generation(model, run, longest=len(encoded[order[0]]), config=config, prompts=len(prompts))
+        else:
+            run(config.batch_size)
     return [r for r in results if r is not None]
+
+
+def auto_generation(model: Any, run: Any, *, longest: int, config: GenerationConfig, prompts: int) -> int:
+    """Call ``run(batch_size)`` with the largest generation batch that fits: from the plan's start (or the size
+    remembered for this model and length), halving on out-of-memory; returns the size that worked."""
+    from ssah.plan import batch_key, find_batch_size, start_from_plan
+
+    start = start_from_plan(model, "eval", prompt_len=longest, new_tokens=config.max_new_tokens)
+    key = batch_key(model, "generate", longest + config.max_new_tokens)
+    size, _ = find_batch_size(run, start=min(start, max(prompts, 1)), key=key, what="a generation batch")
+    return size
+
+
+def generation_batch_size(model: Any, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig) -> int:
+    """``config.batch_size`` as a number: "auto" is resolved by generating the longest prompts once at the
+    largest batch that fits (for callers that need one size for generation and their other passes)."""
+    if config.batch_size != "auto":
+        return config.batch_size
+    if not prompts:
+        return 1
+    texts = prompt_texts(tokenizer, list(prompts), [""] * len(prompts), config.system)
+    bos_id = bos_to_add(tokenizer)
+    lengths = [len(encode_prompt(tokenizer, t, bos_id=bos_id)) for t in texts]
+    longest = [p for _, p in sorted(zip(lengths, prompts, strict=True), key=lambda x: -x[0])]
+    found: dict[str, int] = {}
+
+    def run(batch_size: int) -> None:
+        found["size"] = batch_size
+        probe = (longest * batch_size)[:batch_size]
+        generate(model, tokenizer, probe, config=replace(config, batch_size=batch_size), progress=False)
+
+    with frozen_eval(model, inference=True), _quiet_length_clash():
+        auto_generation(model, run, longest=max(lengths), config=config, prompts=len(prompts))
+    return found["size"]

@@ -33,17 +33,16 @@ def ablate(model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = No
     if space_of(model, units.space.granularity, adapter) != units.space:
         raise UnitFileError(f"unit set {units.name!r} was made for a model with another unit layout")
     hooks: dict[str, Any] = {}
-    device = next(model.parameters()).device
     masks = units.channel_masks()
     for g in adapter.groups():
         mask = masks[g.key]
         if not bool(mask.any()):
             continue
-        keep = (~mask).to(device)
+        keep = ~mask  # moved to each reader's input device in the hook: a dispatched model spans several devices
 
         def hook(_m: nn.Module, args: tuple[Any, ...], keep: torch.Tensor = keep) -> tuple[Any, ...]:
             x = args[0]
-            return (x * keep.to(x.dtype), *args[1:])
+            return (x * keep.to(device=x.device, dtype=x.dtype), *args[1:])
 
         hooks[g.reader_module] = hook
     with attach(model, pre=hooks):
@@ -145,6 +144,11 @@ class FrozenUnits:
         self.frozen_parameters = 0
         for name, (dim, idx) in slices.items():
             param = model.get_parameter(name)
+            if param.device.type == "meta":
+                raise UserError(
+                    f"cannot freeze units of {name}: its weights are offloaded (CPU / disk) by the device map; "
+                    "train with a device map that keeps every weight on a GPU, or with FSDP2"
+                )
             local = _local(param.detach())
             mask = torch.zeros(param.shape, dtype=torch.bool, device=local.device)
             mask.index_fill_(dim, idx.to(local.device), True)

@@ -43,7 +43,8 @@ def _wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # exact ends at 0 and n successes (the formula leaves a rounding residue of about 1e-17 there)
+    return (0.0 if k == 0 else max(0.0, center - half)), (1.0 if k == n else min(1.0, center + half))
 
 
 @dataclass(frozen=True)
@@ -333,15 +334,30 @@ class FoundUnits:
 
 
 def stability_summary(a: Any, b: Any) -> dict[str, Any]:
-    """Jaccard overlap of each category between two categorisations (e.g. of disjoint data halves), with the
-    chance level of two random sets of the same size."""
+    """How stable each category is between two categorisations (e.g. of disjoint data halves).
+
+    Per category: the Jaccard overlap with its chance level, and the verdict on "stable beyond chance" by the one
+    rule: the share of ``a``'s units found again in ``b`` (a :class:`Proportion`) against the share of all units
+    that ``b`` holds (what a random set would find again), ``reproduced`` when the interval of the difference
+    excludes zero upwards.
+    """
     from ssah.categorize import CATEGORIES, expected_random_jaccard
 
     out: dict[str, Any] = {"method": "categorise each disjoint half of both calibration sets, compare the sets"}
     n = a.space.total
     for c in CATEGORIES:
         k = (len(a[c]) + len(b[c])) // 2
-        out[c] = {"jaccard": round(a[c].jaccard(b[c]), 4), "chance": round(expected_random_jaccard(k, n), 4)}
+        entry: dict[str, Any] = {
+            "jaccard": round(a[c].jaccard(b[c]), 4),
+            "chance": round(expected_random_jaccard(k, n), 4),
+        }
+        if len(a[c]) and len(b[c]):
+            found = Proportion(len(a[c] & b[c]), len(a[c]))
+            chance = Proportion(len(b[c]), n)
+            entry["found_again"] = found.to_dict()
+            entry["found_again_by_chance"] = chance.to_dict()
+            entry["verdict"] = verdict(compare(found, chance), "higher").to_dict()
+        out[c] = entry
     out["jaccard_scu"] = out["SCU"]["jaccard"]
     return out
 
@@ -354,7 +370,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
     """
     from ssah.arch import get_adapter
     from ssah.categorize import categorize
-    from ssah.scoring import collect_statistics, compute_scores
+    from ssah.scoring import collect_statistics, compute_scores, gradient_mode
 
     adapter = get_adapter(lm.model)
     neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
@@ -372,7 +388,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
                 batch_size=cfg.batch_size,
                 max_length=cfg.max_length,
                 system=cfg.system,
-                gradients=cfg.metric == "taylor",
+                gradients=gradient_mode(cfg.metric),
                 progress=cfg.progress,
                 desc=f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name,
             )
@@ -710,9 +726,11 @@ def measure_condition(
 # ------------------------------------------------------------------------------------------------ weights
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer, bit for bit (proves a condition left the weights untouched)."""
+    from ssah.models import state_items
+
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in state_items(model):  # offloaded weights too
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

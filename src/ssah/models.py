@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ SMOLLM2 = "smollm2-135m-instruct"
 TINY_PREFIX = "tiny-random-"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceKey = int | str  # accelerate's device names: a GPU index, "cpu", "mps" or "disk"
 
 
 def cache_dir() -> Path:
@@ -79,12 +85,27 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
     config = getattr(model, "config", None)
     h.update(f"{getattr(config, 'model_type', '')}:{getattr(config, 'architectures', '')};".encode())
     with torch.no_grad():
-        for name, p in model.state_dict().items():
+        for name, p in state_items(model):
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // samples_per_tensor)
             h.update(flat[::step][:samples_per_tensor].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict().items()`` with real values also for weights accelerate offloaded to the CPU or disk
+    (meta tensors in the state dict), loaded one module at a time; use each tensor before taking the next."""
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type != "meta":
+            yield name, tensor
+            continue
+        from accelerate.utils import align_module_device
+
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        with align_module_device(module):
+            yield name, getattr(module, attr)
 
 
 def smollm2_gguf() -> Path:
@@ -167,6 +188,193 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _device_names() -> str:
+    gpus = _gpu_count()
+    names = ["cpu", "disk"] + ([f"0..{gpus - 1} (GPUs)"] if gpus else [])
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names)
+
+
+def device_key(value: Any, where: str) -> DeviceKey:
+    """A device as accelerate names it in device maps and ``max_memory`` (GPU index, ``cpu``, ``mps``, ``disk``),
+    checked to exist on this machine; ``where`` names the option in the error."""
+    text = str(value).strip().lower()
+    if text.startswith("cuda"):
+        text = text[5:] if text.startswith("cuda:") else "0"
+    if text.isdigit():
+        index = int(text)
+        if index < _gpu_count():
+            return index
+    elif text in ("cpu", "disk") or (text == "mps" and "mps" in _device_names()):
+        return text
+    raise ModelError(
+        f"{where} names device {value!r}, which does not exist here (devices: {_device_names()}): "
+        "name an existing device"
+    )
+
+
+def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[DeviceKey, int] | None:
+    """``"0=70GiB,cpu=200GiB"`` (or a mapping) as accelerate's ``max_memory`` in bytes per existing device."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(spec, Mapping):
+        items = [(str(k), v) for k, v in spec.items()]
+    else:
+        items = []
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ModelError(f"bad --max-memory entry {part!r}: write DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+            items.append((key.strip(), value.strip()))
+    out: dict[DeviceKey, int] = {}
+    for key, value in items:
+        dev = device_key(key, "--max-memory")
+        try:
+            size = convert_file_size_to_int(value if isinstance(value, int) else str(value).replace(" ", ""))
+        except ValueError:
+            size = -1
+        if size <= 0:
+            raise ModelError(f"bad --max-memory size {value!r} for {key}: write a size such as 70GiB, 500MB or 8GB")
+        out[dev] = size
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _read_device_map_file(spec: str) -> dict[str, Any]:
+    path = Path(os.path.expanduser(spec))
+    if not path.is_file():
+        raise ModelError(
+            f"--device-map {spec!r} is neither {', '.join(DEVICE_MAP_STRATEGIES)} nor a JSON file: "
+            "pass a strategy or the path of a JSON mapping of module name to device"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"device map file {path} is not valid JSON ({exc}); fix it") from None
+    if not isinstance(data, dict) or not data:
+        raise ModelError(f"device map file {path} must hold a JSON object of module name to device")
+    return data
+
+
+def resolve_device_map(
+    model: torch.nn.Module,
+    spec: str | Mapping[str, Any],
+    *,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, DeviceKey]:
+    """A complete, checked module -> device map for ``model`` (real or on the meta device).
+
+    ``spec`` is a strategy (``auto`` = ``balanced``: blocks spread evenly over the GPUs, then CPU, then disk;
+    ``sequential`` fills devices in order; ``balanced_low_0`` keeps GPU 0 light for generation), or an explicit
+    mapping / JSON file of module names to devices. Every device must exist here, every ``--max-memory`` device
+    must hold at least one decoder block, and an explicit map must cover every weight.
+    """
+    from accelerate.utils import (
+        check_device_map,
+        compute_module_sizes,
+        get_balanced_memory,
+        infer_auto_device_map,
+    )
+
+    memory = parse_max_memory(max_memory)
+    no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+    sizes = compute_module_sizes(model, dtype=dtype)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ in no_split]
+    block_bytes = max((sizes.get(n, 0) for n in blocks), default=0)
+    for dev, budget in (memory or {}).items():
+        if dev != "disk" and budget < block_bytes:
+            raise ModelError(
+                f"--max-memory gives device {dev} {_gib(budget)}, but one decoder block needs {_gib(block_bytes)} "
+                f"in {str(dtype).removeprefix('torch.')}: raise it or leave the device out"
+            )
+    if isinstance(spec, str) and spec in DEVICE_MAP_STRATEGIES:
+        if spec != "sequential" and _gpu_count() > 1:
+            low_zero = spec == "balanced_low_0"
+            memory = get_balanced_memory(
+                model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype, low_zero=low_zero
+            )
+        dmap: dict[str, Any] = infer_auto_device_map(
+            model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype
+        )
+    else:
+        raw = dict(spec) if isinstance(spec, Mapping) else _read_device_map_file(spec)
+        dmap = {}
+        for name, dev in raw.items():
+            if name:
+                try:
+                    model.get_submodule(name)
+                except AttributeError:
+                    raise ModelError(
+                        f"device map names module {name!r}, which this model does not have: use names from "
+                        "model.named_modules(), e.g. model.layers.0"
+                    ) from None
+            dmap[name] = device_key(dev, "the device map")
+        try:
+            check_device_map(model, dmap)
+        except ValueError as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelError(f"the device map does not place every weight ({first}): add them") from None
+    dmap = {k: device_key(v, "the device map") for k, v in dmap.items()}
+    if dmap and all(v == "disk" for v in dmap.values()):
+        raise ModelError("the device map puts the whole model on disk: give at least one block a CPU or GPU")
+    return dmap
+
+
+def main_device(device_map: Mapping[str, DeviceKey]) -> torch.device:
+    """Where a dispatched model computes and takes its inputs: the first GPU / mps device of the map, else the CPU
+    (accelerate's rule, with the map's order instead of a set's)."""
+    for dev in device_map.values():
+        if dev not in ("cpu", "disk"):
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return torch.device("cpu")
+
+
+def _offload_folder(device_map: Mapping[str, DeviceKey], folder: str | None) -> tuple[str | None, bool]:
+    """The folder for disk-offloaded weights and whether it is temporary: the given one, else (only when the map
+    uses the disk) a fresh folder in the cache that is removed with the model (see :func:`_remove_with`)."""
+    if "disk" not in device_map.values():
+        return folder, False
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return folder, False
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix="run-", dir=root), True
+
+
+def _remove_with(model: Any, folder: str) -> None:
+    """Delete a temporary offload folder when the model is garbage collected (or at exit)."""
+    weakref.finalize(model, shutil.rmtree, folder, True)
+
+
+def _meta_model(folder: Path, config: Any, trust_remote_code: bool) -> torch.nn.Module:
+    """The model's modules with shapes but no memory (for planning a device map before loading weights)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    return model
+
+
+def is_dispatched(model: torch.nn.Module) -> bool:
+    """Whether accelerate spread the model over several devices or offloaded part of it (has a device map with
+    more than one device)."""
+    dmap = getattr(model, "hf_device_map", None)
+    return isinstance(dmap, dict) and len(set(dmap.values())) > 1
+
+
 def _check_folder(folder: Path, allow_pickle: bool) -> None:
     names = [p.name for p in folder.iterdir()]
     if not any(n.endswith(".safetensors") for n in names):
@@ -190,12 +398,27 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a registry name, folder, ``.gguf`` file or hub id."""
+    """Load a causal LM and its tokenizer from a registry name, folder, ``.gguf`` file or hub id.
+
+    Without ``device_map`` the whole model goes to ``device``. With it (a strategy such as ``auto``, a mapping or a
+    JSON file, see :func:`resolve_device_map`) accelerate's big-model dispatch places each block on its device,
+    within ``max_memory`` (``"0=70GiB,cpu=200GiB"``), offloading to the CPU or to ``offload_folder`` on disk when
+    the GPUs are full; weights are read straight into place, never into CPU memory as a whole.
+    """
     t0 = time.perf_counter()
     hf_logging.disable_progress_bar()  # sub-second loads from safetensors don't need bars; GGUF conversion re-enables
     name = str(spec)
+    if device_map is None and max_memory is not None:
+        raise ModelError("--max-memory only applies with --device-map: add --device-map auto")
+    if device_map is not None and device not in (None, "auto"):
+        raise ModelError(f"pass either --device {device} or --device-map, not both: the device map places the model")
     dev = resolve_device(device)
+    if device_map is not None:
+        dev = torch.device("cuda") if _gpu_count() else torch.device("cpu")
     dt = resolve_dtype(dtype, dev)
     path = Path(os.path.expanduser(name))
     kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
@@ -203,7 +426,10 @@ def load_model(
         from ssah.tiny import build_tiny_model
 
         model, tok = build_tiny_model(name[len(TINY_PREFIX) :])
-        model = model.to(device=dev, dtype=dt)
+        if device_map is None:
+            model = model.to(device=dev, dtype=dt)
+        else:
+            model = _dispatch(model, device_map, max_memory, dt, offload_folder)
         return _finish(LoadedModel(model, tok, name, f"registry:{name}"), t0)
     if name == SMOLLM2:
         folder, source = convert_gguf(smollm2_gguf()), f"registry:{name}"
@@ -228,11 +454,25 @@ def load_model(
         kwargs["revision"] = revision
     if not allow_pickle:
         kwargs["use_safetensors"] = True
+    temporary = False
     try:
         config = AutoConfig.from_pretrained(
             str(folder), trust_remote_code=trust_remote_code, revision=kwargs.get("revision")
         )
-        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
+        if device_map is not None:
+            dmap = resolve_device_map(
+                _meta_model(folder, config, trust_remote_code), device_map, max_memory=max_memory, dtype=dt
+            )
+            kwargs["device_map"] = dmap
+            kwargs["offload_folder"], temporary = _offload_folder(dmap, offload_folder)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
+        except BaseException:
+            if temporary:
+                shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
+            raise
+        if temporary:
+            _remove_with(model, kwargs["offload_folder"])
         tok = AutoTokenizer.from_pretrained(
             str(folder), trust_remote_code=trust_remote_code, revision=kwargs.get("revision")
         )
@@ -244,8 +484,31 @@ def load_model(
             else "check the folder"
         )
         raise ModelError(f"could not load model {name!r}: {first}; {hint}") from exc
-    model = model.to(dev)
+    if device_map is None:
+        model = model.to(dev)
     return _finish(LoadedModel(model, tok, name, source), t0)
+
+
+def _dispatch(
+    model: Any,
+    device_map: str | Mapping[str, Any],
+    max_memory: str | Mapping[Any, Any] | None,
+    dtype: torch.dtype,
+    offload_folder: str | None,
+) -> Any:
+    """Cast an in-memory model (the tiny registry models) to ``dtype`` and place it by a device map with
+    accelerate's dispatch."""
+    from accelerate import dispatch_model
+
+    model = model.to(dtype=dtype)
+    dmap = resolve_device_map(model, device_map, max_memory=max_memory, dtype=dtype)
+    folder, temporary = _offload_folder(dmap, offload_folder)
+    main = next((d for d in dmap.values() if d not in ("cpu", "disk")), "cpu")
+    dispatched = dispatch_model(model, dmap, main_device=main, offload_dir=folder)  # type: ignore[arg-type]
+    dispatched.hf_device_map = dmap
+    if temporary and folder is not None:
+        _remove_with(dispatched, folder)
+    return dispatched
 
 
 def _finish(lm: LoadedModel, t0: float) -> LoadedModel:

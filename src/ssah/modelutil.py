@@ -24,11 +24,21 @@ def frozen_eval(model: Any, *, inference: bool = False) -> Iterator[None]:
 
 
 def model_device(model: Any) -> torch.device:
-    """Where the model's inputs go (its first parameter's device; the CPU for a model without parameters)."""
+    """Where the model's inputs go: its input embeddings' execution device when accelerate dispatched the model
+    (their weights may be offloaded to the meta device), else its first real parameter's device; the CPU for a
+    model without parameters."""
+    get_emb = getattr(model, "get_input_embeddings", None)
     try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+        emb = get_emb() if callable(get_emb) else None
+    except NotImplementedError:
+        emb = None
+    hook_device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(f"cuda:{hook_device}" if isinstance(hook_device, int) else hook_device)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def pad_id(tokenizer: Any, eos: list[int] | None = None) -> int:

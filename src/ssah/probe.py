@@ -783,6 +783,53 @@ def separation(a: Estimate, b: Estimate, *, level: float = 0.95) -> dict[str, An
     }
 
 
+def separation_verdict(
+    diff_reps: np.ndarray, later: Sequence[int], *, level: float = 0.95, min_run: int = 3
+) -> dict[str, Any]:
+    """The one verdict on "the aligned model sits above the other" from the paired bootstrap replicates of the
+    per-layer difference (``a.reps - b.reps``, replicates x layers).
+
+    Testing many layers at once inflates false findings, so the interval at each later layer is Bonferroni-
+    corrected for the number of later layers (``1 - (1 - level) / L``, a simultaneous interval). ``reproduced``
+    needs a run of at least ``min_run`` consecutive later layers (all of them when there are fewer) whose
+    corrected interval excludes zero upwards and none that excludes it downwards; ``not reproduced`` when any later
+    layer's corrected interval excludes zero downwards, or every later layer's interval contains zero and is
+    narrower than nothing (never: then it is ``inconclusive``).
+    """
+    later = [int(x) for x in later]
+    if not later:
+        raise ValueError("separation_verdict needs at least one later layer")
+    corrected = 1 - (1 - level) / len(later)
+    lo, hi = _quantiles(diff_reps[:, later], corrected)
+    above = [layer for layer, x in zip(later, lo, strict=True) if x > 0]
+    below = [layer for layer, x in zip(later, hi, strict=True) if x < 0]
+    run, best = 0, 0
+    for layer in later:
+        run = run + 1 if layer in above else 0
+        best = max(best, run)
+    need = min(min_run, len(later))
+    if below:
+        verdict, reason = "not reproduced", "the corrected interval excludes zero the other way at a later layer"
+    elif best >= need:
+        verdict, reason = "reproduced", f"a run of {best} later layers excludes zero upwards (needed {need})"
+    else:
+        verdict, reason = "inconclusive", f"longest run of later layers excluding zero upwards: {best} (needed {need})"
+    return {
+        "verdict": verdict,
+        "reason": reason,
+        "layers_tested": later,
+        "level": level,
+        "corrected_level": corrected,
+        "multiplicity": f"Bonferroni over {len(later)} later layers",
+        "min_run": need,
+        "longest_run": best,
+        "above": above,
+        "below": below,
+        "lo": _floats(lo),
+        "hi": _floats(hi),
+    }
+
+
 def token_values(
     measures: ModelMeasures, mode: str, layer: int, directions: Directions | None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

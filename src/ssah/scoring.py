@@ -1,43 +1,70 @@
 """Importance scores per unit, from streaming statistics and the reader weights.
 
-Metrics (all raw and non-negative, one value per channel):
-- ``fluctuation`` (FLAP): variance of the unit's input over calibration tokens x squared norm of its reader column;
-- ``wanda``: mean |x| of the unit's input x norm of its reader column;
-- ``magnitude``: norm of the reader column (data-free);
-- ``taylor`` (SNIP-like): sum over the reader column of |W * dL/dW|, L the response-token loss, per token.
+Unit j of a group is input channel j of its reader weight W (column j of an ``nn.Linear`` weight ``[out, in]``,
+row j of a GPT-2 ``Conv1D``). Per-weight scores are reduced to a unit by summing over the unit's reader slice
+(sum over the output index i). Metrics (all raw and non-negative, one value per channel):
+
+- ``fluctuation`` (FLAP, An et al. 2024): variance of x_j over calibration tokens x ||W[:, j]||_2^2;
+- ``wanda`` (Sun et al. 2023): sum_i |W[i, j]| * ||X_j||_2, where ||X_j||_2 is the L2 norm of channel j over all
+  calibration tokens (from the streaming statistics: sum x^2 = M2 + n * mean^2);
+- ``snip`` (SNIP as used by Wei et al. 2024, arXiv 2402.05162): (1/N) sum_e sum_i |W[i, j] * dL_e/dW[i, j]|, with
+  L_e the mean response-token cross-entropy of example e and N the examples; per-example gradients are taken
+  before the absolute value, so they cannot cancel;
+- ``taylor`` (first-order Taylor score of the set loss): sum_i |W[i, j] * dL/dW[i, j]| with L = (1/N) sum_e L_e,
+  the gradient of the whole set (per-example gradients can cancel: this is not SNIP);
+- ``magnitude``: ||W[:, j]||_2 (data-free).
+
+Gradient metrics need gradients of the reader weights only: every other parameter has ``requires_grad`` off
+during the pass (restored after), and each reader's gradient is folded into running sums as soon as backward
+reaches its layer and then freed. ``snip`` keeps one float64 number per unit; ``taylor`` keeps the set gradient,
+one float32 (or wider: the weight's dtype promoted to float32) copy of every reader weight, float64 on return.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
-from ssah.arch import ArchAdapter, get_adapter
+from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.errors import UnitFileError, UserError
-from ssah.modelutil import pad_id
+from ssah.modelutil import model_device, pad_id
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
 
-Metric = Literal["fluctuation", "wanda", "magnitude", "taylor"]
-METRICS: tuple[Metric, ...] = ("fluctuation", "wanda", "magnitude", "taylor")
+Metric = Literal["fluctuation", "wanda", "snip", "taylor", "magnitude"]
+METRICS: tuple[Metric, ...] = ("fluctuation", "wanda", "snip", "taylor", "magnitude")
 SCORE_FILE_FORMAT = "ssah.scores/1"
+
+# Which gradients a pass collects: none, the set gradient (taylor), per-example |W * grad| sums (snip), or both.
+GradientMode = Literal["none", "set", "example", "both"]
+GRADIENT_MODES: tuple[GradientMode, ...] = ("none", "set", "example", "both")
 
 
 def check_metric(metric: str) -> Metric:
+    """``metric`` if it is one of :data:`METRICS`, else a :class:`UserError` naming them."""
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     return metric  # type: ignore[return-value]
+
+
+def gradient_mode(metric: str) -> GradientMode:
+    """The gradients :func:`collect_statistics` must collect for ``metric``."""
+    return {"snip": "example", "taylor": "set"}.get(check_metric(metric), "none")  # type: ignore[return-value]
 
 
 @dataclass
@@ -57,9 +84,8 @@ class Scores:
         """All scores as one vector in the space's flat order."""
         return self.space.join(self.values)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as safetensors (one float64 vector per group key) with metadata, atomically."""
-        path = Path(path)
+    def metadata(self) -> dict[str, str]:
+        """The file metadata: a function of the scores alone (no time, host or process), keys sorted."""
         meta = {
             "format": SCORE_FILE_FORMAT,
             "metric": self.metric,
@@ -71,11 +97,20 @@ class Scores:
             "structure": json.dumps(self.space.structure(), separators=(",", ":")),
             "model_fingerprint": self.space.model_fingerprint or "",
             "model_name": self.space.model_name or "",
-            **self.meta,
+            **{str(k): str(v) for k, v in self.meta.items()},
         }
+        return dict(sorted(meta.items()))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write as safetensors (one float64 vector per group key) with :meth:`metadata`, atomically."""
+        path = Path(path)
+        tensors = {k: self.values[k].detach().to("cpu", torch.float64).contiguous() for k in sorted(self.values)}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            save_file({k: v.contiguous() for k, v in self.values.items()}, str(tmp), metadata=meta)
+            # safetensors' save_file writes metadata keys in a process-random order (a Rust HashMap): identical
+            # scores then give files that differ in their header. The inputs are deterministic; the writer
+            # is the one call to switch to a deterministic one.
+            save_file(tensors, str(tmp), metadata=self.metadata())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -119,21 +154,26 @@ def collect_statistics(
     batch_size: int = 8,
     max_length: int | None = 512,
     system: str | None = None,
-    gradients: bool = False,
+    gradients: GradientMode | bool = "none",
     progress: bool = True,
     desc: str | None = None,
     adapter: ArchAdapter | None = None,
 ) -> UnitStatistics:
     """One pass over ``data``: streaming activation statistics of every unit (and reader gradients if asked).
 
-    With ``gradients`` the summed gradient of the response-token cross-entropy with respect to each reader
-    weight is accumulated too (for the taylor metric); otherwise the pass runs under ``torch.no_grad``.
+    ``gradients`` (see :func:`gradient_mode`): ``"set"`` accumulates the set gradient sum_e dL_e/dW of every
+    reader weight (taylor), ``"example"`` the per-example sums sum_e sum_i |W * dL_e/dW| per unit (snip),
+    ``"both"`` (or ``True``) both; L_e is example e's mean response-token cross-entropy. Without gradients the
+    pass runs under ``torch.no_grad``.
     """
+    mode: GradientMode = "both" if gradients is True else "none" if gradients is False else gradients
+    if mode not in GRADIENT_MODES:
+        raise UserError(f"unknown gradient mode {mode!r}: use one of {', '.join(GRADIENT_MODES)}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    if gradients and not data.has_responses:
+    if mode != "none" and not data.has_responses:
         raise UserError(
-            f"the taylor metric needs a response for every example, and {data.name!r} lacks some; "
+            f"gradient metrics (snip, taylor) need a response for every example, and {data.name!r} lacks some; "
             "use a data set with a response column or another metric"
         )
     adapter = adapter or get_adapter(model)
@@ -141,65 +181,198 @@ def collect_statistics(
     pad = pad_id(tokenizer)
     encoded = encode_set(tokenizer, data, system=system, max_length=max_length)
     order = batches(encoded, batch_size)
-    device = next(model.parameters()).device
+    device = model_device(model)
     recorder = ActivationRecorder(model, adapter, groups)
-    grad_sum: dict[str, torch.Tensor] = {}
-    grad_tokens = 0
+    readers = _ReaderGradients(model, adapter, groups, mode) if mode != "none" else None
+    grad_tokens = grad_examples = 0
 
-    readers = [adapter.reader_weight(g) for g in groups]
-    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_restore_training(model, was_training))
+        if readers is not None:
+            stack.enter_context(readers.active())
+        stack.enter_context(recorder.recording())
+        stack.enter_context(torch.set_grad_enabled(mode != "none"))
+        for idx in tqdm(order, desc=desc or f"statistics: {data.name}", disable=not progress, unit="batch"):
+            batch = collate([encoded[i] for i in idx], pad, region=region, padding_side="right")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            recorder.set_mask(batch["count_mask"])
+            if readers is None:
+                _forward(model, batch, keep=1)
+                continue
+            loss, n_examples, n_tokens = response_loss(model, batch)
+            if n_examples:
+                loss.backward()
+            grad_examples += n_examples
+            grad_tokens += n_tokens
+            del loss
+    grad_sum, example_sum = readers.results() if readers is not None else ({}, {})
+    stats = {k: v.to("cpu") for k, v in recorder.stats.items()}
+    return UnitStatistics(stats, grad_sum, grad_tokens, len(data), [data.fingerprint()], example_sum, grad_examples)
+
+
+def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Forward ``batch`` and return the sum over examples of each one's mean response-token cross-entropy.
+
+    Also returns the number of examples with at least one response token (the others add nothing) and the
+    number of response tokens. Per-example means, as in Wei et al.'s code (one example per step, the
+    ``labels=`` loss of transformers), so that a long response does not outweigh a short one. Logits are
+    computed only at positions that predict a response token in some row of the batch (prompt positions need
+    none: with a vocabulary of 50k-130k the full logits would dominate the memory of the pass).
+    """
+    targets = batch["labels"][:, 1:]
+    positions = (targets != -100).any(dim=0).nonzero().flatten()
+    if positions.numel() == 0:  # still run the forward: the activation statistics count this batch
+        _forward(model, batch, keep=1)
+        return torch.zeros(()), 0, 0
+    logits = _forward(model, batch, keep=positions).logits
+    if logits.shape[1] != positions.numel():  # a model class that ignores a tensor logits_to_keep
+        logits = logits[:, positions]
+    targets = targets[:, positions]
+    per_token = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    counts = (targets != -100).sum(dim=1)
+    keep = counts > 0
+    loss = (per_token.sum(dim=1)[keep] / counts[keep]).sum()
+    return loss, int(keep.sum()), int(counts.sum())
+
+
+@contextlib.contextmanager
+def _restore_training(model: nn.Module, was_training: bool) -> Iterator[None]:
     try:
-        if gradients:
-            for p in model.parameters():
+        yield
+    finally:
+        model.train(was_training)
+
+
+class _ReaderGradients:
+    """Reader-weight gradients of a scoring pass, folded per layer into running sums as backward reaches it.
+
+    While active, only the reader weights require gradients (every other parameter's flag is restored on exit),
+    so backward stops at the first reader and no other weight gradient is ever allocated. Each reader's
+    ``.grad`` is folded into the set sum (``"set"``) by a post-accumulate hook and freed at once. The per-example
+    sums (``"example"``) come from the reader's input x and output gradient g, captured by a forward hook and a
+    tensor hook: for a linear map y = x W^T the gradient of example e is dL_e/dW = g_e^T x_e (rows of other
+    examples carry no gradient of L_e), so one batched backward gives every example's gradient without a
+    backward per example; it is reduced to sum_i |W * dL_e/dW| per unit right away (one [out, in] product at
+    a time). Hand-written because torch.func's per-sample gradients would need the whole model functional.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, groups: Sequence[UnitGroup], mode: GradientMode):
+        self.model = model
+        self.mode = mode
+        self.groups = list(groups)
+        self.weights = {g.key: adapter.reader_weight(g) for g in self.groups}
+        self.set_sum: dict[str, torch.Tensor] = {}
+        self.example_sum: dict[str, torch.Tensor] = {}
+        if mode in ("example", "both"):
+            for g in self.groups:
+                module = model.get_submodule(g.reader_module)
+                if not isinstance(module, (nn.Linear, Conv1D)):
+                    raise UserError(
+                        f"the snip metric needs linear readers, and {g.reader_module} is a "
+                        f"{type(module).__name__}; use the taylor metric for this model"
+                    )
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        flags = {p: p.requires_grad for p in self.model.parameters()}
+        saved = {k: w.grad for k, w in self.weights.items()}
+        handles: list[Any] = []
+        try:
+            for p in self.model.parameters():
                 p.requires_grad_(False)
-            for w in readers:
+            for g in self.groups:
+                w = self.weights[g.key]
                 w.requires_grad_(True)
                 w.grad = None
-        with recorder.recording(), torch.set_grad_enabled(gradients):
-            for idx in tqdm(order, desc=desc or f"statistics: {data.name}", disable=not progress, unit="batch"):
-                batch = collate([encoded[i] for i in idx], pad, region=region, padding_side="right")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                recorder.set_mask(batch["count_mask"])
-                out = _forward(model, batch, all_logits=gradients)
-                if gradients:
-                    logits = out.logits[:, :-1].float()
-                    labels = batch["labels"][:, 1:]
-                    loss = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-                    )
-                    loss.backward()
-                    grad_tokens += int((labels != -100).sum())
-                del out
-        if gradients:
-            for g, w in zip(groups, readers, strict=True):
-                grad_sum[g.key] = (w.grad if w.grad is not None else torch.zeros_like(w)).detach().to(torch.float64)
-                w.grad = None
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved_flags[id(p)])
-        model.train(was_training)
-    stats = {k: v.to("cpu") for k, v in recorder.stats.items()}
-    return UnitStatistics(
-        stats, {k: v.cpu() for k, v in grad_sum.items()}, grad_tokens, len(data), [data.fingerprint()]
-    )
+                handles.append(w.register_post_accumulate_grad_hook(self._fold_set(g)))
+                if self.mode in ("example", "both"):
+                    module = self.model.get_submodule(g.reader_module)
+                    handles.append(module.register_forward_hook(self._capture(g)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            for k, w in self.weights.items():
+                w.grad = saved[k]
+
+    def _fold_set(self, g: UnitGroup) -> Any:
+        def hook(w: torch.Tensor) -> None:
+            if self.mode in ("set", "both") and w.grad is not None:
+                acc = self.set_sum.get(g.key)
+                if acc is None:
+                    # float32 or wider: half the memory of float64 for a sum of a few hundred batch gradients
+                    self.set_sum[g.key] = w.grad.detach().to(torch.promote_types(w.dtype, torch.float32))
+                else:
+                    acc += w.grad.detach()
+            w.grad = None  # per-layer accumulation: the weight gradient is freed as soon as it is folded
+
+        return hook
+
+    def _capture(self, g: UnitGroup) -> Any:
+        w = self.weights[g.key]
+        dim = g.reader.dim  # 1: nn.Linear [out, in]; 0: Conv1D [in, out]
+
+        def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = args[0].detach()
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                self._fold_examples(g.key, w, dim, x, grad)
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    def _fold_examples(self, key: str, w: torch.Tensor, dim: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        weight = w.detach().to(dtype)
+        weight = weight if dim == 1 else weight.T  # [out, in] either way
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])
+        gs = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+        with torch.no_grad():
+            for e in range(xs.shape[0]):  # one [out, in] gradient at a time
+                per_example = gs[e].to(dtype).T @ xs[e].to(dtype)  # dL_e/dW in [out, in]
+                total += (weight * per_example).abs().sum(dim=0).to(torch.float64)
+        acc = self.example_sum.get(key)
+        self.example_sum[key] = total if acc is None else acc + total
+
+    def results(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Set-gradient sums (shape of each weight) and per-example sums (per unit), float64 on the CPU."""
+        grads = {}
+        per_unit = {}
+        for g in self.groups:
+            w = self.weights[g.key]
+            if self.mode in ("set", "both"):
+                grads[g.key] = self.set_sum.get(g.key, torch.zeros(w.shape)).to("cpu", torch.float64)
+            if self.mode in ("example", "both"):
+                v = self.example_sum.get(g.key, torch.zeros(w.shape[g.reader.dim], dtype=torch.float64))
+                per_unit[g.key] = v.cpu()[g.reader.index]
+        return grads, per_unit
 
 
-def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, all_logits: bool) -> Any:
-    """Forward pass; without a loss only the last position's logits are computed (statistics need none, and the
-    vocabulary projection of every token would cost time and hundreds of MB per batch)."""
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, keep: int | torch.Tensor) -> Any:
+    """Forward pass computing logits only at ``keep`` (an int: the last positions; a tensor: these positions).
+
+    Statistics need no logits (``keep=1``): the vocabulary projection of every token would cost time and
+    hundreds of MB per batch. A model class without ``logits_to_keep`` computes them all.
+    """
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
         "use_cache": False,
     }
-    if not all_logits:
-        try:
-            return model(**kwargs, logits_to_keep=1)
-        except TypeError:  # a model class without logits_to_keep
-            pass
-    return model(**kwargs)
+    try:
+        return model(**kwargs, logits_to_keep=keep)
+    except TypeError:  # a model class without logits_to_keep
+        return model(**kwargs)
 
 
 def compute_scores(
@@ -212,27 +385,45 @@ def compute_scores(
     region: str = "",
     adapter: ArchAdapter | None = None,
 ) -> Scores:
-    """Turn statistics into raw per-channel scores with the reader weights of ``model``."""
+    """Turn statistics into raw per-channel scores with the reader weights of ``model`` (formulas: module doc)."""
     metric = check_metric(metric)
     adapter = adapter or get_adapter(model)
     if metric == "taylor" and not statistics.grad_sum:
-        raise UserError("the taylor metric needs gradients: collect statistics with gradients=True")
+        raise UserError("the taylor metric needs the set gradient: collect statistics with gradients='set'")
+    if metric == "snip" and not statistics.example_sum:
+        raise UserError("the snip metric needs per-example gradients: collect statistics with gradients='example'")
+    examples = max(statistics.grad_examples, 1)
     values: dict[str, torch.Tensor] = {}
     for g in adapter.groups():
-        st: RunningStats = statistics.groups[g.key]
-        norms = adapter.reader_column_norms(g).to(torch.float64).cpu()
-        if metric == "fluctuation":
-            v = st.var * norms.square()
-        elif metric == "wanda":
-            v = st.mean_abs * norms
-        elif metric == "magnitude":
-            v = norms
-        else:
-            w = adapter.reader_weight(g).detach().to(torch.float64).cpu()
-            prod = (w * statistics.grad_sum[g.key]).abs()
-            v = prod.movedim(g.reader.dim, 0).reshape(g.size, -1).sum(dim=1) / max(statistics.grad_tokens, 1)
-        values[g.key] = v.clamp_min(0.0)
+        with align_module_device(adapter.module(g.reader_module)):  # offloaded readers hold meta tensors
+            values[g.key] = _score_group(adapter, g, statistics, metric, examples)
     return Scores(space, values, metric, statistics.tokens, statistics.data_hash, dataset, region)
+
+
+def _score_group(
+    adapter: ArchAdapter, g: UnitGroup, statistics: UnitStatistics, metric: str, examples: int
+) -> torch.Tensor:
+    """Raw non-negative scores of one group's units (formulas: module doc)."""
+    st: RunningStats = statistics.groups[g.key]
+    if metric == "fluctuation":
+        v = st.var * adapter.reader_column_norms(g).to(torch.float64).square()
+    elif metric == "wanda":
+        v = st.l2_norm * _per_unit(adapter.reader_weight(g).detach().abs(), g)
+    elif metric == "magnitude":
+        v = adapter.reader_column_norms(g).to(torch.float64)
+    elif metric == "snip":
+        v = statistics.example_sum[g.key] / examples
+    else:
+        w = adapter.reader_weight(g).detach().to(torch.float64).cpu()
+        v = _per_unit((w * statistics.grad_sum[g.key]).abs(), g) / examples
+    return v.cpu().clamp_min(0.0)
+
+
+def _per_unit(per_weight: torch.Tensor, g: UnitGroup) -> torch.Tensor:
+    """Sum a per-weight score (shape of the reader weight) over each unit's reader slice: float64 [g.size]."""
+    rows = per_weight.movedim(g.reader.dim, 0)
+    summed = rows.reshape(rows.shape[0], -1).to(torch.float64).sum(dim=1)
+    return summed[g.reader.index.to(summed.device)].cpu()
 
 
 def score_units(
@@ -260,7 +451,7 @@ def score_units(
         batch_size=batch_size,
         max_length=max_length,
         system=system,
-        gradients=metric == "taylor",
+        gradients=gradient_mode(metric),
         progress=progress,
         adapter=adapter,
     )

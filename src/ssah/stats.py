@@ -1,8 +1,9 @@
 """Streaming per-channel statistics of unit activations, gathered by forward pre-hooks.
 
 Nothing is stored per token: each batch is reduced to count, mean, M2 (sum of squared deviations) and
-sum |x| in float64 and merged with Chan's parallel formula, so statistics of batches, of data halves and of
-processes merge exactly. Only tokens selected by the current count mask are counted (never padding).
+sum |x| in float64 (the sum of squares, hence each channel's L2 norm, follows as M2 + n * mean^2) and merged
+with Chan's parallel formula, so statistics of batches, of data halves and of processes merge exactly. Only
+tokens selected by the current count mask are counted (never padding).
 """
 
 from __future__ import annotations
@@ -68,7 +69,18 @@ class RunningStats:
 
     @property
     def mean_abs(self) -> torch.Tensor:
+        """Mean |x| per channel (0 when nothing was counted)."""
         return self.abs_sum / self.count if self.count else torch.zeros_like(self.abs_sum)
+
+    @property
+    def square_sum(self) -> torch.Tensor:
+        """Sum of x^2 per channel over the counted tokens: M2 + n * mean^2 (no extra statistic needed)."""
+        return self.m2 + self.count * self.mean.square()
+
+    @property
+    def l2_norm(self) -> torch.Tensor:
+        """L2 norm of each channel over all counted tokens, ||X_j||_2 (Wanda's activation norm)."""
+        return self.square_sum.clamp_min(0.0).sqrt()
 
     def to(self, device: torch.device | str) -> RunningStats:
         return RunningStats(self.count, self.mean.to(device), self.m2.to(device), self.abs_sum.to(device))
@@ -76,13 +88,22 @@ class RunningStats:
 
 @dataclass
 class UnitStatistics:
-    """Statistics of every unit group over one data set: activations and, optionally, reader-weight gradients."""
+    """Statistics of every unit group over one data set: activations and, optionally, reader-weight gradients.
+
+    Gradients are of the per-example loss L_e (mean response-token cross-entropy of example e), over the
+    ``grad_examples`` examples that have at least one response token:
+    ``grad_sum`` is the set gradient sum_e dL_e/dW of each reader weight (shape of the weight, float64), and
+    ``example_sum`` is sum_e sum_i |W * dL_e/dW| per unit (float64 ``[channels]``; per-example gradients taken
+    before the absolute value, so they cannot cancel).
+    """
 
     groups: dict[str, RunningStats]
-    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # summed loss gradient of each reader weight
-    grad_tokens: int = 0  # tokens whose loss went into grad_sum
+    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_e dL_e/dW of each reader weight
+    grad_tokens: int = 0  # response tokens whose loss went into the gradients
     examples: int = 0
     data_hashes: list[str] = field(default_factory=list)
+    example_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_e sum_i |W * dL_e/dW| per unit
+    grad_examples: int = 0  # examples whose loss went into the gradients
 
     @property
     def tokens(self) -> int:
@@ -103,12 +124,20 @@ class UnitStatistics:
         grads = (
             {k: self.grad_sum[k] + other.grad_sum[k] for k in self.grad_sum} if self.grad_sum and other.grad_sum else {}
         )
+        per_example = (
+            {k: self.example_sum[k] + other.example_sum[k] for k in self.example_sum}
+            if self.example_sum and other.example_sum
+            else {}
+        )
+        both = bool(grads or per_example)
         return UnitStatistics(
             {k: v.merge(other.groups[k]) for k, v in self.groups.items()},
             grads,
-            self.grad_tokens + other.grad_tokens if grads else 0,
+            self.grad_tokens + other.grad_tokens if both else 0,
             self.examples + other.examples,
             self.data_hashes + other.data_hashes,
+            per_example,
+            self.grad_examples + other.grad_examples if both else 0,
         )
 
     def all_reduce(self) -> UnitStatistics:
@@ -124,6 +153,8 @@ class UnitStatistics:
             self.grad_tokens,
             self.examples,
             self.data_hashes,
+            {k: v.cpu() for k, v in self.example_sum.items()},
+            self.grad_examples,
         )
         dist.all_gather_object(parts, cpu)
         merged = parts[0]

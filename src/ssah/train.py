@@ -1058,11 +1058,3 @@ def _train_step(
         "response_tokens": response_tokens,
         "step_seconds": round(time.perf_counter() - t0, 4),
     }
-
-
-def run_train(cfg: TrainConfig) -> Path:
-    """The `ssah train` recipe: load the model, data and unit sets, train, write the run folder (see
-    :func:`ssah.experiments.train.run_train`)."""
-    from ssah.experiments.train import run_train as _run
-
-    return _run(cfg)

@@ -25,7 +25,7 @@ def test_controlled_probe_separates_aligned_from_unaligned(aligned_smollm2: Path
     separated = {
         m: s["higher_later"]
         for m, s in res["separation"].items()
-        if res["methods"][m]["controlled"] and s["verdict"] == "separates"
+        if res["methods"][m]["controlled"] and s["verdict"] == "reproduced"
     }
     assert separated, res["separation"]
     for method, layers in separated.items():

@@ -11,9 +11,12 @@ import typer
 from ssah.cliutil import (
     AllowPickleOpt,
     ConfigOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelArg,
+    OffloadFolderOpt,
     OverwriteOpt,
     ProgressOpt,
     SeedOpt,
@@ -44,7 +47,7 @@ def ablate(
     calibration_limit: Annotated[
         int | None, typer.Option(help="Use N examples (spread over the set) of each calibration set.")
     ] = None,
-    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     normalization: Annotated[str, typer.Option(help="Score normalisation when computing units: mean | rank | none")] = (
         "mean"
     ),
@@ -90,6 +93,9 @@ def ablate(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,

@@ -53,7 +53,7 @@ def budget(
     safety: Annotated[str, typer.Option(help="Safety calibration set (finding RU).")] = "builtin:safety",
     utility: Annotated[str, typer.Option(help="Utility calibration set (finding RU).")] = "builtin:utility",
     limit: Annotated[int | None, typer.Option(help="Calibration examples per set (quick: 32).")] = None,
-    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",

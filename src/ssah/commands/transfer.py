@@ -48,7 +48,7 @@ def transfer(
     limit: Annotated[
         int | None, typer.Option(help="Use only the first N examples of each calibration set (quick: 48).")
     ] = None,
-    metric: Annotated[str, typer.Option(help="fluctuation | wanda | magnitude | taylor")] = "fluctuation",
+    metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",

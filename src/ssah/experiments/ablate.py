@@ -87,6 +87,7 @@ def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
 class AblateConfig(ModelRunConfig):
     """Everything `ssah ablate` needs; options left at None take the full-run or ``quick`` value."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/ablate"
     quick: bool = False
     units: str | None = None
@@ -210,7 +211,6 @@ def ablated(
     if mode == "mean" and means is None:
         raise UserError("mean ablation needs calibration means: compute the units' statistics first")
     adapter = get_adapter(model)
-    device = next(model.parameters()).device
     masks = units.channel_masks()
     hooks: dict[str, Any] = {}
     for g in adapter.groups():
@@ -221,9 +221,9 @@ def ablated(
         if mode == "mean":
             fill = torch.where(mask, means[g.key].to(torch.float64), 0.0)  # type: ignore[index]
 
-        def hook(_m: Any, args: tuple[Any, ...], rm: torch.Tensor = mask.to(device), f: torch.Tensor = fill.to(device)):
-            x = args[0]
-            return (torch.where(rm, f.to(x.dtype), x), *args[1:])
+        def hook(_m: Any, args: tuple[Any, ...], rm: torch.Tensor = mask, f: torch.Tensor = fill) -> tuple[Any, ...]:
+            x = args[0]  # a dispatched model spans devices: the masks go to each reader's input device
+            return (torch.where(rm.to(x.device), f.to(x.device, x.dtype), x), *args[1:])
 
         hooks[g.reader_module] = hook
     with attach(model, pre=hooks):
@@ -407,7 +407,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     safety = _spread(load_prompts(cfg.safety, name="safety"), r["calibration_limit"])
     utility = _spread(load_prompts(cfg.utility, name="utility"), r["calibration_limit"])
     assert safety is not None and utility is not None
-    lm = load_model(cfg.model, **cfg.model_dump(include={"dtype", "device", "allow_pickle", "trust_remote_code"}))
+    lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.generation()
     hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.model.modules())  # noqa: E731

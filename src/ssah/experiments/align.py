@@ -20,10 +20,11 @@ from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
-from ssah.evaluate import evaluate_overrefusal, evaluate_safety
+from ssah.evaluate import EvalData
 from ssah.generate import GenerationConfig
 from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import get_judge
+from ssah.measure import Proportion, compare, measure_condition, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
@@ -79,17 +80,28 @@ class AlignConfig(ModelRunConfig):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _evaluate(model: Any, tokenizer: Any, cfg: AlignConfig, harmful: Any, benign: Any) -> dict[str, Any]:
+def _evaluate(model: Any, tokenizer: Any, cfg: AlignConfig, harmful: PromptSet, benign: PromptSet) -> dict[str, Any]:
+    """Refusal of held-out harmful prompts, over-refusal of held-out benign ones (counts with intervals)."""
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=16, system=cfg.system)
-    judge = get_judge(cfg.judge)
-    safety, _ = evaluate_safety(model, tokenizer, harmful, judge=judge, config=gen, progress=cfg.progress)
-    over, _ = evaluate_overrefusal(model, tokenizer, benign, judge=judge, config=gen, progress=cfg.progress)
+    m = measure_condition(
+        model, tokenizer, EvalData(harmful=harmful, benign=benign), judge=get_judge(cfg.judge), config=gen
+    )
+    assert m.asr is not None and m.coherent_compliance is not None and m.overrefusal is not None
     return {
-        "refusal_rate": safety.refusal_rate,
-        "coherent_compliance": safety.coherent_compliance,
-        "overrefusal": over.rate,
-        "n_harmful": safety.n,
-        "n_benign": over.n,
+        "refusal": Proportion(m.asr.n - m.asr.k, m.asr.n).to_dict(),
+        "asr": m.asr.to_dict(),
+        "coherent_compliance": m.coherent_compliance.to_dict(),
+        "overrefusal": m.overrefusal.to_dict(),
+    }
+
+
+def alignment_verdicts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the alignment did, by the one verdict rule: refusal of harmful prompts up (the aim), and whether
+    over-refusal of benign prompts went up (the tax: ``higher`` there is a cost, not a success)."""
+    p = {k: (Proportion.from_dict(before[k]), Proportion.from_dict(after[k])) for k in ("refusal", "overrefusal")}
+    return {
+        "refusal_up": verdict(compare(p["refusal"][1], p["refusal"][0]), "higher").to_dict(),
+        "overrefusal_change": compare(p["overrefusal"][1], p["overrefusal"][0]).to_dict(),
     }
 
 
@@ -212,6 +224,7 @@ def run_align(cfg: AlignConfig) -> Path:
         },
         "before": before,
         "after": after,
+        "verdicts": alignment_verdicts(before, after),
         "judge": cfg.judge,
         "seconds": round(time.time() - t0, 3),
     }
@@ -247,15 +260,19 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
 def align_report(results: dict[str, Any]) -> str:
     """A readable Markdown report of an alignment run."""
     b, a, t = results["before"], results["after"], results["training"]
+
+    def cell(d: dict[str, Any]) -> str:
+        return str(Proportion.from_dict(d))
+
     rows = [
-        ["refusal on held-out harmful", f"{100 * b['refusal_rate']:.1f}%", f"{100 * a['refusal_rate']:.1f}%"],
-        ["over-refusal on held-out benign", f"{100 * b['overrefusal']:.1f}%", f"{100 * a['overrefusal']:.1f}%"],
-        [
-            "coherent compliance on harmful",
-            f"{100 * b['coherent_compliance']:.1f}%",
-            f"{100 * a['coherent_compliance']:.1f}%",
-        ],
+        ["refusal on held-out harmful", cell(b["refusal"]), cell(a["refusal"])],
+        ["over-refusal on held-out benign", cell(b["overrefusal"]), cell(a["overrefusal"])],
+        ["coherent compliance on harmful", cell(b["coherent_compliance"]), cell(a["coherent_compliance"])],
     ]
+    v = results["verdicts"]
+    up, over = v["refusal_up"], v["overrefusal_change"]
+    lo, hi = up["comparison"]["ci95"]
+    olo, ohi = over["ci95"]
     cache = f" (reused from the cache {t['from_cache']})" if t.get("from_cache") else ""
     return "\n".join(
         [
@@ -264,10 +281,14 @@ def align_report(results: dict[str, Any]) -> str:
             f"{t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, "
             f"{100 * t['trainable']['share']:.1f}% of parameters trained{cache}.",
             "",
-            markdown_table(["measure", "before", "after"], rows),
+            markdown_table(["measure (95% Wilson interval)", "before", "after"], rows),
             "",
-            f"Judge `{results['judge']}`; {a['n_harmful']} harmful and {a['n_benign']} benign held-out prompts. "
-            f"The aligned model is in `model/`. Took {results['seconds']:.1f} s.",
+            f"Refusal went up by {100 * up['comparison']['difference']:+.1f} points (95% interval "
+            f"{100 * lo:+.1f} to {100 * hi:+.1f}): **{up['verdict']}**. Over-refusal changed by "
+            f"{100 * over['difference']:+.1f} points ({100 * olo:+.1f} to {100 * ohi:+.1f}): {over['direction']}.",
+            "",
+            f"Judge `{results['judge']}`; {a['refusal']['n']} harmful and {a['overrefusal']['n']} benign held-out "
+            f"prompts. The aligned model is in `model/`. Took {results['seconds']:.1f} s.",
             "",
         ]
     )

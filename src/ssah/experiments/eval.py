@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -33,10 +33,11 @@ from ssah.evaluate import (
     multiple_choice_accuracy,
     perplexity,
 )
-from ssah.generate import GenerationConfig
+from ssah.generate import GenerationConfig, generation_batch_size
 from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import JUDGE_KINDS, FirstTokenJudge, Judge, get_judge, registered_judges
 from ssah.models import load_model
+from ssah.plan import wants_auto_batch
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json
 
@@ -44,6 +45,7 @@ from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json
 class EvalConfig(ModelRunConfig):
     """Everything `ssah eval` needs; a data option set to "none" skips that block."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/eval"
     harmful: str = "builtin:harmful"
     benign: str = "builtin:borderline"
@@ -54,7 +56,7 @@ class EvalConfig(ModelRunConfig):
     columns: dict[str, str] = Field(default_factory=dict)
     limit: int | None = None
     max_new_tokens: int = 64
-    batch_size: int = 16
+    batch_size: int | Literal["auto"] = 16  # "auto" (the default on GPUs): largest that fits, see ssah.plan
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -195,13 +197,12 @@ def run_eval(cfg: EvalConfig) -> Path:
     set_seed(cfg.seed)
     data = load_eval_data(cfg)
     check_judge_spec(cfg.judge)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())
+    if wants_auto_batch(cfg, lm.model):  # one size for generation and the other passes, found by generating
+        prompts = [e.prompt for s in (data.harmful, data.benign) if s is not None for e in s]
+        auto = dataclasses.replace(gen, batch_size="auto")
+        cfg = cfg.model_copy(update={"batch_size": generation_batch_size(lm.model, lm.tokenizer, prompts, auto)})
+        gen = cfg.generation()
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     rep = evaluate_model(
         lm.model,

@@ -37,6 +37,7 @@ from ssah.probe import (
     measure_model,
     method_values,
     separation,
+    separation_verdict,
     token_values,
 )
 from ssah.report import markdown_table
@@ -53,6 +54,7 @@ MODE_STYLES = {"greedy": "-", "forced": "--"}
 class ProbeConfig(ModelRunConfig):
     """Everything `ssah probe` needs; ``None`` settings take their default (a smaller one under ``quick``)."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/probe"
     compare: str | None = None
     label: str | None = None
@@ -247,11 +249,10 @@ def analyse(
     sep: dict[str, Any] = {}
     if len(measures) == 2:
         for method in methods:
-            s = separation(est[method][0], est[method][1], level=level)
-            hi_later = [x for x in s["higher"] if x in later]
-            lo_later = [x for x in s["lower"] if x in later]
-            verdict = "separates" if hi_later and not lo_later else "opposite" if lo_later else "no"
-            sep[method] = {**s, "higher_later": hi_later, "lower_later": lo_later, "verdict": verdict}
+            a, b = est[method]
+            s = separation(a, b, level=level)
+            v = separation_verdict(a.reps - b.reps, later, level=level)
+            sep[method] = {**s, "verdict": v["verdict"], "decision": v}
     confound: dict[str, Any] = {}
     if "naive" in methods:
         for label, e in zip(labels, est["naive"], strict=True):
@@ -368,16 +369,7 @@ def _run(cfg: ProbeConfig) -> Path:
 
     get_judge(cfg.judge)  # a bad judge spec fails before any model is loaded
     specs = [cfg.model] + ([cfg.compare] if cfg.compare is not None else [])
-    models = [
-        load_model(
-            s,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            allow_pickle=cfg.allow_pickle,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        for s in specs
-    ]
+    models = [load_model(s, **cfg.load_options()) for s in specs]
     _check_compare(cfg, models)
     layers = models[0].model.config.num_hidden_layers
     if cfg.token_layer is not None and not 0 <= cfg.token_layer <= layers:
@@ -683,19 +675,22 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
     out = [
         "## Which methods separate the two models",
         "",
-        f"Expected direction: `{a}` (probed) above `{b}` (compare). *Separates* = the {pct} intervals of the two "
-        f"models do not overlap, in the expected direction, at some of the later layers ({later[0]}-{later[-1]}).",
+        f"Expected direction: `{a}` (probed) above `{b}` (compare). Verdict rule: the paired bootstrap interval of "
+        f"the difference `{a}` - `{b}` at each later layer ({later[0]}-{later[-1]}), Bonferroni-corrected for the "
+        f"{len(later)} later layers tested, must exclude zero upwards over a run of consecutive later layers "
+        "(*reproduced*); any later layer excluding zero downwards is *not reproduced*; otherwise *inconclusive*.",
         "",
     ]
     rows = []
     for method, s in results["separation"].items():
         info = results["methods"][method]
         gap = results["gaps"][method]
-        word = {"separates": "**separates**", "opposite": "opposite direction", "no": "does not separate"}[s["verdict"]]
+        d = s["decision"]
+        word = f"**{s['verdict']}**" if s["verdict"] == "reproduced" else s["verdict"]
         rows.append(
             [
                 f"`{method}`" + ("" if info["controlled"] else " (uncontrolled)"),
-                word,
+                f"{word} (run {d['longest_run']}/{d['min_run']})",
                 layer_ranges(s["higher"]),
                 layer_ranges(s["lower"]),
                 _at(gap[a]["gap"], layers),
@@ -716,7 +711,7 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
         ),
         "",
     ]
-    good = [m for m, s in results["separation"].items() if s["verdict"] == "separates"]
+    good = [m for m, s in results["separation"].items() if s["verdict"] == "reproduced"]
     controlled = [m for m in good if results["methods"][m]["controlled"]]
     if controlled:
         out.append(f"Confound-controlled methods that separate the models: {', '.join(f'`{m}`' for m in controlled)}.")

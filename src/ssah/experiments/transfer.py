@@ -31,7 +31,7 @@ from ssah.experiments.units import UnitsConfig
 from ssah.models import LoadedModel, load_model, model_fingerprint
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import collect_statistics, compute_scores
+from ssah.scoring import collect_statistics, compute_scores, gradient_mode
 from ssah.stats import UnitStatistics
 from ssah.train import TrainConfig, train_model
 from ssah.units import UnitSpace
@@ -257,7 +257,7 @@ def categorize_with_halves(
                     batch_size=cfg.batch_size,
                     max_length=cfg.max_length,
                     system=cfg.system,
-                    gradients=cfg.metric == "taylor",
+                    gradients=gradient_mode(cfg.metric),
                     progress=cfg.progress,
                     desc=f"{lm.name}: {data.name}" + (f" {i + 1}/2" if halves else ""),
                     adapter=adapter,

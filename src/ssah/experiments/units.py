@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -21,6 +21,7 @@ from ssah.errors import UserError
 from ssah.htmlreport import report_title, write_report_files
 from ssah.measure import FoundUnits, find_units
 from ssah.models import LoadedModel, load_model
+from ssah.plan import auto_scoring_batch_size, wants_auto_batch
 from ssah.report import markdown_table, plot_units_by_layer
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
 from ssah.scoring import check_metric
@@ -32,6 +33,7 @@ REGIONS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 class UnitsConfig(ModelRunConfig):
     """Everything `ssah units` needs."""
 
+    placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: str = "runs/units"
     safety: str = "builtin:safety"
     utility: str = "builtin:utility"
@@ -44,7 +46,7 @@ class UnitsConfig(ModelRunConfig):
     ranking: str = "global"
     granularity: str = "neuron"
     tokens: str = "prompt+response"
-    batch_size: int = 8
+    batch_size: int | Literal["auto"] = 8  # "auto" (the default on GPUs): largest that fits, see ssah.plan
     max_length: int = 512
     system: str | None = None
     stability: bool = False
@@ -66,7 +68,7 @@ class UnitsConfig(ModelRunConfig):
         ):
             if value not in allowed:
                 raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
-        if self.batch_size < 1 or self.max_length < 8:
+        if (self.batch_size != "auto" and self.batch_size < 1) or self.max_length < 8:
             raise UserError("batch_size must be at least 1 and max_length at least 8")
         if self.limit is not None and self.limit < 2 and self.stability:
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
@@ -88,13 +90,12 @@ def run_units(cfg: UnitsConfig) -> Path:
     for data in (safety, utility):
         if cfg.stability and len(data) < 2:
             raise UserError(f"--stability needs at least 2 examples in the {data.name} set, it has {len(data)}")
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())
+    if wants_auto_batch(cfg, lm.model):
+        size = auto_scoring_batch_size(
+            lm.model, lm.tokenizer, [safety, utility], max_length=cfg.max_length, system=cfg.system
+        )
+        cfg = cfg.model_copy(update={"batch_size": size})
     adapter = get_adapter(lm.model)
     space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
     t_score = time.time()
