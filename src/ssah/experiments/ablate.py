@@ -544,7 +544,7 @@ def _ppl(entry: dict[str, Any], change: dict[str, Any] | None = None) -> str:
         return "-"
     text = f"{p['mean']:.2f} ({p['min']:.2f}..{p['max']:.2f})" if isinstance(p, dict) else f"{p:.2f}"
     rel = (change or {}).get("perplexity_relative")
-    return text if rel is None else f"{text} ({100 * rel:+.0f}%)"
+    return text if rel is None else f"{text} ({100 * rel:+.1f}%)"
 
 
 def _verdict_line(name: str, v: dict[str, Any], control: str) -> str:
