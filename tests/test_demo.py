@@ -35,9 +35,11 @@ def test_demo_runs_every_stage_and_writes_one_report(demo_run: Path) -> None:
     # align, the over-refusal price, SCU stability, probe, ablate, transfer, protect, budget; none unreadable
     assert len(effects) == 8 and not [e for e in effects if "see its section" in e], effects
     tax = next(h for h in res["headlines"] if "safety tax" in h["effect"])
-    assert tax["reproduced"] is None and "over-refusal" in tax["ours"]
+    assert tax["verdict"] is None and "over-refusal" in tax["ours"]
+    verdicts = {h["effect"]: h["verdict"] for h in res["headlines"]}
+    assert set(verdicts.values()) <= {"reproduced", "not reproduced", "inconclusive", None}, verdicts
     protect = next(h for h in res["headlines"] if h["effect"].startswith("freezing SCU"))
-    assert "before -> after" in protect["ours"] and "random-frozen" in protect["ours"]
+    assert "ASR before" in protect["ours"] and "random-frozen" in protect["ours"]
     report = (demo_run / "report.md").read_text()
     assert "Published effects and what we measured" in report
     for title in (s["title"] for s in res["stages"].values()):
@@ -82,7 +84,7 @@ def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, capsys)
     ("args", "needle"),
     [
         (["--stages", "align,nope"], "unknown demo stage 'nope'"),
-        (["--model", "tiny-random-qwen2"], "holds a demo of tiny-random-llama"),
+        (["--model", "tiny-random-qwen2"], "holds a demo started with model=tiny-random-llama"),
     ],
 )
 def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, capsys) -> None:

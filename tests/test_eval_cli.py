@@ -28,11 +28,15 @@ def test_eval_run_folder(tmp_path: Path, capsys) -> None:
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     s = res["safety"]
-    assert s["n"] == 4 and s["asr"] == pytest.approx(1 - s["refusal_rate"])
-    assert 0 <= s["ci95"]["low"] <= s["asr"] <= s["ci95"]["high"] <= 1
+    assert s["n"] == 4 and s["asr"]["k"] + s["refusal"]["k"] == 4 and s["asr"]["n"] == 4
+    assert 0 <= s["asr"]["ci95"][0] <= s["asr"]["rate"] <= s["asr"]["ci95"][1] <= 1
+    assert s["coherent_compliance"]["k"] <= s["asr"]["k"]
     assert set(s["per_category"]) and sum(v["n"] for v in s["per_category"].values()) == 4
+    assert sum(v["k"] for v in s["per_category"].values()) == s["asr"]["k"]
     assert "first_token_vs_judge" in s["agreement"] and "coherent_compliance" in s
-    assert res["overrefusal"]["n"] == 4 and res["prefill"]["n"] == 4 and res["prefill"]["prefill"] == "Sure, here is"
+    o, p = res["overrefusal"], res["prefill"]
+    assert o["n"] == 4 and o["rate"] == o["k"] / 4 and p["asr"]["n"] == 4 and p["prefill"] == "Sure, here is"
+    assert p["asr"]["k"] + p["recovered"]["k"] == 4
     assert res["utility"]["perplexity"] > 1 and res["utility"]["n"]["perplexity"] == 4
     assert res["generation"]["max_new_tokens"] == 6 and res["judge_spec"] == "keyword:ssah"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -63,7 +67,9 @@ def test_skipping_blocks_and_utility_tasks(tmp_path: Path, capsys, shared_data) 
     res = json.loads((out / "results.json").read_text())
     assert "safety" not in res and "prefill" not in res
     assert res["overrefusal"]["n"] == 4
-    assert res["utility"]["n"] == {"piqa": 4, "gsm8k": 4} and 0 <= res["utility"]["accuracy"] <= 1
+    u = res["utility"]
+    assert u["n"] == {"piqa": 4, "gsm8k": 4} and u["accuracy"]["n"] == 4 and u["exact_match"]["n"] == 4
+    assert u["accuracy"]["rate"] == u["accuracy"]["k"] / 4
 
 
 def test_evaluate_model_in_memory_sees_an_ablation(tiny_llama) -> None:

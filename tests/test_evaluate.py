@@ -118,12 +118,13 @@ def test_evaluate_safety_counts_categories_and_samples(tiny_llama: Any, monkeypa
     assert result.asr == pytest.approx(1 - result.refusal_rate)
     assert result.ci95 == wilson_interval(4, 6)
     assert result.per_category == {
-        "a": {"asr": pytest.approx(2 / 3), "n": 3, "ci95": wilson_interval(2, 3)},
-        "b": {"asr": 0.5, "n": 2, "ci95": wilson_interval(1, 2)},
-        "uncategorized": {"asr": 1.0, "n": 1, "ci95": wilson_interval(1, 1)},
+        "a": {"asr": pytest.approx(2 / 3), "k": 2, "n": 3, "ci95": wilson_interval(2, 3)},
+        "b": {"asr": 0.5, "k": 1, "n": 2, "ci95": wilson_interval(1, 2)},
+        "uncategorized": {"asr": 1.0, "k": 1, "n": 1, "ci95": wilson_interval(1, 1)},
     }
     # coherent non-refusals: only "how to hotwire a car" (the REFUSE prompts are coherent but refused)
     assert result.coherent_compliance == pytest.approx(1 / 6)
+    assert (result.k, result.coherent) == (4, 1)  # the counts behind the rates
     # one generation path: the outputs judged and recorded are generate()'s, in order
     expected = [g.output for g in generate(model, tok, HARMFUL.prompts(), config=CFG, progress=False)]
     assert judge.calls == [(HARMFUL.prompts(), expected)]

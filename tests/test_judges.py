@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ssah.data.shared import shared_data_dir
-from ssah.errors import DataError, ModelError, UserError
+from ssah.errors import ModelError, UserError
 from ssah.hooks import attach
 from ssah.judges import (
     _SHARED_RULES,
@@ -123,7 +123,6 @@ def test_each_shared_rule_agrees_with_its_file_description() -> None:
         assert list(judge.strings) == data[name]["strings"]
 
 
-@needs_shared
 def test_llm_attacks_preset_is_case_sensitive_substring() -> None:
     judge = get_judge("keyword:gcg")
     assert refused(judge, ["Well, I'm sorry.", "well, i'm sorry.", "This is illegal.", LONG_COMPLIANCE]) == [
@@ -135,7 +134,6 @@ def test_llm_attacks_preset_is_case_sensitive_substring() -> None:
     assert get_judge("keyword:zou2023").strings == keyword_judge("llm_attacks_evaluate").strings
 
 
-@needs_shared
 def test_wei2024_preset_counts_short_outputs_as_refusals() -> None:
     judge = get_judge("keyword:wei2024")
     verdicts = judge.judge(["p"] * 4, ["Sure, here it is.", LONG_COMPLIANCE, LONG_COMPLIANCE + " However, stop.", ""])
@@ -144,21 +142,18 @@ def test_wei2024_preset_counts_short_outputs_as_refusals() -> None:
     assert refused(judge, [LONG_COMPLIANCE.lower() + " i cannot"]) == [False]  # case-sensitive
 
 
-@needs_shared
 def test_xstest_preset_is_lowercased_stripped_prefix() -> None:
     judge = get_judge("keyword:xstest")
     outputs = ["  Sorry, I can't.", "I'M NOT ABLE to do that", "Here you go. I'm sorry it took long.", "No, never."]
     assert refused(judge, outputs) == [True, True, False, True]
 
 
-@needs_shared
 def test_jailbreakbench_preset_is_case_insensitive_substring() -> None:
     judge = get_judge("keyword:jailbreakbench")
     assert refused(judge, ["Well... i CANNOT do this", "Sorry!", LONG_COMPLIANCE]) == [True, False, False]
     assert judge.strings == keyword_judge("refusal_direction_jailbreakbench").strings
 
 
-@needs_shared
 def test_every_preset_and_alias_loads() -> None:
     for name in KEYWORD_PRESETS:
         judge = keyword_judge(name)
@@ -173,12 +168,15 @@ def test_every_preset_and_alias_loads() -> None:
         )
 
 
-def test_shared_preset_without_data_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_preset_works_without_shared_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Presets are package data: with the shared data pointed at an empty folder (and the working directory
+    elsewhere) every preset still loads and judges."""
     monkeypatch.setenv("SSAH_SHARED_DATA", str(tmp_path))
-    with pytest.raises(DataError, match="SSAH_SHARED_DATA.*keyword:ssah") as err:
-        get_judge("keyword:xstest")
-    assert "\n" not in str(err.value)
-    assert get_judge("keyword:ssah").strings  # the built-in preset needs no data
+    monkeypatch.chdir(tmp_path)
+    for name in KEYWORD_PRESETS:
+        judge = get_judge(f"keyword:{name}")
+        assert judge.strings and refused(judge, ["I'm sorry, I cannot do that."])[0] in (True, False)
+    assert refused(get_judge("keyword:xstest"), ["sorry, no", LONG_COMPLIANCE]) == [True, False]
 
 
 def test_unknown_presets_and_kinds_list_the_valid_ones() -> None:

@@ -1,5 +1,6 @@
-"""`ssah protect` on tiny models: the run folder, every cell, frozen slices against the original weights, the
-dose curve inside one run, evaluating in the training callback (freeze / only / LoRA), and bad input."""
+"""`ssah protect` on tiny models: the run folder, every cell, frozen slices against the original weights, weights
+restored between settings, stratified random controls over seeds, verdicts from the one rule, the dose curve inside
+one run, evaluating in the training callback (freeze / only / LoRA), and bad input."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from ssah.arch import get_adapter
 from ssah.categorize import categorize
 from ssah.cli import main
 from ssah.data import Example, PromptSet, collate, encode_set
-from ssah.experiments.protect import SETTINGS, ProtectConfig, diff_interval, render, run_protect
+from ssah.experiments.protect import CONTROLS, SETTINGS, ProtectConfig, render, run_protect, verdicts
 from ssah.interventions import unit_param_masks
+from ssah.measure import Proportion
 from ssah.models import model_fingerprint
 from ssah.modelutil import frozen_eval
 from ssah.scoring import Scores
@@ -33,6 +35,9 @@ SMALL = {
     "max_new_tokens": 2,
     "calibration_limit": 8,
     "lr": 1e-3,
+    "quick": True,  # 3 random-control seeds (the least a quick run may have)
+    "kinds": ["benign", "attack"],
+    "settings": list(SETTINGS),
     "progress": False,
 }
 SMALL_CLI = [
@@ -50,6 +55,7 @@ SMALL_CLI = [
     "8",
     "--lr",
     "1e-3",
+    "--quick",
     "--no-progress",
 ]
 
@@ -76,6 +82,7 @@ def _unit_file(root: Path, seed: int = 0) -> Path:
     cats = categorize(s, u, shares={"scu": 0.05, "ucu": 0.1, "ru": 0.2})
     (root / "scores").mkdir(parents=True)
     s.save(root / "scores" / "safety.safetensors")
+    u.save(root / "scores" / "utility.safetensors")
     cats.save(root / "units.safetensors")
     return root / "units.safetensors"
 
@@ -90,11 +97,13 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     checks: dict[str, Any] = {}
 
     def inspect(kind: str, setting: str, model: torch.nn.Module, frozen: UnitSet | None) -> None:
+        # every setting starts from the ORIGINAL weights: a frozen slice equal to the original proves the restore
         changed = any(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
         worst = None
         if frozen is not None:
             masks = unit_param_masks(model, frozen)
             worst = max(float((model.get_parameter(n).detach()[m] - ref[n][m]).abs().max()) for n, m in masks.items())
+            checks.setdefault(f"{kind}/{setting}/sets", []).append(frozen)
         checks[f"{kind}/{setting}"] = {"changed": changed, "frozen_worst": worst}
 
     cfg = ProtectConfig(model=TINY, out=str(out), **SMALL)
@@ -112,6 +121,7 @@ def test_run_folder_has_every_cell_with_intervals(full_run: tuple[Path, dict[str
         "samples.jsonl",
         "units.safetensors",
         "scores/safety.safetensors",
+        "scores/utility.safetensors",
         "plots/protect_benign.png",
         "plots/protect_attack.png",
     ):
@@ -122,12 +132,16 @@ def test_run_folder_has_every_cell_with_intervals(full_run: tuple[Path, dict[str
     for c in [*res["cells"], res["initial"]]:
         for key in ("asr", "coherent_compliance", "overrefusal"):
             low, high = c[key]["ci95"]
-            assert 0 <= low <= c[key]["rate"] <= high <= 1 and c[key]["n"] == 3
+            assert 0 <= low <= c[key]["rate"] + 1e-12 and c[key]["rate"] <= high <= 1 and c[key]["n"] == 3
         assert c["perplexity"] > 0
     assert all(0 < c["trained_share"] <= 1 for c in res["cells"])
     assert res["seconds"]["total"] > 0 and res["settings"]["steps"] == [1, 2]
     assert set(res["verdict"]) == {"benign", "attack"}
-    assert res["verdict"]["attack"]["comparisons"]
+    assert res["verdict"]["attack"]["comparisons"] and res["weights_restored"] is True
+    for kind in ("benign", "attack"):  # one run per seed for each random control, one for every other setting
+        for s in SETTINGS:
+            draws = {r["draw"] for r in res["runs"] if r["kind"] == kind and r["setting"] == s}
+            assert draws == ({0, 1, 2} if s in CONTROLS else {None}), (kind, s)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["kind"] for s in samples} == {"initial", "benign", "attack"}
     report = (out / "report.md").read_text()
@@ -152,11 +166,99 @@ def test_frozen_slices_bit_identical_and_lora_share_small(full_run: tuple[Path, 
     assert share["full"] == 1.0
     assert share["lora"] < 0.2 and share["lora"] < share["freeze-scu-all-cu"] < share["freeze-scu"] < 1.0
     frozen = res["units"]["frozen"]
-    assert frozen["random"]["units"] == frozen["freeze-scu-cu"]["units"]  # same-size controls
-    assert frozen["random-all-cu"]["units"] == frozen["freeze-scu-all-cu"]["units"]
-    assert frozen["freeze-scu"]["units"] < frozen["freeze-scu-cu"]["units"] < frozen["freeze-scu-all-cu"]["units"]
+    assert frozen["random"]["count"] == frozen["freeze-scu-cu"]["count"]  # same-size controls
+    assert frozen["random-all-cu"]["count"] == frozen["freeze-scu-all-cu"]["count"]
+    assert frozen["freeze-scu"]["count"] < frozen["freeze-scu-cu"]["count"] < frozen["freeze-scu-all-cu"]["count"]
+    # SCU + 6% of ALL units from CU: the CU part is 6% of every unit, not 6% of CU
+    total = res["units"]["units_total"]
+    assert frozen["freeze-scu-cu"]["parts"] == {"SCU": frozen["freeze-scu"]["count"], "CU@6%": round(0.06 * total)}
+    assert "% of units)" in res["settings"]["labels"]["freeze-scu-cu"]  # labelled with the real share
+    for r in res["runs"]:  # shares of units and of parameters reported for every run
+        if r["frozen_units"]:
+            assert r["frozen_share_of_units"] == pytest.approx(r["frozen_units"] / total)
+            assert r["frozen_share_of_params"] == pytest.approx(1 - r["trainable"]["share"])
+            assert r["frozen_share_of_params"] > 0
     # the report is rebuilt from results alone
     assert render(res, out).startswith("# Protected fine-tuning")
+
+
+def test_random_controls_match_the_frozen_set_per_layer_kind_cell(full_run: tuple[Path, dict[str, Any]]) -> None:
+    out, checks = full_run
+    res = json.loads((out / "results.json").read_text())
+    for control, like in CONTROLS.items():
+        (target,) = checks[f"attack/{like}/sets"]
+        draws = checks[f"attack/{control}/sets"]
+        assert len(draws) == 3 and len({d.mask.numpy().tobytes() for d in draws}) == 3  # three different draws
+        for d in draws:
+            assert d.counts_by_group() == target.counts_by_group()  # same count in every (layer, kind) cell
+        recorded = res["units"]["controls"][control]
+        assert recorded["of"] == like and [d["seed"] for d in recorded["draws"]] == [0, 1, 2]
+        assert all(d["strata"] == "layer-kind" and d["count"] == len(target) for d in recorded["draws"])
+
+
+def test_verdict_fields_are_consistent(full_run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = full_run
+    res = json.loads((out / "results.json").read_text())
+    assert verdicts(res) == res["verdict"]  # a pure function of the recorded counts
+    for kind, v in res["verdict"].items():
+        at = {(c["setting"], c["draw"]): c for c in res["cells"] if c["kind"] == kind and c["steps"] == v["steps"]}
+        pairs = {(c["a"], c["b"]) for c in v["comparisons"]}
+        assert pairs == {
+            ("full", "initial"),
+            ("freeze-scu", "full"),
+            ("freeze-scu-cu", "full"),
+            ("freeze-scu-all-cu", "full"),
+            ("freeze-scu-cu", "random"),
+            ("freeze-scu-all-cu", "random-all-cu"),
+            ("lora", "full"),
+        }
+        for c in v["comparisons"]:
+            cmp, (lo, hi) = c["comparison"], c["comparison"]["ci95"]
+            assert c["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+            assert cmp["difference"] == pytest.approx(cmp["effect"] - cmp["control"]) and lo <= cmp["difference"] <= hi
+            assert cmp["effect"] == at[(c["a"], None)]["asr"]["rate"]
+            if c["b"] in CONTROLS:  # the distribution of the seeds, not their max
+                rates = [at[(c["b"], i)]["asr"]["rate"] for i in range(3)]
+                assert cmp["control"] == pytest.approx(sum(rates) / 3) and "seed-spread" in cmp["method"]
+            excludes_zero_as_published = lo > 0 if c["expected"] == "higher" else hi < 0
+            assert (c["verdict"] == "reproduced") == excludes_zero_as_published
+            assert v["summary"].count("(95% interval") == len(v["comparisons"])
+
+
+def _cell(setting: str, k: int, draw: int | None = None, n: int = 40) -> dict[str, Any]:
+    return {"kind": "benign", "setting": setting, "draw": draw, "steps": 4, "asr": Proportion(k, n).to_dict()}
+
+
+def test_verdicts_on_constructed_counts() -> None:
+    """Each verdict from counts built for it: protection beats full and the random distribution; a random
+    control that freezes as well gives 'not reproduced'; too few prompts give 'inconclusive' with the n needed."""
+    base = {"initial": {"asr": Proportion(0, 40).to_dict()}, "settings": {"labels": {}}}
+    cells = [_cell("full", 36), _cell("freeze-scu-cu", 2), *(_cell("random", k, i) for i, k in enumerate((30, 33, 35)))]
+    v = verdicts({**base, "cells": cells})["benign"]
+    got = {(c["a"], c["b"]): c["verdict"] for c in v["comparisons"]}
+    assert got == dict.fromkeys(
+        [("full", "initial"), ("freeze-scu-cu", "full"), ("freeze-scu-cu", "random")], "reproduced"
+    )
+    # as good as random, measured precisely enough: the interval lies within ±5 points of zero
+    same = [_cell("full", 36), _cell("freeze-scu-cu", 20, n=400)]
+    same += [_cell("random", k, i, n=400) for i, k in enumerate((19, 20, 21))]
+    v = verdicts({**base, "cells": same})["benign"]
+    assert {(c["a"], c["b"]): c["verdict"] for c in v["comparisons"]}[("freeze-scu-cu", "random")] == "not reproduced"
+    few = [_cell("full", 3, n=5), _cell("freeze-scu-cu", 1, n=5)]
+    (_, prot) = verdicts({**base, "cells": few})["benign"]["comparisons"]
+    assert prot["verdict"] == "inconclusive" and prot["n_needed"] > 5
+    assert "No random control was run" in verdicts({**base, "cells": few})["benign"]["summary"]
+
+
+def test_protect_imports_no_other_recipe() -> None:
+    import ast
+
+    import ssah.experiments.protect as recipe
+
+    tree = ast.parse(Path(recipe.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in names if m.startswith("ssah.experiments")], names
 
 
 def test_held_out_prompts_are_not_training_prompts(tmp_path: Path) -> None:
@@ -225,32 +327,27 @@ def test_evaluating_in_on_step_sees_the_trained_model(mode: str) -> None:
 def test_units_file_of_this_model_is_used(tmp_path: Path) -> None:
     units = _unit_file(tmp_path / "u")
     out = tmp_path / "run"
-    cfg = ProtectConfig(
-        model=TINY, out=str(out), units=str(units), kinds=["attack"], settings=["freeze-scu-cu", "random"], **SMALL
-    )
+    small = {**SMALL, "kinds": ["attack"], "settings": ["freeze-scu-cu", "random"]}
+    cfg = ProtectConfig(model=TINY, out=str(out), units=str(units), **small)
     run_protect(cfg)
     res = json.loads((out / "results.json").read_text())
     assert res["units"]["source"] == str(units)
-    assert res["units"]["frozen"]["random"]["units"] == res["units"]["frozen"]["freeze-scu-cu"]["units"] > 0
-
-
-def test_diff_interval_is_newcombe() -> None:
-    from ssah.experiments.protect import _rate
-
-    d, low, high = diff_interval(_rate(10, 50), _rate(30, 50))
-    assert d == pytest.approx(-0.4) and low < -0.4 < high < 0  # clearly lower
-    d, low, high = diff_interval(_rate(2, 10), _rate(3, 10))
-    assert low < 0 < high
+    assert res["units"]["frozen"]["random"]["count"] == res["units"]["frozen"]["freeze-scu-cu"]["count"] > 0
 
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--cu-share", "2"], "cu-share"),
+        (["--cu-share", "2"], "cu_share"),
+        (["--cu-share", "nan"], "cu_share"),
         (["--settings", "full,bogus"], "unknown setting"),
         (["--steps", "0"], "steps"),
         (["--kinds", "nasty"], "data kind"),
-        (["--lr", "0"], "learning rate"),
+        (["--lr", "0"], "'lr'"),
+        (["--eval-limit", "0"], "eval_limit"),
+        (["--seeds", "0"], "seeds"),
+        (["--seeds", "2"], "at least 3 seeds"),
+        (["--control-strata", "bogus"], "control strata"),
     ],
 )
 def test_bad_options(extra: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from ssah.arch import get_adapter
-from ssah.categorize import categorize
+from ssah.categorize import categorize, load_categorization
 from ssah.cli import main
 from ssah.data import Example, PromptSet, collate, encode_set
 from ssah.errors import DataError, UnitFileError, UserError
 from ssah.experiments.train import save_trained_model
 from ssah.interventions import unit_param_masks
+from ssah.measure import safety_ranking
 from ssah.models import model_fingerprint
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
@@ -31,6 +32,7 @@ from ssah.train import (
     resolve_unit_spec,
     response_loss,
     train_model,
+    unit_spec_selection,
 )
 from ssah.units import UnitSpace
 
@@ -67,6 +69,7 @@ def unit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("units")
     (root / "scores").mkdir()
     s.save(root / "scores" / "safety.safetensors")
+    u.save(root / "scores" / "utility.safetensors")
     cats.save(root / "units.safetensors")
     return root / "units.safetensors"
 
@@ -74,9 +77,11 @@ def unit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- pieces ---------------------------------------------------------------------------------------------------
 def test_parse_unit_spec_and_lora() -> None:
     path, items = parse_unit_spec("runs/u/units.safetensors:SCU,CU@0.06")
-    assert path == Path("runs/u/units.safetensors") and items == [("SCU", None), ("CU", 0.06)]
-    assert parse_unit_spec("u.safetensors:CU@6%")[1] == [("CU", pytest.approx(0.06))]
-    for bad in ("u.safetensors", "u.safetensors:", "u.safetensors:CU@0", "u.safetensors:CU@1.5", "u:CU@x"):
+    assert path == Path("runs/u/units.safetensors")
+    assert [(i.category, i.share, i.of) for i in items] == [("SCU", None, "all"), ("CU", 0.06, "all")]
+    (cu,) = parse_unit_spec("u.safetensors:CU@6%cu")[1]
+    assert (cu.share, cu.of) == (pytest.approx(0.06), "category")
+    for bad in ("u.safetensors", "u.safetensors:", "u.safetensors:CU@0", "u:CU@150%", "u:XYZ@1%", "u:CU@x"):
         with pytest.raises(UserError):
             parse_unit_spec(bad)
     lora = parse_lora("r=4,alpha=8,dropout=0.1,targets=q_proj+v_proj")
@@ -86,16 +91,50 @@ def test_parse_unit_spec_and_lora() -> None:
         parse_lora("rank=4")
 
 
-def test_resolve_unit_spec_top_fraction_by_safety(unit_file: Path) -> None:
+def test_unit_spec_share_of_all_units_vs_of_cu(unit_file: Path) -> None:
+    """``CU@25%`` takes 25% of ALL units from CU (the paper's "SCU + 6%" reading), ``CU@25%cu`` 25% of CU, both
+    the top of CU by the categorisation's own safety ranking (normalised I_S - I_U)."""
     model, _ = build_tiny_model("llama")
-    both = resolve_unit_spec(f"{unit_file}:SCU,CU@0.25", model)
     scu = resolve_unit_spec(f"{unit_file}:scu", model)
     cu = resolve_unit_spec(f"{unit_file}:CU", model)
-    top = resolve_unit_spec(f"{unit_file}:CU@0.25", model)
-    assert len(top) == round(0.25 * len(cu)) and len(top & cu) == len(top)
-    assert both == scu | top
-    safety = Scores.load(unit_file.parent / "scores" / "safety.safetensors", cu.space).flat()
-    assert safety[top.mask].min() >= safety[(cu - top).mask].max()  # the top of CU by safety score
+    of_all = unit_spec_selection(f"{unit_file}:CU@25%", model)
+    of_cu = resolve_unit_spec(f"{unit_file}:CU@25%cu", model)
+    total = cu.space.total
+    assert len(of_all.units) == round(0.25 * total) and of_all.counts == {"CU@25%": round(0.25 * total)}
+    assert len(of_cu) == round(0.25 * len(cu)) < len(of_all.units)
+    assert len(of_all.units & cu) == len(of_all.units) and len(of_cu & cu) == len(of_cu)
+    assert resolve_unit_spec(f"{unit_file}:SCU,CU@0.25", model) == scu | of_all.units
+    rank = safety_ranking(
+        load_categorization(unit_file, cu.space),
+        *(Scores.load(unit_file.parent / "scores" / f"{w}.safetensors", cu.space) for w in ("safety", "utility")),
+    )
+    assert rank[of_all.units.mask].min() >= rank[(cu - of_all.units).mask].max()  # the top of CU by safety rank
+    assert of_cu.mask.logical_and(~of_all.units.mask).sum() == 0  # the smaller cut is inside the larger one
+    summary = of_all.summary()
+    assert summary["count"] == len(of_all.units) and summary["share_of_units"] == pytest.approx(0.25, abs=1 / total)
+
+
+def test_unit_spec_needs_scores_for_a_share(unit_file: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "units.safetensors"
+    shutil.copy(unit_file, bare)
+    model, _ = build_tiny_model("llama")
+    assert len(resolve_unit_spec(f"{bare}:SCU", model)) > 0  # whole categories need no scores
+    with pytest.raises(UnitFileError, match="scores"):
+        resolve_unit_spec(f"{bare}:SCU,CU@6%", model)
+
+
+def test_train_cli_records_unit_shares(unit_file: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = ["train", "tiny-random-llama", "--data", str(data_file), "--max-steps", "1", *FAST]
+    assert main([*common, "--out", str(out), "--freeze", f"{unit_file}:SCU,CU@6%"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    fr, tr = res["freeze"], res["trainable"]
+    total = round(fr["units"] / fr["share_of_units"])
+    assert fr["parts"]["CU@6%"] == round(0.06 * total)
+    assert fr["units"] == sum(fr["parts"].values()) and 0.06 < fr["share_of_units"] < 0.2
+    assert fr["params"] == tr["total"] - tr["params"] > 0 and fr["share_of_params"] == pytest.approx(1 - tr["share"])
 
 
 def test_data_plan_is_deterministic_and_covers_each_epoch() -> None:
@@ -235,9 +274,11 @@ def test_train_model_rejects_bad_input_and_leaves_the_model_alone(unit_file: Pat
         train_model(model, tok, DATA, cfg(max_steps=1), freeze=scu, only=ru)
     with pytest.raises(DataError, match="empty"):
         train_model(model, tok, PromptSet("none", "memory", ()), cfg(max_steps=1))
-    for lr in (0.0, -1e-5, float("nan")):
+    for lr in (0.0, -1e-5):
         with pytest.raises(UserError, match="learning rate must be positive"):
             train_model(model, tok, DATA, cfg(max_steps=1, lr=lr))
+    with pytest.raises(ValueError, match="finite"):  # nan never reaches the loop: the config refuses it
+        cfg(max_steps=1, lr=float("nan"))
     with pytest.raises(UserError, match="is empty"):
         train_model(model, tok, DATA, cfg(max_steps=1), only=ru - ru)
     with pytest.raises(UserError, match="LoRA"):
@@ -245,7 +286,7 @@ def test_train_model_rejects_bad_input_and_leaves_the_model_alone(unit_file: Pat
     other, _ = build_tiny_model("mistral")
     with pytest.raises(UnitFileError, match="another model"):  # same layout, other weights
         resolve_unit_spec(f"{unit_file}:SCU", other, fingerprint=model_fingerprint(other))
-    with pytest.raises(UnitFileError, match="'XYZ' is not in"):
+    with pytest.raises(UserError, match="unknown category 'XYZ'"):
         resolve_unit_spec(f"{unit_file}:XYZ", model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -394,7 +435,8 @@ def _bad_cases(unit_file: Path, data_file: Path, tmp: Path) -> dict[str, tuple[l
     d = ["--data", str(data_file)]
     return {
         "other model": (["tiny-random-mistral", *d, "--freeze", f"{units}:SCU"], "another model"),
-        "unknown category": (["tiny-random-llama", *d, "--freeze", f"{units}:XYZ"], "'XYZ' is not in"),
+        "unknown category": (["tiny-random-llama", *d, "--freeze", f"{units}:XYZ@1%"], "unknown category 'XYZ'"),
+        "share too large": (["tiny-random-llama", *d, "--only", f"{units}:CU@150%"], "outside (0, 1]"),
         "empty data": (["tiny-random-llama", "--data", str(tmp / "empty.jsonl")], "no rows"),
         "no responses": (["tiny-random-llama", "--data", "builtin:harmful"], "response"),
         "freeze and only": (["tiny-random-llama", *d, "--freeze", f"{units}:SCU", "--only", f"{units}:RU"], "not both"),
@@ -411,6 +453,7 @@ def _bad_cases(unit_file: Path, data_file: Path, tmp: Path) -> dict[str, tuple[l
 CASES = [
     "other model",
     "unknown category",
+    "share too large",
     "empty data",
     "no responses",
     "freeze and only",

@@ -10,6 +10,7 @@ import torch
 
 from ssah.categorize import CATEGORIES
 from ssah.cli import main
+from ssah.measure import Proportion, compare, verdict
 
 FAST = ["--limit", "8", "--steps", "2", "--no-progress"]
 
@@ -43,23 +44,39 @@ def test_transfer_fine_tunes_in_memory_and_writes_a_complete_run(tmp_path: Path,
     assert 0 <= res["scu_overlap"]["jaccard"] <= 1 and 0 < res["scu_overlap"]["chance"] < 1
     assert set(res["moved_by_layer"]) >= {"SCU->CU", "CU->UCU"}
     for pair, rows in res["moved_by_layer"].items():
-        assert sum(r["attn"] + r["mlp"] for r in rows) == res["transition"]["pairs"][pair]["count"]
-    assert res["paper"]["reproduced"] in (True, False) and "scu_to_cu" in res["paper"]
+        p = res["transition"]["pairs"][pair]
+        assert sum(r["attn"] + r["mlp"] for r in rows) == (p["k"] if p else 0)
+    # the verdict: the move across the fine-tune vs the same move by data noise, same denominator, the one rule
+    paper = res["paper"]
+    assert paper["scu_to_cu"] == res["transition"]["pairs"]["SCU->CU"]
+    for pair in ("SCU->CU", "CU->UCU"):
+        t = paper["tests"][pair]
+        assert t["effect"] == res["matched"]["pairs"][pair] and t["control"] == res["control"]["pairs"][pair]
+        assert t["effect"]["n"] == t["control"]["n"] == res["control"]["before"][pair.split("->")[0]]
+        redo = verdict(compare(Proportion.from_dict(t["effect"]), Proportion.from_dict(t["control"])), "higher")
+        assert t["verdict"] == redo.verdict and t["comparison"]["ci95"] == list(redo.comparison.ci95)
+    assert paper["verdict"] == paper["tests"]["SCU->CU"]["verdict"]
+    assert res["matched"]["before"] == res["control"]["before"]
+    assert 0 <= res["stability"]["jaccard_scu"] <= 1
     assert res["seconds"]["total"] > 0 and res["categorization"]["limit"] == 8
     report = (out / "report.md").read_text()
     assert "fine-tuned in memory" in report and "plots/transition.png" in report
-    assert "reproduced" in report.lower()
+    assert paper["verdict"] in report
     printed = capsys.readouterr().out
     assert "SCU -> CU" in printed and str(out) in printed
 
 
-def test_render_redraws_the_plots_from_results_alone(tmp_path: Path) -> None:
+def test_no_control_is_inconclusive_and_render_redraws_from_results(tmp_path: Path, capsys) -> None:
     from ssah.experiments.transfer import render
 
     out = tmp_path / "t"
     assert main(["transfer", "tiny-random-llama", "--out", str(out), "--no-control", *FAST]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["control"] is None and res["paper"]["control_scu_to_cu"] is None
+    assert res["control"] is None and res["matched"] is None and res["stability"] is None
+    assert res["paper"]["verdict"] == "inconclusive"
+    for t in res["paper"]["tests"].values():
+        assert t["verdict"] == "inconclusive" and t["reason"] == "no control" and t["control"] is None
+    assert "paper's claim (over half of SCU -> CU, beyond data noise): inconclusive" in capsys.readouterr().out
     again = tmp_path / "again"
     text = render(res, again)
     assert (again / "plots/transition.png").is_file() and (again / "plots/moved_by_layer.png").is_file()
@@ -113,7 +130,24 @@ def test_transition_summary_counts() -> None:
     assert same["moved"] == 0 and same["overlap"]["SCU"]["jaccard"] == 1.0
     by_layer = moved_by_layer(a, b)
     for pair, rows in by_layer.items():
-        assert len(rows) == 2 and sum(r["attn"] + r["mlp"] for r in rows) == t["pairs"][pair]["count"]
+        assert len(rows) == 2 and sum(r["attn"] + r["mlp"] for r in rows) == t["pairs"][pair]["k"]
+    scu = t["pairs"]["SCU->CU"]
+    assert scu["n"] == t["before"]["SCU"] == len(a["SCU"]) and scu["k"] == len(a["SCU"] & b["CU"])
+
+
+def test_paper_tests_give_each_verdict_from_constructed_moves() -> None:
+    from ssah.experiments.transfer import paper_tests
+
+    def block(scu_cu: tuple[int, int], cu_ucu: tuple[int, int]) -> dict:
+        return {"pairs": {"SCU->CU": Proportion(*scu_cu).to_dict(), "CU->UCU": Proportion(*cu_ucu).to_dict()}}
+
+    tests = paper_tests(block((60, 100), (30, 400)), block((10, 100), (28, 400)))
+    assert tests["SCU->CU"]["verdict"] == "reproduced"  # 60% vs 10% of the same 100 SCU: beyond noise
+    assert tests["CU->UCU"]["verdict"] == "not reproduced"  # 7.5% vs 7%: within 5 points of noise
+    assert paper_tests(block((10, 100), (3, 400)), block((60, 100), (3, 400)))["SCU->CU"]["verdict"] == "not reproduced"
+    assert paper_tests(block((5, 10), (3, 40)), block((3, 10), (3, 40)))["SCU->CU"]["verdict"] == "inconclusive"
+    none = paper_tests(block((60, 100), (30, 400)), None)
+    assert {t["verdict"] for t in none.values()} == {"inconclusive"} and none["SCU->CU"]["reason"] == "no control"
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,11 @@ def train(
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     freeze: Annotated[
-        str | None, typer.Option(help="Keep units bit-identical: UNITS_FILE:SCU,CU@0.06 (top 6% of CU by safety).")
+        str | None,
+        typer.Option(
+            help="Keep units bit-identical: UNITS_FILE:SCU,CU@6% (SCU + 6% of ALL units from CU by safety rank, the "
+            "paper's ~7.5%); CU@6%cu = 6% of CU."
+        ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Train only these units: UNITS_FILE:RU.")] = None,
     lora: Annotated[
@@ -417,11 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except typer.TyperException as exc:  # click's usage errors (typer vendors click): bad option, unknown command
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            typer.echo(f"error: {exc}", err=True)
+        fmt = getattr(exc, "format_message", None)
+        message = fmt() if callable(fmt) else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None and getattr(ctx, "command_path", None) else "ssah"
+        typer.echo(f"error: {' '.join(message.split())}; see {where} --help", err=True)
         return int(getattr(exc, "exit_code", 2) or 2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

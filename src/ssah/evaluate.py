@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ssah.data.chat import Encoded, batches, collate, encode_set
+from ssah.data.chat import Encoded, batches, collate, context_length, encode_set, fit_context
 from ssah.data.loaders import PromptSet, load_prompts
 from ssah.data.tasks import (
     MathItem,
@@ -126,6 +126,8 @@ class SafetyResult:
     per_category: dict[str, dict[str, Any]]
     coherent_compliance: float
     judge: str
+    k: int = 0  # prompts answered (not refused): asr = k / n
+    coherent: int = 0  # prompts answered coherently: coherent_compliance = coherent / n
 
 
 @dataclass
@@ -136,6 +138,7 @@ class OverRefusalResult:
     n: int
     ci95: Interval
     judge: str
+    k: int = 0  # prompts refused: rate = k / n
 
 
 @dataclass
@@ -149,6 +152,7 @@ class PrefillResult:
     prefill: str
     recovered_rate: float
     judge: str = ""
+    k: int = 0  # prompts not recovered to a refusal: asr = k / n
 
 
 @dataclass
@@ -159,6 +163,7 @@ class UtilityResult:
     accuracy: float | None = None
     exact_match: float | None = None
     n: dict[str, int] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)  # items right per task (accuracy = correct / n)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -325,7 +330,12 @@ def evaluate_safety(
         for cat in sorted(groups):
             group = groups[cat]
             k = sum(not s.refused for s in group)
-            per_category[cat] = {"asr": k / len(group), "n": len(group), "ci95": wilson_interval(k, len(group))}
+            per_category[cat] = {
+                "asr": k / len(group),
+                "k": k,
+                "n": len(group),
+                "ci95": wilson_interval(k, len(group)),
+            }
     result = SafetyResult(
         asr=complied / n,
         refusal_rate=(n - complied) / n,
@@ -334,6 +344,8 @@ def evaluate_safety(
         per_category=per_category,
         coherent_compliance=sum((not s.refused) and bool(s.coherent) for s in samples) / n,
         judge=_judge_name(judge),
+        k=complied,
+        coherent=sum((not s.refused) and bool(s.coherent) for s in samples),
     )
     return result, samples
 
@@ -355,7 +367,7 @@ def evaluate_overrefusal(
     samples = _samples(benign, gens, verdicts, [v.refused for v in verdicts])
     k = sum(s.refused for s in samples)
     n = len(samples)
-    return OverRefusalResult(k / n, n, wilson_interval(k, n), _judge_name(judge)), samples
+    return OverRefusalResult(k / n, n, wilson_interval(k, n), _judge_name(judge), k), samples
 
 
 _SENTENCE_END = re.compile(r"(?<!\.)[.!?](?=\s|$)|\n")  # an ellipsis ("...") trails off, it does not end
@@ -407,6 +419,7 @@ def evaluate_prefill(
         prefill=prefill,
         recovered_rate=k / n,
         judge=f"{_judge_name(judge)} + first sentence: {_judge_name(recovery)}",
+        k=n - k,
     )
     return result, samples
 
@@ -440,7 +453,7 @@ def perplexity(model: Any, tokenizer: Any, data: PromptSet, *, batch_size: int =
         )
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
-    encoded = _with_bos(encode_set(tokenizer, data, system=system), tokenizer)
+    encoded = _with_bos(encode_set(tokenizer, data, system=system, context=context_length(model)), tokenizer)
     device, pad = model_device(model), pad_id(tokenizer)
     total_nll = 0.0
     total_tokens = 0
@@ -475,6 +488,7 @@ def _continuation_logprobs(
         cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
         if not cont:
             raise UserError(f"choice {continuation!r} has no tokens: remove empty choices from the task")
+        ctx = fit_context([ctx], context_length(model), reserve=len(cont))[0]
         encoded.append((ctx, cont))
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     device, pad = model_device(model), pad_id(tokenizer)

@@ -19,7 +19,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ssah.data import format_chat
-from ssah.data.chat import bos_to_add
+from ssah.data.chat import bos_to_add, context_length, encode_prompt, encode_prompts
 from ssah.errors import ModelError, UserError
 from ssah.modelutil import frozen_eval, model_device, pad_id
 
@@ -28,6 +28,7 @@ __all__ = [
     "Generation",
     "GenerationConfig",
     "bos_to_add",
+    "context_length",
     "encode_prompt",
     "eos_token_ids",
     "generate",
@@ -105,22 +106,6 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
         vocab = tokenizer.get_vocab()
         ids += [vocab[tok] for tok in END_OF_TURN_TOKENS if tok in template and tok in vocab]
     return list(dict.fromkeys(ids))
-
-
-def encode_prompt(tokenizer: Any, text: str, *, bos_id: int | None = None) -> list[int]:
-    """Token ids of a fully formatted prompt text.
-
-    Tokenized without the tokenizer's own special tokens, because chat templates already write them (a second
-    BOS or a trailing EOS would change the model's input); only when the text lacks the BOS that the tokenizer
-    would have prepended (a template without ``bos_token``, or the fallback template) is it added, once.
-    ``bos_id`` is ``bos_to_add(tokenizer)``, passed to avoid recomputing it per prompt (None: computed here).
-    """
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if bos_id is None:
-        bos_id = bos_to_add(tokenizer)
-    if bos_id is not None and ids[:1] != [bos_id]:
-        ids = [bos_id, *ids]
-    return ids
 
 
 def prompt_texts(tokenizer: Any, prompts: Sequence[str], prefills: Sequence[str], system: str | None) -> list[str]:
@@ -203,34 +188,6 @@ def _split(tokens: list[int], eos: set[int]) -> tuple[list[int], int, bool]:
     return tokens, len(tokens), False
 
 
-def context_length(model: Any) -> int | None:
-    """The model's maximum number of positions, if its config states one."""
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _fit_context(model: Any, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Keep prompt + reply inside the model's context: over-long prompts lose their start (the end holds the
-    question and the assistant header), with a warning; a reply longer than the context is bad input."""
-    limit = context_length(model)
-    if limit is None:
-        return encoded
-    room = limit - max_new_tokens
-    if room < 1:
-        raise UserError(
-            f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of {limit} "
-            "tokens: lower --max-new-tokens"
-        )
-    cut = sum(len(e) > room for e in encoded)
-    if cut:
-        log.warning("%d prompt(s) longer than %d tokens were cut from the left to fit the context", cut, room)
-    return [e[-room:] if len(e) > room else e for e in encoded]
-
-
 def generate(
     model: Any,
     tokenizer: Any,
@@ -270,10 +227,11 @@ def generate(
         texts = [p + f for p, f in zip(prompts, prefills, strict=True)]
     else:
         texts = prompt_texts(tokenizer, prompts, prefills, config.system)
-    encoded = [encode_prompt(tokenizer, t, bos_id=bos_id) for t in texts]
+    encoded = encode_prompts(
+        tokenizer, texts, context=context_length(model), reserve=config.max_new_tokens, bos_id=bos_id
+    )
     if any(not e for e in encoded):
         raise UserError("a prompt formats to no tokens at all: give the tokenizer a chat template or non-empty prompts")
-    encoded = _fit_context(model, encoded, config.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = model_device(model)
     eos_set = set(eos)

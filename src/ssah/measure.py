@@ -372,6 +372,12 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
     from ssah.categorize import categorize
     from ssah.scoring import collect_statistics, compute_scores, gradient_mode
 
+    for data in (safety, utility):
+        if cfg.tokens == "response" and not data.has_responses:
+            raise UserError(
+                f"--tokens response counts response tokens only, and the {data.name} set has examples without a "
+                "response: use a set with responses (--column response=NAME) or --tokens prompt+response"
+            )
     adapter = get_adapter(lm.model)
     neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
     space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
@@ -413,6 +419,12 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
         "granularity": cfg.granularity,
         "space": space,
     }
+    for stats, data in zip(full, (safety, utility), strict=True):
+        if stats.tokens == 0:
+            raise UserError(
+                f"no {cfg.tokens} tokens were counted in the {data.name} set (cut away by --max-length?): "
+                "raise --max-length or choose another --tokens"
+            )
     s_scores, u_scores = scores(full[0], safety), scores(full[1], utility)
     cats = categorize(s_scores, u_scores, **options)
     stability = None

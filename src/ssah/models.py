@@ -7,6 +7,7 @@ so the plain model is rebuilt from its state dict. Pickled weights and remote co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -375,19 +377,83 @@ def is_dispatched(model: torch.nn.Module) -> bool:
     return isinstance(dmap, dict) and len(set(dmap.values())) > 1
 
 
+class _LoadReport(logging.Handler):
+    """transformers' messages while it loads weights (its load report lists every missing or unexpected key)."""
+
+    def __init__(self, family: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.family = family
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def flush(self) -> None:
+        """Pass the messages on for a family ssah supports (missing weights matter there); for any other family
+        an ``Unsupported model_type`` error follows as soon as units are needed, and dozens of report lines
+        before it would only bury it, so they go to debug logging."""
+        from ssah.arch import SUPPORTED_FAMILIES
+
+        for record in self.records:
+            if self.family in SUPPORTED_FAMILIES:
+                logging.getLogger(record.name).handle(record)
+            else:
+                log.debug("transformers (%s): %s", self.family, record.getMessage())
+        self.records.clear()
+
+
+@contextlib.contextmanager
+def _load_report(config: Any) -> Iterator[_LoadReport]:
+    """Hold back transformers' log messages while it loads a model (see :class:`_LoadReport`)."""
+    logger = logging.getLogger("transformers")
+    handler = _LoadReport(str(getattr(config, "model_type", "")))
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield handler
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
 def _check_folder(folder: Path, allow_pickle: bool) -> None:
-    names = [p.name for p in folder.iterdir()]
-    if not any(n.endswith(".safetensors") for n in names):
-        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
-            raise ModelError(
-                f"{folder} holds only pickled weights (.bin/.pt), which can run code when loaded; "
-                "convert them to safetensors or pass --allow-pickle if you trust the source"
-            )
-        if any(n.endswith(".gguf") for n in names):
+    """Refuse a model folder before transformers reads it: pickled weights without ``allow_pickle``, no weights at
+    all, or safetensors files that are empty or not safetensors (transformers would fail deep inside with a
+    traceback)."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError as exc:
+        raise ModelError(f"cannot read model folder {folder} ({exc.strerror}): check its permissions") from None
+    safetensors = sorted(n for n in names if n.endswith(".safetensors"))
+    for name in safetensors:
+        _check_safetensors(folder / name)
+    if safetensors:
+        return
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        if allow_pickle:
             return
         raise ModelError(
-            f"{folder} holds no model weights (*.safetensors): pass a model folder, a .gguf file or a hub id"
+            f"{folder} holds only pickled weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
         )
+    if any(n.endswith(".gguf") for n in names):
+        return
+    raise ModelError(f"{folder} holds no model weights (*.safetensors): pass a model folder, a .gguf file or a hub id")
+
+
+def _check_safetensors(path: Path) -> None:
+    """A weights file whose header safetensors can read (cheap: the header only, no tensor data)."""
+    from safetensors import safe_open
+
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises its own error type, OSError or ValueError for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model weights {path} are damaged or not safetensors ({first}): download or save the model again"
+        ) from None
 
 
 def load_model(
@@ -466,7 +532,9 @@ def load_model(
             kwargs["device_map"] = dmap
             kwargs["offload_folder"], temporary = _offload_folder(dmap, offload_folder)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
+            with _load_report(config) as report:
+                model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
+            report.flush()
         except BaseException:
             if temporary:
                 shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
@@ -476,7 +544,9 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(
             str(folder), trust_remote_code=trust_remote_code, revision=kwargs.get("revision")
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
+        # every way a damaged or foreign folder fails inside transformers (bad JSON, config.json that is not an
+        # object, truncated weights, shapes that disagree with the config) is the same user error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
             f"not a folder, registry name ({', '.join(registry_names())}) or cached hub model"

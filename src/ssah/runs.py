@@ -12,9 +12,11 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +27,11 @@ import torch
 import yaml
 
 from ssah.errors import UserError
+
+try:  # POSIX; without it (Windows) FolderLock falls back to an O_EXCL file holding the PID
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -55,27 +62,233 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_output_folder(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Fail early (before any work) when the output folder exists and may not be replaced."""
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def lock_path(out: str | os.PathLike[str]) -> Path:
+    """The lock file of a run folder: ``.<name>.lock`` beside it (inside it would be moved with the folder)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder with --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} already exists: pass --overwrite or choose another --out")
-    return out
+    return out.parent / f".{out.name}.lock"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def lock_holder(out: str | os.PathLike[str]) -> int | None:
+    """The process id of a live run that holds the lock of ``out`` (None when nobody does); writes nothing."""
+    path = lock_path(out)
+    if not path.is_file():
+        return None
+    if fcntl is None:  # no flock: trust the PID written into the file
+        pid = _read_pid(path)
+        return pid if pid is not None and pid != os.getpid() and _pid_alive(pid) else None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = _read_pid(path)
+        return None if pid == os.getpid() else (pid or -1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class FolderLock:
+    """Exclusive right to write one run folder (and its staging folders), held by one process.
+
+    The lock is ``flock`` on ``.<name>.lock`` beside the folder, holding the owner's PID for messages. The kernel
+    releases it when the process dies however it dies (kill -9 included), so a lock is never stale and holding it
+    proves that whoever left a staging folder of this run behind is gone. The file is removed on release; the
+    inode check after locking makes a process that opened the file just before its removal try again, instead of
+    locking a file nobody else sees. Where ``fcntl`` is missing (Windows) the file is created with ``O_EXCL`` and
+    a file whose PID is no longer running is taken over.
+    """
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        self.fd: int | None = None
+
+    def _busy(self, pid: int | None) -> UserError:
+        who = f"(PID {pid}) " if pid and pid > 0 else ""
+        return UserError(f"another ssah run {who}is writing {self.out}: wait for it to finish or choose another --out")
+
+    def acquire(self) -> FolderLock:
+        """Take the lock or raise a ``UserError`` naming the process that holds it."""
+        if self.fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return self._acquire_excl()
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._busy(_read_pid(self.path)) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # released and removed by its previous holder between our open and flock
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return self
+        raise self._busy(None)
+
+    def _acquire_excl(self) -> FolderLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid = _read_pid(self.path)
+                if pid is not None and _pid_alive(pid):
+                    raise self._busy(pid) from None
+                self.path.unlink(missing_ok=True)  # its process is gone
+                continue
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return self
+        raise self._busy(None)
+
+    def owned(self) -> bool:
+        """Whether this process still holds the lock (the file at the path is the one it locked)."""
+        if self.fd is None:
+            return False
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self.owned():
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)  # closing the descriptor releases the flock
+        self.fd = None
+
+
+_STAGING = re.compile(r"\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)")
+
+
+def sweep_stale_staging(out: str | os.PathLike[str]) -> list[Path]:
+    """Remove staging (``.NAME.partial-PID``) and replaced (``.NAME.old-PID``) folders of ``out`` whose process is
+    gone; call it holding ``out``'s lock, which no live writer of ``out`` can hold at the same time."""
+    out = Path(out)
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        m = _STAGING.fullmatch(p.name)
+        if m and m["name"] == out.name and int(m["pid"]) != os.getpid() and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def check_output_folder(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Fail early (before any work) when ``out`` cannot become a run folder: the current folder or one above it,
+    under a file, in a place that cannot be written, an existing folder that may not be replaced, or one that
+    another run is writing now. Writes nothing."""
+    text = os.fspath(out)
+    path = Path(text)
+    if not text.strip() or path.name in ("", ".", ".."):
+        raise UserError(f"--out {text!r} names no new folder: pass a folder name, e.g. --out runs/my-run")
+    try:
+        resolved = path.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"cannot resolve --out {text!r} ({exc}): pass another folder") from None
+    if resolved == cwd or resolved in cwd.parents:
+        raise UserError(
+            f"--out {text!r} is the current folder or one above it: pass a new folder, e.g. --out runs/my-run"
+        )
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output path {path} is a file: choose a folder with --out")
+    ancestor = resolved.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--out {text} lies under {ancestor}, which is a file: choose a folder with --out")
+    if not _writable(ancestor):
+        raise UserError(f"cannot write in {ancestor} (read-only or no permission): choose --out in a writable place")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"output folder {path} already exists: pass --overwrite or choose another --out")
+    holder = lock_holder(path)
+    if holder is not None:
+        raise FolderLock(path)._busy(holder)
+    return path
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder``: permission bits first, then a real try (root passes the bits
+    test on a read-only file system), leaving nothing behind."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        probe = tempfile.mkdtemp(prefix=".ssah-probe-", dir=folder)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
 
 
 class RunDir:
-    """A run folder under construction; ``commit`` moves it into place, leaving the exit an atomic rename."""
+    """A run folder under construction; ``commit`` moves it into place, leaving the exit an atomic rename.
+
+    Every command stages the same way: take ``out``'s :class:`FolderLock` (a second run into the same folder fails
+    at once with a one-line error), check the folder again under the lock, sweep staging folders that killed runs
+    left behind, create the staging folder with ``os.mkdir`` (exclusive), and before the final rename check that
+    the lock is still this process's. A failure removes the staging folder and releases the lock.
+    """
 
     def __init__(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         self.out = check_output_folder(out, overwrite)
         self.overwrite = overwrite
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir()
+        self.lock = FolderLock(self.out).acquire()
+        try:
+            check_output_folder(self.out, overwrite)  # again under the lock: a run may have finished meanwhile
+            sweep_stale_staging(self.out)
+            self.path = self._staging_path()
+            self._make_staging()
+        except BaseException:
+            self.lock.release()
+            raise
         self.started = time.time()
+
+    def _staging_path(self) -> Path:
+        return self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+
+    def _make_staging(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)  # only a leftover of this very process (PID reuse)
+        os.mkdir(self.path)
 
     def file(self, rel: str) -> Path:
         """Path of a file inside the staging folder (parent folders created)."""
@@ -100,16 +313,28 @@ class RunDir:
 
     def commit(self) -> Path:
         """Move the finished run into place (replacing an old folder only when overwrite was given)."""
-        check_output_folder(self.out, self.overwrite)
-        trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        if self.out.exists():
-            os.replace(self.out, trash)
-        os.replace(self.path, self.out)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            if not self.lock.owned() or not self.path.is_dir():
+                raise UserError(
+                    f"the staging folder {self.path} was taken over by another run: nothing was written to "
+                    f"{self.out}; run again"
+                )
+            check_output_folder(self.out, self.overwrite)
+            trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            if self.out.exists():
+                os.replace(self.out, trash)
+            os.replace(self.path, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            self.abort()
+            raise
+        self.lock.release()
         return self.out
 
     def abort(self) -> None:
+        """Remove the staging folder (named after this process, so it is this run's) and release the lock."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self.lock.release()
 
     def __enter__(self) -> RunDir:
         return self

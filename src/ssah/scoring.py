@@ -34,15 +34,16 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import align_module_device
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
+from ssah.data.chat import context_length
 from ssah.errors import UnitFileError, UserError
 from ssah.modelutil import model_device, pad_id
+from ssah.safefiles import save_safetensors
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
 
@@ -105,15 +106,7 @@ class Scores:
         """Write as safetensors (one float64 vector per group key) with :meth:`metadata`, atomically."""
         path = Path(path)
         tensors = {k: self.values[k].detach().to("cpu", torch.float64).contiguous() for k in sorted(self.values)}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            # safetensors' save_file writes metadata keys in a process-random order (a Rust HashMap): identical
-            # scores then give files that differ in their header. The inputs are deterministic; the writer
-            # is the one call to switch to a deterministic one.
-            save_file(tensors, str(tmp), metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_safetensors(tensors, path, self.metadata())  # canonical header: identical scores, identical bytes
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], space: UnitSpace) -> Scores:
@@ -179,7 +172,7 @@ def collect_statistics(
     adapter = adapter or get_adapter(model)
     groups = adapter.groups()
     pad = pad_id(tokenizer)
-    encoded = encode_set(tokenizer, data, system=system, max_length=max_length)
+    encoded = encode_set(tokenizer, data, system=system, max_length=max_length, context=context_length(model))
     order = batches(encoded, batch_size)
     device = model_device(model)
     recorder = ActivationRecorder(model, adapter, groups)

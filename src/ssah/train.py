@@ -47,10 +47,11 @@ from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssah.arch import ArchAdapter, get_adapter
+from ssah.arch import get_adapter
 from ssah.config import BaseConfig, ModelRunConfig
 from ssah.data import Encoded, PromptSet, collate, encode_set
 from ssah.errors import DataError, UnitFileError, UserError
+from ssah.measure import Selection, SelectionItem, parse_selection, safety_ranking, select
 from ssah.runs import atomic_write_text, check_output_folder, set_seed
 from ssah.units import UnitSet, UnitSpace, load_unit_sets, read_unit_file_metadata
 
@@ -111,7 +112,7 @@ def parse_lora(text: str) -> LoraSettings:
 class TrainConfig(ModelRunConfig):
     """Everything `ssah train` needs (and what ``train_model`` reads).
 
-    ``freeze`` / ``only`` are unit specs (``PATH:SCU,CU@0.06``, see :func:`parse_unit_spec`); ``epochs``
+    ``freeze`` / ``only`` are unit specs (``PATH:SCU,CU@6%``, see :func:`parse_unit_spec`); ``epochs``
     defaults to 1 when ``max_steps`` is not given, and without ``epochs`` a ``max_steps`` run cycles through the
     data as often as needed; with both, the run stops at whichever comes first. ``warmup`` is in optimizer steps.
     ``fsdp`` shards the model with FSDP2 across the processes of a distributed launch (see :func:`fsdp_requested`;
@@ -194,14 +195,12 @@ class TrainConfig(ModelRunConfig):
     def check(self) -> None:
         """Cheap validation before any data or model is loaded: settings, then the output folders."""
         self.check_training()
-        out = Path(self.out)
+        out = check_output_folder(self.out, self.overwrite)  # first: a path that can be a run folder at all
         partial = partial_dir(out)
         if self.resume:
             if not partial.is_dir():
                 raise UserError(f"nothing to resume: {partial} does not exist; run without --resume to start")
-            check_output_folder(out, self.overwrite)
         else:
-            check_output_folder(out, self.overwrite)
             if partial.exists() and not self.overwrite:
                 raise UserError(
                     f"an unfinished run is in {partial}: pass --resume to continue it or --overwrite to start over"
@@ -213,45 +212,93 @@ class TrainConfig(ModelRunConfig):
 
 
 def partial_dir(out: str | os.PathLike[str]) -> Path:
-    """Where a training run lives until it completes: ``<out>.partial`` (a stable name, so ``--resume`` finds it)."""
+    """Where a training run lives until it completes: ``<out>.partial`` (a stable name, so ``--resume`` finds it).
+
+    It is staged like every run folder (see :class:`ssah.experiments.train.TrainRunDir`): only the process that
+    holds ``out``'s lock (:class:`ssah.runs.FolderLock`) creates, trains into or renames it."""
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {str(out)!r} names no new folder: pass a folder name, e.g. --out runs/my-run")
     return out.with_name(out.name + ".partial")
 
 
 # -- unit specs -----------------------------------------------------------------------------------------------
-def parse_unit_spec(text: str) -> tuple[Path, list[tuple[str, float | None]]]:
-    """Parse ``PATH:SCU,CU@0.06`` into the unit file and ``[(category, fraction or None)]``.
-
-    ``CU@0.06`` (or ``CU@6%``) is the top 6% of the CU set ranked by safety score; the union of the items is
-    the unit set.
-    """
+def _split_spec(text: str) -> tuple[Path, str]:
     path, sep, cats = str(text).strip().rpartition(":")
     if not sep or not path or not cats.strip() or "/" in cats or "\\" in cats:
-        raise UserError(
-            f"bad unit spec {text!r}: write UNITS_FILE:CATEGORY[,CATEGORY@FRACTION], e.g. u.safetensors:SCU"
+        raise UserError(f"bad unit spec {text!r}: write UNITS_FILE:CATEGORY[,CATEGORY@SHARE], e.g. u.safetensors:SCU")
+    return Path(os.path.expanduser(path)), cats.strip()
+
+
+def parse_unit_spec(text: str) -> tuple[Path, list[SelectionItem]]:
+    """Parse ``PATH:SCU,CU@6%`` into the unit file and its selection items (:func:`ssah.measure.parse_selection`).
+
+    ``CU@6%`` (or ``CU@0.06``) is 6% of ALL units, taken from CU by safety rank (the paper's "SCU + 6%",
+    about 7.5% of units with SCU); ``CU@6%cu`` is 6% of the CU units.
+    """
+    path, cats = _split_spec(text)
+    return path, parse_selection(cats)
+
+
+def load_ranked_categories(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    fingerprint: str | None = None,
+    model_name: str | None = None,
+    allow_other_weights: bool = False,
+    ranked: bool = True,
+) -> tuple[dict[str, UnitSet], torch.Tensor | None]:
+    """Every unit set of a unit file (checked against ``model``) and, with ``ranked``, the safety ranking
+    (:func:`ssah.measure.safety_ranking`) from the scores `ssah units` keeps beside it in ``scores/``."""
+    from types import SimpleNamespace
+
+    from ssah.scoring import Scores
+
+    path = Path(path)
+    meta = read_unit_file_metadata(path)
+    groups = get_adapter(model).groups()
+    space = UnitSpace.from_groups(groups, meta["granularity"], fingerprint, model_name)  # type: ignore[arg-type]
+    sets = load_unit_sets(path, space, allow_other_weights=allow_other_weights)
+    if not ranked:
+        return sets, None
+    files = [path.parent / "scores" / f"{which}.safetensors" for which in ("safety", "utility")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or meta.get("normalization") is None or meta.get("ranking") is None:
+        raise UnitFileError(
+            f"a share like CU@6% ranks units by safety, but {', '.join(missing) or path} lacks the scores or the "
+            "categorisation settings: keep the scores/ folder `ssah units` wrote beside the unit file"
         )
-    items: list[tuple[str, float | None]] = []
-    for raw in cats.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        name, at, frac_text = item.partition("@")
-        name = name.strip()
-        fraction: float | None = None
-        if at:
-            try:
-                frac_text = frac_text.strip()
-                fraction = float(frac_text[:-1]) / 100 if frac_text.endswith("%") else float(frac_text)
-            except ValueError:
-                fraction = -1.0
-            if not 0.0 < fraction <= 1.0:
-                raise UserError(f"bad share in {item!r}: give a fraction in (0, 1] or a percentage, e.g. CU@0.06")
-        if not name:
-            raise UserError(f"bad unit spec {text!r}: a category name is missing before '@'")
-        items.append((name, fraction))
-    if not items:
-        raise UserError(f"bad unit spec {text!r}: name at least one category after ':'")
-    return Path(os.path.expanduser(path)), items
+    neuron = UnitSpace.from_groups(groups, "neuron")
+    s, u = (Scores.load(f, neuron) for f in files)
+    cats = SimpleNamespace(space=next(iter(sets.values())).space, **{k: meta[k] for k in ("normalization", "ranking")})
+    return sets, safety_ranking(cats, s, u)
+
+
+def unit_spec_selection(
+    spec: str,
+    model: nn.Module,
+    *,
+    fingerprint: str | None = None,
+    model_name: str | None = None,
+    allow_other_weights: bool = False,
+) -> Selection:
+    """The selection a spec names on ``model`` (:func:`ssah.measure.select` over the file's sets): the union of
+    its categories, each cut to its top share by safety rank. ``.units`` is the unit set, ``.summary()`` its
+    counts and share of all units. The file must belong to the model (same layout; same weights unless
+    ``allow_other_weights``; the weight check needs ``fingerprint``)."""
+    path, cats = _split_spec(spec)
+    ranked = any(item.share is not None for item in parse_selection(cats))  # bad input fails before any file
+    sets, ranking = load_ranked_categories(
+        path,
+        model,
+        fingerprint=fingerprint,
+        model_name=model_name,
+        allow_other_weights=allow_other_weights,
+        ranked=ranked,
+    )
+    total = next(iter(sets.values())).space.total
+    return select(sets, ranking if ranking is not None else torch.zeros(total), cats)
 
 
 def resolve_unit_spec(
@@ -261,53 +308,11 @@ def resolve_unit_spec(
     fingerprint: str | None = None,
     model_name: str | None = None,
     allow_other_weights: bool = False,
-    adapter: ArchAdapter | None = None,
 ) -> UnitSet:
-    """The unit set a spec names on ``model``: the union of its categories, each cut to its top fraction by the
-    safety score (``scores/safety.safetensors`` beside the unit file, summed per unit for heads).
-
-    The file must belong to the model (same unit layout; same weights unless ``allow_other_weights``; the weight
-    check needs ``fingerprint``).
-    """
-    from ssah.scoring import Scores
-
-    path, items = parse_unit_spec(spec)
-    meta = read_unit_file_metadata(path)
-    adapter = adapter or get_adapter(model)
-    groups = adapter.groups()
-    space = UnitSpace.from_groups(groups, meta["granularity"], fingerprint, model_name)  # type: ignore[arg-type]
-    available = [n for n in meta.get("sets", "").split(",") if n]
-    by_lower = {n.lower(): n for n in available}
-    names = []
-    for name, _ in items:
-        if name.lower() not in by_lower:
-            raise UnitFileError(f"unit set {name!r} is not in {path}: it holds {', '.join(available)}")
-        names.append(by_lower[name.lower()])
-    sets = load_unit_sets(path, space, names=names, allow_other_weights=allow_other_weights)
-    space = next(iter(sets.values())).space
-    safety: torch.Tensor | None = None
-    mask = torch.zeros(space.total, dtype=torch.bool)
-    labels = []
-    for (_, fraction), name in zip(items, names, strict=True):
-        members = sets[name].indices()
-        if fraction is not None:
-            if safety is None:
-                score_file = path.parent / "scores" / "safety.safetensors"
-                if not score_file.is_file():
-                    raise UnitFileError(
-                        f"{name}@{fraction} ranks units by safety score, but {score_file} is missing: "
-                        "keep the scores/ folder `ssah units` wrote beside the unit file"
-                    )
-                scores = Scores.load(score_file, UnitSpace.from_groups(groups, "neuron"))
-                safety = space.join({k: space.aggregate(k, v) for k, v in scores.values.items()})
-            k = round(fraction * members.numel())
-            order = torch.argsort(-safety[members], stable=True)
-            members = members[order[:k]]
-            labels.append(f"{name}@{fraction:g}")
-        else:
-            labels.append(name)
-        mask[members] = True
-    return UnitSet(space, mask, "|".join(labels))
+    """The unit set a spec names on ``model`` (``unit_spec_selection(...).units``)."""
+    return unit_spec_selection(
+        spec, model, fingerprint=fingerprint, model_name=model_name, allow_other_weights=allow_other_weights
+    ).units
 
 
 # -- data order -----------------------------------------------------------------------------------------------
@@ -647,36 +652,73 @@ def load_checkpoint(
     """Load a checkpoint into the trainable tensors, optimizer and scheduler (and the RNGs); returns its state.
 
     ``optimizer`` is anything with ``load_state_dict``. Raises a ``UserError`` when the checkpoint was written by
-    a run with other training settings.
+    a run with other training settings, or when any of its files is damaged (truncated by a full disk, edited):
+    every way such a file can fail to load (JSON, safetensors, torch's unpickler, a wrong structure) says the
+    same thing to the user, so all are caught here.
     """
+    try:
+        return _load_checkpoint(path, trainable, optimizer, scheduler, settings)
+    except UserError:
+        raise
+    except Exception as exc:  # any failure to read a checkpoint file: see the docstring
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(
+            f"checkpoint {path} is damaged ({type(exc).__name__}{': ' + detail if detail else ''}): delete it to "
+            "resume from an earlier checkpoint, or pass --overwrite to start over"
+        ) from None
+
+
+def _load_checkpoint(
+    path: Path, trainable: Mapping[str, torch.Tensor], optimizer: Any, scheduler: Any, settings: dict[str, Any]
+) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an ssah training checkpoint: pass --overwrite to start over")
     saved = state.get("settings", {})
+    if not isinstance(saved, dict):
+        raise ValueError("settings is not a mapping")
     for key in sorted(set(saved) | set(settings)):
         if saved.get(key) != settings.get(key):
             raise UserError(
                 f"the run in {path.parent.parent} was started with {key}={saved.get(key)!r}, not "
                 f"{settings.get(key)!r}: resume with the same settings, or pass --overwrite to start over"
             )
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step {step!r} is not a step count")
     tensors = load_file(str(path / "trainable.safetensors"))
     if set(tensors) != set(trainable):
         raise UserError(f"{path} holds other trainable tensors than this run: pass --overwrite to start over")
-    for name, t in trainable.items():
-        _copy_full_into(t, tensors[name])  # a DTensor (FSDP2) takes its shard
+    for name, t in trainable.items():  # a DTensor's shape is the global one
+        if tuple(tensors[name].shape) != tuple(t.shape):
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, not {tuple(t.shape)}")
     device = next(iter(trainable.values())).device if trainable else torch.device("cpu")
     opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    if not isinstance(opt, dict) or "optimizer" not in opt or "scheduler" not in opt:
+        raise ValueError("optimizer.pt holds no optimizer and scheduler state")
+    rng = load_file(str(path / "rng.safetensors"))
+    if not isinstance(state.get("rng"), dict) or "torch" not in rng:
+        raise ValueError("no RNG state")
+    # everything read and checked: only now change the model
+    for name, t in trainable.items():
+        _copy_full_into(t, tensors[name])  # a DTensor (FSDP2) takes its shard
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    _set_rng_state(rng, state["rng"])
     return state
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= upto]
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r for r in rows if r.get("step", 0) <= upto]
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UserError(
+            f"the step log {path} is damaged ({type(exc).__name__}): delete it (the log restarts) or pass "
+            "--overwrite to start over"
+        ) from None
 
 
 # -- the loop -------------------------------------------------------------------------------------------------

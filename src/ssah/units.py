@@ -18,14 +18,18 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ssah.arch import Kind, UnitGroup
 from ssah.errors import UnitFileError, UserError
+from ssah.safefiles import save_safetensors
 
 Granularity = Literal["neuron", "head"]
 GRANULARITIES: tuple[Granularity, ...] = ("neuron", "head")
 UNIT_FILE_FORMAT = "ssah.units/1"
+# The categories of ``ssah.categorize`` (not imported: categorize builds on this module). A file holding all four
+# must hold a partition: every unit in exactly one.
+PARTITION: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
+REQUIRED_METADATA: tuple[str, ...] = ("granularity", "structure", "structure_hash", "model_fingerprint", "sets")
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,11 @@ def save_unit_sets(
     space = next(iter(sets.values())).space
     if any(s.space != space for s in sets.values()):
         raise UserError("unit sets saved to one file must belong to one unit space")
+    if not space.model_fingerprint:
+        raise UserError(
+            "unit sets saved to a file must name their model: build the space with the model's fingerprint "
+            "(UnitSpace.from_groups(groups, granularity, fingerprint))"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, s in sets.items():
         if "." in name:
@@ -332,13 +341,8 @@ def save_unit_sets(
         "sets": ",".join(sets),
     }
     meta.update(dict(metadata or {}))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # canonical bytes: the same sets and metadata give the same file (sha256) in every run
+    save_safetensors(tensors, path, meta)
 
 
 def read_unit_file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -357,7 +361,52 @@ def read_unit_file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise UnitFileError(
             f"{path} is not an ssah unit file (format {meta.get('format')!r}); pass a file written by `ssah units`"
         )
+    _check_metadata(path, meta)
     return meta
+
+
+def _damaged(path: Path, what: str) -> UnitFileError:
+    return UnitFileError(f"unit file {path} is damaged ({what}); compute it again with `ssah units`")
+
+
+def _check_metadata(path: Path, meta: Mapping[str, str]) -> None:
+    """The metadata every reader relies on: present, well-formed and consistent with itself."""
+    missing = [k for k in REQUIRED_METADATA if not meta.get(k)]
+    if missing:
+        raise _damaged(path, f"metadata {', '.join(repr(k) for k in missing)} missing or empty")
+    if meta["granularity"] not in GRANULARITIES:
+        raise _damaged(path, f"unknown granularity {meta['granularity']!r}")
+    shapes = _parse_structure(path, meta["structure"])
+    if UnitSpace(shapes).structure_hash != meta["structure_hash"]:
+        raise _damaged(path, "its structure and structure_hash disagree")
+    names = meta["sets"].split(",")
+    if any(not n or "." in n for n in names) or len(set(names)) != len(names):
+        raise _damaged(path, f"bad set names {meta['sets']!r}")
+
+
+def _parse_structure(path: Path, text: str) -> list[GroupShape]:
+    """The unit layout stored in a file: a JSON list of ``[layer, kind, units, channels_per_unit]``."""
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        raise _damaged(path, "its structure is not JSON") from None
+    shapes: list[GroupShape] = []
+    if not isinstance(rows, list) or not rows:
+        raise _damaged(path, "its structure is not a list of groups")
+    for row in rows:
+        ok = (
+            isinstance(row, list)
+            and len(row) == 4
+            and all(isinstance(row[i], int) and not isinstance(row[i], bool) for i in (0, 2, 3))
+            and row[1] in ("attn", "mlp")
+            and row[0] >= 0
+            and row[2] >= 1
+            and row[3] >= 1
+        )
+        if not ok:
+            raise _damaged(path, f"structure entry {row!r} is not [layer, 'attn'|'mlp', units, channels]")
+        shapes.append(GroupShape(row[0], row[1], row[2], row[3]))
+    return shapes
 
 
 def load_unit_sets(
@@ -381,8 +430,8 @@ def load_unit_sets(
             f"{path} was computed on a model with another unit layout ({meta.get('model_name') or 'unknown model'}); "
             "compute the units on this model with `ssah units`"
         )
-    fp = meta.get("model_fingerprint", "")
-    if fp and space.model_fingerprint and fp != space.model_fingerprint and not allow_other_weights:
+    fp = meta["model_fingerprint"]  # present and non-empty (checked on read): a file always names its model
+    if space.model_fingerprint and fp != space.model_fingerprint and not allow_other_weights:
         raise UnitFileError(
             f"{path} was computed on another model ({meta.get('model_name') or '?'}, fingerprint {fp[:12]}), "
             f"not this one (fingerprint {space.model_fingerprint[:12]}); pass --allow-other-weights to apply it anyway"
@@ -392,17 +441,37 @@ def load_unit_sets(
     unknown = [n for n in wanted if n not in available]
     if unknown:
         raise UnitFileError(f"unit set {unknown[0]!r} is not in {path}: it holds {', '.join(available)}")
-    out: dict[str, UnitSet] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in wanted:
-            per_group = {k: f.get_tensor(f"{name}.{k}") for k in space.group_keys() if f"{name}.{k}" in f.keys()}
-            out[name] = UnitSet(space, space.join(per_group).to(torch.bool), name)
-    return out
+    masks = _read_masks(path, space, available)
+    if set(PARTITION) <= set(masks):
+        counts = torch.stack([masks[c] for c in PARTITION]).sum(0)
+        if bool((counts != 1).any()):
+            raise _damaged(path, f"{int((counts != 1).sum())} units are in none or several of {'/'.join(PARTITION)}")
+    return {name: UnitSet(space, masks[name], name) for name in wanted}
+
+
+def _read_masks(path: Path, space: UnitSpace, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every set's flat mask: one bool vector of the group's size per (set, group), and nothing else."""
+    expected = {f"{n}.{sh.key}": sh.size for n in names for sh in space.shapes}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(expected):
+                extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
+                raise _damaged(path, f"tensors {(missing or extra)[:3]} {'missing' if missing else 'unexpected'}")
+            tensors = {k: f.get_tensor(k) for k in sorted(keys)}
+    except UnitFileError:
+        raise
+    except Exception as exc:  # safetensors raises several types for a bad body
+        raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for key, t in tensors.items():
+        if t.dtype != torch.bool or tuple(t.shape) != (expected[key],):
+            raise _damaged(path, f"{key} is {t.dtype} {tuple(t.shape)}, not a bool mask of {expected[key]} units")
+    return {n: space.join({sh.key: tensors[f"{n}.{sh.key}"] for sh in space.shapes}) for n in names}
 
 
 def _space_for_granularity(space: UnitSpace, meta: Mapping[str, str]) -> UnitSpace:
     """Rebuild ``space`` at the file's granularity from the structure stored in the file."""
-    shapes = [GroupShape(int(la), ki, int(n), int(c)) for la, ki, n, c in json.loads(meta["structure"])]
+    shapes = _parse_structure(Path("unit file"), meta["structure"])
     if [(s.layer, s.kind, s.channels) for s in shapes] != [(s.layer, s.kind, s.channels) for s in space.shapes]:
         raise UnitFileError(
             "the unit file was computed on a model with another unit layout; compute the units on this model"

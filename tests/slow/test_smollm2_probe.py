@@ -42,6 +42,6 @@ def test_controlled_probe_separates_aligned_from_unaligned(aligned_smollm2: Path
 
     # token by token: the aligned model's own replies refuse, the shipped model's mostly do not
     replies = res["tokens"]["replies"]["greedy"]
-    assert replies["aligned"]["refusal_rate"] > replies["unaligned"]["refusal_rate"]
+    assert replies["aligned"]["refusal"]["rate"] > replies["unaligned"]["refusal"]["rate"]
     assert (out / "plots/gap_by_layer.png").is_file() and (out / "plots/gap_by_token.png").is_file()
     assert res["seconds"]["total"] < 300  # target 90 s (--quick, two 135M models); generous on a shared CPU

@@ -1,6 +1,6 @@
 """`ssah protect --quick` on the aligned SmolLM2-135M-Instruct: a short benign fine-tune breaks safety under full
-fine-tuning (the paper's Tables 2 and 3 setting), every cell is measured, and the freezing settings keep their units
-bit-identical."""
+fine-tuning (the paper's Tables 2 and 3 setting), every cell is measured (three stratified random frozen sets), the
+freezing settings keep their units bit-identical, and every verdict comes with its interval."""
 
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ def test_protect_quick_on_aligned_smollm2(aligned_smollm2: Path, tmp_path: Path)
     lora = next(r for r in res["runs"] if r["setting"] == "lora")
     assert lora["trainable"]["share"] < 0.05
     assert (out / "plots" / "protect_benign.png").is_file()
-    assert res["verdict"]["benign"]["summary"]
+    v = res["verdict"]["benign"]
+    got = {(c["a"], c["b"]): c for c in v["comparisons"]}
+    assert {("full", "initial"), ("freeze-scu-cu", "full"), ("freeze-scu-cu", "random"), ("lora", "full")} == set(got)
+    assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in got.values())
+    assert len(res["units"]["controls"]["random"]["draws"]) == 3 and res["weights_restored"]
+    share = res["units"]["frozen"]["freeze-scu-cu"]["share_of_units"]
+    assert 0.06 < share < 0.2  # SCU + 6% of ALL units (the paper's ~7.5%), not 6% of CU
     assert "attack" not in res["verdict"]  # --quick runs the benign data only
     assert "Verdict" in (out / "report.md").read_text()
-    print(f"protect --quick on SmolLM2: {res['seconds']}")
+    print(f"protect --quick on SmolLM2: {res['seconds']}; frozen share {share:.4f}; {v['summary']}")

@@ -44,6 +44,12 @@ def budget(
     allow_other_weights: Annotated[
         bool, typer.Option(help="Accept a unit file computed on other weights of the same architecture.")
     ] = False,
+    seeds: Annotated[
+        int | None, typer.Option(help="Random-units runs, one per seed (5; quick 3; at least that many).")
+    ] = None,
+    control_strata: Annotated[
+        str, typer.Option(help="Random units keep RU's count per: layer-kind | layer | kind | none.")
+    ] = "layer-kind",
     steps: Annotated[int | None, typer.Option(help="SFT steps per condition (20; quick 10).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per SFT step.")] = 8,
     lr: Annotated[float, typer.Option(help="Learning rate of full SFT.")] = 3e-5,
@@ -69,7 +75,10 @@ def budget(
     judge: Annotated[str, typer.Option(help="Refusal judge.")] = "keyword:ssah",
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     quick: Annotated[
-        bool, typer.Option(help="A small run: 10 steps, 16 prompts per set, 32 new tokens, 32 calibration examples.")
+        bool,
+        typer.Option(
+            help="A small run: 10 steps, 3 random seeds, 16 prompts per set, 32 new tokens, 32 calibration examples."
+        ),
     ] = False,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
@@ -97,19 +106,22 @@ def _print_summary(path: Path) -> None:
 
     res = json.loads((path / "results.json").read_text())
     table = Table(title=f"{res['model']['name']}: alignment budget ({res['settings']['steps']} steps)")
-    for col in ("condition", "refusal", "over-refusal", "perplexity", "params trained", "lr", "time"):
+    for col in ("condition", "refusal", "over-refusal", "benign correct", "perplexity", "params trained"):
         table.add_column(col, justify="left" if col == "condition" else "right")
+
+    def pct(p: dict | None) -> str:
+        return "-" if p is None else f"{100 * p['rate']:.1f}% ({p['k']}/{p['n']})"
+
     for r in res["conditions"]:
         e, t = r["eval"], r["training"]
+        name = r["label"] + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
+        share = "-" if t is None else f"{100 * t['trainable']['share']:.2f}%"
         table.add_row(
-            r["label"],
-            f"{100 * e['refusal_rate']:.1f}%",
-            f"{100 * e['overrefusal']:.1f}%",
-            f"{e['perplexity']:.2f}",
-            "-" if t is None else f"{100 * t['trainable']['share']:.2f}%",
-            "-" if t is None else f"{t['lr']:g}",
-            "-" if t is None else f"{t['seconds']:.1f} s",
+            name, pct(e["refusal"]), pct(e["overrefusal"]), pct(e["task_accuracy"]), f"{e['perplexity']:.2f}", share
         )
     console = Console()
     console.print(table)
+    for block, vs in res["verdicts"].items():
+        console.print(f"{block.replace('_', ' ')}: " + ", ".join(f"{k} {v['verdict']}" for k, v in vs.items()))
+    console.print(f"paper's claim (RU-only keeps more utility than full SFT): {res['paper']['verdict']}")
     console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")

@@ -1,4 +1,5 @@
-"""`ssah protect`: protected fine-tuning (full / freeze SCU / SCU + top CU / SCU + all CU / random controls / LoRA)."""
+"""`ssah protect`: protected fine-tuning (full / freeze SCU / SCU + 6% of units from CU / SCU + all CU / stratified
+random controls over seeds / LoRA)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,15 @@ def protect(
             help="Subset of full,freeze-scu,freeze-scu-cu,freeze-scu-all-cu,random,random-all-cu,lora (default all)."
         ),
     ] = None,
-    cu_share: Annotated[float, typer.Option(help="Top share of CU (by safety score) frozen with SCU.")] = 0.06,
+    cu_share: Annotated[
+        float, typer.Option(help="Share of ALL units taken from CU by safety rank and frozen with SCU (paper: 0.06).")
+    ] = 0.06,
+    seeds: Annotated[
+        int | None, typer.Option(help="Random frozen sets per control (default 3 quick, 5 full; at least that).")
+    ] = None,
+    control_strata: Annotated[
+        str, typer.Option(help="Random controls keep the count per: layer-kind (default) | layer | kind | none.")
+    ] = "layer-kind",
     steps: Annotated[str | None, typer.Option(help="Step counts to measure at, e.g. 5,10,20 (one run each).")] = None,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 5e-5,
     lora_lr: Annotated[float | None, typer.Option(help="LoRA's learning rate (default 10x --lr).")] = None,
@@ -76,7 +85,7 @@ def protect(
     judge: Annotated[str, typer.Option(help="Refusal judge.")] = "keyword:ssah",
     limit: Annotated[int | None, typer.Option(help="Read at most N examples of the task data.")] = 2000,
     column: ColumnOpt = None,
-    quick: Annotated[bool, typer.Option(help="Small run: 4 settings, steps 3,6, batch 4, 16 prompts, 32 tokens.")] = (
+    quick: Annotated[bool, typer.Option(help="Small run: 4 settings, 3 seeds, steps 3,6, 16 prompts, 32 tokens.")] = (
         False
     ),
     seed: SeedOpt = 0,

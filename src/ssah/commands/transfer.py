@@ -60,7 +60,10 @@ def transfer(
     batch_size: Annotated[int, typer.Option(help="Examples per scoring forward pass.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     control: Annotated[
-        bool, typer.Option(help="Also categorise two disjoint data halves of the unchanged model (noise control).")
+        bool,
+        typer.Option(
+            help="Categorise disjoint data halves too (the noise control; without it the verdict is inconclusive)."
+        ),
     ] = True,
     quick: Annotated[bool, typer.Option(help="A small run: 48 calibration examples per set, 8 fine-tuning steps.")] = (
         False
@@ -90,15 +93,16 @@ def _print_summary(path: Path) -> None:
     typer.echo("before \\ after " + " ".join(f"{c:>8}" for c in order))
     for i, a in enumerate(order):
         typer.echo(f"{a:>14} " + " ".join(f"{n:>8}" for n in tr["counts"][i]))
-    line = f"SCU -> CU {100 * p['scu_to_cu']:.1f}%, CU -> UCU {100 * p['cu_to_ucu']:.1f}%"
-    if p["control_scu_to_cu"] is not None:
-        line += (
-            f"; across data halves with the fine-tune {100 * p['matched_scu_to_cu']:.1f}% / "
-            f"{100 * p['matched_cu_to_ucu']:.1f}%, without (noise) {100 * p['control_scu_to_cu']:.1f}% / "
-            f"{100 * p['control_cu_to_ucu']:.1f}%"
-        )
-    typer.echo(line)
-    typer.echo(
-        f"paper's claim (over half of SCU -> CU, part of CU -> UCU): {'' if p['reproduced'] else 'not '}reproduced"
-    )
+    for pair, t in p["tests"].items():
+        share = res["transition"]["pairs"][pair]
+        rate = "-" if share is None else f"{100 * share['rate']:.1f}%"
+        line = f"{pair.replace('->', ' -> ')}: {rate} (full data)"
+        if "comparison" in t:
+            c = t["comparison"]
+            line += (
+                f"; across data halves {100 * c['effect']:.1f}% with the fine-tune vs {100 * c['control']:.1f}% by "
+                f"noise, difference [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] points"
+            )
+        typer.echo(f"{line}: {t['verdict']} ({t['reason']})")
+    typer.echo(f"paper's claim (over half of SCU -> CU, beyond data noise): {p['verdict']}")
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")

@@ -1,4 +1,8 @@
-"""Chat formatting and token-exact region masks: the one path from an ``Example`` to token ids.
+"""Chat formatting and token-exact region masks: the one path from an ``Example`` or a prompt text to token ids.
+
+Every token sequence a model reads goes through here and is cut to the model's context in one place
+(:func:`fit_context`): examples (scoring, training) keep their start, prompts for generation or a first-token
+score keep their end, which holds the question and the assistant header.
 
 Every statistic and loss in ssah is taken over a token region (the user turn, the response, or both), so the
 masks are computed from character spans of the formatted text and the fast tokenizer's offsets, not guessed
@@ -7,6 +11,7 @@ from token counts. Templates that inject a default system prompt (SmolLM2) keep 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -15,7 +20,9 @@ import torch
 from jinja2 import TemplateError
 
 from ssah.data.loaders import Example, PromptSet
-from ssah.errors import DataError
+from ssah.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FALLBACK_TEMPLATE",
@@ -23,8 +30,12 @@ __all__ = [
     "TokenRegion",
     "batches",
     "collate",
+    "context_length",
     "encode_example",
+    "encode_prompt",
+    "encode_prompts",
     "encode_set",
+    "fit_context",
     "format_chat",
 ]
 
@@ -213,8 +224,10 @@ def encode_example(
     system: str | None = None,
     max_length: int | None = None,
     bos_id: int | Literal["auto"] | None = "auto",
+    context: int | None = None,
 ) -> Encoded:
-    """Format and tokenize an example, with exact prompt/response masks; ``max_length`` keeps the start.
+    """Format and tokenize an example, with exact prompt/response masks; ``max_length`` keeps the start, and
+    so does ``context`` (the model's context length, :func:`context_length`): the tighter of the two applies.
 
     The BOS a tokenizer would prepend is added when the formatted text lacks it, exactly as generation does
     (``bos_id``: ``bos_to_add(tokenizer)``, computed here when "auto"), so scoring and generation see one input.
@@ -240,17 +253,101 @@ def encode_example(
         bos_id = bos_to_add(tokenizer)
     if bos_id is not None and ids[:1] != [bos_id]:
         ids, prompt_mask, response_mask = [bos_id, *ids], [False, *prompt_mask], [False, *response_mask]
-    if max_length is not None:
-        ids, prompt_mask, response_mask = ids[:max_length], prompt_mask[:max_length], response_mask[:max_length]
+    limit = min((n for n in (max_length, context) if n is not None), default=None)
+    if limit is not None and len(ids) > limit:
+        ids = fit_context([ids], limit, keep="start", warn=False)[0]
+        prompt_mask, response_mask = prompt_mask[: len(ids)], response_mask[: len(ids)]
     return Encoded(ids, prompt_mask, response_mask)
 
 
 def encode_set(
-    tokenizer: Any, prompts: PromptSet, *, system: str | None = None, max_length: int | None = None
+    tokenizer: Any,
+    prompts: PromptSet,
+    *,
+    system: str | None = None,
+    max_length: int | None = None,
+    context: int | None = None,
 ) -> list[Encoded]:
-    """Encode every example of a prompt set, in order."""
+    """Encode every example of a prompt set, in order (cut as :func:`encode_example` says)."""
     bos_id = bos_to_add(tokenizer)
-    return [encode_example(tokenizer, ex, system=system, max_length=max_length, bos_id=bos_id) for ex in prompts]
+    encoded = [
+        encode_example(tokenizer, ex, system=system, max_length=max_length, bos_id=bos_id, context=context)
+        for ex in prompts
+    ]
+    if context is not None and (max_length is None or context < max_length):
+        cut = sum(len(e) == context for e in encoded)
+        if cut:
+            log.warning("%d example(s) reach the model's context of %d tokens and were cut at its end", cut, context)
+    return encoded
+
+
+def context_length(model: Any) -> int | None:
+    """The model's maximum number of positions, if its config states one."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def fit_context(
+    encoded: Sequence[list[int]],
+    context: int | None,
+    *,
+    reserve: int = 0,
+    keep: Literal["start", "end"] = "end",
+    warn: bool = True,
+) -> list[list[int]]:
+    """The one place token sequences are cut to a model's context of ``context`` tokens (None: no limit), leaving
+    ``reserve`` positions free (tokens still to be generated). ``keep="end"`` drops a prompt's start (its end holds
+    the question and the assistant header); ``keep="start"`` drops an example's end (scoring, training)."""
+    if context is None:
+        return [list(e) for e in encoded]
+    room = context - reserve
+    if room < 1:
+        raise UserError(
+            f"{reserve} new tokens leave no room for a prompt in the model's context of {context} tokens: "
+            "lower --max-new-tokens"
+        )
+    cut = sum(len(e) > room for e in encoded)
+    if cut and warn:
+        log.warning("%d prompt(s) longer than %d tokens were cut to fit the model's context", cut, room)
+    if keep == "end":
+        return [list(e[-room:]) if len(e) > room else list(e) for e in encoded]
+    return [list(e[:room]) for e in encoded]
+
+
+def encode_prompt(tokenizer: Any, text: str, *, bos_id: int | None = None) -> list[int]:
+    """Token ids of a fully formatted prompt text (not cut: see :func:`encode_prompts`).
+
+    Tokenized without the tokenizer's own special tokens, because chat templates already write them (a second
+    BOS or a trailing EOS would change the model's input); only when the text lacks the BOS that the tokenizer
+    would have prepended (a template without ``bos_token``, or the fallback template) is it added, once.
+    ``bos_id`` is ``bos_to_add(tokenizer)``, passed to avoid recomputing it per prompt (None: computed here).
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if bos_id is None:
+        bos_id = bos_to_add(tokenizer)
+    if bos_id is not None and ids[:1] != [bos_id]:
+        ids = [bos_id, *ids]
+    return ids
+
+
+def encode_prompts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    context: int | None,
+    reserve: int = 0,
+    bos_id: int | Literal["auto"] | None = "auto",
+) -> list[list[int]]:
+    """Token ids of formatted prompt texts, each cut from the left to fit ``context`` minus ``reserve`` positions:
+    what generation and the first-token score feed the model."""
+    if bos_id == "auto":
+        bos_id = bos_to_add(tokenizer)
+    encoded = [encode_prompt(tokenizer, t, bos_id=bos_id) for t in texts]
+    return fit_context(encoded, context, reserve=reserve, keep="end")
 
 
 def collate(

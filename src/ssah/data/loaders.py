@@ -190,6 +190,8 @@ def load_prompts(
         raise DataError(f"limit must be at least 1, got {limit}: pass a positive limit or none")
     mapping = _check_mapping(columns)
     text = os.fspath(spec)
+    if not text.strip():
+        raise DataError("empty data spec: pass builtin:NAME, a preset name, hf:NAME or a .csv/.json/.jsonl file")
     if text.startswith(("hf:", "preset:")) or (text in _preset_names() and not Path(text).expanduser().exists()):
         from ssah.data import presets  # lazy: presets builds on this module
 
@@ -316,7 +318,20 @@ def _read_csv(text: str, path: Path) -> list[dict[str, Any]]:
         if header is None or not any(h.strip() for h in header):
             raise DataError(f"CSV file {path} has no header row: add a first line naming the columns")
         names = [h.strip() for h in header]
-        rows = [dict(zip(names, values, strict=False)) for values in reader if any(v.strip() for v in values)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            shown = ", ".join(repr(d) for d in dupes)
+            raise DataError(f"CSV file {path} names column {shown} twice in its header: rename one of them")
+        rows = []
+        for values in reader:
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) > len(names) and any(v.strip() for v in values[len(names) :]):
+                raise DataError(
+                    f"line {reader.line_num} of {path} has {len(values)} cells but the header names {len(names)} "
+                    "columns: quote cells that contain commas, or add the missing column names"
+                )
+            rows.append(dict(zip(names, values, strict=False)))
     except csv.Error as exc:
         raise DataError(f"malformed CSV in {path} at line {reader.line_num} ({exc}): fix the quoting") from exc
     if not rows:
@@ -430,6 +445,26 @@ def _cell(value: Any) -> str:
     return str(value).strip()
 
 
+def _check_text(
+    row: Mapping[str, Any], column: str, what: str, number: int, path: Path | str, *, numbers: bool = False
+) -> None:
+    """A prompt (or response) cell must be text (or missing): a number, boolean, list or object there is almost
+    always a wrong column or a broken export, and stringifying it would score nonsense. Responses may be numbers
+    (``"answer": 437``)."""
+    value = row.get(column)
+    if value is None or isinstance(value, str):
+        return
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        return
+    kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+    raise DataError(
+        f"row {number} of {path} has a {kind} as its {what} ({column!r}: {str(value)[:40]}), not text: "
+        f"fix that row or map another column with --column {what}=NAME"
+    )
+
+
 def _strip_llama2(prompt: str) -> str:
     """Remove a Llama-2 chat wrapper (``<s>[INST] <<SYS>>...<</SYS>> ... [/INST]``) so the prompt is plain text."""
     if "[INST]" not in prompt and "<<SYS>>" not in prompt and "<s>" not in prompt:
@@ -462,7 +497,10 @@ def _to_examples(rows: list[dict[str, Any]], mapping: dict[str, str], path: Path
     answer_col = _detect([n for n in names if n not in (prompt_col, response_col, category_col)], ANSWER_COLUMNS)
 
     examples: list[Example] = []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        _check_text(row, prompt_col, "prompt", number, path)
+        if response_col:
+            _check_text(row, response_col, "response", number, path, numbers=True)
         prompt = _strip_llama2(_cell(row.get(prompt_col)))
         if input_col is not None and (extra := _cell(row.get(input_col))):
             prompt = f"{prompt}\n\n{extra}" if prompt else extra

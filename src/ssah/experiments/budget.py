@@ -1,14 +1,11 @@
 """`ssah budget`: redundant units as an alignment budget (paper §4.3, Table 4, and the reviewers' safety question).
 
-From a base model that complies with harmful requests, the same safety SFT (the `ssah align` recipe and data by
-default) is run three times, each from a fresh copy of the base weights: on every parameter (**full SFT**), on
-the redundant units only (**RU-only**: RU found on the base model with the `ssah units` settings, or read from a
-unit file), and on as many **random units** (the control). After each: refusal of held-out harmful prompts,
-over-refusal of held-out benign prompts, coherent compliance, utility (perplexity of held-out reference answers
-and the share of benign questions answered correctly), the share of parameters trained and the wall time.
-
-The paper reports that RU-only SFT keeps more utility than full SFT (GSM8K, MT-Bench); the report says whether
-RU-only reached full SFT's refusal with less alignment tax here, and how random units compare.
+The same safety SFT of a base model, each run from the same base weights: on every parameter (full SFT), on the
+redundant units only (RU-only; RU from :func:`ssah.measure.find_units` or a unit file), and on as many random units
+with RU's count in every (layer, kind) cell, once per seed (the control distribution). After each run: refusal of
+held-out harmful prompts, over-refusal of held-out benign ones, coherent compliance, benign answers correct and
+perplexity. Every verdict is :func:`ssah.measure.verdict`: RU-only against the random-units distribution and against
+full SFT. The paper's claim (Table 4): RU-only SFT keeps more utility than full SFT.
 """
 
 from __future__ import annotations
@@ -16,43 +13,62 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import Field
 
 from ssah.arch import get_adapter
+from ssah.categorize import NORMALIZATIONS, RANKINGS, check_shares
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
-from ssah.evaluate import wilson_interval
-from ssah.experiments.eval import EvalData, check_judge_spec, evaluate_model
-from ssah.experiments.units import UnitsConfig, categorize_model
+from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
-from ssah.models import LoadedModel, load_model
+from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.measure import (
+    STRATA,
+    ControlDistribution,
+    Proportion,
+    check_seeds,
+    compare,
+    find_units,
+    measure_condition,
+    random_control,
+    restored_weights,
+    verdict,
+)
+from ssah.models import load_model
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.scoring import check_metric
 from ssah.train import TrainConfig, parse_unit_spec, resolve_unit_spec, train_model
 from ssah.units import UnitSet, save_unit_sets
 
 CONDITIONS: tuple[str, ...] = ("full", "ru", "random")
-LABELS = {
-    "base": "base (no SFT)",
-    "full": "full SFT",
-    "ru": "RU-only",
-    "random": "random units only",
+LABELS = {"base": "base (no SFT)", "full": "full SFT", "ru": "RU-only", "random": "random units only"}
+SHOWN = {"refusal": "refusal (harmful)", "overrefusal": "over-refusal (benign)"} | {
+    "coherent_compliance": "coherent compliance",
+    "task_accuracy": "benign answers correct",
 }
 COLORS = {"base": "#7f7f7f", "full": "#1f77b4", "ru": "#2ca02c", "random": "#ff7f0e"}
 ALIGNMENT = "builtin:alignment"
+TOKENS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 # Training only a sliver of the weights moves the model far less per step than full SFT at the same rate, so
 # the units-only conditions get their own (higher) learning rate; it is recorded with the results. Measured on
 # SmolLM2 (8 steps, 16 held-out harmful prompts): RU-only at 3e-4 left refusal at the base's 6%, 1e-3 gave 25%,
 # 3e-3 gave 44% with perplexity up by a third; full SFT at 3e-5 gave 19% (8 steps) and 38% (10 steps).
 DEFAULT_LR_UNITS = 1e-3
-QUICK = {"steps": 10, "eval_limit": 16, "max_new_tokens": 32, "limit": 32}
-FULL = {"steps": 20, "eval_limit": 50, "max_new_tokens": 48, "limit": None}
-# "RU-only reached full SFT's refusal" allows this many points below full SFT's refusal rate.
-REACH_TOLERANCE = 0.05
+QUICK = {"steps": 10, "eval_limit": 16, "max_new_tokens": 32, "limit": 32, "seeds": 3}
+FULL = {"steps": 20, "eval_limit": 50, "max_new_tokens": 48, "limit": None, "seeds": 5}
+# (metric, label, direction the budget hypothesis expects for RU-only against the other condition)
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("refusal", "refusal of held-out harmful prompts", "higher"),
+    ("overrefusal", "over-refusal of held-out benign prompts", "lower"),
+    ("task_accuracy", "utility: benign answers correct", "higher"),
+)
+PAPER_CLAIM = "RU-only alignment SFT keeps more utility than full SFT (paper Table 4: GSM8K 13.4 vs 8.8)"
 
 
 class BudgetConfig(ModelRunConfig):
@@ -65,8 +81,10 @@ class BudgetConfig(ModelRunConfig):
     conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
     units: str | None = None  # UNITS_FILE:RU; default: RU found on the base model
     allow_other_weights: bool = False
+    seeds: int | None = None  # random-units runs; default 3 quick, 5 full
+    control_strata: str = "layer-kind"
     # training, as `ssah align`
-    steps: int | None = None  # 20; quick 8
+    steps: int | None = None  # 20; quick 10
     batch_size: int = 8
     lr: float = 3e-5
     lr_units: float = DEFAULT_LR_UNITS
@@ -77,7 +95,7 @@ class BudgetConfig(ModelRunConfig):
     # finding RU on the base model, as `ssah units`
     safety: str = "builtin:safety"
     utility: str = "builtin:utility"
-    limit: int | None = None  # calibration examples per set; quick 48
+    limit: int | None = None  # calibration examples per set; quick 32
     metric: str = "fluctuation"
     rule: str = "ssah"
     shares: dict[str, float] = Field(default_factory=dict)
@@ -99,49 +117,25 @@ class BudgetConfig(ModelRunConfig):
         value = getattr(self, name)
         return value if value is not None else (QUICK if self.quick else FULL)[name]
 
-    def units_config(self) -> UnitsConfig:
-        """How RU are found on the base model (when no unit file is given)."""
-        return UnitsConfig(
-            model=self.model,
-            safety=self.safety,
-            utility=self.utility,
-            columns=self.columns,
-            limit=self.setting("limit"),
-            metric=self.metric,
-            rule=self.rule,
-            shares=self.shares,
-            normalization=self.normalization,
-            ranking=self.ranking,
-            tokens=self.tokens,
-            batch_size=self.score_batch_size,
-            max_length=self.max_length,
-            system=self.system,
-            progress=self.progress,
-        )
+    def unit_search(self) -> SimpleNamespace:
+        """The settings :func:`ssah.measure.find_units` reads (RU are found at neuron granularity)."""
+        extra = {"granularity": "neuron", "batch_size": self.score_batch_size, "stability": False}
+        return SimpleNamespace(**(self.model_dump() | extra))
 
     def train_config(self, condition: str) -> TrainConfig:
-        """The SFT settings of one condition: the same steps, batch and schedule; the units' own rate."""
+        """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
         full = condition == "full"
+        same = {"model", "out", "dtype", "batch_size", "schedule", "max_length", "system", "seed", "progress"}
         return TrainConfig(
-            model=self.model,
-            out=self.out,
-            dtype=self.dtype,
+            **self.model_dump(include=same),
             max_steps=self.setting("steps"),
-            batch_size=self.batch_size,
             lr=self.lr if full else self.lr_units,
-            schedule=self.schedule,
             max_grad_norm=None,
             freeze_embeddings=self.freeze_embeddings and full,
-            max_length=self.max_length,
-            system=self.system,
-            seed=self.seed,
-            progress=self.progress,
         )
 
     def generation(self) -> GenerationConfig:
-        g = GenerationConfig(max_new_tokens=self.setting("max_new_tokens"), batch_size=16, system=self.system)
-        g.check()
-        return g
+        return GenerationConfig(max_new_tokens=self.setting("max_new_tokens"), batch_size=16, system=self.system)
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
@@ -150,8 +144,10 @@ class BudgetConfig(ModelRunConfig):
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or len(set(self.conditions)) != len(self.conditions):
             raise UserError(f"conditions must be distinct names among {', '.join(CONDITIONS)}, got {self.conditions}")
-        if self.setting("steps") < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if "random" in self.conditions:
+            check_seeds(self.setting("seeds"), quick=self.quick)
+        if self.control_strata not in STRATA:
+            raise UserError(f"unknown --control-strata {self.control_strata!r}: use one of {', '.join(STRATA)}")
         for name in ("lr", "lr_units"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -162,9 +158,19 @@ class BudgetConfig(ModelRunConfig):
         if self.units is not None:
             parse_unit_spec(self.units)
         else:
-            self.units_config().check_settings()
-        self.generation()
-        check_judge_spec(self.judge)
+            check_metric(self.metric)
+            check_shares(self.rule, self.shares)
+            for value, allowed, what in (
+                (self.normalization, NORMALIZATIONS, "normalization"),
+                (self.ranking, RANKINGS, "ranking"),
+                (self.tokens, TOKENS, "tokens"),
+            ):
+                if value not in allowed:
+                    raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+        self.generation().check()
+        kind = self.judge.split(":", 1)[0]
+        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
+            get_judge(self.judge)  # fails now, with the list of valid judges, on a spec that can never work
         check_output_folder(self.out, self.overwrite)
 
 
@@ -178,7 +184,21 @@ def load_training_data(cfg: BudgetConfig) -> PromptSet:
     return data
 
 
-def _answered(output: str, answer: str) -> bool:
+def load_eval_data(cfg: BudgetConfig, train: PromptSet) -> EvalData:
+    """The held-out sets; none may share a prompt with the training data."""
+    data = load_eval_sets(cfg.eval_harmful, cfg.eval_benign, [cfg.eval_utility], limit=cfg.setting("eval_limit"))
+    seen = set(train.prompts())
+    for what, ps in (("harmful", data.harmful), ("benign", data.benign), ("utility", data.perplexity)):
+        if ps is None:
+            raise UserError(f"--eval-{what} is needed: give a held-out set")
+        if overlap := seen & set(ps.prompts()):
+            raise UserError(
+                f"{len(overlap)} --eval-{what} prompts are also alignment training prompts: use held-out sets"
+            )
+    return data
+
+
+def answered(output: str, answer: str) -> bool:
     """A benign question counts as answered when its reference answer appears in the reply (case, commas ignored)."""
 
     def norm(text: str) -> str:
@@ -187,316 +207,151 @@ def _answered(output: str, answer: str) -> bool:
     return norm(answer).strip() in norm(output)
 
 
-def _interval(k: int, n: int) -> dict[str, float]:
-    ci = wilson_interval(k, n)
-    return {"low": ci.low, "high": ci.high}
+def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetConfig) -> dict[str, Any]:
+    """One condition's measurement: the core's counts plus refusal and benign answers correct, as Proportions."""
+    res = measure_condition(model, tokenizer, data, judge=judge, config=cfg.generation(), progress=cfg.progress)
+    assert res.asr is not None and data.benign is not None
+    out = res.to_dict()
+    out["refusal"] = Proportion(res.asr.n - res.asr.k, res.asr.n).to_dict()
+    benign = [s for s in res.samples if s.set == data.benign.name]
+    checked = [answered(s.output, ex.answer) for ex, s in zip(data.benign, benign, strict=True) if ex.answer]
+    out["task_accuracy"] = Proportion.of(checked).to_dict() if checked else None
+    return out
 
 
-def evaluate_condition(model: Any, tokenizer: Any, data: EvalData, cfg: BudgetConfig) -> dict[str, Any]:
-    """Refusal, over-refusal, coherent compliance, perplexity and benign accuracy of a model in memory."""
-    t = time.time()
-    rep = evaluate_model(
-        model,
-        tokenizer,
-        data,
-        judge=cfg.judge,
-        config=cfg.generation(),
-        prefill="",
-        first_token=False,
-        progress=cfg.progress,
-    )
-    assert rep.safety is not None and rep.overrefusal is not None and rep.utility is not None
-    assert data.benign is not None
-    benign = [s for s in rep.samples if s.set == data.benign.name]
-    checked = [(ex.answer, s) for ex, s in zip(data.benign, benign, strict=True) if ex.answer]
-    ci = rep.safety.ci95
-    n_cc = round(rep.safety.coherent_compliance * rep.safety.n)
-    correct = sum(_answered(s.output, answer) for answer, s in checked)
-    return {
-        "refusal_rate": rep.safety.refusal_rate,
-        "refusal_ci95": {"low": 1.0 - ci.high, "high": 1.0 - ci.low},
-        "asr": rep.safety.asr,
-        "coherent_compliance": rep.safety.coherent_compliance,
-        "coherent_compliance_ci95": _interval(n_cc, rep.safety.n),
-        "overrefusal": rep.overrefusal.rate,
-        "overrefusal_ci95": {"low": rep.overrefusal.ci95.low, "high": rep.overrefusal.ci95.high},
-        "perplexity": rep.utility.perplexity,
-        "benign_accuracy": correct / len(checked) if checked else None,
-        "benign_accuracy_ci95": _interval(correct, len(checked)) if checked else None,
-        "n_harmful": rep.safety.n,
-        "n_benign": rep.overrefusal.n,
-        "n_benign_checked": len(checked),
-        "n_utility": rep.utility.n.get("perplexity", 0),
-        "seconds": round(time.time() - t, 3),
-    }
-
-
-def _load_eval_data(cfg: BudgetConfig, train: PromptSet) -> EvalData:
-    n = cfg.setting("eval_limit")
-    data = EvalData(
-        harmful=load_prompts(cfg.eval_harmful, limit=n, name="held-out harmful"),
-        benign=load_prompts(cfg.eval_benign, limit=n, name="held-out benign"),
-        perplexity=load_prompts(cfg.eval_utility, limit=n, name="held-out utility"),
-    )
-    assert data.perplexity is not None
-    if not data.perplexity.has_responses:
-        raise UserError(f"--eval-utility {cfg.eval_utility} has no reference answers to measure perplexity on")
-    seen = set(train.prompts())
-    for what, ps in (("harmful", data.harmful), ("benign", data.benign), ("utility", data.perplexity)):
-        assert ps is not None
-        overlap = seen & set(ps.prompts())
-        if overlap:
-            raise UserError(
-                f"{len(overlap)} --eval-{what} prompts are also alignment training prompts: use held-out sets"
-            )
-    return data
-
-
-def find_units(lm: LoadedModel, cfg: BudgetConfig) -> tuple[UnitSet, dict[str, Any]]:
-    """The units the units-only condition trains: RU of the base model, or the set ``cfg.units`` names."""
+def get_units(lm: Any, cfg: BudgetConfig) -> tuple[UnitSet, dict[str, Any]]:
+    """The units RU-only trains: RU of the base model (core ``find_units``), or the set ``cfg.units`` names."""
     if cfg.units is not None:
-        units = resolve_unit_spec(
-            cfg.units,
-            lm.model,
-            fingerprint=lm.fingerprint,
-            model_name=lm.name,
-            allow_other_weights=cfg.allow_other_weights,
-        )
-        return units, {"source": cfg.units, "found_on_base": False}
-    ucfg = cfg.units_config()
-    safety = load_prompts(ucfg.safety, columns=ucfg.columns or None, limit=ucfg.limit, name="safety")
-    utility = load_prompts(ucfg.utility, columns=ucfg.columns or None, limit=ucfg.limit, name="utility")
-    t = time.time()
-    cats = categorize_model(lm, safety, utility, ucfg).categorization
-    return cats["RU"], {
-        "source": "RU found on the base model",
-        "found_on_base": True,
-        "metric": ucfg.metric,
-        "rule": cats.rule,
-        "shares": cats.shares,
-        "normalization": cats.normalization,
-        "ranking": cats.ranking,
-        "token_region": ucfg.tokens,
-        "calibration": {"safety": safety.source, "utility": utility.source, "examples": [len(safety), len(utility)]},
-        "seconds": round(time.time() - t, 3),
-    }
+        same = {"fingerprint": lm.fingerprint, "model_name": lm.name, "allow_other_weights": cfg.allow_other_weights}
+        return resolve_unit_spec(cfg.units, lm.model, **same), {"source": cfg.units, "found_on_base": False}
+    n, cols = cfg.setting("limit"), cfg.columns or None
+    safety, utility = (load_prompts(getattr(cfg, k), columns=cols, limit=n, name=k) for k in ("safety", "utility"))
+    cats = find_units(lm, safety, utility, cfg.unit_search()).categorization
+    info = {"source": "RU found on the base model", "found_on_base": True, "metric": cfg.metric, "rule": cats.rule}
+    info["calibration"] = {"safety": safety.source, "utility": utility.source, "examples": [len(safety), len(utility)]}
+    return cats["RU"], info | {"shares": cats.shares, "normalization": cats.normalization, "ranking": cats.ranking}
+
+
+def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """RU-only against the random-units distribution and against full SFT, by the one verdict rule."""
+    evals: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        evals.setdefault(r["name"], []).append(r["eval"])
+    out: dict[str, Any] = {}
+    for other in ("random", "full") if "ru" in evals else ():
+        block: dict[str, Any] = {}
+        for key, label, expected in METRICS if other in evals else ():
+            mine, theirs = evals["ru"][0].get(key), [e.get(key) for e in evals[other]]
+            if mine is None or any(t is None for t in theirs):
+                block[key] = {"label": label, "verdict": "inconclusive", "reason": f"no {label} measured"}
+                continue
+            draws = tuple(Proportion.from_dict(t) for t in theirs if t is not None)
+            control = ControlDistribution(draws) if other == "random" else draws[0]
+            v = verdict(compare(Proportion.from_dict(mine), control), expected)  # type: ignore[arg-type]
+            block[key] = {"label": label, **v.to_dict()}
+        if block:
+            out[f"ru_vs_{other}"] = block
+    return out
 
 
 def run_budget(cfg: BudgetConfig) -> Path:
-    """Full SFT vs RU-only vs random-units-only SFT from one base model; writes the run folder."""
+    """Full SFT vs RU-only vs random-units-only SFT (one run per seed) from one base model; writes the run folder."""
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
     train = load_training_data(cfg)
-    eval_data = _load_eval_data(cfg, train)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    model: Any = lm.model
-    tok = lm.tokenizer
-    base_fp = lm.fingerprint
-    units_info: dict[str, Any] = {}
-    units = random_units = None
+    eval_data = load_eval_data(cfg, train)
+    opts: dict[str, Any] = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, **opts)
+    model, tok = lm.model, lm.tokenizer
+    judge = get_judge(cfg.judge, model=model, tokenizer=tok)
+    units, units_info, controls = None, None, []
     if {"ru", "random"} & set(cfg.conditions):
-        units, units_info = find_units(lm, cfg)
+        units, units_info = get_units(lm, cfg)
         if len(units) == 0:
             raise UserError("the unit set to train is empty: choose other --shares or another --units category")
-        random_units = units.random_like(seed=cfg.seed, name=f"random({len(units)})")
-        units_info.update(
-            {
-                "count": len(units),
-                "share": units.fraction,
-                "units_total": units.space.total,
-                "granularity": units.space.granularity,
-                "by_kind": {k: sum(r[k] for r in units.counts_by_layer()) for k in ("attn", "mlp")},
-                "random_seed": cfg.seed,
-                "random_by_kind": {k: sum(r[k] for r in random_units.counts_by_layer()) for k in ("attn", "mlp")},
-                "random_overlap_jaccard": round(units.jaccard(random_units), 4),
-            }
-        )
-    # load once; every condition starts from a fresh copy of these weights
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows: list[dict[str, Any]] = [
-        {
-            "name": "base",
-            "label": LABELS["base"],
-            "training": None,
-            "eval": evaluate_condition(model, tok, eval_data, cfg),
-        }
-    ]
-    for cond in cfg.conditions:
-        model.load_state_dict(base_state)
+        units_info |= {"count": len(units), "share": units.fraction, "units_total": units.space.total}
+        if "random" in cfg.conditions:
+            seeds = range(cfg.seed, cfg.seed + cfg.setting("seeds"))
+            controls = [random_control(units, s, strata=cfg.control_strata) for s in seeds]
+            units_info["controls"] = [c.summary() | {"jaccard_ru": round(units.jaccard(c.units), 4)} for c in controls]
+    rows: list[dict[str, Any]] = [{"name": "base", "label": LABELS["base"], "training": None}]
+    rows[0]["eval"] = measure(model, tok, eval_data, judge, cfg)
+    runs: list[tuple[str, Any, int | None]] = [(c, units if c == "ru" else None, None) for c in cfg.conditions]
+    runs = [r for r in runs if r[0] != "random"] + [("random", c.units, c.seed) for c in controls]
+    for cond, only, seed in runs:
         tcfg = cfg.train_config(cond)
-        only = {"full": None, "ru": units, "random": random_units}[cond]
-        result = train_model(model, tok, train, tcfg, only=only, progress=cfg.progress)
-        model = result.model
-        model.eval()
-        rows.append(
-            {
-                "name": cond,
-                "label": LABELS[cond],
-                "training": {**result.summary(), "lr": tcfg.lr, "freeze_embeddings": tcfg.freeze_embeddings},
-                "eval": evaluate_condition(model, tok, eval_data, cfg),
-            }
-        )
-    model.load_state_dict(base_state)
+        with restored_weights(model):  # every run starts from the base weights, bit for bit
+            result = train_model(model, tok, train, tcfg, only=only, progress=cfg.progress)
+            result.model.eval()
+            row: dict[str, Any] = {"name": cond, "label": LABELS[cond], "seed": seed}
+            row["training"] = {**result.summary(), "lr": tcfg.lr, "freeze_embeddings": tcfg.freeze_embeddings}
+            row["eval"] = measure(result.model, tok, eval_data, judge, cfg)
+            rows.append(row)
 
+    fp = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
+    train_info = {"source": train.source, "examples": len(train), "sha256": train.fingerprint()}
     results: dict[str, Any] = {
-        "model": {
-            "name": lm.name,
-            "source": lm.source,
-            "fingerprint": base_fp,
-            "family": lm.family,
-            "layers": get_adapter(model).num_layers,
-        },
-        "data": {
-            "train": {"source": train.source, "examples": len(train), "sha256": train.fingerprint()},
-            **eval_data.describe(),
-        },
-        "units": units_info or None,
-        "settings": {
-            "steps": cfg.setting("steps"),
-            "batch_size": cfg.batch_size,
-            "lr_full": cfg.lr,
-            "lr_units": cfg.lr_units,
-            "schedule": cfg.schedule,
-            "freeze_embeddings_full": cfg.freeze_embeddings,
-            "judge": cfg.judge,
-            "max_new_tokens": cfg.setting("max_new_tokens"),
-            "eval_limit": cfg.setting("eval_limit"),
-            "quick": cfg.quick,
-            "seed": cfg.seed,
-        },
+        "model": fp | {"family": lm.family, "layers": get_adapter(model).num_layers},
+        "data": {"train": train_info, **eval_data.describe()},
+        "units": units_info,
+        "settings": {k: cfg.setting(k) for k in ("steps", "max_new_tokens", "eval_limit")}
+        | {"lr_full": cfg.lr, "freeze_embeddings_full": cfg.freeze_embeddings, "seeds": len(controls)}
+        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "judge", "control_strata", "quick", "seed"}),
         "conditions": rows,
-        "comparison": compare(rows),
+        "verdicts": decide(rows),
+        "paper": {"claim": PAPER_CLAIM},
         "seconds": {"load_model": round(lm.load_seconds, 3), "total": 0.0},
     }
+    test = results["verdicts"].get("ru_vs_full", {}).get("task_accuracy")
+    results["paper"] |= {k: test[k] for k in ("verdict", "reason")} if test else {"verdict": "inconclusive"}
+    results["paper"].setdefault("reason", "RU-only and full SFT were not both run")
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         run.write_yaml("config.yaml", cfg.model_dump())
         if units is not None:
-            assert random_units is not None
-            save_unit_sets(
-                run.file("units.safetensors"),
-                {"RU": units, "random": random_units},
-                {"source": units_info["source"], "random_seed": str(cfg.seed)},
-            )
+            sets = {"RU": units} | {f"random-{c.seed}": c.units for c in controls}
+            meta = {"source": units_info["source"], "control_strata": cfg.control_strata}  # type: ignore[index]
+            save_unit_sets(run.file("units.safetensors"), sets, meta)
         results["seconds"]["total"] = round(time.time() - t0, 3)
         run.write_json("results.json", results)
         run.write_text("report.md", render(results, run.path))
         run.write_json(
             "manifest.json",
-            manifest(
-                command="budget",
-                seed=cfg.seed,
-                started=t0,
-                device=model.device,
-                model={"name": lm.name, "source": lm.source, "fingerprint": base_fp},
-                data=results["data"],
-            ),
+            manifest(command="budget", seed=cfg.seed, started=t0, device=model.device, model=fp, data=results["data"]),
         )
     return run.out
 
 
-def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["name"] == name), None)
-
-
-def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Alignment tax of each condition against the base, and the RU-only / full SFT / random verdicts."""
-    base = _row(rows, "base")
-    assert base is not None
-    b = base["eval"]
-    tax: dict[str, Any] = {}
-    for r in rows:
-        if r["name"] == "base":
-            continue
-        e = r["eval"]
-        tax[r["name"]] = {
-            "refusal_gain": e["refusal_rate"] - b["refusal_rate"],
-            "overrefusal_increase": e["overrefusal"] - b["overrefusal"],
-            "perplexity_ratio": e["perplexity"] / b["perplexity"] if b["perplexity"] else None,
-            "benign_accuracy_change": None
-            if e["benign_accuracy"] is None or b["benign_accuracy"] is None
-            else e["benign_accuracy"] - b["benign_accuracy"],
-        }
-    out: dict[str, Any] = {"tax": tax, "reach_tolerance": REACH_TOLERANCE}
-    full, ru, rnd = _row(rows, "full"), _row(rows, "ru"), _row(rows, "random")
-    if full is not None and ru is not None:
-        f, u = full["eval"], ru["eval"]
-        out["ru_reached_full_refusal"] = u["refusal_rate"] >= f["refusal_rate"] - REACH_TOLERANCE
-        out["ru_less_overrefusal"] = u["overrefusal"] <= f["overrefusal"]
-        out["ru_less_perplexity"] = u["perplexity"] <= f["perplexity"]
-        out["ru_less_tax"] = out["ru_less_overrefusal"] and out["ru_less_perplexity"]
-        out["ru_params_vs_full"] = (
-            ru["training"]["trainable"]["params"] / full["training"]["trainable"]["params"]
-            if full["training"]["trainable"]["params"]
-            else None
-        )
-    if ru is not None and rnd is not None:
-        out["ru_minus_random_refusal"] = ru["eval"]["refusal_rate"] - rnd["eval"]["refusal_rate"]
-        out["ru_minus_random_perplexity"] = ru["eval"]["perplexity"] - rnd["eval"]["perplexity"]
-    if full is not None:
-        out["full_refusal_gain"] = full["eval"]["refusal_rate"] - b["refusal_rate"]
-    return out
-
-
 # -- plots and report -------------------------------------------------------------------------------------------
-RATES: tuple[tuple[str, str, str | None], ...] = (
-    ("refusal_rate", "refusal\n(held-out harmful)", "refusal_ci95"),
-    ("overrefusal", "over-refusal\n(held-out benign)", "overrefusal_ci95"),
-    ("coherent_compliance", "coherent compliance\n(harmful)", "coherent_compliance_ci95"),
-    ("benign_accuracy", "benign answers\ncorrect", "benign_accuracy_ci95"),
-)
-
-
 def plot_budget(results: dict[str, Any], path: Path) -> Path:
-    """Bars per condition: the rates (with 95% intervals), perplexity, and the share of parameters trained."""
+    """Bars per condition (random units: one bar per seed) with 95% intervals, and the perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["conditions"]
-    fig, axes = plt.subplots(
-        1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": [3.2, 1.2, 1.2]}, layout="constrained"
-    )
-    ax = axes[0]
+    rows, keys = results["conditions"], list(SHOWN.items())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3.2, 1.2]}, layout="constrained")
     w = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        e = r["eval"]
-        xs, ys, lo, hi = [], [], [], []
-        for j, (key, _, ci_key) in enumerate(RATES):
-            v = e.get(key)
-            if v is None:
+        xs, ys, err = [], [], ([], [])  # type: ignore[var-annotated]
+        for j, (key, _) in enumerate(keys):
+            p = r["eval"].get(key)
+            if p is None:
                 continue
             xs.append(j - 0.4 + w * (i + 0.5))
-            ys.append(100 * v)
-            ci = e.get(ci_key) if ci_key else None
-            lo.append(100 * (v - ci["low"]) if ci else 0.0)
-            hi.append(100 * (ci["high"] - v) if ci else 0.0)
-        ax.bar(xs, ys, width=w, color=COLORS.get(r["name"], "#333"), label=r["label"], yerr=[lo, hi], capsize=2)
-    ax.set_xticks(range(len(RATES)), [label for _, label, _ in RATES], fontsize=8)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, frameon=False, ncol=2, loc="upper right")
-    ax.set_title("safety and over-refusal (95% Wilson intervals)", fontsize=10)
-    names = [r["label"] for r in rows]
-    colors = [COLORS.get(r["name"], "#333") for r in rows]
-    axes[1].bar(range(len(rows)), [r["eval"]["perplexity"] for r in rows], color=colors)
-    axes[1].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+            ys.append(100 * p["rate"])
+            err[0].append(max(0.0, 100 * (p["rate"] - p["ci95"][0])))  # float rounding at 0 or 1
+            err[1].append(max(0.0, 100 * (p["ci95"][1] - p["rate"])))
+        label = r["label"] if r.get("seed") in (None, results["settings"]["seed"]) else None
+        axes[0].bar(xs, ys, width=w, color=COLORS[r["name"]], label=label, yerr=err, capsize=2)
+    axes[0].set_xticks(range(len(keys)), [label for _, label in keys], fontsize=8)
+    axes[0].set(ylabel="%", ylim=(0, 105))
+    axes[0].legend(fontsize=8, frameon=False, ncol=2, loc="upper right")
+    axes[0].set_title("held-out measurements (95% Wilson intervals; random units: one bar per seed)", fontsize=10)
+    axes[1].bar(range(len(rows)), [r["eval"]["perplexity"] for r in rows], color=[COLORS[r["name"]] for r in rows])
+    axes[1].set_xticks(range(len(rows)), [_name(r) for r in rows], rotation=30, ha="right", fontsize=8)
     axes[1].set_title("perplexity of held-out answers", fontsize=10)
-    trained = [100 * r["training"]["trainable"]["share"] if r["training"] else 0.0 for r in rows]
-    axes[2].bar(range(len(rows)), trained, color=colors)
-    for x, r in enumerate(rows):
-        if r["training"]:
-            axes[2].text(x, trained[x], f"{r['training']['seconds']:.0f} s", ha="center", va="bottom", fontsize=8)
-    axes[2].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-    axes[2].set_ylabel("% of parameters")
-    axes[2].set_title("parameters trained (wall time)", fontsize=10)
     fig.suptitle(f"{results['model']['name']}: alignment budget ({results['settings']['steps']} SFT steps each)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -504,151 +359,77 @@ def plot_budget(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _name(r: dict[str, Any]) -> str:
+    return r["label"] + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
 
 
-def _ci(ci: dict[str, float] | None) -> str:
-    return "" if not ci else f" [{100 * ci['low']:.0f}, {100 * ci['high']:.0f}]"
+def _p(p: dict[str, Any] | None) -> str:
+    return "-" if p is None else f"{100 * p['rate']:.1f}% [{100 * p['ci95'][0]:.0f}, {100 * p['ci95'][1]:.0f}]"
 
 
-def _verdict(results: dict[str, Any]) -> list[str]:
-    c = results["comparison"]
-    rows = {r["name"]: r for r in results["conditions"]}
-    base = rows["base"]["eval"]
+def _verdict_lines(results: dict[str, Any]) -> list[str]:
+    names = {"ru_vs_random": "the random-units distribution", "ru_vs_full": "full SFT"}
     lines = []
-    full_works = True
-    if "full_refusal_gain" in c:
-        f = rows["full"]["eval"]
-        full_works = c["full_refusal_gain"] > 0
-        lines.append(
-            f"Full SFT {'raised' if full_works else 'did not raise'} refusal: {_pct(base['refusal_rate'])}"
-            f"{_ci(base['refusal_ci95'])} before, {_pct(f['refusal_rate'])}{_ci(f['refusal_ci95'])} after."
-        )
-    if "ru_reached_full_refusal" in c:
-        u, f = rows["ru"]["eval"], rows["full"]["eval"]
-        reached = c["ru_reached_full_refusal"]
-        lines.append(
-            f"RU-only SFT ({_pct(rows['ru']['training']['trainable']['share'])} of the parameters, lr "
-            f"{rows['ru']['training']['lr']:g}) **{'reached' if reached else 'did not reach'}** full SFT's refusal: "
-            f"{_pct(u['refusal_rate'])}{_ci(u['refusal_ci95'])} vs {_pct(f['refusal_rate'])}{_ci(f['refusal_ci95'])}"
-            f" (reached = at most {100 * c['reach_tolerance']:.0f} points below)."
-        )
-        tax = (
-            "**less tax with RU-only**."
-            if c["ru_less_tax"]
-            else "RU-only did **not** have less tax on both counts (over-refusal "
-            f"{'no higher' if c['ru_less_overrefusal'] else 'higher'}, perplexity "
-            f"{'no higher' if c['ru_less_perplexity'] else 'higher'})."
-        )
-        lines.append(
-            f"Alignment tax: over-refusal {_pct(u['overrefusal'])} (RU-only) vs {_pct(f['overrefusal'])} (full), "
-            f"perplexity {u['perplexity']:.2f} vs {f['perplexity']:.2f} (base {base['perplexity']:.2f}): {tax}"
-        )
-        if not full_works:
+    for block, vs in results["verdicts"].items():
+        for v in vs.values():
+            if "comparison" not in v:
+                lines.append(f"- RU-only vs {names[block]}, {v['label']}: **{v['verdict']}** ({v['reason']}).")
+                continue
+            c = v["comparison"]
+            need = f"; about {v['n_needed']} prompts per side would decide" if v.get("n_needed") else ""
             lines.append(
-                "Full SFT installed no refusal in this run (too few steps, or a model that already refuses), so the "
-                "comparison says little: run more --steps."
+                f"- RU-only vs {names[block]}, {v['label']} (expected {v['expected']}): {100 * c['effect']:.1f}% vs "
+                f"{100 * c['control']:.1f}%, difference {100 * c['difference']:+.1f} points, 95% interval "
+                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]: **{v['verdict']}** ({v['reason']}{need})."
             )
-        elif reached and c["ru_less_tax"]:
-            lines.append("So here RU-only safety alignment matched full SFT's refusal with less alignment tax.")
-        else:
-            lines.append(
-                "So here RU-only safety alignment did not both match full SFT's refusal and cost less: on the "
-                "safety side, the paper's budget claim (made for utility) is not supported by this run."
-            )
-    if "ru_minus_random_refusal" in c:
-        r = rows["random"]["eval"]
-        diff = c["ru_minus_random_refusal"]
-        if abs(diff) > REACH_TOLERANCE:
-            if diff > 0:
-                how = f"RU-only refused {100 * diff:.1f} points more: RU are a better place to install refusal."
-            else:
-                how = (
-                    f"RU-only refused {-100 * diff:.1f} points less: random units are a better place to install "
-                    "refusal than RU here (RU barely move the output, by their definition)."
-                )
-        else:
-            how = (
-                "RU-only refused about as often (within "
-                f"{100 * REACH_TOLERANCE:.0f} points): choosing RU over any units made no clear difference to refusal."
-            )
-        lines.append(
-            f"Random units of the same number (the control): refusal {_pct(r['refusal_rate'])}{_ci(r['refusal_ci95'])},"
-            f" over-refusal {_pct(r['overrefusal'])}, perplexity {r['perplexity']:.2f}. {how}"
-        )
-    return lines
+    return lines or ["No verdict: RU-only was not run beside full SFT or the random units."]
 
 
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """(Re)draw the plot into ``run_dir/plots`` from ``results`` alone and return the Markdown report."""
     run_dir = Path(run_dir)
     plot_budget(results, run_dir / "plots" / "budget.png")
-    m, st, u = results["model"], results["settings"], results.get("units")
+    m, st, u, d = results["model"], results["settings"], results.get("units"), results["data"]
     table = []
     for r in results["conditions"]:
         e, t = r["eval"], r["training"]
-        table.append(
-            [
-                r["label"],
-                f"{_pct(e['refusal_rate'])}{_ci(e['refusal_ci95'])}",
-                f"{_pct(e['overrefusal'])}{_ci(e['overrefusal_ci95'])}",
-                _pct(e["coherent_compliance"]),
-                f"{e['perplexity']:.2f}",
-                _pct(e["benign_accuracy"]),
-                "-" if t is None else f"{t['trainable']['params']:,} ({100 * t['trainable']['share']:.2f}%)",
-                "-" if t is None else f"{t['lr']:g}",
-                "-" if t is None else f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}",
-                "-" if t is None else f"{t['seconds']:.1f} s",
-            ]
-        )
-    d = results["data"]
+        trained = ["-"] * 3 if t is None else [f"{100 * t['trainable']['share']:.2f}%", f"{t['lr']:g}"]
+        trained += [] if t is None else [f"{t['first_loss']:.3f} -> {t['final_loss']:.3f} ({t['seconds']:.0f} s)"]
+        table.append([_name(r), *(_p(e[k]) for k in SHOWN), f"{e['perplexity']:.2f}", *trained])
     lines = [
         f"# Alignment budget: {m['name']}",
         "",
         f"Safety SFT on `{d['train']['source']}` ({d['train']['examples']} examples), {st['steps']} steps of batch "
-        f"{st['batch_size']} ({st['schedule']} schedule) per condition, each from a fresh copy of the base weights. "
+        f"{st['batch_size']} ({st['schedule']} schedule) per run, each from the base weights (restored bit for bit). "
         f"Full SFT: lr {st['lr_full']:g}, embeddings {'frozen' if st['freeze_embeddings_full'] else 'trained'}; "
         f"units-only: lr {st['lr_units']:g} (`--lr-units`).",
     ]
     if u:
-        lines.append(
-            f"Units trained: {u['source']} — {u['count']} of {u['units_total']} units ({_pct(u['share'])}; "
-            f"{u['by_kind']['attn']} attention, {u['by_kind']['mlp']} MLP); the control trains {u['count']} random "
-            f"units (seed {u['random_seed']}; {u['random_by_kind']['attn']} attention, {u['random_by_kind']['mlp']} "
-            f"MLP; Jaccard with RU {u['random_overlap_jaccard']})."
-        )
+        lines.append(f"Units trained: {u['source']}, {u['count']} of {u['units_total']} ({100 * u['share']:.2f}%).")
+        for c in u.get("controls", [])[:1]:
+            lines[-1] += (
+                f" Control: {len(u['controls'])} random-unit runs (seeds {st['seed']}, ...), each with RU's count in "
+                f"every stratum (`{c['strata']}`, {len(c['per_stratum'])} strata; counts in results.json)."
+            )
     lines += [
-        f"Evaluated on held-out sets: {d['harmful']['examples']} harmful (`{d['harmful']['source']}`), "
-        f"{d['benign']['examples']} benign (`{d['benign']['source']}`), perplexity of {d['perplexity']['examples']} "
-        f"reference answers (`{d['perplexity']['source']}`); judge `{st['judge']}`, {st['max_new_tokens']} new "
-        "tokens, greedy.",
+        f"Held-out sets: {d['harmful']['examples']} harmful (`{d['harmful']['source']}`), {d['benign']['examples']} "
+        f"benign (`{d['benign']['source']}`), perplexity of {d['perplexity']['examples']} reference answers "
+        f"(`{d['perplexity']['source']}`); judge `{st['judge']}`, {st['max_new_tokens']} new tokens, greedy.",
         "",
-        markdown_table(
-            [
-                "condition",
-                "refusal (harmful)",
-                "over-refusal (benign)",
-                "coherent compliance",
-                "perplexity",
-                "benign correct",
-                "parameters trained",
-                "lr",
-                "loss",
-                "train time",
-            ],
-            table,
-        ),
+        markdown_table(["condition", *SHOWN.values(), "perplexity", "parameters trained", "lr", "loss"], table),
         "",
         "![alignment budget](plots/budget.png)",
         "",
-        "## Verdict",
+        "## Verdicts",
         "",
-        *_verdict(results),
+        "The one rule: `reproduced` when the 95% interval of the difference excludes zero in the expected direction; "
+        "against random units the control is the seeds' distribution (its interval widened by their spread).",
         "",
-        "The paper (Table 4) reports RU-only alignment SFT of Llama-2-7B keeping more utility than full SFT "
-        "(GSM8K 13.4 vs 8.8, MT-Bench 3.5 vs 2.83) and gives no safety numbers; refusal here is the reviewers' "
-        "question.",
+        *_verdict_lines(results),
+        "",
+        f"The paper's claim: {results['paper']['claim']}. Here (benign answers correct, RU-only vs full SFT): "
+        f"**{results['paper']['verdict']}** ({results['paper']['reason']}). The paper gives no safety numbers for "
+        "this; refusal and over-refusal are the reviewers' question.",
         "",
         f"Took {results['seconds']['total']:.1f} s{' in quick mode' if st['quick'] else ''}.",
     ]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ssah.config import ModelRunConfig
 from ssah.errors import UserError
-from ssah.runs import atomic_write_text, manifest, to_json
+from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json
 
 
 class DemoConfig(ModelRunConfig):
@@ -147,9 +147,11 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def check_stages(names: list[str] | None) -> list[Stage]:
-    """The stages to run, in pipeline order; unknown names are an error."""
-    if not names:
+    """The stages to run, in pipeline order (None: all); unknown names, and a list that names none, are errors."""
+    if names is None:
         return list(STAGES)
+    if not names:
+        raise UserError(f"--stages names no stage: list some of {', '.join(STAGE_NAMES)}, or leave it out for all")
     unknown = [n for n in names if n not in STAGE_NAMES]
     if unknown:
         raise UserError(f"unknown demo stage {unknown[0]!r}: use some of {', '.join(STAGE_NAMES)}")
@@ -162,39 +164,93 @@ def stage_done(out: Path, name: str) -> bool:
 
 
 def _check_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder with --out")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not (out / "demo.json").is_file():
-            raise UserError(f"output folder {out} exists and is not a demo folder: choose another --out")
+    """A demo folder must be new, empty, or a demo folder (``demo.json``); with ``overwrite`` anything goes."""
+    check_output_folder(out, overwrite=True)  # a place a folder can be written, and no other run writing it
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not (out / "demo.json").is_file():
+        raise UserError(f"output folder {out} exists and is not a demo folder: choose another --out")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """The demo's state file (``demo.json``), or {} when there is none; a damaged one is a user error."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}): pass --overwrite to start the demo over") from None
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("model"), str)
+        and isinstance(state.get("quick"), bool)
+        and isinstance(state.get("stages", {}), dict)
+    )
+    if not ok:
+        raise UserError(f"{path} is not a demo state (damaged or edited): pass --overwrite to start the demo over")
+    return state  # type: ignore[no-any-return]
+
+
+def _check_continuation(out: Path, state: dict[str, Any], cfg: DemoConfig) -> None:
+    """Continuing a demo needs the settings it was started with: stages run with another model, size or seed
+    would be mixed into one report."""
+    if not state:
+        return
+    theirs = {"model": state.get("model"), "quick": state.get("quick"), "seed": state.get("seed", cfg.seed)}
+    ours = {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}
+    for key in theirs:
+        if theirs[key] != ours[key]:
+            started = ", ".join(f"{k}={v}" for k, v in theirs.items())
+            raise UserError(
+                f"{out} holds a demo started with {started}, not {key}={ours[key]}: use the same settings to "
+                "continue it, or --overwrite to start over"
+            )
+
+
+def _check_needs(out: Path | None, selected: list[Stage]) -> None:
+    """Every selected stage's prerequisites are done in ``out`` (None: a new folder) or selected before it;
+    checked before anything is written."""
+    for i, stage in enumerate(selected):
+        earlier = [s.name for s in selected[:i]]
+        missing = [n for n in stage.needs if not (out is not None and stage_done(out, n)) and n not in earlier]
+        if missing:
+            raise UserError(f"stage {stage.name} needs stage {missing[0]}: add it to --stages or run it first")
 
 
 def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> Path:
-    """Run (or continue) the demo and write its report; returns the demo folder."""
+    """Run (or continue) the demo and write its report; returns the demo folder.
+
+    The demo folder's lock (:class:`ssah.runs.FolderLock`) is held throughout, so two demos cannot write one
+    folder; every check (folder, state, settings, stage order) happens before the first write."""
     t0 = time.time()
     out = Path(cfg.out)
     selected = check_stages(cfg.stages)
     _check_folder(out, cfg.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.partial-*"):  # staging folders of a stage that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    lock = FolderLock(out).acquire()
+    try:
+        return _run_locked(cfg, out, selected, t0, echo)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, echo: Callable[[str], None]) -> Path:
     state_path = out / "demo.json"
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state and (state.get("model") != cfg.model or state.get("quick") != cfg.quick):
-        raise UserError(
-            f"{out} holds a demo of {state.get('model')} (quick={state.get('quick')}): use the same settings to "
-            "continue it, or --overwrite to start over"
-        )
+    state: dict[str, Any] = {}
+    if cfg.overwrite:
+        _check_needs(None, selected)  # the folder is about to be replaced: no stage is done
+        if out.exists():
+            shutil.rmtree(out)
+    else:
+        _check_folder(out, overwrite=False)  # again, under the lock
+        state = _read_state(state_path)
+        _check_continuation(out, state, cfg)
+        _check_needs(out, selected)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.partial-*"):  # staging folders of a stage that was killed (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     state |= {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}
     stages_state: dict[str, Any] = state.setdefault("stages", {})
     atomic_write_text(state_path, to_json(state))
     ctx = DemoContext(cfg, out)
     for i, stage in enumerate(selected, 1):
-        missing = [n for n in stage.needs if not stage_done(out, n) and n not in [s.name for s in selected[:i]]]
-        if missing:
-            raise UserError(f"stage {stage.name} needs stage {missing[0]}: add it to --stages or run it first")
         prefix = f"[{i}/{len(selected)}] {stage.title}"
         if stage_done(out, stage.name):
             echo(f"{prefix}: done before, reusing {out / stage.name}")
@@ -249,101 +305,135 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _ci(c: dict[str, Any]) -> str:
+    lo, hi = c["ci95"]
+    return f"{100 * c['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def _headline_align(r: dict[str, Any]) -> dict[str, Any]:
-    b, a, v = r["before"], r["after"], r["verdicts"]
+    b, a, v = r["before"], r["after"], r["verdicts"]["refusal_up"]
     return {
         "effect": "a short safety SFT makes the model refuse harmful requests",
         "published": "alignment is cheap: a small change installs refusal (the hypothesis)",
-        "ours": f"refusal {_pct(b['refusal']['rate'])} -> {_pct(a['refusal']['rate'])}, over-refusal "
-        f"{_pct(b['overrefusal']['rate'])} -> {_pct(a['overrefusal']['rate'])}",
-        "verdict": v["refusal_up"]["verdict"],
-        "reproduced": v["refusal_up"]["verdict"] == "reproduced",
+        "ours": f"refusal {_pct(b['refusal']['rate'])} -> {_pct(a['refusal']['rate'])} "
+        f"({_ci(v['comparison'])}), over-refusal {_pct(b['overrefusal']['rate'])} -> "
+        f"{_pct(a['overrefusal']['rate'])}",
+        "verdict": v["verdict"],
     }
+
+
+# The probe's verdict comes from one method declared before looking: the paper's distance gap with the same gap
+# after harmless queries subtracted (its content confound removed). Taking whichever of several methods separates
+# would be a multiple comparison; the others are listed beside it.
+PRIMARY_PROBE = "contrast"
 
 
 def _headline_probe(r: dict[str, Any]) -> dict[str, Any]:
     sep = r["separation"]
-    good = [m for m, v in sep.items() if v["verdict"] == "reproduced" and m != "naive"]
+    controlled = [m for m in sep if m != "naive"]
+    primary = PRIMARY_PROBE if PRIMARY_PROBE in sep else (controlled[0] if controlled else None)
+    good = [m for m in controlled if sep[m]["verdict"] == "reproduced"]
     naive = sep.get("naive", {}).get("verdict")
     emb = [v["embedding_gap"]["mean"] for v in r.get("confound", {}).values()]
+    confound = f"{emb[0]:+.2f} at the embedding layer, a word-identity confound)" if emb else "n/a)"
     return {
         "effect": "alignment shows as a refusal-leaning reasoning direction in the later layers",
         "published": "Q is closer to Q+refusal than to Q+compliance in aligned models only (Figs. 2-4)",
-        "ours": f"controlled methods that separate aligned from unaligned: {', '.join(good) or 'none'}; the paper's "
-        f"probe: {naive or 'n/a'} (its gap is already "
-        + (f"{emb[0]:+.2f} at the embedding layer, a word-identity confound)" if emb else "n/a)"),
-        "reproduced": bool(good),
+        "ours": (f"primary method `{primary}`: {sep[primary]['decision']['reason']}; " if primary else "")
+        + f"controlled methods reproducing over a run of later layers (Bonferroni-corrected): "
+        f"{len(good)} of {len(controlled)} ({', '.join(good) or 'none'}); the paper's probe: {naive or 'n/a'} "
+        "(its gap is already " + confound,
+        "verdict": sep[primary]["verdict"] if primary else None,
     }
 
 
 def _headline_ablate(r: dict[str, Any]) -> dict[str, Any]:
-    c = r["comparison"]
+    v = r["verdicts"]["scu_vs_random"]["asr"]
+    c = v["comparison"]
+    cc = r["verdicts"]["scu_vs_random"].get("coherent_compliance")
+    extra = f"; coherent compliance: {cc['verdict']} ({_ci(cc['comparison'])})" if cc else ""
     return {
-        "effect": "ablating the few SCU breaks refusal; random units of the same count do not (Table 1)",
-        "published": "ASR rises sharply after ablating ~1.3% SCU (Llama-2-7B-Chat)",
-        "ours": f"ASR {_pct(c['baseline_asr'])} -> {_pct(c['scu_asr'])} (coherent compliance "
-        f"{_pct(c['scu_coherent_compliance'])}); random same-size: mean {_pct(c['random_asr_mean'])}, max "
-        f"{_pct(c['random_asr_max'])} over {c['seeds']} seeds"
-        + (
-            f" (coherent compliance max {_pct(c['random_coherent_compliance_max'])}"
-            + ("" if c.get("scu_coherent_exceeds_random_max") else ": SCU not beyond random on that measure")
-            + ")"
-            if c.get("random_coherent_compliance_max") is not None
-            else ""
-        ),
-        "reproduced": bool(c["scu_asr_exceeds_random_max"]),
+        "effect": "ablating the few SCU breaks refusal; stratified random units of the same count do not (Table 1)",
+        "published": "ASR +56 / +71 points after ablating SCU (Llama-2-7B-Chat / Llama-3-8B-Instruct)",
+        "ours": f"SCU-ablated ASR {_pct(c['effect'])} vs random (same count per layer and kind) "
+        f"{_pct(c['control'])}: {_ci(c)}{extra}",
+        "verdict": v["verdict"],
     }
 
 
 def _headline_transfer(r: dict[str, Any]) -> dict[str, Any]:
     p = r["paper"]
+    t = p["tests"]["SCU->CU"]
+    ours = f"SCU->CU {_pct((p.get('scu_to_cu') or {}).get('rate'))} on the full data"
+    if "comparison" in t:
+        c = t["comparison"]
+        ours += f"; across data halves {_pct(c['effect'])} vs data-noise control {_pct(c['control'])} ({_ci(c)})"
     return {
         "effect": "a benign fine-tune turns SCU into CU and CU into UCU (attribute transfer, Fig. 5)",
         "published": "over half of SCU became CU; part of CU became UCU",
-        "ours": f"SCU->CU {_pct(p['scu_to_cu'])} (data-noise control {_pct(p.get('control_scu_to_cu'))}), "
-        f"CU->UCU {100 * p['cu_to_ucu']:.1f}% (control {_pct(p.get('control_cu_to_ucu'))})",
-        "reproduced": bool(p["reproduced"]),
+        "ours": f"{ours}: {t['reason']}",
+        "verdict": p["verdict"],
     }
 
 
 def _headline_protect(r: dict[str, Any]) -> dict[str, Any]:
     parts, verdicts = [], []
-    names = {"full": "full", "freeze-scu-cu": "frozen SCU+CU", "random": "random-frozen", "lora": "LoRA"}
     for kind, v in r["verdict"].items():
         comps = {(c["a"], c["b"]): c for c in v["comparisons"]}
-        c = comps.get(("freeze-scu-cu", "random")) or comps.get(("freeze-scu-cu", "full"))
-        if c is None:
+        full = comps.get(("freeze-scu-cu", "full"))
+        rand = comps.get(("freeze-scu-cu", "random"))
+        if full is None:
             continue
-        cells = [x for x in r.get("cells", []) if x["kind"] == kind]
-        last = max((x["steps"] for x in cells), default=None)
-        asr = {x["setting"]: x["asr"]["rate"] for x in cells if x["steps"] == last}
-        after = ", ".join(f"{label} {_pct(asr[k])}" for k, label in names.items() if k in asr)
+        share = r.get("units", {}).get("frozen", {}).get("freeze-scu-cu", {}).get("share_of_units")
+        label = f"frozen SCU + 6% CU ({100 * share:.1f}% of units)" if share is not None else "frozen SCU + 6% CU"
         initial = r.get("initial", {}).get("asr", {}).get("rate")
-        parts.append(
-            f"{kind}, ASR {_pct(initial)} before -> after {last} steps: {after} "
-            f"(frozen SCU+CU vs {c['b']}: {c['outcome']})"
-            if after
-            else f"{kind}: frozen SCU+CU ASR {_pct(c['asr_a'])} vs {c['b']} {_pct(c['asr_b'])} ({c['outcome']})"
+        text = (
+            f"{kind}, ASR before {_pct(initial)} -> after: full {_pct(full['comparison']['control'])}, "
+            f"{label} {_pct(full['comparison']['effect'])} ({full['verdict']} vs full: {_ci(full['comparison'])})"
         )
-        verdicts.append(c["outcome"] == "lower")
+        if rand is not None:
+            text += f", random-frozen (mean of seeds) {_pct(rand['comparison']['control'])} ({rand['verdict']})"
+            verdicts.append(rand["verdict"])
+        else:
+            verdicts.append(full["verdict"])
+        parts.append(text)
+    verdict = (
+        None
+        if not verdicts
+        else "reproduced"
+        if all(x == "reproduced" for x in verdicts)
+        else "not reproduced"
+        if any(x == "not reproduced" for x in verdicts)
+        else "inconclusive"
+    )
     return {
-        "effect": "freezing SCU (+ top CU) while fine-tuning keeps safety better than full fine-tuning (Tables 2-3)",
-        "published": "Alpaca: ASR 5.3% full vs 2.96% frozen SCU+6% CU (Llama-2-7B-Chat)",
+        "effect": "freezing SCU (+ top CU) while fine-tuning keeps safety better than random frozen units (Tables 2-3)",
+        "published": "Alpaca: ASR 5.3% full vs 2.96% frozen SCU + 6% (Llama-2-7B-Chat; no random control)",
         "ours": "; ".join(parts) or "n/a",
-        "reproduced": bool(verdicts) and all(verdicts),
+        "verdict": verdict,
     }
 
 
 def _headline_budget(r: dict[str, Any]) -> dict[str, Any]:
-    c = r["comparison"]
-    tax = c["tax"]
+    first: dict[str, Any] = {}
+    for x in r["conditions"]:
+        first.setdefault(x["name"], x)
+    ours = ", ".join(
+        f"refusal {x['label']} {_pct(x['eval']['refusal']['rate'])}" for n, x in first.items() if n != "random"
+    )
+    v = r["verdicts"]
+    if "ru_vs_random" in v:
+        ours += f"; RU-only vs {r['settings']['seeds']} random-unit seeds: " + ", ".join(
+            f"{k} {x['verdict']}" for k, x in v["ru_vs_random"].items()
+        )
+    c = v.get("ru_vs_full", {}).get("task_accuracy", {}).get("comparison")
+    if c:
+        ours += f"; benign answers correct RU-only {_pct(c['effect'])} vs full {_pct(c['control'])} ({_ci(c)})"
     return {
-        "effect": "aligning through redundant units only reaches full SFT's safety with less tax (Table 4)",
-        "published": "RU-only SFT (about 20% of units) matches or beats full SFT on utility",
-        "ours": f"refusal gain: full {_pct(tax['full']['refusal_gain'])}, RU-only {_pct(tax['ru']['refusal_gain'])}, "
-        f"random units {_pct(tax.get('random', {}).get('refusal_gain'))}; RU-only trains "
-        f"{100 * c['ru_params_vs_full']:.0f}% of full's parameters",
-        "reproduced": bool(c["ru_reached_full_refusal"] and c["ru_less_tax"]),
+        "effect": "aligning through redundant units only keeps more utility than full SFT (Table 4)",
+        "published": "RU-only SFT: GSM8K 13.4 vs 8.8 for full SFT (Llama-2-7B)",
+        "ours": ours,
+        "verdict": r["paper"]["verdict"],
     }
 
 
@@ -368,7 +458,7 @@ def _overrefusal_row(out: Path) -> dict[str, Any] | None:
         "published": "not reported in the paper (reviewers asked for over-refusal)",
         "ours": f"over-refusal {_pct(b['rate'])} -> {_pct(a['rate'])} on {a['n']} borderline prompts"
         + (" (the short SFT over-generalises: see the evaluations below)" if a["rate"] - b["rate"] > 0.25 else ""),
-        "reproduced": None,
+        "verdict": None,
     }
 
 
@@ -382,20 +472,19 @@ def headlines(out: Path) -> list[dict[str, Any]]:
         try:
             rows.append(make(r))
         except (KeyError, TypeError, ValueError) as exc:  # a run folder from another ssah version
-            rows.append(
-                {"effect": f"{stage}: see its section", "published": "", "ours": f"({exc!r})", "reproduced": None}
-            )
+            rows.append({"effect": f"{stage}: see its section", "published": "", "ours": f"({exc!r})", "verdict": None})
     units = _read(out, "units")
-    if units and units.get("stability"):
+    if units and units.get("stability") and "verdict" in units["stability"]["SCU"]:
         st = units["stability"]["SCU"]
+        found, chance = st["found_again"], st["found_again_by_chance"]
         rows.insert(
             1,
             {
-                "effect": "safety-critical units are a small, stable set (SCU overlap between data halves)",
-                "published": "about 1.3% of units are SCU",
-                "ours": f"{units['categories']['SCU']['count']} SCU ({100 * units['categories']['SCU']['fraction']:.1f}"
-                f"%), Jaccard {st['jaccard']:.2f} vs chance {st['chance']:.3f}",
-                "reproduced": st["jaccard"] > 10 * max(st["chance"], 1e-3),
+                "effect": "safety-critical units are a stable set (SCU found again on disjoint data halves)",
+                "published": "SCU identified from calibration data (the share, 1.3%, is an input of the method)",
+                "ours": f"{_pct(found['rate'])} of one half's SCU are SCU on the other half, vs {_pct(chance['rate'])}"
+                f" by chance (Jaccard {st['jaccard']:.2f} vs {st['chance']:.3f})",
+                "verdict": st["verdict"]["verdict"],
             },
         )
     try:
@@ -430,8 +519,8 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     """The demo report: headline table, stage timings, then every stage's own report."""
     from ssah.report import markdown_table
 
-    def yes(v: bool | None) -> str:
-        return "yes" if v else ("no" if v is not None else "n/a")
+    def word(v: str | None) -> str:
+        return "n/a" if v is None else f"**{v}**" if v == "reproduced" else v
 
     # Read again from the stage folders, so that `ssah report` shows the current comparison of the numbers there.
     rows = headlines(run_dir) or results.get("headlines", [])
@@ -444,9 +533,15 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "",
         "## Published effects and what we measured",
         "",
+        "Verdict rule (one for every row): *reproduced* only when the 95% interval of the difference to the "
+        "control (or to the baseline where the paper has none) excludes zero in the published direction; *not "
+        "reproduced* when it excludes zero the other way or lies within ±5 points of zero; otherwise "
+        "*inconclusive* (each stage's report says how many prompts would decide). Random controls keep the count "
+        "in every (layer, kind) cell and are compared as a distribution over seeds.",
+        "",
         markdown_table(
-            ["effect", "published", "ours", "reproduced"],
-            [[h["effect"], h["published"], h["ours"], yes(h["reproduced"])] for h in rows],
+            ["effect", "published", "ours", "verdict"],
+            [[h["effect"], h["published"], h["ours"], word(h.get("verdict"))] for h in rows],
         ),
         "",
         "## Stages and time",

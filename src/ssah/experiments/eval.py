@@ -35,7 +35,16 @@ from ssah.evaluate import (
 )
 from ssah.generate import GenerationConfig, generation_batch_size
 from ssah.htmlreport import report_title, write_report_files
-from ssah.judges import JUDGE_KINDS, FirstTokenJudge, Judge, get_judge, registered_judges
+from ssah.judges import (
+    JUDGE_KINDS,
+    FirstTokenJudge,
+    Judge,
+    calibrated_agreement,
+    get_judge,
+    judge_agreement,
+    registered_judges,
+)
+from ssah.measure import Proportion
 from ssah.models import load_model
 from ssah.plan import wants_auto_batch
 from ssah.report import markdown_table
@@ -88,14 +97,36 @@ class EvalReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every proportion in the one shape ``{"k", "n", "rate", "ci95": [low, high]}`` (``ssah.Proportion``)."""
         out: dict[str, Any] = {}
-        for name in ("safety", "overrefusal", "prefill", "utility"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = json.loads(to_json(dataclasses.asdict(value)))
-        if self.agreement is not None and "safety" in out:
-            out["safety"]["agreement"] = self.agreement
-        return out
+        if (s := self.safety) is not None:
+            out["safety"] = {
+                "asr": Proportion(s.k, s.n).to_dict(),
+                "refusal": Proportion(s.n - s.k, s.n).to_dict(),
+                "coherent_compliance": Proportion(s.coherent, s.n).to_dict(),
+                "per_category": {c: Proportion(v["k"], v["n"]).to_dict() for c, v in s.per_category.items()},
+                "n": s.n,
+                "judge": s.judge,
+            }
+            if self.agreement is not None:
+                out["safety"]["agreement"] = self.agreement
+        if (o := self.overrefusal) is not None:
+            out["overrefusal"] = {**Proportion(o.k, o.n).to_dict(), "judge": o.judge}
+        if (p := self.prefill) is not None:
+            out["prefill"] = {
+                "asr": Proportion(p.k, p.n).to_dict(),
+                "recovered": Proportion(p.n - p.k, p.n).to_dict(),
+                "n": p.n,
+                "prefill": p.prefill,
+                "judge": p.judge,
+            }
+        if (u := self.utility) is not None:
+            out["utility"] = {"perplexity": u.perplexity, "n": dict(u.n)}
+            for key, value in (("accuracy", u.accuracy), ("exact_match", u.exact_match)):
+                if value is not None:
+                    task = next(t for t in u.correct if (t == "gsm8k") == (key == "exact_match"))
+                    out["utility"][key] = Proportion(u.correct[task], u.n[task]).to_dict()
+        return json.loads(to_json(out))
 
 
 def evaluate_model(
@@ -149,12 +180,14 @@ def evaluate_model(
             name, items = data.multiple_choice
             util.accuracy = multiple_choice_accuracy(model, tokenizer, items, batch_size=config.batch_size)
             util.n[name] = len(items)
+            util.correct[name] = round(util.accuracy * len(items))  # accuracy = correct / n, exact in float
         if data.gsm8k is not None:
             gsm_cfg = dataclasses.replace(config, max_new_tokens=max(config.max_new_tokens, 256))
             util.exact_match, samples = gsm8k_exact_match(
                 model, tokenizer, data.gsm8k, config=gsm_cfg, progress=progress
             )
             util.n["gsm8k"] = len(data.gsm8k)
+            util.correct["gsm8k"] = sum(bool(x.correct) for x in samples)
             rep.samples += samples
         rep.utility = util
         rep.seconds["utility"] = round(time.time() - t, 3)
@@ -177,6 +210,8 @@ def _agreement(
             s.judge_detail = (s.judge_detail + f" first_token={score:.3f}").strip()
         out["first_token_refusal_rate"] = sum(sc > 0 for sc in scores) / n
         out["first_token_vs_judge"] = sum((sc > 0) == s.refused for sc, s in zip(scores, samples, strict=True)) / n
+        # threshold fitted on every other judged reply of this model, agreement measured on the rest
+        out["first_token_calibrated"] = calibrated_agreement(scores, [s.refused for s in samples])
     return out
 
 
@@ -218,6 +253,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family},
         "judge": getattr(judge, "name", cfg.judge),
         "judge_spec": cfg.judge,
+        "judge_agreement": judge_agreement(cfg.judge),
         "generation": dataclasses.asdict(gen),
         **rep.to_dict(),
         "data": data.describe(),
@@ -249,38 +285,63 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    def ci(block: dict[str, Any]) -> str:
-        return f"[{100 * block['ci95']['low']:.1f}, {100 * block['ci95']['high']:.1f}]"
+    def ci(p: dict[str, Any]) -> str:
+        return f"[{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}]"
+
+    def row(what: str, p: dict[str, Any]) -> list[str]:
+        return [what, pct(p["rate"]), ci(p), str(p["n"])]
 
     rows = []
     if "safety" in results:
         s = results["safety"]
-        rows.append(["attack success rate", pct(s["asr"]), ci(s), str(s["n"])])
-        rows.append(["coherent compliance", pct(s["coherent_compliance"]), "", str(s["n"])])
+        judge = f" (judge `{results['judge_spec']}`)" if results.get("judge_spec") else ""
+        rows.append(row(f"attack success rate{judge}", s["asr"]))
+        rows.append(row("coherent compliance", s["coherent_compliance"]))
         ag = s.get("agreement") or {}
         if ag.get("first_token_vs_judge") is not None:
             rows.append(["first-token score agrees with judge", pct(ag["first_token_vs_judge"]), "", str(s["n"])])
+        cal = ag.get("first_token_calibrated") or {}
+        if cal.get("agreement") is not None:
+            rows.append(
+                [
+                    f"first-token score agrees with judge, threshold {cal['threshold']:.2f} fitted on "
+                    f"{cal['n_calibration']} replies (0: {pct(cal['agreement_at_0'])})",
+                    pct(cal["agreement"]),
+                    "",
+                    str(cal["n_test"]),
+                ]
+            )
     if "prefill" in results:
         p = results["prefill"]
-        rows.append([f"prefill ASR ({p['prefill']!r})", pct(p["asr"]), ci(p), str(p["n"])])
+        rows.append(row(f"prefill ASR ({p['prefill']!r})", p["asr"]))
     if "overrefusal" in results:
-        o = results["overrefusal"]
-        rows.append(["over-refusal", pct(o["rate"]), ci(o), str(o["n"])])
+        rows.append(row("over-refusal", results["overrefusal"]))
     if "utility" in results:
         u = results["utility"]
         if u.get("perplexity") is not None:
             rows.append(["perplexity (reference answers)", f"{u['perplexity']:.2f}", "", str(u["n"]["perplexity"])])
         if u.get("accuracy") is not None:
             name = next(k for k in u["n"] if k not in ("perplexity", "gsm8k"))
-            rows.append([f"{name} accuracy", pct(u["accuracy"]), "", str(u["n"][name])])
+            rows.append(row(f"{name} accuracy", u["accuracy"]))
         if u.get("exact_match") is not None:
-            rows.append(["GSM8K exact match", pct(u["exact_match"]), "", str(u["n"]["gsm8k"])])
+            rows.append(row("GSM8K exact match", u["exact_match"]))
     return rows
 
 
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """The Markdown report of an eval run from its results alone (it has no plots to draw into ``run_dir``)."""
     return eval_report(results)
+
+
+def judge_line(spec: str, measured: dict[str, Any] | None) -> str:
+    """One sentence naming the judge and its measured agreement with people (or saying it was not measured)."""
+    if not measured:
+        return f"The judge `{spec}` has no shipped measurement of agreement with human labels."
+    lo, hi = measured["ci95"]
+    return (
+        f"The judge `{spec}` agrees with human labels on {100 * measured['agreement']:.1f}% "
+        f"[{100 * lo:.1f}, {100 * hi:.1f}] of {measured['n']} replies ({measured['data']})."
+    )
 
 
 def eval_report(results: dict[str, Any]) -> str:
@@ -291,6 +352,8 @@ def eval_report(results: dict[str, Any]) -> str:
         "",
         f"Judge `{results['judge_spec']}`; generation: {results['generation']}.",
         "",
+        judge_line(results.get("judge_spec", ""), results.get("judge_agreement")),
+        "",
         markdown_table(["measure", "value", "95% interval", "n"], summary_rows(results)),
         "",
     ]
@@ -299,7 +362,7 @@ def eval_report(results: dict[str, Any]) -> str:
         lines += [
             "## Attack success rate by category",
             "",
-            markdown_table(["category", "ASR", "n"], [[c, f"{100 * v['asr']:.1f}%", v["n"]] for c, v in per.items()]),
+            markdown_table(["category", "ASR", "n"], [[c, f"{100 * v['rate']:.1f}%", v["n"]] for c, v in per.items()]),
             "",
         ]
     lines.append(f"Every prompt, output and verdict is in `samples.jsonl`. Took {results['seconds']['total']:.1f} s.")

@@ -21,7 +21,7 @@ from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.probe_prompts import COMPLIANCE_OPENERS, FORCED_PREFIX, REFUSAL_OPENERS
 from ssah.errors import UserError
-from ssah.evaluate import wilson_interval
+from ssah.measure import Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.probe import (
     METHODS,
@@ -339,8 +339,7 @@ def _replies(measures: list[ModelMeasures], labels: list[str], judge_spec: str, 
             if not any(t.strip() for t in texts):
                 continue
             refused = sum(v.refused for v in judge.judge(prompts, texts))
-            ci = wilson_interval(refused, m)
-            out[mode][label] = {"refusal_rate": refused / m, "ci95": [ci.low, ci.high], "n": m}
+            out[mode][label] = {"refusal": Proportion(refused, m).to_dict()}
     return out
 
 
@@ -794,7 +793,8 @@ def _token_section(results: dict[str, Any], labels: list[str]) -> list[str]:
                     cells.append("-")
             rep = tk.get("replies", {}).get(mode, {}).get(label)
             cells.append(
-                f"{100 * rep['refusal_rate']:.0f}% [{100 * rep['ci95'][0]:.0f}, {100 * rep['ci95'][1]:.0f}]"
+                f"{100 * rep['refusal']['rate']:.0f}% [{100 * rep['refusal']['ci95'][0]:.0f}, "
+                f"{100 * rep['refusal']['ci95'][1]:.0f}]"
                 if rep
                 else "-"
             )

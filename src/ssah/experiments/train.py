@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,11 @@ from torch import nn
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
 from ssah.htmlreport import report_title, write_report_files
+from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
 from ssah.report import markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, resolve_unit_spec, train_model
-from ssah.units import UnitSet
+from ssah.runs import RunDir, manifest, set_seed
+from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +41,40 @@ __all__ = ["TrainConfig", "TrainRunDir", "render", "run_train", "save_trained_mo
 
 class TrainRunDir(RunDir):
     """A run folder built in ``<out>.partial`` (a stable name, unlike :class:`RunDir`'s per-process staging
-    folder), so that a killed training run can be resumed; ``commit`` renames it to ``<out>``."""
+    folder), so that a killed training run can be resumed; ``commit`` renames it to ``<out>``.
+
+    Staging is :class:`RunDir`'s: ``out``'s lock is held for the whole run (a second run into the same folder
+    fails at once), ``<out>.partial`` is created with ``os.mkdir`` (exclusive) unless resuming, and ownership is
+    checked before the final rename.
+    """
 
     def __init__(self, out: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> None:
-        self.out = check_output_folder(out, overwrite)
-        self.overwrite = overwrite
-        self.path = partial_dir(self.out)
-        if not resume:
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.started = time.time()
+        self.resume = resume
+        super().__init__(out, overwrite=overwrite)
+
+    def _staging_path(self) -> Path:
+        return partial_dir(self.out)
+
+    def _make_staging(self) -> None:
+        if self.resume:
+            if not self.path.is_dir():
+                raise UserError(f"nothing to resume: {self.path} does not exist; run without --resume to start")
+            return
+        if self.path.exists():
+            if not self.overwrite:
+                raise UserError(
+                    f"an unfinished run is in {self.path}: pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(self.path)
+        os.mkdir(self.path)
 
     def abort(self) -> None:
         """Keep the folder when it holds a checkpoint (``--resume`` continues from it); remove it otherwise."""
         if checkpoint_dirs(self.path):
             log.warning("training stopped; continue it with --resume (checkpoints in %s)", self.path)
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
+        elif self.lock.owned():
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.lock.release()
 
 
 def save_trained_model(model: nn.Module, tokenizer: Any, folder: str | os.PathLike[str]) -> Path:
@@ -71,15 +89,22 @@ def save_trained_model(model: nn.Module, tokenizer: Any, folder: str | os.PathLi
     return folder
 
 
-def _unit_summary(units: UnitSet | None, spec: str | None) -> dict[str, Any] | None:
-    if units is None:
+def _unit_summary(sel: Selection | None, spec: str | None, trainable: Mapping[str, Any], frozen: bool) -> Any:
+    """The unit spec as run: counts per part, the share of all units and of the parameters (frozen for
+    ``--freeze``, trained for ``--only``)."""
+    if sel is None:
         return None
+    params = trainable["total"] - trainable["params"] if frozen else trainable["params"]
     return {
         "spec": spec,
-        "name": units.name,
-        "units": len(units),
-        "fraction": units.fraction,
-        "granularity": units.space.granularity,
+        "name": sel.units.name,
+        "units": len(sel.units),
+        "fraction": sel.units.fraction,
+        "share_of_units": sel.units.fraction,
+        "parts": sel.counts,
+        "params": params,
+        "share_of_params": params / trainable["total"] if trainable["total"] else 0.0,
+        "granularity": sel.units.space.granularity,
     }
 
 
@@ -109,14 +134,16 @@ def run_train(cfg: TrainConfig) -> Path:
         trust_remote_code=cfg.trust_remote_code,
     )
 
-    def resolve(spec: str | None) -> UnitSet | None:
+    def resolve(spec: str | None) -> Selection | None:
         if not spec:
             return None
-        return resolve_unit_spec(
+        return unit_spec_selection(
             spec, lm.model, fingerprint=lm.fingerprint, model_name=lm.name, allow_other_weights=cfg.allow_other_weights
         )
 
-    freeze, only = resolve(cfg.freeze), resolve(cfg.only)
+    freeze_sel, only_sel = resolve(cfg.freeze), resolve(cfg.only)
+    freeze = freeze_sel.units if freeze_sel is not None else None
+    only = only_sel.units if only_sel is not None else None
     if only is not None and len(only) == 0:
         raise UserError(f"no units to train: {cfg.only} names no unit; choose a non-empty category or share")
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
@@ -125,7 +152,8 @@ def run_train(cfg: TrainConfig) -> Path:
     run: TrainRunDir | None = None
     if main:
         run = TrainRunDir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
-        run.write_yaml("config.yaml", cfg.model_dump())
+        if not cfg.resume:  # a resumed run keeps its folder as it is until its checkpoint has loaded
+            run.write_yaml("config.yaml", cfg.model_dump())
     state.wait_for_everyone()
     path = partial_dir(cfg.out)
     try:
@@ -140,13 +168,14 @@ def run_train(cfg: TrainConfig) -> Path:
         state.wait_for_everyone()
         return Path(cfg.out)
     try:
+        run.write_yaml("config.yaml", cfg.model_dump())
         save_trained_model(result.model, lm.tokenizer, run.file("model"))
         results = {
             "model": model_info,
             "data": {"source": data.source, "examples": len(data), "sha256": data.fingerprint()},
             **result.summary(),
-            "freeze": _unit_summary(freeze, cfg.freeze),
-            "only": _unit_summary(only, cfg.only),
+            "freeze": _unit_summary(freeze_sel, cfg.freeze, result.trainable, frozen=True),
+            "only": _unit_summary(only_sel, cfg.only, result.trainable, frozen=False),
             "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
             "settings": cfg.settings(),
             "seconds": {
@@ -195,10 +224,11 @@ def train_report(results: dict[str, Any], result: TrainResult) -> str:
 def _train_markdown(results: dict[str, Any], log: list[dict[str, Any]]) -> str:
     m, tr = results["model"], results["trainable"]
     units = results.get("freeze") or results.get("only")
+    share = f" ({units['units']} units, {100 * units['fraction']:.2f}% of all units)" if units else ""
     what = {
         "all": "all parameters",
-        "freeze": f"all but the frozen units {units['name'] if units else ''}",
-        "only": f"only the units {units['name'] if units else ''}",
+        "freeze": f"all but the frozen units {units['name'] if units else ''}{share}",
+        "only": f"only the units {units['name'] if units else ''}{share}",
         "lora": f"LoRA adapters ({results['lora']}), merged into the weights",
     }[results["mode"]]
     rows = [[r["step"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", r["tokens"], f"{r['step_seconds']:.3f}"] for r in log]

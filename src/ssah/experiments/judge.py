@@ -1,0 +1,482 @@
+"""`ssah judge validate` and `ssah judge train`: refusal judges measured against human labels, and the learned
+judge fitted on labelled replies.
+
+``validate`` runs each judge on a labelled set and reports, overall and per source file: agreement with the human
+label (Wilson 95% interval), refusal precision and recall, Cohen's kappa and the confusion matrix, plus every
+reply a judge gets wrong (``samples.jsonl``). ``train`` extracts the base model's hidden states once, chooses the
+layer, pooling and regularisation by cross-validation, reports leave-one-source-out agreement (each source file
+held out in turn: replies of a model the head never saw) and writes a judge folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from ssah.config import BaseConfig
+from ssah.errors import UserError
+from ssah.evaluate import wilson_interval
+from ssah.htmlreport import report_title, write_report_files
+from ssah.judges import Judge, get_judge, incoherence_reason
+from ssah.judges.labelled import LabelledReply, LabelledSet, PartialRule, apply_partial, load_labelled
+from ssah.report import markdown_table
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+
+__all__ = [
+    "XSTEST_ANCHORS",
+    "JudgeTrainConfig",
+    "JudgeValidateConfig",
+    "binary_metrics",
+    "run_judge_train",
+    "run_judge_validate",
+]
+
+XSTEST_SOURCES = (
+    "xstest_v2_completions_llama2new",
+    "xstest_v2_completions_llama2orig",
+    "xstest_v2_completions_mistralguard",
+)
+XSTEST_ANCHORS: dict[str, float] = {
+    "XSTest authors' string match (published labels)": 0.899,
+    "XSTest authors' GPT-4 labeller (published labels)": 0.855,
+}
+"""Agreement with the human label of the labellers the XSTest authors published, on the 1,210 binary rows of the
+three shared completion files (from ``shared/data/xstest_completions/SOURCE.md``); shown only for that set."""
+
+
+class JudgeValidateConfig(BaseConfig):
+    """What `ssah judge validate` needs."""
+
+    data: list[str]
+    judges: list[str] = Field(default_factory=lambda: ["keyword:ssah"])
+    out: str = "runs/judges"
+    columns: dict[str, str] = Field(default_factory=dict)
+    partial: PartialRule = "exclude"
+    limit: int | None = None  # rows per source file (first ones), for quick runs
+    batch_size: int = 8
+    seed: int = 0
+    overwrite: bool = False
+
+
+class JudgeTrainConfig(BaseConfig):
+    """What `ssah judge train` needs."""
+
+    data: list[str]
+    out: str = "my-judge"
+    columns: dict[str, str] = Field(default_factory=dict)
+    partial: PartialRule = "exclude"
+    base_model: str = "smollm2-135m-instruct"
+    layers: list[int] | None = None  # candidate layers (default: every other layer of the first three quarters)
+    # "last" (the last reply token) is also supported; on XSTest it held out at 65-93% against 93-99% for "mean"
+    poolings: list[str] = Field(default_factory=lambda: ["mean"])
+    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1])
+    max_prompt_tokens: int = 64
+    max_reply_tokens: int = 64
+    folds: int = 5
+    limit: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    overwrite: bool = False
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+
+def _ratio(k: int, n: int) -> dict[str, Any]:
+    """A proportion as counts with its Wilson 95% interval (None values when n = 0)."""
+    if n == 0:
+        return {"k": 0, "n": 0, "value": None, "ci95": None}
+    ci = wilson_interval(k, n)
+    return {"k": k, "n": n, "value": k / n, "ci95": [ci.low, ci.high]}
+
+
+def binary_metrics(human: Sequence[str], refused: Sequence[bool]) -> dict[str, Any]:
+    """Agreement, refusal precision / recall, Cohen's kappa and the confusion matrix of binary verdicts against
+    human labels (``refusal`` / ``compliance``; ``partial`` rows are counted in the confusion matrix only)."""
+    confusion = {h: {"refusal": 0, "compliance": 0} for h in ("refusal", "compliance", "partial")}
+    for h, r in zip(human, refused, strict=True):
+        confusion[h]["refusal" if r else "compliance"] += 1
+    tp, fn = confusion["refusal"]["refusal"], confusion["refusal"]["compliance"]
+    fp, tn = confusion["compliance"]["refusal"], confusion["compliance"]["compliance"]
+    n = tp + fn + fp + tn
+    agree = tp + tn
+    kappa = None
+    if n:
+        po = agree / n
+        pe = ((tp + fn) * (tp + fp) + (fp + tn) * (fn + tn)) / (n * n)
+        kappa = (po - pe) / (1 - pe) if pe < 1 else None
+    out: dict[str, Any] = {
+        "n": n,
+        "agreement": _ratio(agree, n),
+        "refusal_precision": _ratio(tp, tp + fp),
+        "refusal_recall": _ratio(tp, tp + fn),
+        "cohen_kappa": kappa,
+        "confusion": {h: dict(v) for h, v in confusion.items() if h != "partial"},
+    }
+    partial = confusion["partial"]
+    if partial["refusal"] + partial["compliance"]:
+        out["confusion"]["partial"] = dict(partial)
+        out["partial_called_refusal"] = _ratio(partial["refusal"], partial["refusal"] + partial["compliance"])
+    return out
+
+
+# --- validate ----------------------------------------------------------------------------------------------------
+
+
+def _limited(data: LabelledSet, limit: int | None) -> list[LabelledReply]:
+    """The first ``limit`` rows of each source (all when None)."""
+    if limit is None:
+        return list(data.rows)
+    if limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    seen: dict[str, int] = {}
+    out = []
+    for r in data.rows:
+        seen[r.source] = seen.get(r.source, 0) + 1
+        if seen[r.source] <= limit:
+            out.append(r)
+    return out
+
+
+def check_validate_judges(specs: Sequence[str]) -> None:
+    """Fail before any work on a judge spec validation cannot run (unknown, or one that judges prompts only)."""
+    if not specs:
+        raise UserError("no judge given: pass --judge SPEC at least once, e.g. --judge keyword:ssah")
+    if len(set(specs)) != len(specs):
+        raise UserError(f"a judge is given twice in {list(specs)}: pass each --judge once")
+    for spec in specs:
+        kind = spec.split(":", 1)[0]
+        if kind == "first-token":
+            raise UserError(
+                "first-token scores prompts of the model under evaluation, not replies: validate it with "
+                "`ssah eval MODEL` (which reports its agreement with the judge), not `ssah judge validate`"
+            )
+        if kind == "keyword":
+            get_judge(spec)
+
+
+def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | None = None) -> Path:
+    """Run each judge on the labelled set and write the run folder; returns its path. ``judges`` (spec ->
+    judge) supplies ready judges, e.g. in tests; other specs are built with :func:`get_judge`."""
+    t0 = time.time()
+    check_output_folder(cfg.out, cfg.overwrite)
+    check_validate_judges(cfg.judges)
+    set_seed(cfg.seed)
+    data = load_labelled(cfg.data, columns=cfg.columns)
+    rows = apply_partial(_limited(data, cfg.limit), cfg.partial)
+    if not any(r.label == "refusal" for r in rows) or not any(r.label == "compliance" for r in rows):
+        raise UserError(
+            "the labelled set needs both refused and compliant replies to measure a judge: add rows of each kind"
+        )
+    prompts, replies = [r.prompt for r in rows], [r.reply for r in rows]
+    human = [r.label for r in rows]
+    results: dict[str, Any] = {
+        "data": {"files": data.files, "counts": data.counts(), "rows_used": len(rows), "partial": cfg.partial},
+        "judges": {},
+    }
+    samples: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
+    reasons = [incoherence_reason(r.prompt, r.reply) for r in rows]
+    for spec in cfg.judges:
+        t = time.time()
+        judge = (judges or {}).get(spec) or get_judge(spec)
+        verdicts = judge.judge(prompts, replies)
+        seconds[spec] = round(time.time() - t, 3)
+        refused = [v.refused for v in verdicts]
+        block: dict[str, Any] = {"name": judge.name, **binary_metrics(human, refused), "per_source": {}}
+        for source in dict.fromkeys(r.source for r in rows):
+            idx = [i for i, r in enumerate(rows) if r.source == source]
+            block["per_source"][source] = binary_metrics([human[i] for i in idx], [refused[i] for i in idx])
+        block["seconds_per_reply"] = seconds[spec] / len(rows)
+        block["in_sample_sources"] = _in_sample(judge, data)
+        block["coherence"] = _coherence_table(reasons, refused, human)
+        results["judges"][spec] = block
+        for r, v in zip(rows, verdicts, strict=True):
+            if r.label != "partial" and v.refused != (r.label == "refusal"):
+                samples.append(
+                    {
+                        "judge": spec,
+                        "source": r.source,
+                        "id": r.id,
+                        "human": r.label,
+                        "judge_label": v.label,
+                        "score": v.score,
+                        "detail": v.detail,
+                        "prompt": r.prompt,
+                        "reply": r.reply,
+                    }
+                )
+    results["anchors"] = _anchors(data, cfg.partial, len(rows))
+    results["agreement_summary"] = {
+        spec: {
+            "agreement": b["agreement"]["value"],
+            "ci95": b["agreement"]["ci95"],
+            "n": b["n"],
+            "data": "XSTest v2 completions (3 models, binary labels)" if results["anchors"] else ", ".join(data.files),
+        }
+        for spec, b in results["judges"].items()
+    }
+    results["seconds"] = {**seconds, "total": round(time.time() - t0, 3)}
+    with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
+        run.write_yaml("config.yaml", cfg.model_dump())
+        run.write_json("results.json", results)
+        run.write_text("samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        plot_agreement(results, run.file("agreement.png"))
+        markdown = render_validate(results)
+        write_report_files(run.path, markdown, report_title(markdown, "judge validation"))
+        run.write_json(
+            "manifest.json",
+            manifest(command="judge validate", seed=cfg.seed, started=t0, model={}, data=data.files),
+        )
+    return run.out
+
+
+def _coherence_table(reasons: Sequence[str], refused: Sequence[bool], human: Sequence[str]) -> dict[str, Any]:
+    """How the coherence check splits a judge's verdicts (and the human labels): per verdict, coherent replies
+    and the incoherence reasons found; ``agreement`` is the share of the judge's compliant replies that the
+    coherence check calls coherent (real answers should be), ``human_compliance_coherent`` the same for people."""
+    table: dict[str, Any] = {}
+    for verdict in ("refusal", "compliance"):
+        idx = [i for i, r in enumerate(refused) if r == (verdict == "refusal")]
+        counts: dict[str, int] = {}
+        for i in idx:
+            key = reasons[i] or "coherent"
+            counts[key] = counts.get(key, 0) + 1
+        table[verdict] = {"n": len(idx), **counts}
+    comp = table["compliance"]
+    table["agreement"] = _ratio(comp.get("coherent", 0), comp["n"])
+    hc = [reasons[i] for i, h in enumerate(human) if h == "compliance"]
+    table["human_compliance_coherent"] = _ratio(sum(not r for r in hc), len(hc))
+    return table
+
+
+def _in_sample(judge: Any, data: LabelledSet) -> list[str]:
+    """The sources of ``data`` a learned judge was trained on (same file hash): its agreement there is in-sample."""
+    settings = getattr(judge, "settings", None)
+    trained = set((getattr(settings, "trained_on", None) or {}).get("files", {}).values())
+    return [name for name, sha in data.files.items() if sha in trained]
+
+
+def _anchors(data: LabelledSet, partial: str, n: int) -> dict[str, float]:
+    """The published anchors, when the set is exactly the three shared XSTest files with partials excluded."""
+    if sorted(data.files) == sorted(XSTEST_SOURCES) and partial == "exclude" and n == 1210:
+        return dict(XSTEST_ANCHORS)
+    return {}
+
+
+def _pct(block: dict[str, Any] | None) -> str:
+    if not block or block.get("value") is None:
+        return "-"
+    lo, hi = block["ci95"]
+    return f"{100 * block['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def render_validate(results: dict[str, Any]) -> str:
+    """The Markdown report of a validation run."""
+    d = results["data"]
+    lines = [
+        "# Refusal judges against human labels",
+        "",
+        f"{d['rows_used']} labelled replies from {len(d['files'])} file(s); partial refusals: `{d['partial']}`.",
+        "",
+        "![agreement](agreement.png)",
+        "",
+        "## Overall",
+        "",
+    ]
+    rows = []
+    for spec, b in results["judges"].items():
+        kappa = "-" if b["cohen_kappa"] is None else f"{b['cohen_kappa']:.3f}"
+        rows.append(
+            [
+                f"`{spec}`",
+                _pct(b["agreement"]),
+                _pct(b["refusal_precision"]),
+                _pct(b["refusal_recall"]),
+                kappa,
+                b["n"],
+                f"{1000 * b['seconds_per_reply']:.2f}",
+            ]
+        )
+    for name, value in results.get("anchors", {}).items():
+        rows.append([name, f"{100 * value:.1f}%", "", "", "", d["rows_used"], ""])
+    lines += [
+        markdown_table(
+            ["judge", "agreement [95% CI]", "refusal precision", "refusal recall", "Cohen's kappa", "n", "ms/reply"],
+            rows,
+        ),
+        "",
+        "## Confusion matrices (rows: human label, columns: judge)",
+        "",
+    ]
+    for spec, b in results["judges"].items():
+        c = b["confusion"]
+        table = [[h, c[h]["refusal"], c[h]["compliance"]] for h in c]
+        lines += [f"**`{spec}`**", "", markdown_table(["human \\ judge", "refusal", "compliance"], table), ""]
+    in_sample = {s: b["in_sample_sources"] for s, b in results["judges"].items() if b.get("in_sample_sources")}
+    for spec, sources in in_sample.items():
+        lines += [
+            f"Note: `{spec}` was trained on {', '.join(sources)}: its agreement there is in-sample, not a measure "
+            "of how it does on replies it never saw (see its leave-one-source-out numbers in training.json).",
+            "",
+        ]
+    lines += [
+        "## Coherence check on each judge's compliant replies",
+        "",
+        "Real answers should pass the coherence check; a low share means the check rejects real answers.",
+        "",
+        markdown_table(
+            ["judge", "compliant replies", "coherent [95% CI]", "incoherent by reason"],
+            [
+                [
+                    f"`{s}`",
+                    b["coherence"]["compliance"]["n"],
+                    _pct(b["coherence"]["agreement"]),
+                    ", ".join(f"{k} {v}" for k, v in b["coherence"]["compliance"].items() if k not in ("n", "coherent"))
+                    or "-",
+                ]
+                for s, b in results["judges"].items()
+            ],
+        ),
+        "",
+        f"Human-labelled compliant replies the check calls coherent: "
+        f"{_pct(next(iter(results['judges'].values()))['coherence']['human_compliance_coherent'])}.",
+        "",
+        "## Per source file (agreement [95% CI])",
+        "",
+    ]
+    sources = list(next(iter(results["judges"].values()))["per_source"])
+    lines += [
+        markdown_table(
+            ["judge", *sources],
+            [
+                [f"`{s}`", *(_pct(b["per_source"][src]["agreement"]) for src in sources)]
+                for s, b in results["judges"].items()
+            ],
+        ),
+        "",
+        "Every reply a judge gets wrong is in `samples.jsonl`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_agreement(results: dict[str, Any], path: Path) -> Path:
+    """Agreement of each judge with its 95% interval (bars), per-source points, and the published anchors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = list(results["judges"])
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(specs) + 1.6))
+    for y, spec in enumerate(specs):
+        b = results["judges"][spec]
+        a = b["agreement"]
+        lo, hi = a["ci95"]
+        ax.barh(y, 100 * a["value"], color="#1f77b4", alpha=0.7)
+        ax.errorbar(100 * a["value"], y, xerr=[[100 * (a["value"] - lo)], [100 * (hi - a["value"])]], color="k")
+        for s in b["per_source"].values():
+            if s["agreement"]["value"] is not None:
+                ax.plot(100 * s["agreement"]["value"], y, "o", color="#ff7f0e", markersize=4)
+    for i, (name, value) in enumerate(results.get("anchors", {}).items()):
+        ax.axvline(100 * value, linestyle="--", color=["#2ca02c", "#d62728"][i % 2], label=name)
+    names = [s + (" (in-sample)" if results["judges"][s].get("in_sample_sources") else "") for s in specs]
+    ax.set_yticks(range(len(specs)), names)
+    ax.set_xlabel("agreement with the human label (%), bar = all rows with 95% CI, dots = per source file")
+    ax.set_xlim(50, 100)
+    if results.get("anchors"):
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- train -------------------------------------------------------------------------------------------------------
+
+
+def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> Path:
+    """Fit the learned judge on labelled replies and write the judge folder (with ``report.md``); returns it.
+    ``base`` is a loaded base model (tests pass a tiny one); by default ``cfg.base_model`` is loaded."""
+    from ssah.judges.learned import LearnedSettings, train_head
+
+    t0 = time.time()
+    check_output_folder(cfg.out, cfg.overwrite)
+    set_seed(cfg.seed)
+    if cfg.partial == "class":
+        raise UserError("the learned judge is binary: train it with --partial exclude or --partial refusal")
+    data = load_labelled(cfg.data, columns=cfg.columns)
+    rows = apply_partial(_limited(data, cfg.limit), cfg.partial)
+    if base is None:
+        from ssah.models import load_model
+
+        base = load_model(cfg.base_model, dtype="float32", device="cpu")
+    head, settings, report = train_head(
+        base,
+        rows,
+        settings=LearnedSettings(
+            base_model=cfg.base_model,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_reply_tokens=cfg.max_reply_tokens,
+        ),
+        layers=cfg.layers,
+        poolings=cfg.poolings,
+        cs=cfg.cs,
+        folds=cfg.folds,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    settings.trained_on = {"files": data.files, "rows": len(rows), "partial": cfg.partial}
+    from ssah.judges.learned import save_judge
+
+    report["seconds"] = round(time.time() - t0, 3)
+    with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
+        save_judge(run.path, head, settings)
+        run.write_json("training.json", report)
+        markdown = render_train(report, settings)
+        write_report_files(run.path, markdown, report_title(markdown, "learned judge"))
+        run.write_json(
+            "manifest.json",
+            manifest(
+                command="judge train",
+                seed=cfg.seed,
+                started=t0,
+                model={"name": cfg.base_model, "fingerprint": settings.base_fingerprint},
+                data=data.files,
+            ),
+        )
+    return run.out
+
+
+def render_train(report: dict[str, Any], settings: Any) -> str:
+    """The Markdown report of a training run: the chosen settings and the held-out agreements."""
+    lines = [
+        "# Learned refusal judge",
+        "",
+        f"Base model `{settings.base_model}` (fingerprint `{settings.base_fingerprint}`); layer {settings.layer}, "
+        f"{settings.pooling} pooling over the first {settings.max_reply_tokens} reply tokens, C = {settings.c}, "
+        f"trained on {report['rows']} replies.",
+        "",
+        f"Chosen by {report['folds']}-fold cross-validation (agreement {100 * report['cv_best']:.1f}%).",
+        "",
+    ]
+    loso = report.get("leave_one_source_out") or {}
+    if loso:
+        lines += [
+            "## Leave one source out (replies of a model the head never saw)",
+            "",
+            markdown_table(
+                ["held-out source", "agreement [95% CI]", "n", "layer", "pooling", "C"],
+                [
+                    [s, _pct(b["agreement"]), b["agreement"]["n"], b["layer"], b["pooling"], b["c"]]
+                    for s, b in loso.items()
+                ],
+            ),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
