@@ -35,6 +35,7 @@ _EXPORTS = {
     "PromptSet": "ssah.data",
     "Example": "ssah.data",
     "ablate": "ssah.interventions",
+    "channel_means": "ssah.interventions",
     "Proportion": "ssah.measure",
     "ControlDistribution": "ssah.measure",
     "compare": "ssah.measure",
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from ssah.categorize import Categorization, categorize, load_categorization
     from ssah.data import Example, PromptSet, load_prompts
     from ssah.errors import SsahError, UserError
-    from ssah.interventions import ablate
+    from ssah.interventions import ablate, channel_means
     from ssah.measure import (
         ControlDistribution,
         Proportion,

@@ -7,8 +7,22 @@ Pure functions of two score vectors (safety I_S, utility I_U). Rules:
   top-q by I_S; CU = in both top sets; RU = in neither (shares ``q``, ``p``).
 - ``pruning-sets``: with the same ``sparsity`` for both scores, units pruned under the utility score but kept
   under the safety score are SCU, the converse UCU, pruned under both RU, kept under both CU.
-Scores are normalised within each ranking domain (all units, or each layer-and-kind module) before the sum and
-difference; the choice is recorded with the result.
+Safety and utility scores are normalised before the sum and difference, so that the two scales are comparable
+(and, for the per-module normalisations, so that modules of different magnitude are too):
+
+| normalization | value | computed over |
+| --- | --- | --- |
+| ``mean`` | x / mean(x) | the ranking domain (the paper: "divide by the mean over all units") |
+| ``module-mean`` | x / mean(x) | each (layer, kind) module |
+| ``zscore`` | (x - mean) / std | each (layer, kind) module |
+| ``rank`` | rank / (n - 1), in [0, 1] | each (layer, kind) module |
+| ``global-rank`` | rank / (n - 1) | the ranking domain |
+| ``none`` | x | - |
+
+Ranking domains (where the shares are applied): ``global`` = all units, except at head granularity, where
+attention heads and MLP neurons are two separate domains (a head sums many channels' scores and is never ranked
+against a single neuron; each domain gets the shares); ``per-module`` = each (layer, kind) module.
+The choice, its scope and the domains are recorded with the result.
 """
 
 from __future__ import annotations
@@ -25,10 +39,19 @@ from ssah.scoring import Scores
 from ssah.units import Granularity, UnitSet, UnitSpace, load_unit_sets, save_unit_sets
 
 Rule = Literal["ssah", "pruning-sets", "wei-set-difference"]
-Normalization = Literal["mean", "rank", "none"]
+Normalization = Literal["mean", "module-mean", "zscore", "rank", "global-rank", "none"]
 Ranking = Literal["global", "per-module"]
 RULES: tuple[Rule, ...] = ("ssah", "pruning-sets", "wei-set-difference")
-NORMALIZATIONS: tuple[Normalization, ...] = ("mean", "rank", "none")
+NORMALIZATIONS: tuple[Normalization, ...] = ("mean", "module-mean", "zscore", "rank", "global-rank", "none")
+# normalization -> (statistic applied to a vector, scope the vector spans: each module or each ranking domain)
+_NORMALIZATION_SCOPE: dict[str, tuple[str, str]] = {
+    "mean": ("mean", "domain"),
+    "module-mean": ("mean", "module"),
+    "zscore": ("zscore", "module"),
+    "rank": ("rank", "module"),
+    "global-rank": ("rank", "domain"),
+    "none": ("none", "domain"),
+}
 RANKINGS: tuple[Ranking, ...] = ("global", "per-module")
 CATEGORIES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
 
@@ -75,15 +98,64 @@ def check_shares(rule: str, shares: Mapping[str, float] | None) -> dict[str, flo
     return full
 
 
+def check_normalization(normalization: str) -> Normalization:
+    """``normalization`` if known, else :class:`UserError` naming the choices."""
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
+    return normalization  # type: ignore[return-value]
+
+
 def _normalize(x: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector normalised by statistic ``how`` (``mean``, ``zscore``, ``rank``; anything else: unchanged)."""
     if how == "mean":
         m = x.mean()
         return x / m if m > 0 else x
+    if how == "zscore":
+        centred = x - x.mean()
+        std = x.std(unbiased=False) if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
+        return centred / std if std > 0 else centred
     if how == "rank":
         ranks = torch.empty_like(x)
         ranks[torch.sort(x, stable=True).indices] = torch.arange(x.numel(), dtype=x.dtype)
         return ranks / max(x.numel() - 1, 1)
     return x
+
+
+def ranking_domains(space: UnitSpace, ranking: str) -> list[torch.Tensor]:
+    """Flat unit indices of each ranking domain (see the module docstring); shares apply within each."""
+    if ranking not in RANKINGS:
+        raise UserError(f"unknown ranking {ranking!r}: use one of {', '.join(RANKINGS)}")
+    modules = [torch.arange(space.offsets[i], space.offsets[i + 1]) for i in range(len(space.shapes))]
+    if ranking == "per-module":
+        return modules
+    if space.granularity == "head":  # heads and neurons never in one ranking
+        by_kind = [
+            torch.cat([m for m, sh in zip(modules, space.shapes, strict=True) if sh.kind == kind] or [torch.arange(0)])
+            for kind in ("attn", "mlp")
+        ]
+        return [d for d in by_kind if d.numel()]
+    return [torch.arange(space.total)]
+
+
+def normalization_scope(normalization: str) -> str:
+    """Where ``normalization``'s statistic is computed: ``module``, ``domain`` (ranking domain) or ``none``."""
+    stat, scope = _NORMALIZATION_SCOPE[check_normalization(normalization)]
+    return "none" if stat == "none" else scope
+
+
+def normalize_scores(x: torch.Tensor, space: UnitSpace, normalization: str, ranking: str) -> torch.Tensor:
+    """A flat score vector over ``space`` normalised as ``categorize`` does it (float64)."""
+    stat, scope = _NORMALIZATION_SCOPE[check_normalization(normalization)]
+    x = x.to(torch.float64)
+    out = x.clone()
+    parts = (
+        [torch.arange(space.offsets[i], space.offsets[i + 1]) for i in range(len(space.shapes))]
+        if scope == "module"
+        else ranking_domains(space, ranking)
+    )
+    for idx in parts:
+        out[idx] = _normalize(x[idx], stat)
+    return out
 
 
 def _take(order: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,7 +223,9 @@ class Categorization:
             "rule": self.rule,
             "shares": self.shares,
             "normalization": self.normalization,
+            "normalization_scope": _scope_or_unknown(self.normalization),
             "ranking": self.ranking,
+            "ranking_domains": _domains_label(self.space, self.ranking),
             "granularity": self.space.granularity,
             "units_total": self.space.total,
         }
@@ -160,6 +234,7 @@ class Categorization:
         meta = {
             "rule": self.rule,
             "normalization": self.normalization,
+            "normalization_scope": _scope_or_unknown(self.normalization),
             "ranking": self.ranking,
             "shares": ",".join(f"{k}={v}" for k, v in self.shares.items()),
         }
@@ -170,6 +245,19 @@ class Categorization:
         return torch.tensor([[len(self.sets[a] & after.sets[b]) for b in CATEGORIES] for a in CATEGORIES])
 
 
+def _scope_or_unknown(normalization: str) -> str:
+    return normalization_scope(normalization) if normalization in NORMALIZATIONS else "?"
+
+
+def _domains_label(space: UnitSpace, ranking: str) -> str:
+    """How the units were split into ranking domains, in words (recorded in summaries)."""
+    if ranking == "per-module":
+        return "each (layer, kind) module"
+    if ranking == "global":
+        return "attention heads and MLP neurons separately" if space.granularity == "head" else "all units"
+    return "?"
+
+
 def load_categorization(
     path: str | os.PathLike[str], space: UnitSpace, *, allow_other_weights: bool = False
 ) -> Categorization:
@@ -178,11 +266,14 @@ def load_categorization(
 
     meta = read_unit_file_metadata(path)
     sets = load_unit_sets(path, space, names=list(CATEGORIES), allow_other_weights=allow_other_weights)
+    normalization = meta.get("normalization", "?")
+    if normalization == "rank" and "normalization_scope" not in meta:
+        normalization = "global-rank"  # files written before per-module ranks: "rank" was over the ranking domain
     return Categorization(
         sets,
         meta.get("rule", "?"),
         parse_shares(meta.get("shares")),
-        meta.get("normalization", "?"),
+        normalization,
         meta.get("ranking", "?"),
     )
 
@@ -201,23 +292,19 @@ def categorize(
     """Split the units of a space into SCU / UCU / CU / RU from safety and utility scores.
 
     ``safety`` and ``utility`` are ``Scores`` (channel level; summed into heads for head granularity) or flat
-    tensors over ``space``. Deterministic: ties are broken by unit order.
+    tensors over ``space``. ``normalization`` and ``ranking`` as in the module docstring (at head granularity
+    the global ranking keeps heads and neurons apart). Deterministic: ties are broken by unit order.
     """
     full_shares = check_shares(rule, shares)
-    if normalization not in NORMALIZATIONS:
-        raise UserError(f"unknown normalization {normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
+    check_normalization(normalization)
     if ranking not in RANKINGS:
         raise UserError(f"unknown ranking {ranking!r}: use one of {', '.join(RANKINGS)}")
     s_flat, u_flat, space = _as_flat(safety, utility, granularity, space)
-    if ranking == "global":
-        domains = [slice(0, space.total)]
-    else:
-        domains = [space.group_slice(sh.layer, sh.kind) for sh in space.shapes]
+    s = normalize_scores(s_flat, space, normalization, ranking)
+    u = normalize_scores(u_flat, space, normalization, ranking)
     labels = torch.empty(space.total, dtype=torch.long)
-    for d in domains:
-        s = _normalize(s_flat[d], normalization)
-        u = _normalize(u_flat[d], normalization)
-        labels[d] = _labels(s, u, rule, full_shares)
+    for d in ranking_domains(space, ranking):
+        labels[d] = _labels(s[d], u[d], rule, full_shares)
     sets = {c: UnitSet(space, labels == i, c) for i, c in enumerate(CATEGORIES)}
     return Categorization(sets, rule, full_shares, normalization, ranking)
 

@@ -53,7 +53,13 @@ def units(
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
-    normalization: Annotated[str, typer.Option(help="mean | rank | none")] = "mean",
+    normalization: Annotated[
+        str,
+        typer.Option(
+            help="mean (over all units) | module-mean | zscore | rank (these three per layer-kind module) "
+            "| global-rank | none"
+        ),
+    ] = "mean",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
     tokens: Annotated[
@@ -155,6 +161,10 @@ def train(
         ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Train only these units: UNITS_FILE:RU.")] = None,
+    gqa: Annotated[
+        str,
+        typer.Option(help="Shared GQA value rows: any (in the set if any of its channels is) | strict (if all are)."),
+    ] = "any",
     lora: Annotated[
         str | None, typer.Option(help="Train LoRA adapters instead: r=8[,alpha=16,dropout=0.05,targets=q_proj+v_proj].")
     ] = None,

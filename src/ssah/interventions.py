@@ -1,14 +1,23 @@
-"""Interventions on units that are undone on exit: ablation zeroes a unit's input channel by a pre-hook.
+"""Interventions on units that are undone on exit: ablation, exact freezing and training only some units.
 
-Ablating by pre-hook rather than by editing weights keeps the model's parameters untouched, so an ablation
-can be applied and undone in a loop over conditions without reloading or copying the model.
+Ablation replaces a unit's input channel by a pre-hook on its reader (``o_proj`` / ``down_proj``) rather than by
+editing weights, so the model's parameters stay bit-identical and an ablation can be applied and undone in a loop
+over conditions without reloading or copying the model. Two modes:
+
+- ``zero``: the channel reads 0, so its reader column contributes nothing.
+- ``mean``: FLAP-style (An et al. 2024, "Fluctuation-based adaptive structured pruning", baseline bias
+  compensation): the channel reads its calibration mean, so the reader's output gets ``W[:, j] * mean_j`` in
+  place of ``W[:, j] * x_j``. That is the same function as FLAP's pruned layer (removed column, its mean folded
+  into the output bias); substituting the mean at the input keeps it one elementwise ``where`` and leaves the
+  weights untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,7 +26,13 @@ from torch.nn.utils import parametrize
 from ssah.arch import ArchAdapter, get_adapter
 from ssah.errors import UnitFileError, UserError
 from ssah.hooks import attach
+from ssah.stats import UnitStatistics
 from ssah.units import UnitSet, UnitSpace
+
+AblationMode = Literal["zero", "mean"]
+ABLATION_MODES: tuple[AblationMode, ...] = ("zero", "mean")
+GqaMode = Literal["any", "strict"]
+GQA_MODES: tuple[GqaMode, ...] = ("any", "strict")
 
 
 def space_of(model: nn.Module, granularity: str = "neuron", adapter: ArchAdapter | None = None) -> UnitSpace:
@@ -26,23 +41,69 @@ def space_of(model: nn.Module, granularity: str = "neuron", adapter: ArchAdapter
     return UnitSpace.from_groups(adapter.groups(), granularity)  # type: ignore[arg-type]
 
 
+def check_ablation_mode(mode: str) -> AblationMode:
+    """``mode`` if it is an ablation mode, else :class:`UserError` naming the modes."""
+    if mode not in ABLATION_MODES:
+        raise UserError(f"unknown ablation mode {mode!r}: use one of {', '.join(ABLATION_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def check_gqa_mode(mode: str) -> GqaMode:
+    """``mode`` if it is a GQA sharing mode, else :class:`UserError` naming the modes."""
+    if mode not in GQA_MODES:
+        raise UserError(f"unknown gqa mode {mode!r}: use one of {', '.join(GQA_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def channel_means(stats: UnitStatistics) -> dict[str, torch.Tensor]:
+    """Per group key, the calibration mean of every input channel (float64, on CPU): the ``means`` of a
+    ``mean`` ablation. Channel level, so at head granularity each channel of an ablated head gets its own mean."""
+    return {key: s.mean.detach().to("cpu", torch.float64).clone() for key, s in stats.groups.items()}
+
+
 @contextmanager
-def ablate(model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = None) -> Iterator[None]:
-    """Zero the activations feeding the given units' readers while the block runs (reversible, shapes kept)."""
+def ablate(
+    model: nn.Module,
+    units: UnitSet,
+    *,
+    mode: str = "zero",
+    means: Mapping[str, torch.Tensor] | None = None,
+    adapter: ArchAdapter | None = None,
+) -> Iterator[None]:
+    """Replace the given units' input channels while the block runs: by 0 (``zero``) or by their calibration
+    mean (``mean``, FLAP's bias compensation; ``means`` from :func:`channel_means`). Reversible, shapes kept,
+    weights untouched; ablations nest (the inner one's hooks run after the outer one's)."""
+    mode = check_ablation_mode(mode)
     adapter = adapter or get_adapter(model)
     if space_of(model, units.space.granularity, adapter) != units.space:
         raise UnitFileError(f"unit set {units.name!r} was made for a model with another unit layout")
+    if mode == "mean" and means is None:
+        raise UserError("mean ablation needs the calibration means: pass means=channel_means(statistics)")
     hooks: dict[str, Any] = {}
     masks = units.channel_masks()
     for g in adapter.groups():
         mask = masks[g.key]
         if not bool(mask.any()):
             continue
-        keep = ~mask  # moved to each reader's input device in the hook: a dispatched model spans several devices
+        if mode == "mean":
+            assert means is not None
+            mean = means.get(g.key)
+            if mean is None or tuple(mean.shape) != (g.size,):
+                raise UserError(
+                    f"the calibration means have no {g.size} channel means for {g.key}: "
+                    "compute them on this model with channel_means(statistics)"
+                )
+            fill = torch.where(mask, mean.detach().to("cpu", torch.float64), 0.0)
+        else:
+            fill = torch.zeros(g.size, dtype=torch.float64)
+        # mask and fill move to each reader's input device in the hook: a dispatched model spans several devices
+        removed = mask
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], keep: torch.Tensor = keep) -> tuple[Any, ...]:
+        def hook(
+            _m: nn.Module, args: tuple[Any, ...], removed: torch.Tensor = removed, fill: torch.Tensor = fill
+        ) -> tuple[Any, ...]:
             x = args[0]
-            return (x * keep.to(device=x.device, dtype=x.dtype), *args[1:])
+            return (torch.where(removed.to(x.device), fill.to(x.device, x.dtype), x), *args[1:])
 
         hooks[g.reader_module] = hook
     with attach(model, pre=hooks):
@@ -53,9 +114,135 @@ def ablate(model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = No
 #
 # A unit owns its reader column (the slice of o_proj / down_proj that consumes its channel) and its writer rows
 # (the v / gate / up rows, or slices of fused projections, and their bias entries, that produce the channel).
-# Under grouped-query attention one v row is shared by the query heads of a KV group: such a row belongs to the
-# slices of a unit set as soon as ANY unit that shares it is in the set, so freezing a set freezes the shared row
-# (it also stays fixed for the set's neighbours) and training a set trains it (it also moves for the neighbours).
+# Under grouped-query attention one v row is shared by the query heads of a KV group (the adapter's writer index
+# maps several channels to one row). ``gqa="any"`` gives such a row to a unit set as soon as ANY channel that
+# shares it is in the set: freezing the set also keeps the row fixed for its neighbours, training the set also
+# moves it for them. ``gqa="strict"`` gives the row only when ALL channels that share it are in the set: the
+# set's other channels then keep (or lose) their value row. Either way :class:`SliceReport` counts what was shared.
+
+
+@dataclass(frozen=True)
+class SliceReport:
+    """What a unit set's parameter slices cover: shares of units and parameters, and GQA sharing.
+
+    A *shared row* is a writer row (a value row under GQA) that several channels read. ``outside_channels``
+    counts channels outside the set whose shared row was taken anyway (``any``: they stay fixed with a frozen
+    set, or move with a trained one); ``inside_channels_without_row`` counts channels of the set whose shared row
+    was left out (``strict``). Rows are counted once per group, whatever number of parameters (weight, bias)
+    hold them.
+    """
+
+    gqa: str
+    units: int
+    units_total: int
+    parameters: int  # entries in the slices (each tied parameter once)
+    parameters_total: int
+    shared_rows_touched: int  # shared rows read by at least one channel of the set
+    shared_rows_taken: int  # of those, rows in the slices
+    shared_rows_partial: int  # of those, rows read by channels both in and outside the set
+    outside_channels: int
+    inside_channels_without_row: int
+
+    @property
+    def unit_share(self) -> float:
+        return self.units / self.units_total if self.units_total else 0.0
+
+    @property
+    def parameter_share(self) -> float:
+        return self.parameters / self.parameters_total if self.parameters_total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, shares included."""
+        return {
+            "gqa": self.gqa,
+            "units": self.units,
+            "units_total": self.units_total,
+            "unit_share": self.unit_share,
+            "parameters": self.parameters,
+            "parameters_total": self.parameters_total,
+            "parameter_share": self.parameter_share,
+            "shared_rows_touched": self.shared_rows_touched,
+            "shared_rows_taken": self.shared_rows_taken,
+            "shared_rows_partial": self.shared_rows_partial,
+            "outside_channels": self.outside_channels,
+            "inside_channels_without_row": self.inside_channels_without_row,
+        }
+
+
+def _shared_rows(index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel: how many channels read its row, how many of them are in ``mask``, and the row's group id."""
+    rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
+    inside = torch.zeros(rows.numel(), dtype=torch.int64).index_add_(0, inverse, mask.to(torch.int64))
+    return counts[inverse], inside[inverse], inverse
+
+
+def unit_param_slices_and_report(
+    model: nn.Module,
+    units: UnitSet,
+    *,
+    adapter: ArchAdapter | None = None,
+    readers: bool = True,
+    writers: bool = True,
+    gqa: str = "any",
+) -> tuple[dict[str, tuple[int, torch.Tensor]], SliceReport]:
+    """:func:`unit_param_slices` and its :class:`SliceReport`."""
+    gqa = check_gqa_mode(gqa)
+    adapter = adapter or get_adapter(model)
+    if space_of(model, units.space.granularity, adapter) != units.space:
+        raise UnitFileError(f"unit set {units.name!r} was made for a model with another unit layout")
+    masks = units.channel_masks()
+    parts: dict[str, tuple[int, list[torch.Tensor]]] = {}
+    touched = taken = partial = outside = without = 0
+    for g in adapter.groups():
+        mask = masks[g.key]
+        if not bool(mask.any()):
+            continue
+        if readers:
+            _add_slice(parts, g.reader.name, g.reader.dim, g.reader.index[mask])
+        if not writers:
+            continue
+        counted = False  # every writer of a group maps channels to rows the same way: count the sharing once
+        for s in g.writers:
+            sharers, inside, row_id = _shared_rows(s.index, mask)
+            shared = sharers > 1
+            keep = mask & (~shared | (inside == sharers)) if gqa == "strict" else mask
+            _add_slice(parts, s.name, s.dim, s.index[keep])
+            if counted or not bool(shared.any()):
+                continue
+            counted = True
+            rows_in = torch.unique(row_id[mask & shared])
+            rows_taken = torch.unique(row_id[keep & shared])
+            touched += int(rows_in.numel())
+            taken += int(rows_taken.numel())
+            partial += int(torch.unique(row_id[mask & shared & (inside < sharers)]).numel())
+            taken_rows = torch.zeros(int(row_id.max()) + 1, dtype=torch.bool)
+            taken_rows[rows_taken] = True
+            outside += int((~mask & taken_rows[row_id]).sum())
+            without += int((mask & shared & ~taken_rows[row_id]).sum())
+    slices = {name: (dim, torch.unique(torch.cat(idx)).to(torch.int64)) for name, (dim, idx) in parts.items()}
+    slices = {name: s for name, s in slices.items() if s[1].numel()}
+    params = dict(model.named_parameters())
+    report = SliceReport(
+        gqa=gqa,
+        units=len(units),
+        units_total=units.space.total,
+        parameters=sum(int(idx.numel()) * (params[n].numel() // params[n].shape[d]) for n, (d, idx) in slices.items()),
+        parameters_total=sum(p.numel() for p in params.values()),
+        shared_rows_touched=touched,
+        shared_rows_taken=taken,
+        shared_rows_partial=partial,
+        outside_channels=outside,
+        inside_channels_without_row=without,
+    )
+    return slices, report
+
+
+def _add_slice(parts: dict[str, tuple[int, list[torch.Tensor]]], name: str, dim: int, idx: torch.Tensor) -> None:
+    """Collect ``idx`` along ``dim`` of parameter ``name`` (one dim per parameter)."""
+    d, lst = parts.setdefault(name, (dim, []))
+    if d != dim:
+        raise ValueError(f"parameter {name} has unit slices along dims {d} and {dim}")
+    lst.append(idx)
 
 
 def unit_param_slices(
@@ -65,31 +252,19 @@ def unit_param_slices(
     adapter: ArchAdapter | None = None,
     readers: bool = True,
     writers: bool = True,
+    gqa: str = "any",
 ) -> dict[str, tuple[int, torch.Tensor]]:
     """Parameter name -> (dim, sorted unique int64 indices along dim) owned by the given units.
 
     Readers contribute columns (rows of GPT-2 ``Conv1D`` weights), writers contribute v / gate / up rows,
     fused qkv / gate_up slices and bias entries; slices of one parameter are merged across groups (a fused
-    ``gate_up_proj`` appears once, with gate and up rows). Names are those of ``model.named_parameters()``,
-    which lists a tied or shared parameter once. Raises ``ValueError`` when one parameter would need slices
-    along two dims (no supported layout does), :class:`UnitFileError` when the set belongs to another model.
+    ``gate_up_proj`` appears once, with gate and up rows). ``gqa`` says when a value row shared under
+    grouped-query attention belongs to the set (``any`` / ``strict``, see above). Names are those of
+    ``model.named_parameters()``, which lists a tied or shared parameter once. Raises ``ValueError`` when one
+    parameter would need slices along two dims (no supported layout does), :class:`UnitFileError` when the set
+    belongs to another model, :class:`UserError` for an unknown ``gqa``.
     """
-    adapter = adapter or get_adapter(model)
-    if space_of(model, units.space.granularity, adapter) != units.space:
-        raise UnitFileError(f"unit set {units.name!r} was made for a model with another unit layout")
-    masks = units.channel_masks()
-    parts: dict[str, tuple[int, list[torch.Tensor]]] = {}
-    for g in adapter.groups():
-        chosen = masks[g.key].nonzero().flatten()
-        if chosen.numel() == 0:
-            continue
-        slices = ((g.reader,) if readers else ()) + (g.writers if writers else ())
-        for s in slices:
-            dim, idx = parts.setdefault(s.name, (s.dim, []))
-            if dim != s.dim:
-                raise ValueError(f"parameter {s.name} has unit slices along dims {dim} and {s.dim}")
-            idx.append(s.index[chosen])
-    return {name: (dim, torch.unique(torch.cat(idx)).to(torch.int64)) for name, (dim, idx) in parts.items()}
+    return unit_param_slices_and_report(model, units, adapter=adapter, readers=readers, writers=writers, gqa=gqa)[0]
 
 
 def unit_param_masks(model: nn.Module, units: UnitSet, **kw: Any) -> dict[str, torch.Tensor]:
@@ -135,7 +310,10 @@ class FrozenUnits:
     ``masks`` maps parameter names to bool masks of the full parameter shape (True = frozen).
     """
 
-    def __init__(self, model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]]) -> None:
+    def __init__(
+        self, model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]], report: SliceReport | None = None
+    ) -> None:
+        self.report = report  # what the frozen slices cover (set by freeze_units)
         self.masks: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.Tensor] = {}
         self._flat: dict[str, torch.Tensor] = {}  # flat indices of frozen entries in the local shard
@@ -210,14 +388,22 @@ class FrozenUnits:
         return f"FrozenUnits({self.frozen_parameters} entries in {len(self.masks)} parameters)"
 
 
-def freeze_units(model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = None) -> FrozenUnits:
+def freeze_units(
+    model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = None, gqa: str = "any"
+) -> FrozenUnits:
     """Freeze the units' reader columns and writer rows exactly: gradient masking plus a snapshot that
-    :meth:`FrozenUnits.restore` copies back after each optimizer step. An empty set freezes nothing."""
-    return FrozenUnits(model, unit_param_slices(model, units, adapter=adapter))
+    :meth:`FrozenUnits.restore` copies back after each optimizer step. An empty set freezes nothing.
+
+    ``gqa`` (``any`` | ``strict``) says when a shared GQA value row is frozen; ``.report`` says what was frozen.
+    """
+    slices, report = unit_param_slices_and_report(model, units, adapter=adapter, gqa=gqa)
+    return FrozenUnits(model, slices, report)
 
 
 class _SliceDelta(nn.Module):
     """Parametrization ``W -> W + delta`` on the slices ``idx`` along ``dim``; only ``delta`` is trainable."""
+
+    idx: torch.Tensor  # a buffer
 
     def __init__(self, param: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
         super().__init__()
@@ -243,8 +429,11 @@ class UnitDeltas:
     deltas in and gives back a plain model with the original keys (and the original ``requires_grad`` flags).
     """
 
-    def __init__(self, model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]]) -> None:
+    def __init__(
+        self, model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]], report: SliceReport | None = None
+    ) -> None:
         self.model = model
+        self.report = report  # what the trained slices cover (set by train_only_units)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -297,14 +486,18 @@ class UnitDeltas:
         return f"UnitDeltas({self.trainable_parameters} trainable entries in {len(self._sites)} parameters)"
 
 
-def train_only_units(model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = None) -> UnitDeltas:
+def train_only_units(
+    model: nn.Module, units: UnitSet, *, adapter: ArchAdapter | None = None, gqa: str = "any"
+) -> UnitDeltas:
     """Freeze the whole model and give the units' reader columns and writer rows trainable deltas.
 
+    ``gqa`` (``any`` | ``strict``) says when a shared GQA value row trains; ``.report`` says what trains.
     Raises :class:`UserError` when the set is empty (nothing would train).
     """
     if len(units) == 0:
         raise UserError(f"no units to train: unit set {units.name!r} is empty; choose a non-empty category or share")
-    return UnitDeltas(model, unit_param_slices(model, units, adapter=adapter))
+    slices, report = unit_param_slices_and_report(model, units, adapter=adapter, gqa=gqa)
+    return UnitDeltas(model, slices, report)
 
 
 def trainable_share(model: nn.Module) -> dict[str, int | float]:

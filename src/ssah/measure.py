@@ -438,7 +438,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
 def safety_ranking(found_or_cats: Any, safety: Any = None, utility: Any = None) -> torch.Tensor:
     """One value per unit, higher = more safety-critical: the categorisation's own normalised I_S - I_U within
     its ranking domains (so selections like ``CU@6%`` follow the same ranking that made SCU)."""
-    from ssah.categorize import _normalize
+    from ssah.categorize import normalize_scores
 
     cats = found_or_cats.categorization if isinstance(found_or_cats, FoundUnits) else found_or_cats
     if isinstance(found_or_cats, FoundUnits):
@@ -448,14 +448,9 @@ def safety_ranking(found_or_cats: Any, safety: Any = None, utility: Any = None) 
     space = cats.space
     s = space.join({k: space.aggregate(k, v) for k, v in safety.values.items()}).to(torch.float64)
     u = space.join({k: space.aggregate(k, v) for k, v in utility.values.items()}).to(torch.float64)
-    if cats.ranking == "per-module":
-        domains = [space.group_slice(sh.layer, sh.kind) for sh in space.shapes]
-    else:
-        domains = [slice(0, space.total)]
-    diff = torch.empty(space.total, dtype=torch.float64)
-    for d in domains:
-        diff[d] = _normalize(s[d], cats.normalization) - _normalize(u[d], cats.normalization)
-    return diff
+    return normalize_scores(s, space, cats.normalization, cats.ranking) - normalize_scores(
+        u, space, cats.normalization, cats.ranking
+    )
 
 
 # ------------------------------------------------------------------------------------------------ selections

@@ -127,6 +127,7 @@ class TrainConfig(ModelRunConfig):
     system: str | None = None
     freeze: str | None = None
     only: str | None = None
+    gqa: str = "any"  # a value row shared under GQA is frozen / trained when any (or, strict, all) its channels are
     lora: LoraSettings | None = None
     allow_other_weights: bool = False
     freeze_embeddings: bool = False
@@ -191,6 +192,9 @@ class TrainConfig(ModelRunConfig):
         for spec in (self.freeze, self.only):
             if spec:
                 parse_unit_spec(spec)
+        from ssah.interventions import check_gqa_mode
+
+        check_gqa_mode(self.gqa)
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded: settings, then the output folders."""
@@ -425,6 +429,7 @@ class TrainResult:
     epochs: float
     resumed_from: int | None = None
     frozen_max_drift: float | None = None
+    unit_slices: dict[str, Any] | None = None  # SliceReport of the frozen / trained units (shares, GQA sharing)
     log: list[dict[str, Any]] = field(default_factory=list)
     fsdp: bool = False
 
@@ -452,6 +457,7 @@ class TrainResult:
             "skipped_examples": self.skipped,
             "resumed_from": self.resumed_from,
             "frozen_max_drift": self.frozen_max_drift,
+            "unit_slices": self.unit_slices,
             "fsdp": self.fsdp,
             "seconds": round(self.seconds, 3),
         }
@@ -732,6 +738,7 @@ class _Trainable:
     total: int
     finish: Callable[[bool], nn.Module]
     frozen: Any = None
+    report: Any = None  # SliceReport of a units-only run
 
 
 def _prepare_trainable(model: nn.Module, cfg: TrainConfig, freeze: UnitSet | None, only: UnitSet | None) -> _Trainable:
@@ -746,14 +753,14 @@ def _prepare_trainable(model: nn.Module, cfg: TrainConfig, freeze: UnitSet | Non
             p.requires_grad_(flags.get(name, p.requires_grad))
 
     if only is not None:
-        deltas = train_only_units(model, only)
+        deltas = train_only_units(model, only, gqa=cfg.gqa)
 
         def finish_only(ok: bool) -> nn.Module:
             deltas.merge()
             return model
 
         named = {f"delta.{i}": p for i, p in enumerate(deltas.parameters())}
-        return _Trainable(model, named, deltas.trainable_parameters, total, finish_only)
+        return _Trainable(model, named, deltas.trainable_parameters, total, finish_only, report=deltas.report)
 
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -904,7 +911,9 @@ def train_model(
             from ssah.interventions import freeze_units
 
             # after accelerate wrapped or FSDP2 sharded the model: the hooks must sit on the parameters it trains
-            frozen = freeze_units(wrapped if sharded is not None else accelerator.unwrap_model(wrapped), freeze)
+            frozen = freeze_units(
+                wrapped if sharded is not None else accelerator.unwrap_model(wrapped), freeze, gqa=cfg.gqa
+            )
         trainable_params = tr.params - (frozen.frozen_parameters if frozen is not None else 0)
         trainable = {
             "params": trainable_params,
@@ -1000,6 +1009,7 @@ def train_model(
         tr.model.__dict__.pop("_original_forward", None)
         trained = tr.finish(ok)
         trained.train(was_training)
+    slice_report = frozen.report if frozen is not None else tr.report
     return TrainResult(
         model=trained,
         mode=cfg.mode,
@@ -1015,6 +1025,7 @@ def train_model(
         epochs=plan.epoch_of(plan.total_steps),
         resumed_from=resumed_from,
         frozen_max_drift=drift,
+        unit_slices=slice_report.as_dict() if slice_report is not None else None,
         log=records,
         fsdp=shard,
     )

@@ -42,7 +42,7 @@ class UnitsConfig(ModelRunConfig):
     metric: str = "fluctuation"
     rule: str = "ssah"
     shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = "mean"
+    normalization: str = "mean"  # one of categorize.NORMALIZATIONS (mean, module-mean, zscore, rank, global-rank, none)
     ranking: str = "global"
     granularity: str = "neuron"
     tokens: str = "prompt+response"
@@ -117,7 +117,9 @@ def run_units(cfg: UnitsConfig) -> Path:
         "rule": cats.rule,
         "shares": cats.shares,
         "normalization": cats.normalization,
+        "normalization_scope": summary["normalization_scope"],
         "ranking": cats.ranking,
+        "ranking_domains": summary["ranking_domains"],
         "granularity": cfg.granularity,
         "token_region": cfg.tokens,
         "tokens": {"safety": s_scores.tokens, "utility": u_scores.tokens},
