@@ -21,12 +21,12 @@ from ssah.experiments.ablate import (
     AblateConfig,
     Condition,
     ablated,
-    channel_means,
     measure_conditions,
     parse_dose,
     render,
 )
 from ssah.generate import GenerationConfig
+from ssah.interventions import channel_means
 from ssah.judges import get_judge
 from ssah.measure import ControlDistribution, Proportion, compare, find_units, verdict, weights_digest
 from ssah.models import load_model

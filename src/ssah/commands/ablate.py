@@ -48,9 +48,9 @@ def ablate(
         int | None, typer.Option(help="Use N examples (spread over the set) of each calibration set.")
     ] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
-    normalization: Annotated[str, typer.Option(help="Score normalisation when computing units: mean | rank | none")] = (
-        "mean"
-    ),
+    normalization: Annotated[
+        str, typer.Option(help="Normalisation when computing units: mean|module-mean|zscore|rank|global-rank|none")
+    ] = "mean",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     tokens: Annotated[

@@ -29,7 +29,7 @@ from ssah.data.chat import TOKEN_REGIONS
 from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
-from ssah.hooks import attach
+from ssah.interventions import ABLATION_MODES, ablate, channel_means
 from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
 from ssah.models import LoadedModel, load_model
 from ssah.report import CATEGORY_COLORS, markdown_table
@@ -37,7 +37,6 @@ from ssah.runs import RunDir, check_output_folder, manifest, set_seed
 from ssah.scoring import Scores, check_metric
 from ssah.units import GRANULARITIES, UnitSet, UnitSpace, read_unit_file_metadata
 
-ABLATION_MODES: tuple[str, ...] = ("zero", "mean")
 # Dose points as shares of ALL units (the paper's SCU share on Llama-2-7B-Chat was 1.3%).
 DEFAULT_DOSE: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.05)
 QUICK_DOSE: tuple[float, ...] = (0.0025, 0.01, 0.03)
@@ -191,42 +190,16 @@ class Condition:
     overrefusal: bool = True  # dose points skip the safe prompts (the curve plots ASR, compliance and utility)
 
 
-def channel_means(stats: Any) -> dict[str, torch.Tensor]:
-    """Per group key, the calibration mean of every input channel (what mean ablation substitutes)."""
-    return {key: s.mean.detach().to("cpu", torch.float64) for key, s in stats.groups.items()}
-
-
 @contextmanager
 def ablated(
     model: torch.nn.Module, units: UnitSet | None, mode: str, means: Mapping[str, torch.Tensor] | None
 ) -> Iterator[None]:
-    """THE one place this recipe ablates: the units' input channels read 0 (``zero``) or their calibration mean
-    (``mean``: FLAP's bias compensation, the same function as folding ``W[:, j] * mean_j`` into the output bias).
-    Pre-hooks on the readers, removed on exit; the weights are never touched."""
-    # Hand-written until ssah.interventions.ablate(model, units, mode=, means=) from helper `interv` is on main;
-    # then this body becomes that one call.
+    """THE one place this recipe ablates (``interventions.ablate``: zero, or FLAP-style mean); a condition
+    without units runs the model as it is."""
     if units is None or len(units) == 0:
         yield
         return
-    if mode == "mean" and means is None:
-        raise UserError("mean ablation needs calibration means: compute the units' statistics first")
-    adapter = get_adapter(model)
-    masks = units.channel_masks()
-    hooks: dict[str, Any] = {}
-    for g in adapter.groups():
-        mask = masks[g.key]
-        if not bool(mask.any()):
-            continue
-        fill = torch.zeros(g.size, dtype=torch.float64)
-        if mode == "mean":
-            fill = torch.where(mask, means[g.key].to(torch.float64), 0.0)  # type: ignore[index]
-
-        def hook(_m: Any, args: tuple[Any, ...], rm: torch.Tensor = mask, f: torch.Tensor = fill) -> tuple[Any, ...]:
-            x = args[0]  # a dispatched model spans devices: the masks go to each reader's input device
-            return (torch.where(rm.to(x.device), f.to(x.device, x.dtype), x), *args[1:])
-
-        hooks[g.reader_module] = hook
-    with attach(model, pre=hooks):
+    with ablate(model, units, mode=mode, means=means):
         yield
 
 
