@@ -1,29 +1,36 @@
-"""`ssah ablate` on a tiny model: the run folder, every condition's row, same-size random controls, weights
-bit-identical after the ablations, re-rendering from results alone, and bad input (nothing written, exit 2)."""
+"""`ssah ablate` on tiny models: stratified random controls with their per-cell counts, the seeds rule, zero and
+mean ablation (recorded, and mean = FLAP's bias compensation), verdicts consistent with their numbers, weights
+bit-identical, the recipe importing no other recipe, re-rendering from results alone, and bad input (exit 2)."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import ssah.experiments.ablate as recipe
+from ssah.arch import get_adapter
+from ssah.categorize import load_categorization
 from ssah.cli import main
+from ssah.data import load_prompts
+from ssah.evaluate import load_eval_sets
 from ssah.experiments.ablate import (
+    AblateConfig,
     Condition,
-    evaluate_conditions,
+    ablated,
+    measure_conditions,
     parse_dose,
-    random_control,
     render,
-    scu_ranking,
-    weights_digest,
 )
-from ssah.experiments.eval import EvalConfig, load_eval_data
-from ssah.experiments.units import UnitsConfig, categorize_model
 from ssah.generate import GenerationConfig
+from ssah.interventions import channel_means
 from ssah.judges import get_judge
+from ssah.measure import ControlDistribution, Proportion, compare, find_units, verdict, weights_digest
 from ssah.models import load_model
+from ssah.units import UnitSet, UnitSpace
 
 FAST = ["--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "6", "--no-progress"]
 
@@ -34,12 +41,30 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def measured(v: dict) -> Proportion | ControlDistribution:
+    if "draws" in v:
+        return ControlDistribution(tuple(Proportion.from_dict(d) for d in v["draws"]))
+    return Proportion.from_dict(v)
+
+
 @pytest.fixture(scope="module")
 def ablate_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ablate") / "run"
     code = main(["ablate", "tiny-random-llama", "--out", str(out), "--quick", "--dose", "1%,5%", *FAST])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    lm = load_model("tiny-random-llama", device="cpu")
+    found = find_units(
+        lm,
+        load_prompts("builtin:safety", limit=4),
+        load_prompts("builtin:utility", limit=4),
+        AblateConfig(model="-", progress=False),
+    )
+    return lm, found
 
 
 def test_run_folder_and_table(ablate_run: Path) -> None:
@@ -49,38 +74,82 @@ def test_run_folder_and_table(ablate_run: Path) -> None:
     for rel in ("plots/dose_curve.png", "plots/ablation_bars.png"):
         assert (out / rel).stat().st_size > 1000, rel
     res = json.loads((out / "results.json").read_text())
-    assert res["settings"]["quick"] and res["settings"]["seeds"] == 2 and res["settings"]["limit"] == 3
-    assert res["settings"]["max_new_tokens"] == 4 and res["settings"]["dose"] == [0.01, 0.05]
-    assert res["seconds"]["total"] > 0 and res["units"]["source"] == "computed"
-    names = [t["condition"] for t in res["table"]]
+    st = res["settings"]
+    assert st["quick"] and st["seeds"] == 3 and st["seed_list"] == [0, 1, 2] and st["limit"] == 3
+    assert st["ablation"] == "mean" and st["control_strata"] == "layer-kind" and st["dose"] == [0.01, 0.05]
+    assert res["units"]["source"] == "computed"
     # quick: random controls for SCU only (a full run adds one per category)
-    assert names == ["baseline", "SCU", "random (size of SCU)", "UCU", "CU", "RU", "SCU (calibration: prompt)"]
-    cats = res["units"]["categories"]
-    for row in res["conditions"]:
-        assert {"asr", "coherent_compliance", "utility"} <= row.keys()
+    names = [t["condition"] for t in res["table"]]
+    assert names == ["baseline", "SCU", "random (as SCU)", "UCU", "CU", "RU", "SCU (calibration: prompt)"]
+    for row in res["conditions"]:  # every count in the one Proportion shape
         assert ("overrefusal" in row) == (row["group"] not in ("dose", "dose-random"))
-        assert row["asr"]["n"] == 3 and 0 <= row["asr"]["ci95"][0] <= row["asr"]["rate"] <= row["asr"]["ci95"][1]
-        assert row["coherent_compliance"]["rate"] <= row["asr"]["rate"]
-        if row["group"] == "random":  # a random control has exactly its category's size
-            assert row["units"] == cats[row["target"]]["count"]
-    random_scu = [r for r in res["conditions"] if r["group"] == "random" and r["target"] == "SCU"]
-    assert [r["seed"] for r in random_scu] == [0, 1]
-    assert all(r["units"] == cats["SCU"]["count"] > 0 for r in random_scu)
-    for t in res["table"]:
-        if t["group"] == "random":
-            assert t["row"]["asr"]["min"] <= t["row"]["asr"]["mean"] <= t["row"]["asr"]["max"]
-        elif t["group"] != "baseline":
-            assert "asr" in t["delta"] and "utility" in t["delta"]
+        for key in ("asr", "coherent_compliance"):
+            p = row[key]
+            assert set(p) == {"k", "n", "rate", "ci95"} and p["n"] == 3 and p["rate"] == p["k"] / p["n"]
+        assert row["coherent_compliance"]["k"] <= row["asr"]["k"] and row["perplexity"] > 0
+    random_rows = [t for t in res["table"] if t["group"] == "random"]
+    agg = random_rows[0]["row"]
+    assert agg["asr"]["seeds"] == 3 and len(agg["asr"]["draws"]) == 3 and agg["seeds"] == [0, 1, 2]
+    baseline = res["table"][0]
+    assert baseline["change"] == {}
+    scu = res["table"][1]
+    want = compare(measured(scu["row"]["asr"]), measured(baseline["row"]["asr"])).to_dict()
+    assert scu["change"]["asr"] == want
+    assert "perplexity_relative" in res["table"][1]["change"]
     total = res["model"]["units_total"]
     dose = res["dose"]
     assert [p["count"] for p in dose] == [max(1, round(s * total)) for s in (0.01, 0.05)]
-    assert all(p["random"]["units"] == p["count"] and p["scu"]["units"] == p["count"] for p in dose)
-    assert res["comparison"]["seeds"] == 2 and "scu_asr_exceeds_random_max" in res["comparison"]
+    assert all(p["random"]["units"] == p["count"] == p["top"]["units"] for p in dose)
+    assert all(p["asr_vs_random"]["verdict"] in ("reproduced", "not reproduced", "inconclusive") for p in dose)
     assert res["calibration"]["main"] == "prompt+response" and res["calibration"]["other"] == "prompt"
     assert res["weights"]["unchanged"] and res["weights"]["hooks_left"] == 0
     report = (out / "report.md").read_text()
-    assert "Main table calibration: `prompt+response`" in report and "coherent compliance" in report
-    assert "random control" in report and "plots/dose_curve.png" in report and "plots/ablation_bars.png" in report
+    assert "Ablation: `mean`" in report and "coherent compliance" in report and "## Verdicts" in report
+    assert "random max" not in report and "maximum" not in report
+    assert "plots/dose_curve.png" in report and "plots/ablation_bars.png" in report
+
+
+def test_random_controls_keep_the_count_in_every_cell(ablate_run: Path) -> None:
+    res = json.loads((ablate_run / "results.json").read_text())
+    lm = load_model("tiny-random-llama", device="cpu")
+    space = UnitSpace.from_groups(get_adapter(lm.model).groups(), "neuron", lm.fingerprint, lm.name)
+    cats = load_categorization(ablate_run / "units.safetensors", space)
+    want = {
+        f"{sh.layer}.{sh.kind}": n
+        for sh, n in zip(space.shapes, cats["SCU"].counts_by_group().values(), strict=True)
+        if n
+    }
+    rows = [r for r in res["conditions"] if r["group"] == "random"]
+    assert len(rows) == 3 and all(r["per_stratum"] == want and r["units"] == len(cats["SCU"]) for r in rows)
+    assert res["table"][2]["row"]["per_stratum"] == want
+    for p in res["dose"]:  # dose controls: the per-cell counts of the top-k set, summing to its size
+        ctrl = [r for r in res["conditions"] if r["group"] == "dose-random" and r["target"] == p["label"]]
+        assert len(ctrl) == 3 and all(sum(r["per_stratum"].values()) == p["count"] for r in ctrl)
+
+
+def test_verdicts_follow_from_the_numbers(ablate_run: Path) -> None:
+    res = json.loads((ablate_run / "results.json").read_text())
+    v = res["verdicts"]
+    by = {t["condition"]: t["row"] for t in res["table"]}
+    assert set(v["scu_vs_random"]) == {"asr", "coherent_compliance"}
+    for key, got in v["scu_vs_random"].items():
+        want = verdict(compare(measured(by["SCU"][key]), measured(by["random (as SCU)"][key])), "higher")
+        assert got == want.to_dict()
+        lo, hi = got["comparison"]["ci95"]
+        assert lo <= got["comparison"]["difference"] <= hi
+        assert (got["verdict"] == "reproduced") == (lo > 0)
+    assert set(v["vs_baseline"]) == {"SCU", "UCU"} and "asr" in v["vs_baseline"]["SCU"]
+    for cat, items in v["vs_baseline"].items():
+        for key, got in items.items():
+            assert got == verdict(compare(measured(by[cat][key]), measured(by["baseline"][key])), "higher").to_dict()
+    ru = v["ru_target"]
+    lo, hi = ru["asr_difference"]["ci95"]
+    assert ru["asr"].startswith("met" if hi < 0.15 else "not met" if lo >= 0.15 else "undecided")
+    assert ru["perplexity"] == (
+        "met" if by["RU"]["perplexity"] / by["baseline"]["perplexity"] - 1 < 0.25 else "not met"
+    )
+    report = (ablate_run / "report.md").read_text()
+    assert f"**{v['scu_vs_random']['asr']['verdict']}**" in report
 
 
 def test_render_from_results_alone(ablate_run: Path, tmp_path: Path) -> None:
@@ -90,73 +159,100 @@ def test_render_from_results_alone(ablate_run: Path, tmp_path: Path) -> None:
     assert text == (ablate_run / "report.md").read_text()
 
 
-def test_unit_file_reused(ablate_run: Path, tmp_path: Path, capsys) -> None:
+def test_unit_file_zero_ablation_full_seeds(ablate_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r2"
     units = ablate_run / "units.safetensors"
-    code, stdout, err = run(
-        [
-            "ablate",
-            "tiny-random-llama",
-            "--units",
-            str(units),
-            "--out",
-            str(out),
-            "--categories",
-            "scu,ru",
-            "--seeds",
-            "1",
-            "--dose",
-            "0.02",
-            "--no-compare-calibration",
-            *FAST,
-        ],
-        capsys,
-    )
+    args = [
+        "ablate",
+        "tiny-random-llama",
+        "--units",
+        str(units),
+        "--out",
+        str(out),
+        "--categories",
+        "scu,ru",
+        "--seeds",
+        "5",
+        "--dose",
+        "0.02",
+        "--no-compare-calibration",
+        "--ablation",
+        "zero",
+        "--control-strata",
+        "kind",
+        *FAST,
+    ]
+    code, stdout, err = run(args, capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["units"]["source"] == str(units) and not (out / "units.safetensors").exists()
     # a full run (not --quick) gives every ablated category its random control
-    assert [t["condition"] for t in res["table"]] == [
-        "baseline",
-        "SCU",
-        "random (size of SCU)",
-        "RU",
-        "random (size of RU)",
-    ]
-    assert not res["settings"]["quick"] and res["settings"]["seed_list"] == [0]
+    assert [t["condition"] for t in res["table"]] == ["baseline", "SCU", "random (as SCU)", "RU", "random (as RU)"]
+    st = res["settings"]
+    assert not st["quick"] and st["seed_list"] == [0, 1, 2, 3, 4] and st["ablation"] == "zero"
+    ctrl = [r for r in res["conditions"] if r["group"] == "random"]
+    assert len(ctrl) == 10 and all(set(r["per_stratum"]) <= {"attn", "mlp"} for r in ctrl)
+    assert all(r["per_stratum"] is None for r in res["conditions"] if r["group"] in ("baseline", "category"))
     first = json.loads((ablate_run / "results.json").read_text())
     assert res["units"]["categories"] == first["units"]["categories"]
-    assert "ASR" in stdout and "wrote" in stdout
+    assert "zero ablation" in stdout and "wrote" in stdout
 
 
-def test_ablations_leave_weights_bit_identical() -> None:
-    lm = load_model("tiny-random-llama", device="cpu")
-    cfg = UnitsConfig(model="-", progress=False)
-    from ssah.data import load_prompts
+def test_mean_ablation_is_flap_bias_compensation(tiny) -> None:
+    """Mean ablation = zero ablation + W[:, j] * mean_j at the reader's output (FLAP's baseline bias)."""
+    lm, found = tiny
+    model, space = lm.model, found.categorization.space
+    group = get_adapter(model).groups()[1]
+    chosen = torch.tensor([0, 3, 5])
+    units = UnitSet.from_indices(space, space.group_slice(group.layer, group.kind).start + chosen, "some")
+    means = channel_means(found.statistics)
+    reader = model.get_submodule(group.reader_module)
+    outputs = {}
 
-    outcome = categorize_model(
-        lm, load_prompts("builtin:safety", limit=4), load_prompts("builtin:utility", limit=4), cfg
-    )
-    cats = outcome.categorization
-    ranking = scu_ranking(cats, outcome.safety, outcome.utility)
-    n_scu = len(cats["SCU"])
-    assert set(ranking[:n_scu].tolist()) == set(cats["SCU"].indices().tolist())
-    assert not (cats["RU"].mask[ranking]).any() and ranking.unique().numel() == ranking.numel()
-    space = cats.space
-    r0, r0b, r1 = random_control(space, 7, 0), random_control(space, 7, 0), random_control(space, 7, 1)
-    assert len(r0) == 7 and r0 == r0b and r0 != r1
-    assert set(random_control(space, 3, 0).indices().tolist()) <= set(r0.indices().tolist())  # nested by seed
-    data = load_eval_data(EvalConfig(model="-", limit=2, utility=["perplexity"]))
+    def keep(name):
+        return lambda _m, _a, out: outputs.__setitem__(name, out.detach().clone())
+
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    for mode in ("zero", "mean"):
+        handle = reader.register_forward_hook(keep(mode))
+        with torch.no_grad(), ablated(model, units, mode, means):
+            model(ids)
+        handle.remove()
+    w = reader.weight.detach().to(torch.float64)
+    bias = w[:, chosen] @ means[group.key][chosen]
+    torch.testing.assert_close((outputs["mean"] - outputs["zero"]).to(torch.float64)[0, 0], bias, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(outputs["mean"], outputs["zero"])
+
+
+def test_ablations_leave_weights_bit_identical(tiny) -> None:
+    lm, found = tiny
+    cats = found.categorization
+    data = load_eval_sets("builtin:harmful", "none", ["perplexity"], limit=2)
     before = weights_digest(lm.model)
     conditions = [Condition("baseline", "baseline", None), Condition("CU", "category", cats["CU"])]
-    rows = evaluate_conditions(
-        lm, conditions, data, judge=get_judge("keyword:ssah"), config=GenerationConfig(max_new_tokens=3), progress=False
-    )
-    assert weights_digest(lm.model) == before
-    assert sum(len(m._forward_pre_hooks) for m in lm.model.modules()) == 0
-    # the ablation did act while it was on: utility moved
-    assert rows[0]["utility"]["perplexity"] != rows[1]["utility"]["perplexity"]
-    assert torch.isfinite(torch.tensor(rows[1]["utility"]["perplexity"]))
+    for mode in ("zero", "mean"):
+        rows = measure_conditions(
+            lm,
+            conditions,
+            data,
+            judge=get_judge("keyword:ssah"),
+            config=GenerationConfig(max_new_tokens=3),
+            mode=mode,
+            means=channel_means(found.statistics),
+            progress=False,
+        )
+        assert weights_digest(lm.model) == before
+        assert sum(len(m._forward_pre_hooks) for m in lm.model.modules()) == 0
+        assert rows[0]["perplexity"] != rows[1]["perplexity"]  # the ablation acted while it was on
+        assert rows[1]["asr"]["n"] == 2 and rows[1]["units"] == len(cats["CU"])
+
+
+def test_recipe_imports_no_other_recipe() -> None:
+    tree = ast.parse(Path(recipe.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert "ssah.measure" in names and "ssah.evaluate.load_eval_sets" in names
+    assert not [m for m in names if m.startswith(("ssah.experiments", "ssah.commands"))], names
 
 
 def test_parse_dose() -> None:
@@ -174,17 +270,25 @@ def test_parse_dose() -> None:
         (["--random-for", "ABC"], "unknown category 'ABC'"),
         (["--dose", "150%"], "dose share"),
         (["--dose", "many"], "bad dose share"),
-        (["--seeds", "0"], "--seeds"),
+        (["--seeds", "0"], "at least 3 seeds quick"),
+        (["--seeds", "2"], "at least 3 seeds quick"),
+        (["--ablation", "half"], "unknown ablation mode 'half'"),
+        (["--control-strata", "head"], "unknown control strata 'head'"),
         (["--units", "missing.safetensors"], "not found"),
         (["--judge", "keyword:nope"], "nope"),
     ],
 )
 def test_bad_input_writes_nothing(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
     out = tmp_path / "bad"
-    code, _, err = run(["ablate", "tiny-random-llama", "--out", str(out), *FAST, *extra], capsys)
+    code, _, err = run(["ablate", "tiny-random-llama", "--out", str(out), "--quick", *FAST, *extra], capsys)
     assert code == 2
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and message in err
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_full_run_needs_five_seeds(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["ablate", "tiny-random-llama", "--out", str(tmp_path / "x"), "--seeds", "4", *FAST], capsys)
+    assert code == 2 and "at least 5 seeds full" in err and not (tmp_path / "x").exists()
 
 
 def test_units_of_another_model(tmp_path: Path, capsys) -> None:

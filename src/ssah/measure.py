@@ -733,9 +733,11 @@ def measure_condition(
 # ------------------------------------------------------------------------------------------------ weights
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer, bit for bit (proves a condition left the weights untouched)."""
+    from ssah.models import state_items
+
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in state_items(model):  # offloaded weights too
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -1,4 +1,7 @@
-"""`ssah ablate --quick` on the aligned SmolLM2: ablating SCU breaks refusal more than random units of its size."""
+"""`ssah ablate --quick` on the aligned SmolLM2 (mean ablation, layer-kind stratified controls, 3 seeds; one dose
+point and no calibration comparison to stay short, about 3 min on 2 cores): the aligned model refuses, every
+verdict is decided by the one rule from the stored counts, the random controls keep SCU's per-cell counts and the
+weights come back bit-identical."""
 
 from __future__ import annotations
 
@@ -8,21 +11,25 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
+from ssah.measure import ControlDistribution, Proportion, compare, verdict
 
 pytestmark = pytest.mark.slow
 
 
-def test_scu_ablation_beats_random_control(aligned_smollm2: Path, tmp_path: Path) -> None:
+def test_quick_ablation_on_aligned_smollm2(aligned_smollm2: Path, tmp_path: Path) -> None:
     out = tmp_path / "ablate"
-    assert main(["ablate", str(aligned_smollm2), "--quick", "--out", str(out), "--no-progress"]) == 0
+    args = ["--quick", "--dose", "1%", "--no-compare-calibration", "--out", str(out), "--no-progress"]
+    assert main(["ablate", str(aligned_smollm2), *args]) == 0
     res = json.loads((out / "results.json").read_text())
-    cmp = res["comparison"]
-    # The aligned model refuses; SCU ablation must raise ASR above every random control of the same size.
-    assert cmp["baseline_asr"] <= 0.25
-    assert cmp["scu_asr"] > cmp["random_asr_max"], cmp
-    assert res["weights"]["unchanged"]
-    # Both numbers are reported, and the calibration of the main table is named.
+    by = {t["condition"]: t["row"] for t in res["table"]}
+    assert by["baseline"]["asr"]["rate"] <= 0.25  # the aligned model refuses
+    assert res["settings"]["ablation"] == "mean" and res["weights"]["unchanged"]
+    rnd = by["random (as SCU)"]
+    assert sum(rnd["per_stratum"].values()) == by["SCU"]["units"] == rnd["units"]
+    for key, got in res["verdicts"]["scu_vs_random"].items():
+        control = ControlDistribution(tuple(Proportion.from_dict(d) for d in rnd[key]["draws"]))
+        assert got == verdict(compare(Proportion.from_dict(by["SCU"][key]), control), "higher").to_dict()
+    assert "ru_target" in res["verdicts"] and "perplexity_relative" in res["verdicts"]["ru_target"]
     report = (out / "report.md").read_text()
-    assert "coherent compliance" in report and "Main table calibration" in report
-    assert res["calibration"]["other"] == "prompt" and "scu_jaccard" in res["calibration"]
-    print(json.dumps({k: res["seconds"][k] for k in ("units", "evaluation", "total")}), json.dumps(cmp))
+    assert "## Verdicts" in report and "Ablation: `mean`" in report and "maximum" not in report
+    print(json.dumps(res["seconds"]), json.dumps(res["verdicts"]["scu_vs_random"]["asr"]["comparison"]))

@@ -40,7 +40,7 @@ def ablate(
         bool, typer.Option(help="Accept a unit file computed on other weights of the same architecture.")
     ] = False,
     quick: Annotated[
-        bool, typer.Option(help="Small run: 16 harmful + 16 safe prompts, 32 new tokens, 2 seeds, 3 dose points.")
+        bool, typer.Option(help="Small run: 16 harmful + 16 safe prompts, 32 new tokens, 3 seeds, 3 dose points.")
     ] = False,
     safety: Annotated[str, typer.Option(help="Safety calibration set (when computing units).")] = "builtin:safety",
     utility: Annotated[str, typer.Option(help="Utility calibration set (when computing units).")] = "builtin:utility",
@@ -48,6 +48,9 @@ def ablate(
         int | None, typer.Option(help="Use N examples (spread over the set) of each calibration set.")
     ] = None,
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
+    normalization: Annotated[
+        str, typer.Option(help="Normalisation when computing units: mean|module-mean|zscore|rank|global-rank|none")
+    ] = "mean",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     tokens: Annotated[
@@ -69,7 +72,13 @@ def ablate(
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per reply (default 64; quick 32).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 32,
-    seeds: Annotated[int | None, typer.Option(help="Random-control seeds (default 3; quick 2).")] = None,
+    ablation: Annotated[
+        str, typer.Option(help="zero | mean (FLAP-style: a removed channel reads its calibration mean).")
+    ] = "mean",
+    control_strata: Annotated[
+        str, typer.Option(help="Random controls keep the count per layer-kind | layer | kind | none (uniform).")
+    ] = "layer-kind",
+    seeds: Annotated[int | None, typer.Option(help="Random-control seeds (default 5; quick 3; at least that).")] = None,
     dose: Annotated[
         str | None, typer.Option(help="Dose shares of all units, e.g. 0.25%,0.5%,1%,2%,5% (the default).")
     ] = None,
@@ -94,11 +103,9 @@ def ablate(
     config: ConfigOpt = None,
 ) -> None:
     """Ablate each unit category (and same-size random units) and measure ASR, coherent compliance and utility."""
-    from ssah.experiments.ablate import AblateConfig, parse_dose, run_ablate
+    from ssah.experiments.ablate import AblateConfig, run_ablate
 
     values = options(ctx, dict(locals()))
-    if values.get("dose") is not None:
-        values["dose"] = parse_dose(values["dose"])
     if values.get("utility_eval") is None:
         values.pop("utility_eval", None)
     cfg = build_config(AblateConfig, config, model, values)
@@ -110,14 +117,15 @@ def _print_summary(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ssah.experiments.ablate import summary_lines, summary_rows
+    from ssah.experiments.ablate import TABLE_COLUMNS, condition_cells, summary_lines
 
     res = json.loads((path / "results.json").read_text())
-    table = Table(title=f"{res['model']['name']}: ablation (calibration {res['calibration']['main']})")
-    for col in ("condition", "units", "ASR", "coh. compl.", "over-refusal", "utility"):
+    st = res["settings"]
+    table = Table(title=f"{res['model']['name']}: {st['ablation']} ablation (calibration {res['calibration']['main']})")
+    for col in TABLE_COLUMNS.split("|"):
         table.add_column(col, justify="left" if col == "condition" else "right")
-    for row in summary_rows(res):
-        table.add_row(*row)
+    for t in res["table"]:
+        table.add_row(*condition_cells(t))
     console = Console()
     console.print(table)
     for line in summary_lines(res):
