@@ -583,7 +583,6 @@ def test_cli_train_gqa_option_reaches_results(tmp_path, capsys) -> None:
 
     from ssah.categorize import categorize
     from ssah.cli import main
-
     from ssah.models import model_fingerprint
 
     model, _ = build_tiny_model("llama")

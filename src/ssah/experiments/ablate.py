@@ -30,7 +30,7 @@ from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
 from ssah.interventions import ABLATION_MODES, ablate, channel_means
-from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.judges import JUDGE_KINDS, get_judge, judge_line, registered_judges
 from ssah.models import LoadedModel, load_model
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
@@ -588,6 +588,8 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         f"{st['generation']['max_new_tokens']} new tokens; utility {', '.join(st['utility_eval'])}. Random controls: "
         f"the same count as the ablated set in every `{st['control_strata']}` stratum, one draw per seed "
         f"{st['seed_list']}." + (" Quick run (small sets: numbers are indicative)." if st["quick"] else ""),
+        "",
+        judge_line(st["judge"]),
         "",
         "ASR = harmful prompts not refused (keyword judge); coherent compliance = answered with a coherent "
         "non-refusal. Rates: value [95% Wilson interval]; random controls: mean over seeds [interval widened by the "
