@@ -59,7 +59,7 @@ def units(
             help="mean (over all units) | module-mean | zscore | rank (these three per layer-kind module) "
             "| global-rank | none"
         ),
-    ] = "mean",
+    ] = "zscore",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
     tokens: Annotated[

@@ -50,7 +50,7 @@ def ablate(
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     normalization: Annotated[
         str, typer.Option(help="Normalisation when computing units: mean|module-mean|zscore|rank|global-rank|none")
-    ] = "mean",
+    ] = "zscore",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
     tokens: Annotated[

@@ -62,7 +62,7 @@ def budget(
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
-    normalization: Annotated[str, typer.Option(help="mean|module-mean|zscore|rank|global-rank|none")] = "mean",
+    normalization: Annotated[str, typer.Option(help="mean|module-mean|zscore|rank|global-rank|none")] = "zscore",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     tokens: Annotated[
         str, typer.Option(help="Tokens counted: prompt+response | response | prompt | all")

@@ -51,7 +51,7 @@ def transfer(
     metric: Annotated[str, typer.Option(help="fluctuation | wanda | snip | taylor | magnitude")] = "fluctuation",
     rule: Annotated[str, typer.Option(help="ssah | pruning-sets | wei-set-difference")] = "ssah",
     shares: SharesOpt = None,
-    normalization: Annotated[str, typer.Option(help="mean|module-mean|zscore|rank|global-rank|none")] = "mean",
+    normalization: Annotated[str, typer.Option(help="mean|module-mean|zscore|rank|global-rank|none")] = "zscore",
     ranking: Annotated[str, typer.Option(help="global | per-module")] = "global",
     granularity: Annotated[str, typer.Option(help="neuron | head")] = "neuron",
     tokens: Annotated[

@@ -22,7 +22,15 @@ from pydantic import Field, field_validator
 
 from ssah import measure
 from ssah.arch import get_adapter
-from ssah.categorize import CATEGORIES, NORMALIZATIONS, RANKINGS, Categorization, check_shares, load_categorization
+from ssah.categorize import (
+    CATEGORIES,
+    DEFAULT_NORMALIZATION,
+    NORMALIZATIONS,
+    RANKINGS,
+    Categorization,
+    check_shares,
+    load_categorization,
+)
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.chat import TOKEN_REGIONS
@@ -97,7 +105,7 @@ class AblateConfig(ModelRunConfig):
     metric: str = "fluctuation"
     rule: str = "ssah"
     shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = "mean"
+    normalization: str = DEFAULT_NORMALIZATION
     ranking: str = "global"
     granularity: str = "neuron"
     tokens: str = "prompt+response"

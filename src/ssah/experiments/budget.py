@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from ssah.arch import get_adapter
-from ssah.categorize import NORMALIZATIONS, RANKINGS, check_shares
+from ssah.categorize import DEFAULT_NORMALIZATION, NORMALIZATIONS, RANKINGS, check_shares
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
@@ -99,7 +99,7 @@ class BudgetConfig(ModelRunConfig):
     metric: str = "fluctuation"
     rule: str = "ssah"
     shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = "mean"
+    normalization: str = DEFAULT_NORMALIZATION
     ranking: str = "global"
     tokens: str = "prompt+response"
     score_batch_size: int = 8

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ssah import measure
-from ssah.categorize import NORMALIZATIONS, RANKINGS, check_shares
+from ssah.categorize import DEFAULT_NORMALIZATION, NORMALIZATIONS, RANKINGS, check_shares
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.tasks import MathItem
@@ -142,7 +142,7 @@ class ProtectConfig(ModelRunConfig):
     shares: dict[str, float] = Field(default_factory=dict)
     metric: str = "fluctuation"
     rule: str = "ssah"
-    normalization: str = "mean"
+    normalization: str = DEFAULT_NORMALIZATION
     ranking: str = "global"
     # evaluation
     harmful: str = "builtin:harmful"

@@ -20,7 +20,15 @@ from pydantic import Field
 from transformers import PreTrainedModel
 
 from ssah.arch import get_adapter
-from ssah.categorize import CATEGORIES, NORMALIZATIONS, RANKINGS, Categorization, check_shares, expected_random_jaccard
+from ssah.categorize import (
+    CATEGORIES,
+    DEFAULT_NORMALIZATION,
+    NORMALIZATIONS,
+    RANKINGS,
+    Categorization,
+    check_shares,
+    expected_random_jaccard,
+)
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
@@ -62,7 +70,7 @@ class TransferConfig(ModelRunConfig):
     metric: str = "fluctuation"
     rule: str = "ssah"
     shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = "mean"
+    normalization: str = DEFAULT_NORMALIZATION
     ranking: str = "global"
     granularity: str = "neuron"
     tokens: str = "prompt+response"

@@ -11,6 +11,7 @@ from pydantic import Field
 from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
+    DEFAULT_NORMALIZATION,
     NORMALIZATIONS,
     RANKINGS,
     check_shares,
@@ -42,7 +43,7 @@ class UnitsConfig(ModelRunConfig):
     metric: str = "fluctuation"
     rule: str = "ssah"
     shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = "mean"  # one of categorize.NORMALIZATIONS (mean, module-mean, zscore, rank, global-rank, none)
+    normalization: str = DEFAULT_NORMALIZATION
     ranking: str = "global"
     granularity: str = "neuron"
     tokens: str = "prompt+response"
