@@ -318,6 +318,30 @@ class UnitSearch(Protocol):
     progress: bool
 
 
+def check_unit_search(cfg: Any) -> None:
+    """Validate the unit-search settings a config has (metric, rule and shares, normalisation, ranking,
+    granularity, tokens, control strata), before any data or model is loaded. One place for every recipe."""
+    from ssah.categorize import NORMALIZATIONS, RANKINGS, check_shares
+    from ssah.data.chat import TOKEN_REGIONS
+    from ssah.scoring import check_metric
+    from ssah.units import GRANULARITIES
+
+    if hasattr(cfg, "metric"):
+        check_metric(cfg.metric)
+    if hasattr(cfg, "rule"):
+        check_shares(cfg.rule, getattr(cfg, "shares", None))
+    for key, what, allowed in (
+        ("normalization", "normalization", NORMALIZATIONS),
+        ("ranking", "ranking", RANKINGS),
+        ("granularity", "granularity", GRANULARITIES),
+        ("tokens", "tokens", TOKEN_REGIONS),
+        ("control_strata", "control strata", STRATA),
+    ):
+        value = getattr(cfg, key, None)
+        if value is not None and value not in allowed:
+            raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+
+
 @dataclass
 class FoundUnits:
     """Scores and categories of one model on one pair of calibration sets, in memory.

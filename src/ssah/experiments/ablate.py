@@ -25,15 +25,11 @@ from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
     DEFAULT_NORMALIZATION,
-    NORMALIZATIONS,
-    RANKINGS,
     Categorization,
-    check_shares,
     load_categorization,
 )
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
-from ssah.data.chat import TOKEN_REGIONS
 from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
@@ -42,8 +38,8 @@ from ssah.judges import JUDGE_KINDS, get_judge, judge_line, registered_judges
 from ssah.models import LoadedModel, load_model
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import Scores, check_metric
-from ssah.units import GRANULARITIES, UnitSet, UnitSpace, read_unit_file_metadata
+from ssah.scoring import Scores
+from ssah.units import UnitSet, UnitSpace, read_unit_file_metadata
 
 # Dose points as shares of ALL units (the paper's SCU share on Llama-2-7B-Chat was 1.3%).
 DEFAULT_DOSE: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.05)
@@ -57,14 +53,6 @@ PAPER_DIRECTIONS: dict[tuple[str, str], str] = {
     ("SCU", "asr"): "higher",
     ("UCU", "asr"): "higher",
     ("UCU", "utility"): "lower",
-}
-CHOICES = {
-    "ablation": ("ablation mode", ABLATION_MODES),
-    "control_strata": ("control strata", measure.STRATA),
-    "normalization": ("normalization", NORMALIZATIONS),
-    "ranking": ("ranking", RANKINGS),
-    "granularity": ("granularity", GRANULARITIES),
-    "tokens": ("tokens", TOKEN_REGIONS),
 }
 # The README's target for RU ablation on the aligned SmolLM2 (issue 12): ASR up by < 15 points, perplexity < +25%.
 RU_TARGET = {"asr_points": 0.15, "perplexity_rise": 0.25}
@@ -168,11 +156,9 @@ class AblateConfig(ModelRunConfig):
         for key in ("limit", "calibration_limit"):
             if r[key] is not None and r[key] < 1:
                 raise UserError(f"{key} must be at least 1, got {r[key]}")
-        check_metric(self.metric)
-        check_shares(self.rule, self.shares)
-        for key, (what, allowed) in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"unknown {what} {getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        measure.check_unit_search(self)
+        if self.ablation not in ABLATION_MODES:
+            raise UserError(f"unknown ablation mode {self.ablation!r}: use one of {', '.join(ABLATION_MODES)}")
         self.generation()
         kind = self.judge.split(":", 1)[0]
         if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):

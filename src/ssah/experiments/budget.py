@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from ssah.arch import get_adapter
-from ssah.categorize import DEFAULT_NORMALIZATION, NORMALIZATIONS, RANKINGS, check_shares
+from ssah.categorize import DEFAULT_NORMALIZATION
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
@@ -32,6 +32,7 @@ from ssah.measure import (
     ControlDistribution,
     Proportion,
     check_seeds,
+    check_unit_search,
     compare,
     find_units,
     measure_condition,
@@ -42,7 +43,6 @@ from ssah.measure import (
 from ssah.models import load_model
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import check_metric
 from ssah.train import TrainConfig, parse_unit_spec, resolve_unit_spec, train_model
 from ssah.units import UnitSet, save_unit_sets
 
@@ -54,7 +54,6 @@ SHOWN = {"refusal": "refusal (harmful)", "overrefusal": "over-refusal (benign)"}
 }
 COLORS = {"base": "#7f7f7f", "full": "#1f77b4", "ru": "#2ca02c", "random": "#ff7f0e"}
 ALIGNMENT = "builtin:alignment"
-TOKENS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 # Training only a sliver of the weights moves the model far less per step than full SFT at the same rate, so
 # the units-only conditions get their own (higher) learning rate; it is recorded with the results. Measured on
 # SmolLM2 (8 steps, 16 held-out harmful prompts): RU-only at 3e-4 left refusal at the base's 6%, 1e-3 gave 25%,
@@ -158,15 +157,7 @@ class BudgetConfig(ModelRunConfig):
         if self.units is not None:
             parse_unit_spec(self.units)
         else:
-            check_metric(self.metric)
-            check_shares(self.rule, self.shares)
-            for value, allowed, what in (
-                (self.normalization, NORMALIZATIONS, "normalization"),
-                (self.ranking, RANKINGS, "ranking"),
-                (self.tokens, TOKENS, "tokens"),
-            ):
-                if value not in allowed:
-                    raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+            check_unit_search(self)
         self.generation().check()
         kind = self.judge.split(":", 1)[0]
         if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):

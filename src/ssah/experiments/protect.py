@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ssah import measure
-from ssah.categorize import DEFAULT_NORMALIZATION, NORMALIZATIONS, RANKINGS, check_shares
+from ssah.categorize import DEFAULT_NORMALIZATION
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.tasks import MathItem
@@ -45,7 +45,6 @@ from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import check_metric
 from ssah.train import LoraSettings, TrainConfig, load_ranked_categories, parse_lora, train_model
 from ssah.units import UnitSet
 
@@ -200,15 +199,7 @@ class ProtectConfig(ModelRunConfig):
             raise UserError("no step count given: pass e.g. --steps 5,10,20")
         if self.units is not None and not Path(self.units).is_file():
             raise UserError(f"unit file {self.units} not found: pass a units.safetensors written by `ssah units`")
-        check_metric(self.metric)
-        check_shares(self.rule, self.shares)
-        for value, allowed, what in (
-            (self.normalization, NORMALIZATIONS, "normalization"),
-            (self.ranking, RANKINGS, "ranking"),
-            (self.control_strata, measure.STRATA, "control strata"),
-        ):
-            if value not in allowed:
-                raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+        measure.check_unit_search(self)
         e.train_config("lora" if "lora" in (e.settings or []) else None).check_training()
         check_output_folder(self.out, self.overwrite)
 

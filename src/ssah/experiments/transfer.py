@@ -23,27 +23,30 @@ from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
     DEFAULT_NORMALIZATION,
-    NORMALIZATIONS,
-    RANKINGS,
     Categorization,
-    check_shares,
     expected_random_jaccard,
 )
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
-from ssah.measure import Proportion, compare, find_units, restored_weights, stability_summary, verdict
+from ssah.measure import (
+    Proportion,
+    check_unit_search,
+    compare,
+    find_units,
+    restored_weights,
+    stability_summary,
+    verdict,
+)
 from ssah.models import LoadedModel, load_model, model_fingerprint
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import check_metric
 from ssah.train import TrainConfig, train_model
-from ssah.units import GRANULARITIES, UnitSpace
+from ssah.units import UnitSpace
 
 PAPER_CLAIM = "over half of the SCU became CU and part of the CU became UCU (paper §4.2, Fig. 5)"
 # The transitions the paper names: each is tested against the data-noise control; the plot always shows them.
 KEY_PAIRS: tuple[str, ...] = ("SCU->CU", "CU->UCU")
-TOKENS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
 CONTROL_METHOD = "the unchanged model on disjoint calibration halves A -> B: what moves by data noise alone"
 MATCHED_METHOD = "half A on the model before fine-tuning -> half B on the model after: the fine-tune plus that noise"
 QUICK_LIMIT = 48
@@ -99,16 +102,7 @@ class TransferConfig(ModelRunConfig):
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
-        check_metric(self.metric)
-        check_shares(self.rule, self.shares)
-        for value, allowed, what in (
-            (self.normalization, NORMALIZATIONS, "normalization"),
-            (self.ranking, RANKINGS, "ranking"),
-            (self.granularity, GRANULARITIES, "granularity"),
-            (self.tokens, TOKENS, "tokens"),
-        ):
-            if value not in allowed:
-                raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+        check_unit_search(self)
         if self.batch_size < 1 or self.max_length < 8:
             raise UserError("--batch-size must be at least 1 and --max-length at least 8")
         if self.finetuned is None:

@@ -12,23 +12,17 @@ from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
     DEFAULT_NORMALIZATION,
-    NORMALIZATIONS,
-    RANKINGS,
-    check_shares,
 )
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.htmlreport import report_title, write_report_files
-from ssah.measure import FoundUnits, find_units
+from ssah.measure import FoundUnits, check_unit_search, find_units
 from ssah.models import LoadedModel, load_model
 from ssah.plan import auto_scoring_batch_size, wants_auto_batch
 from ssah.report import markdown_table, plot_units_by_layer
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.scoring import check_metric
-from ssah.units import GRANULARITIES, UnitSpace
-
-REGIONS: tuple[str, ...] = ("prompt+response", "response", "prompt", "all")
+from ssah.units import UnitSpace
 
 
 class UnitsConfig(ModelRunConfig):
@@ -59,16 +53,7 @@ class UnitsConfig(ModelRunConfig):
 
     def check_settings(self) -> None:
         """Validate the scoring and categorisation settings (for in-memory use, where no folder is written)."""
-        check_metric(self.metric)
-        check_shares(self.rule, self.shares)
-        for value, allowed, what in (
-            (self.normalization, NORMALIZATIONS, "normalization"),
-            (self.ranking, RANKINGS, "ranking"),
-            (self.granularity, GRANULARITIES, "granularity"),
-            (self.tokens, REGIONS, "tokens"),
-        ):
-            if value not in allowed:
-                raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+        check_unit_search(self)
         if (self.batch_size != "auto" and self.batch_size < 1) or self.max_length < 8:
             raise UserError("batch_size must be at least 1 and max_length at least 8")
         if self.limit is not None and self.limit < 2 and self.stability:
