@@ -99,11 +99,23 @@ def ablate(
         # mask and fill move to each reader's input device in the hook: a dispatched model spans several devices
         removed = mask
 
+        # the hook runs on every forward of every ablated reader (each generated token): move and cast the mask
+        # and fill once per device and dtype, not on each call
+        placed: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+
         def hook(
-            _m: nn.Module, args: tuple[Any, ...], removed: torch.Tensor = removed, fill: torch.Tensor = fill
+            _m: nn.Module,
+            args: tuple[Any, ...],
+            removed: torch.Tensor = removed,
+            fill: torch.Tensor = fill,
+            placed: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = placed,
         ) -> tuple[Any, ...]:
             x = args[0]
-            return (torch.where(removed.to(x.device), fill.to(x.device, x.dtype), x), *args[1:])
+            key = (x.device, x.dtype)
+            if key not in placed:
+                placed[key] = (removed.to(x.device), fill.to(x.device, x.dtype))
+            where, value = placed[key]
+            return (torch.where(where, value, x), *args[1:])
 
         hooks[g.reader_module] = hook
     with attach(model, pre=hooks):
