@@ -6,8 +6,6 @@ import base64
 import json
 import re
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -203,8 +201,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     elif case == "unknown":
         man.write_text(json.dumps({"command": "nosuchexperiment"}))
     elif case == "no-render":
-        monkeypatch.setitem(sys.modules, "ssah.experiments.norender", types.ModuleType("ssah.experiments.norender"))
-        man.write_text(json.dumps({"command": "norender"}))
+        man.write_text(json.dumps({"command": "judge validate"}))
     before = _snapshot(run) if run.is_dir() else None
     code = main(["report", str(run)])
     out, err = capsys.readouterr()
@@ -217,8 +214,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
         "bad-manifest": "cannot read the manifest",
         "no-command": "names no valid command",
         "no-results": "has no results.json",
-        "unknown": "no report renderer for command 'nosuchexperiment'",
-        "no-render": "has no render(results, run_dir)",
+        "unknown": "no recipe called 'nosuchexperiment'",
+        "no-render": "cannot be rebuilt from results.json",
     }[case]
     assert expected in err, err
     if before is not None:

@@ -1,16 +1,14 @@
 """`ssah report RUN_DIR`: rebuild a run folder's plots, ``report.md`` and self-contained ``report.html``.
 
-The run's ``manifest.json`` names the command that wrote it; ``ssah.experiments.<command>.render(results, run_dir)``
-redraws the plots from ``results.json`` alone and returns the Markdown, so a report can be regenerated (after a
-change of the report code, or when it was deleted) without rerunning anything.
+The run's ``manifest.json`` names the command that wrote it; its recipe's ``render(results, run_dir)`` (from
+``ssah.recipes``) redraws the plots from ``results.json`` alone and returns the Markdown, so a report can be
+regenerated (after a change of the report code, or when it was deleted) without rerunning anything.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import webbrowser
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,8 +16,7 @@ import typer
 
 from ssah.cliutil import app
 from ssah.errors import UserError
-
-Renderer = Callable[[dict[str, Any], Path], str]
+from ssah.recipes import Renderer, get_recipe
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -39,7 +36,7 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
         raise UserError(f"{run_dir} is not a run folder (no manifest.json): pass a folder written by an ssah command")
     man = _read_json(manifest_file, "the manifest")
     command = man.get("command") if isinstance(man, dict) else None
-    if not isinstance(command, str) or not command.isidentifier():
+    if not isinstance(command, str) or not command.strip():
         raise UserError(f"{manifest_file} names no valid command (found {command!r}): is it an ssah run folder?")
     results_file = run_dir / "results.json"
     if not results_file.is_file():
@@ -51,18 +48,8 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
 
 
 def renderer_for(command: str) -> Renderer:
-    """``ssah.experiments.<command>.render``; a ``UserError`` when that experiment has no renderer."""
-    module_name = f"ssah.experiments.{command}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:  # the module exists but something it imports does not: a real bug
-            raise
-        raise UserError(f"no report renderer for command {command!r}: ssah has no module {module_name}") from exc
-    render = getattr(module, "render", None)
-    if not callable(render):
-        raise UserError(f"no report renderer for command {command!r}: {module_name} has no render(results, run_dir)")
-    return render  # type: ignore[no-any-return]
+    """The registered recipe's ``render``; a ``UserError`` when no recipe of that name can rebuild its report."""
+    return get_recipe(command).renderer()
 
 
 def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:

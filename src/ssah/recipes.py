@@ -1,0 +1,142 @@
+"""The recipe registry: every experiment ssah can run, found by name, never by module-naming convention.
+
+A recipe is a config class (every option, declared once), a ``run(config)`` that writes a run folder, and a
+``render(results, run_dir) -> markdown`` that redraws its plots and report from ``results.json`` alone. The CLI,
+``ssah report`` and the demo look recipes up here. Entries name their objects as ``"module:attribute"`` strings and
+are imported on first use, so ``import ssah`` stays cheap (torch, plotting) and a broken optional recipe cannot stop
+the others from loading.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssah.errors import UserError
+
+Renderer = Callable[[dict[str, Any], Path], str]
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One experiment: where its config, its run function and its report renderer live."""
+
+    name: str
+    summary: str
+    config: str
+    run: str
+    render: str | None = None  # None: the recipe writes its report itself and cannot rebuild it from results.json
+
+    def config_class(self) -> Any:
+        """The recipe's pydantic config class."""
+        return _resolve(self.config)
+
+    def runner(self) -> Callable[..., Path]:
+        """The recipe's ``run(config) -> run folder`` function."""
+        return _resolve(self.run)  # type: ignore[no-any-return]
+
+    def renderer(self) -> Renderer:
+        """The recipe's ``render(results, run_dir) -> markdown``; a ``UserError`` when it has none."""
+        if self.render is None:
+            raise UserError(f"the `{self.name}` report cannot be rebuilt from results.json: run the command again")
+        return _resolve(self.render)  # type: ignore[no-any-return]
+
+
+def _recipe(name: str, summary: str, module: str, config: str, run: str, render: str | None = "render") -> Recipe:
+    return Recipe(
+        name=name,
+        summary=summary,
+        config=f"{module}:{config}",
+        run=f"{module}:{run}",
+        render=f"{module}:{render}" if render else None,
+    )
+
+
+_E = "ssah.experiments"
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _recipe(
+            "units",
+            "Score every unit on safety and utility data; split into SCU / UCU / CU / RU.",
+            f"{_E}.units",
+            "UnitsConfig",
+            "run_units",
+        ),
+        _recipe("eval", "ASR, over-refusal and utility of one model.", f"{_E}.eval", "EvalConfig", "run_eval"),
+        _recipe(
+            "probe",
+            "Where harmful and harmless prompts separate along the reasoning direction.",
+            f"{_E}.probe",
+            "ProbeConfig",
+            "run_probe",
+        ),
+        _recipe(
+            "ablate",
+            "Ablate unit categories against stratified random controls.",
+            f"{_E}.ablate",
+            "AblateConfig",
+            "run_ablate",
+        ),
+        _recipe(
+            "train", "Fine-tune with units frozen (or only units trained).", f"{_E}.train", "TrainConfig", "run_train"
+        ),
+        _recipe(
+            "align",
+            "Make the aligned model (SFT on refusals and helpful answers).",
+            f"{_E}.align",
+            "AlignConfig",
+            "run_align",
+        ),
+        _recipe(
+            "transfer",
+            "Do fine-tuning attacks turn safety units into utility units?",
+            f"{_E}.transfer",
+            "TransferConfig",
+            "run_transfer",
+        ),
+        _recipe(
+            "protect",
+            "Does freezing safety units protect against a fine-tuning attack?",
+            f"{_E}.protect",
+            "ProtectConfig",
+            "run_protect",
+        ),
+        _recipe("budget", "Are redundant units a good alignment budget?", f"{_E}.budget", "BudgetConfig", "run_budget"),
+        _recipe("demo", "The whole method on one model, with one report.", f"{_E}.demo", "DemoConfig", "run_demo"),
+        _recipe(
+            "judge validate",
+            "Agreement of judges with human labels.",
+            f"{_E}.judge",
+            "JudgeValidateConfig",
+            "run_judge_validate",
+            None,
+        ),
+        _recipe(
+            "judge train",
+            "Train the learned judge on labelled replies.",
+            f"{_E}.judge",
+            "JudgeTrainConfig",
+            "run_judge_train",
+            None,
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; a ``UserError`` listing the known ones otherwise."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        known = ", ".join(sorted(RECIPES))
+        raise UserError(f"no recipe called {name!r}: the known recipes are {known}") from None
