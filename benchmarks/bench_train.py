@@ -95,7 +95,7 @@ def main() -> None:
     from ssah.cli import main as cli
     from ssah.data import load_prompts
     from ssah.models import load_model
-    from ssah.train import TrainConfig, resolve_unit_spec, train_model
+    from ssah.training import TrainConfig, resolve_unit_spec, train_model
 
     default_units = "runs/benchmarks/units" if args.model == ap.get_default("model") else None
     units = Path(args.units or default_units or f"runs/benchmarks/units-{Path(args.model).name}")

@@ -126,7 +126,7 @@ WORKER = textwrap.dedent(
     from ssah.data import load_prompts
     from ssah.interventions import unit_param_masks
     from ssah.tiny import build_tiny_model
-    from ssah.train import TrainConfig, resolve_unit_spec, train_model
+    from ssah.training import TrainConfig, resolve_unit_spec, train_model
 
     out, units = Path(sys.argv[1]), sys.argv[2]
     state = PartialState(cpu=True)

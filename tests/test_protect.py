@@ -22,7 +22,7 @@ from ssah.models import model_fingerprint
 from ssah.modelutil import frozen_eval
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
-from ssah.train import TrainConfig, train_model
+from ssah.training import TrainConfig, train_model
 from ssah.units import UnitSet, UnitSpace
 
 TINY = "tiny-random-llama"

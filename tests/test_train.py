@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from ssah.arch import get_adapter
@@ -22,7 +23,7 @@ from ssah.measure import safety_ranking
 from ssah.models import model_fingerprint
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
-from ssah.train import (
+from ssah.training import (
     DataPlan,
     TrainConfig,
     fsdp_requested,
@@ -274,10 +275,10 @@ def test_train_model_rejects_bad_input_and_leaves_the_model_alone(unit_file: Pat
         train_model(model, tok, DATA, cfg(max_steps=1), freeze=scu, only=ru)
     with pytest.raises(DataError, match="empty"):
         train_model(model, tok, PromptSet("none", "memory", ()), cfg(max_steps=1))
-    for lr in (0.0, -1e-5):
-        with pytest.raises(UserError, match="learning rate must be positive"):
-            train_model(model, tok, DATA, cfg(max_steps=1, lr=lr))
-    with pytest.raises(ValueError, match="finite"):  # nan never reaches the loop: the config refuses it
+    for lr in (0.0, -1e-5):  # the config refuses a learning rate that is not positive (or nan) before any training
+        with pytest.raises(ValidationError, match="greater than 0"):
+            cfg(max_steps=1, lr=lr)
+    with pytest.raises(ValidationError, match="finite"):
         cfg(max_steps=1, lr=float("nan"))
     with pytest.raises(UserError, match="is empty"):
         train_model(model, tok, DATA, cfg(max_steps=1), only=ru - ru)
@@ -440,8 +441,8 @@ def _bad_cases(unit_file: Path, data_file: Path, tmp: Path) -> dict[str, tuple[l
         "empty data": (["tiny-random-llama", "--data", str(tmp / "empty.jsonl")], "no rows"),
         "no responses": (["tiny-random-llama", "--data", "builtin:harmful"], "response"),
         "freeze and only": (["tiny-random-llama", *d, "--freeze", f"{units}:SCU", "--only", f"{units}:RU"], "not both"),
-        "lr zero": (["tiny-random-llama", *d, "--lr", "0"], "learning rate must be positive"),
-        "lr negative": (["tiny-random-llama", *d, "--lr", "-1e-5"], "learning rate must be positive"),
+        "lr zero": (["tiny-random-llama", *d, "--lr", "0"], "'lr'"),
+        "lr negative": (["tiny-random-llama", *d, "--lr", "-1e-5"], "'lr'"),
         "lora and freeze": (["tiny-random-llama", *d, "--lora", "r=4", "--freeze", f"{units}:SCU"], "--lora"),
         "lora and only": (["tiny-random-llama", *d, "--lora", "r=4", "--only", f"{units}:RU"], "--lora"),
         "bad lora": (["tiny-random-llama", *d, "--lora", "rank=4"], "LoRA setting"),

@@ -200,7 +200,7 @@ def train(
 ) -> None:
     """Fine-tune a model: all parameters, all but frozen units, only some units, or LoRA adapters."""
     from ssah.experiments.train import run_train
-    from ssah.train import TrainConfig, parse_lora
+    from ssah.training import TrainConfig, parse_lora
 
     values = options(ctx, dict(locals()))
     if values.get("lora") is not None:

@@ -292,13 +292,13 @@ def unit_param_masks(model: nn.Module, units: UnitSet, **kw: Any) -> dict[str, t
     return out
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
 
-def _like_param(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def like_param(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``mask`` laid out like ``param``: sharded the same way when ``param`` is a DTensor (no communication:
     every rank holds the same full mask), else ``mask`` itself."""
     mesh = getattr(param, "device_mesh", None)
@@ -339,11 +339,11 @@ class FrozenUnits:
                     f"cannot freeze units of {name}: its weights are offloaded (CPU / disk) by the device map; "
                     "train with a device map that keeps every weight on a GPU, or with FSDP2"
                 )
-            local = _local(param.detach())
+            local = local_tensor(param.detach())
             mask = torch.zeros(param.shape, dtype=torch.bool, device=local.device)
             mask.index_fill_(dim, idx.to(local.device), True)
             self.masks[name] = mask
-            flat = _local(_like_param(mask, param)).reshape(-1).nonzero().flatten()
+            flat = local_tensor(like_param(mask, param)).reshape(-1).nonzero().flatten()
             self._params[name] = param
             self._flat[name] = flat
             self._saved[name] = local.reshape(-1).index_select(0, flat).clone()
@@ -358,7 +358,7 @@ class FrozenUnits:
         def hook(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
-            grad = _local(param.grad)
+            grad = local_tensor(param.grad)
             if grad.is_contiguous():
                 grad.view(-1).index_fill_(0, flat, 0)
             else:  # unusual gradient layouts: slower, same result
@@ -371,7 +371,7 @@ class FrozenUnits:
     def restore(self) -> None:
         """Copy the saved frozen values back; call right after every ``optimizer.step()``."""
         for name, param in self._params.items():
-            local = _local(param.detach())
+            local = local_tensor(param.detach())
             local.view(-1).index_copy_(0, self._flat[name], self._saved[name])
 
     @torch.no_grad()
@@ -379,7 +379,7 @@ class FrozenUnits:
         """Largest ``|current - saved|`` over the frozen entries (0.0 when exact; the local shard under FSDP2)."""
         drift = 0.0
         for name, param in self._params.items():
-            now = _local(param.detach()).reshape(-1).index_select(0, self._flat[name])
+            now = local_tensor(param.detach()).reshape(-1).index_select(0, self._flat[name])
             if now.numel():
                 drift = max(drift, float((now.double() - self._saved[name].double()).abs().max()))
         return drift

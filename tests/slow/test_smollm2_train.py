@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from ssah.cli import main
 from ssah.interventions import unit_param_masks
 from ssah.models import load_model
-from ssah.train import partial_dir, resolve_unit_spec
+from ssah.training import partial_dir, resolve_unit_spec
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from ssah.measure import Proportion, compare, measure_condition, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.train import TrainConfig, train_model
+from ssah.training import TrainConfig, train_model
 
 TRAINING_KEYS = (
     "harmful",

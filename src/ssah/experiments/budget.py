@@ -43,7 +43,7 @@ from ssah.measure import (
 from ssah.models import load_model
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.train import TrainConfig, parse_unit_spec, resolve_unit_spec, train_model
+from ssah.training import TrainConfig, parse_unit_spec, resolve_unit_spec, train_model
 from ssah.units import UnitSet, save_unit_sets
 
 CONDITIONS: tuple[str, ...] = ("full", "ru", "random")
@@ -125,12 +125,14 @@ class BudgetConfig(ModelRunConfig):
         """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
         full = condition == "full"
         same = {"model", "out", "dtype", "batch_size", "schedule", "max_length", "system", "seed", "progress"}
-        return TrainConfig(
-            **self.model_dump(include=same),
-            max_steps=self.setting("steps"),
-            lr=self.lr if full else self.lr_units,
-            max_grad_norm=None,
-            freeze_embeddings=self.freeze_embeddings and full,
+        return TrainConfig.build(
+            dict(
+                **self.model_dump(include=same),
+                max_steps=self.setting("steps"),
+                lr=self.lr if full else self.lr_units,
+                max_grad_norm=None,
+                freeze_embeddings=self.freeze_embeddings and full,
+            )
         )
 
     def generation(self) -> GenerationConfig:
@@ -153,7 +155,7 @@ class BudgetConfig(ModelRunConfig):
         if self.setting("eval_limit") < 1:
             raise UserError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         for c in self.conditions:
-            self.train_config(c).check_training()
+            self.train_config(c)  # a UserError on a bad training setting
         if self.units is not None:
             parse_unit_spec(self.units)
         else:

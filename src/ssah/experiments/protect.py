@@ -45,7 +45,7 @@ from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.report import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.train import LoraSettings, TrainConfig, load_ranked_categories, parse_lora, train_model
+from ssah.training import LoraSettings, TrainConfig, load_ranked_categories, parse_lora, train_model
 from ssah.units import UnitSet
 
 log = logging.getLogger(__name__)
@@ -200,19 +200,21 @@ class ProtectConfig(ModelRunConfig):
         if self.units is not None and not Path(self.units).is_file():
             raise UserError(f"unit file {self.units} not found: pass a units.safetensors written by `ssah units`")
         measure.check_unit_search(self)
-        e.train_config("lora" if "lora" in (e.settings or []) else None).check_training()
+        e.train_config("lora" if "lora" in (e.settings or []) else None)  # a UserError on a bad training setting
         check_output_folder(self.out, self.overwrite)
 
     def train_config(self, setting: str | None) -> TrainConfig:
         """The training settings of one setting's run (to the largest step count)."""
         e = self.effective()
         keep = ("model", "out", "dtype", "seed", "device", "batch_size", "schedule", "weight_decay", "max_grad_norm")
-        return TrainConfig(
-            **{k: getattr(e, k) for k in (*keep, "max_length", "system")},
-            max_steps=max(e.steps or [1]),
-            lr=(e.lora_lr or LORA_LR_FACTOR * e.lr) if setting == "lora" else e.lr,
-            lora=e.lora if setting == "lora" else None,
-            progress=False,
+        return TrainConfig.build(
+            dict(
+                **{k: getattr(e, k) for k in (*keep, "max_length", "system")},
+                max_steps=max(e.steps or [1]),
+                lr=(e.lora_lr or LORA_LR_FACTOR * e.lr) if setting == "lora" else e.lr,
+                lora=e.lora if setting == "lora" else None,
+                progress=False,
+            )
         )
 
     def label(self, setting: str) -> str:

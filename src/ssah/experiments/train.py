@@ -32,7 +32,7 @@ from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
 from ssah.report import markdown_table
 from ssah.runs import RunDir, manifest, set_seed
-from ssah.train import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
+from ssah.training import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
 log = logging.getLogger(__name__)
 

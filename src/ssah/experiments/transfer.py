@@ -41,7 +41,7 @@ from ssah.measure import (
 from ssah.models import LoadedModel, load_model, model_fingerprint
 from ssah.report import CATEGORY_COLORS, markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
-from ssah.train import TrainConfig, train_model
+from ssah.training import TrainConfig, train_model
 from ssah.units import UnitSpace
 
 PAPER_CLAIM = "over half of the SCU became CU and part of the CU became UCU (paper §4.2, Fig. 5)"
@@ -96,8 +96,8 @@ class TransferConfig(ModelRunConfig):
     def train_config(self) -> TrainConfig:
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
         same = {"model", "out", "dtype", "data", "columns", "system", "lr", "max_length", "seed", "progress"}
-        return TrainConfig(
-            **self.model_dump(include=same), max_steps=self.effective_steps(), batch_size=self.train_batch_size
+        return TrainConfig.build(
+            dict(**self.model_dump(include=same), max_steps=self.effective_steps(), batch_size=self.train_batch_size)
         )
 
     def check(self) -> None:
@@ -106,7 +106,7 @@ class TransferConfig(ModelRunConfig):
         if self.batch_size < 1 or self.max_length < 8:
             raise UserError("--batch-size must be at least 1 and --max-length at least 8")
         if self.finetuned is None:
-            self.train_config().check_training()
+            self.train_config()  # a UserError on a bad training setting
         limit = self.effective_limit()
         if self.control and limit is not None and limit < 2:
             raise UserError("the data-noise control splits each calibration set in two: use --limit 2 or more")
