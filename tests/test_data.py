@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-import ssah.data.loaders as loaders_mod
+import ssah.data.prompt_sets as prompt_sets_mod
 from ssah.data import (
     BUILTIN_SETS,
     FALLBACK_TEMPLATE,
@@ -289,7 +289,7 @@ def test_directory_with_one_data_file(tmp_path: Path) -> None:
 
 def test_builtin_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = write_jsonl(tmp_path / "fake.jsonl", [{"prompt": "built in", "category": "x"}])
-    monkeypatch.setattr(loaders_mod, "builtin_path", lambda name: fake)
+    monkeypatch.setattr(prompt_sets_mod, "builtin_path", lambda name: fake)
     monkeypatch.chdir(tmp_path)
     ps = load_prompts("builtin:harmful")
     assert ps.name == "harmful" and ps.source == "builtin:harmful" and ps.prompts() == ["built in"]
@@ -333,7 +333,7 @@ def test_error_unknown_builtin() -> None:
 
 
 def test_error_missing_builtin_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders_mod, "builtin_path", lambda name: tmp_path / "absent.jsonl")
+    monkeypatch.setattr(prompt_sets_mod, "builtin_path", lambda name: tmp_path / "absent.jsonl")
     with pytest.raises(DataError, match="reinstall ssah or pass a data file"):
         load_prompts("builtin:safety")
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ssah.data.chat import Encoded, batches, collate, context_length, encode_set, fit_context
-from ssah.data.loaders import PromptSet, load_prompts
+from ssah.data.loaders import load_prompts
+from ssah.data.prompt_sets import PromptSet
 from ssah.data.tasks import (
     MathItem,
     MultipleChoiceItem,

@@ -10,15 +10,9 @@ from ssah.data.chat import (
     encode_set,
     format_chat,
 )
-from ssah.data.loaders import (
-    BUILTIN_SETS,
-    Example,
-    PromptSet,
-    builtin_path,
-    load_prompts,
-    parse_column_mapping,
-)
+from ssah.data.loaders import load_prompts
 from ssah.data.presets import PRESETS, load_preset
+from ssah.data.prompt_sets import BUILTIN_SETS, Example, PromptSet, builtin_path, parse_column_mapping
 
 __all__ = [
     "BUILTIN_SETS",

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import torch
 from jinja2 import TemplateError
 
-from ssah.data.loaders import Example, PromptSet
+from ssah.data.prompt_sets import Example, PromptSet
 from ssah.errors import DataError, UserError
 
 log = logging.getLogger(__name__)

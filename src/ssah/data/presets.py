@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssah.data.loaders import PromptSet, _read_rows, _to_examples
+from ssah.data.prompt_sets import PromptSet, read_rows, to_examples
 from ssah.data.shared import shared_data_dir
 from ssah.errors import DataError
 
@@ -276,11 +276,11 @@ def load_preset(
         raise DataError(f"limit must be at least 1, got {limit}: pass a positive limit or none")
     spec = _preset(preset)
     path = preset_path(preset)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if spec.rows is not None:
         rows = spec.rows(rows)
     mapping = {**spec.columns, **dict(columns or {})}
-    examples = _to_examples(rows, mapping, path)
+    examples = to_examples(rows, mapping, path)
     if limit is not None:
         examples = examples[:limit]
     return PromptSet(name or preset, f"preset:{preset}:{path}", tuple(examples))
@@ -335,7 +335,7 @@ def load_hf(
         raise DataError(f"hf:{spec} did not load as a table ({type(loaded).__name__}): pass a map-style dataset")
     rows = [dict(r) for r in loaded]
     where = f"hf:{dataset_name}" + (f":{split}" if split else "")
-    examples = _to_examples(rows, dict(columns or {}), where)
+    examples = to_examples(rows, dict(columns or {}), where)
     if limit is not None:
         examples = examples[:limit]
     default = Path(dataset_name.rstrip("/")).name or dataset_name
