@@ -46,6 +46,8 @@ _EXPORTS = {
     "random_control": "ssah.measure",
     "measure_condition": "ssah.measure",
     "restored_weights": "ssah.measure",
+    "TrainConfig": "ssah.training",
+    "train_model": "ssah.training",
     "SsahError": "ssah.errors",
     "UserError": "ssah.errors",
 }
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     )
     from ssah.models import LoadedModel, load_model, model_fingerprint
     from ssah.scoring import Scores, collect_statistics, compute_scores, score_units
+    from ssah.training import TrainConfig, train_model
     from ssah.units import UnitSet, UnitSpace, load_unit_sets, save_unit_sets
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers import set_seed
 
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
@@ -31,7 +32,7 @@ from ssah.htmlreport import report_title, write_report_files
 from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
 from ssah.report import markdown_table
-from ssah.runs import RunDir, manifest, set_seed
+from ssah.runs import RunDir, manifest
 from ssah.training import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
 log = logging.getLogger(__name__)
@@ -170,19 +171,11 @@ def run_train(cfg: TrainConfig) -> Path:
     try:
         run.write_yaml("config.yaml", cfg.model_dump())
         save_trained_model(result.model, lm.tokenizer, run.file("model"))
-        results = {
-            "model": model_info,
-            "data": {"source": data.source, "examples": len(data), "sha256": data.fingerprint()},
-            **result.summary(),
-            "freeze": _unit_summary(freeze_sel, cfg.freeze, result.trainable, frozen=True),
-            "only": _unit_summary(only_sel, cfg.only, result.trainable, frozen=False),
-            "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
-            "settings": cfg.settings(),
-            "seconds": {
-                "load_model": round(lm.load_seconds, 3),
-                "train": round(result.seconds, 3),
-                "total": round(time.time() - t0, 3),
-            },
+        results = _results(cfg, result, data, model_info, freeze_sel, only_sel)
+        results["seconds"] = {
+            "load_model": round(lm.load_seconds, 3),
+            "train": round(result.seconds, 3),
+            "total": round(time.time() - t0, 3),
         }
         run.write_json("results.json", results)
         markdown = render(results, run.path)
@@ -207,6 +200,26 @@ def run_train(cfg: TrainConfig) -> Path:
         with contextlib.suppress(Exception):
             state.wait_for_everyone()
     return out
+
+
+def _results(
+    cfg: TrainConfig,
+    result: TrainResult,
+    data: PromptSet,
+    model_info: dict[str, Any],
+    freeze_sel: Selection | None,
+    only_sel: Selection | None,
+) -> dict[str, Any]:
+    """``results.json`` of a run (but its timing)."""
+    return {
+        "model": model_info,
+        "data": {"source": data.source, "examples": len(data), "sha256": data.fingerprint()},
+        **result.summary(),
+        "freeze": _unit_summary(freeze_sel, cfg.freeze, result.trainable, frozen=True),
+        "only": _unit_summary(only_sel, cfg.only, result.trainable, frozen=False),
+        "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
+        "settings": cfg.settings(),
+    }
 
 
 def render(results: dict[str, Any], run_dir: Path) -> str:

@@ -100,15 +100,7 @@ def train_model(
     shard = fsdp_requested(cfg) and world > 1
     if fsdp_requested(cfg) and not shard:
         log.info("FSDP2 shards across several processes; a single process trains unsharded")
-    settings = {
-        **cfg.settings(),
-        "fsdp": shard,
-        "data_sha256": data.fingerprint(),
-        "examples": len(encoded),
-        "world_size": world,
-        "freeze_units": unit_set_digest(freeze),
-        "only_units": unit_set_digest(only),
-    }
+    settings = _resume_settings(cfg, data, len(encoded), world, shard, freeze, only)
     blocks = decoder_blocks(model) if shard else []
     was_training = model.training
     tr = prepare_trainable(model, cfg, freeze, only)
@@ -116,8 +108,7 @@ def train_model(
     run: _Run | None = None
     ok = False
     try:
-        run = _setup(tr, cfg, plan, accelerator, blocks if shard else None, freeze)
-        run.encoded, run.pad_id = encoded, pad_id
+        run = _setup(tr, cfg, plan, accelerator, blocks if shard else None, freeze, encoded, pad_id)
         trainable, frozen = run.trainable(), run.frozen
         records, resumed_from = _steps(run, Path(run_dir) if run_dir is not None else None, settings, progress, on_step)
         drift = run.finish()
@@ -172,6 +163,23 @@ def _check_inputs(data: PromptSet, cfg: TrainConfig, freeze: UnitSet | None, onl
         raise UserError(f"no units to train: unit set {only.name!r} is empty; choose a non-empty category or share")
 
 
+def _resume_settings(
+    cfg: TrainConfig, data: PromptSet, examples: int, world: int, shard: bool, *sets: UnitSet | None
+) -> dict[str, Any]:
+    """What a checkpoint must have been written with to be resumed: the config's training settings, the data,
+    the launch and the unit sets (``freeze``, ``only``)."""
+    freeze, only = sets
+    return {
+        **cfg.settings(),
+        "fsdp": shard,
+        "data_sha256": data.fingerprint(),
+        "examples": examples,
+        "world_size": world,
+        "freeze_units": unit_set_digest(freeze),
+        "only_units": unit_set_digest(only),
+    }
+
+
 def _encode(tokenizer: Any, data: PromptSet, cfg: TrainConfig) -> tuple[list[Encoded], int, int]:
     """The examples that keep a response token within ``max_length``, how many were skipped, the pad id."""
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -202,8 +210,8 @@ class _Run:
     scheduler: Any
     sharded: ShardedModel | None
     frozen: FrozenUnits | None
-    encoded: list[Encoded] | None = None
-    pad_id: int = 0
+    encoded: list[Encoded]
+    pad_id: int
 
     def trainable(self) -> dict[str, int | float]:
         params = self.tr.params - (self.frozen.frozen_parameters if self.frozen is not None else 0)
@@ -229,6 +237,8 @@ def _setup(
     accelerator: Any,
     blocks: Sequence[nn.Module] | None,
     freeze: UnitSet | None,
+    encoded: list[Encoded],
+    pad_id: int,
 ) -> _Run:
     """Optimizer, schedule and the model as it trains: prepared by accelerate, or (``blocks`` given) an FSDP2
     twin sharded per block; then the freeze hooks on the parameters it updates."""
@@ -250,7 +260,9 @@ def _setup(
         frozen = freeze_units(
             wrapped if sharded is not None else accelerator.unwrap_model(wrapped), freeze, gqa=cfg.gqa
         )
-    return _Run(cfg, plan, accelerator, tr, named, wrapped, optimizer, opt_loader, scheduler, sharded, frozen)
+    return _Run(
+        cfg, plan, accelerator, tr, named, wrapped, optimizer, opt_loader, scheduler, sharded, frozen, encoded, pad_id
+    )
 
 
 def _resume(run: _Run, run_path: Path | None, settings: dict[str, Any]) -> tuple[int, int | None, list[dict[str, Any]]]:
@@ -343,7 +355,6 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan, cfg, accelerator, model = run.plan, run.cfg, run.accelerator, run.wrapped
     fsdp = run.sharded is not None
-    assert run.encoded is not None
     micro = plan.step(step)
     response_tokens = sum(plan.response_tokens[i] for mb in micro for idx in mb for i in idx)
     tokens = sum(plan.lengths[i] for mb in micro for idx in mb for i in idx)
