@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import set_seed
 from torch import nn
-from transformers import set_seed
 
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError

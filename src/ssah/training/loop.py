@@ -2,9 +2,10 @@
 
 The loss is the cross-entropy of the response tokens only (``collate``'s labels), summed over every micro-batch
 of an optimizer step and divided by the number of response tokens in that step, so gradient accumulation and
-data parallelism give the gradient of one large batch. AdamW with a ``transformers.get_scheduler`` schedule;
-frozen units are kept bit-identical by gradient masking plus :meth:`~ssah.interventions.FrozenUnits.restore`
-after every optimizer step (which also undoes AdamW's weight decay there).
+data parallelism give the gradient of one large batch. AdamW with a ``transformers.get_scheduler`` schedule,
+seeded by ``accelerate.utils.set_seed``; frozen units are kept bit-identical by gradient masking plus
+:meth:`~ssah.interventions.FrozenUnits.restore` after every optimizer step (which also undoes AdamW's weight
+decay there).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
-from transformers import get_scheduler, set_seed
 
 from ssah.data import Encoded, PromptSet, collate, encode_set
 from ssah.errors import DataError, UserError
@@ -242,6 +243,9 @@ def _setup(
 ) -> _Run:
     """Optimizer, schedule and the model as it trains: prepared by accelerate, or (``blocks`` given) an FSDP2
     twin sharded per block; then the freeze hooks on the parameters it updates."""
+    # imported here: transformers.optimization pulls in peft through trainer_utils (seconds), only a run pays
+    from transformers.optimization import get_scheduler
+
     named, sharded = tr.named, None
     if blocks is not None:
         sharded = ShardedModel(tr.model, tr.named, blocks, accelerator.device)
