@@ -4,10 +4,12 @@ The data order is a function of the seed and the epoch (:class:`ssah.training.Da
 needs the step to know where the data stands; a run resumed from one reaches the same weights, bit for bit, as
 one that was never interrupted.
 
-Hand-written rather than accelerate's ``save_state`` / ``load_state``: those pickle the RNG states (loaded back
-with ``weights_only=False``, and ssah loads no pickles), save the whole model where a units-only or LoRA run
-trains a small set of tensors, and do not cover the FSDP2 twin, which accelerate does not prepare here. Ours
-writes safetensors and JSON (plus the optimizer and scheduler state dicts, loaded with ``weights_only=True``).
+Hand-written rather than accelerate's ``save_state`` / ``load_state`` (accelerate 1.15), which would not give the
+same exact resume: RNG states that fail to load are only logged ("Could not load random states") and the run goes
+on, no longer exact, where ours refuses a damaged checkpoint; the states are a torch pickle with NumPy globals
+allowed (ssah writes safetensors and JSON, plus optimizer and scheduler state dicts read with
+``weights_only=True``); it saves the whole model where a units-only or LoRA run trains a few tensors; and the
+FSDP2 twin is sharded by ``fully_shard`` directly, not prepared by accelerate, so its state is not accelerate's.
 """
 
 from __future__ import annotations
