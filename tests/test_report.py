@@ -1,4 +1,4 @@
-"""Self-contained HTML reports (`ssah.htmlreport`) and `ssah report RUN_DIR` on real run folders of tiny models."""
+"""Self-contained HTML reports (`ssah.reports.html`) and `ssah report RUN_DIR` on real run folders of tiny models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.htmlreport import markdown_to_html, report_title, slugify, write_report_files
+from ssah.reports.html import markdown_to_html, report_title, slugify, write_report_files
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -147,7 +147,7 @@ def test_report_rebuilds_an_eval_run(tmp_path: Path, capsys) -> None:
 
 
 def test_train_render_reads_the_step_log(tmp_path: Path) -> None:
-    from ssah.experiments.train import render
+    from ssah.reports.train import render
 
     results = {
         "model": {"name": "m"},

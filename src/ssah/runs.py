@@ -412,3 +412,31 @@ def set_seed(seed: int) -> None:
 
         np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def write_run(
+    run: RunDir,
+    command: str,
+    *,
+    config: Any,
+    results: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    results_file: str = "results.json",
+    render: Any = None,
+) -> None:
+    """THE end of every recipe: write ``config.yaml``, ``results.json`` and ``manifest.json`` into the staging
+    folder, then the report: the registered renderer of ``command`` (or ``render``) draws the plots from the
+    results alone and returns the Markdown, written as ``report.md`` and the self-contained ``report.html``.
+
+    Everything lands in ``run``'s staging folder, so the run folder appears complete or not at all; ``ssah report``
+    later rebuilds the same report from the same ``results.json``.
+    """
+    from ssah.recipes import get_recipe
+    from ssah.reports.html import report_title, write_report_files
+
+    if config is not None:
+        run.write_yaml("config.yaml", config if isinstance(config, Mapping) else config.model_dump())
+    run.write_json(results_file, results)
+    markdown = (render or get_recipe(command).renderer())(results, run.path)
+    write_report_files(run.path, markdown, report_title(markdown, command))
+    run.write_json("manifest.json", manifest)

@@ -54,7 +54,7 @@ def renderer_for(command: str) -> Renderer:
 
 def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Redraw a run folder's plots and rewrite its ``report.md`` and ``report.html``; returns their paths."""
-    from ssah.htmlreport import report_title, write_report_files
+    from ssah.reports.html import report_title, write_report_files
 
     run_dir = Path(run_dir)
     command, results = load_run(run_dir)
