@@ -201,7 +201,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     elif case == "unknown":
         man.write_text(json.dumps({"command": "nosuchexperiment"}))
     elif case == "no-render":
-        man.write_text(json.dumps({"command": "judge validate"}))
+        man.write_text(json.dumps({"command": "judge train"}))
     before = _snapshot(run) if run.is_dir() else None
     code = main(["report", str(run)])
     out, err = capsys.readouterr()
