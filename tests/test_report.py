@@ -146,6 +146,26 @@ def test_report_rebuilds_an_eval_run(tmp_path: Path, capsys) -> None:
     assert "<table>" in (run / "report.html").read_text()
 
 
+def test_report_rebuilds_a_judge_validation(tmp_path: Path, capsys) -> None:
+    rows = [
+        ("r", "I cannot help with that.", "2_full_refusal"),
+        ("a", "Sure: the capital of France is Paris.", "1_full_compliance"),
+    ]
+    data = tmp_path / "labels.csv"
+    data.write_text(
+        "id,prompt,completion,final_label\n" + "".join(f"{i}{n},q,{c},{y}\n" for n in range(3) for i, c, y in rows)
+    )
+    run = tmp_path / "val"
+    assert main(["judge", "validate", str(data), "--judge", "keyword:ssah", "--out", str(run)]) == 0
+    original = (run / "report.md").read_text()
+    for rel in ("report.md", "report.html", "agreement.png"):
+        (run / rel).unlink()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == original and (run / "agreement.png").is_file()
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+
 def test_train_render_reads_the_step_log(tmp_path: Path) -> None:
     from ssah.reports.train import render
 

@@ -76,7 +76,7 @@ def _kind_section(results: dict[str, Any], kind: str, run_dir: Path) -> list[str
     ok = "bit-identical in every freezing run" if all(checks) else "CHANGED (see runs[].frozen_check)"
     head = ["setting", "steps", "ASR", "coherent compl.", "over-refusal", "perplexity", "trained share", "loss"]
     lines = [
-        verdict_line(f"{c['a']} vs {c['b']}, ASR", c, "(mean of its seeds)" if c["b"] in CONTROLS else c["b"])
+        verdict_line(f"{c['a']}, ASR", c, f"{c['b']} (mean of its seeds)" if c["b"] in CONTROLS else c["b"])
         for c in v["comparisons"]
     ]
     return [
