@@ -111,7 +111,12 @@ def plot_agreement(results: dict[str, Any], path: Path) -> Path:
         a = b["agreement"]
         lo, hi = a["ci95"]
         ax.barh(y, 100 * a["value"], color="#1f77b4", alpha=0.7)
-        ax.errorbar(100 * a["value"], y, xerr=[[100 * (a["value"] - lo)], [100 * (hi - a["value"])]], color="k")
+        ax.errorbar(
+            100 * a["value"],
+            y,
+            xerr=[[max(0.0, 100 * (a["value"] - lo))], [max(0.0, 100 * (hi - a["value"]))]],
+            color="k",
+        )
         for s in b["per_source"].values():
             if s["agreement"]["value"] is not None:
                 ax.plot(100 * s["agreement"]["value"], y, "o", color="#ff7f0e", markersize=4)
