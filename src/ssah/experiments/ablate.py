@@ -358,12 +358,35 @@ def _dose_points(shares: list[float], order: torch.Tensor, cats: Categorization)
     ]
 
 
-def run_ablate(cfg: AblateConfig) -> Path:
-    """Load the model once, ablate every condition in memory, write the run folder; returns its path."""
-    t0 = time.time()
-    cfg.check()
-    r = cfg.resolved()
-    set_seed(cfg.seed)
+def _other_calibration_scu(
+    cfg: AblateConfig,
+    lm: LoadedModel,
+    cats: Categorization,
+    units_info: dict[str, Any],
+    safety: PromptSet,
+    utility: PromptSet,
+) -> tuple[UnitSet, str]:
+    """SCU found the same way on the other token region (prompt <-> prompt+response), and that region."""
+    region = OTHER_CALIBRATION.get(units_info["calibration"].split(" ")[0], "prompt")
+    same = {k: getattr(cats, k) for k in ("rule", "normalization", "ranking")} | {"shares": dict(cats.shares)}
+    same |= {"metric": units_info["metric"], "granularity": cats.space.granularity, "tokens": region}
+    other = measure.find_units(lm, safety, utility, cfg.model_copy(update=same))
+    return UnitSet(cats.space, other.categorization["SCU"].mask.clone(), "SCU"), region
+
+
+def _dose(points: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each dose point: the top-k row, its random controls over seeds, and whether the top k raise ASR more."""
+    dose = []
+    for p in points:
+        row = next(x for x in rows if x["group"] == "dose" and x["target"] == p["label"])
+        agg = _aggregate([x for x in rows if x["group"] == "dose-random" and x["target"] == p["label"]])
+        comp = measure.compare(measure.Proportion.from_dict(row["asr"]), _measured(agg["asr"]))
+        dose.append({**p, "top": row, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
+    return dose
+
+
+def _load_data(cfg: AblateConfig, r: dict[str, Any]) -> tuple[EvalData, PromptSet, PromptSet]:
+    """The evaluation sets and the two calibration sets, each spread over its file to the run's limit."""
     data = load_eval_sets(cfg.harmful, cfg.benign, cfg.utility_eval)
     if data.harmful is None:
         raise UserError("ablate measures safety on harmful prompts: --harmful cannot be none")
@@ -372,6 +395,16 @@ def run_ablate(cfg: AblateConfig) -> Path:
     safety = _spread(load_prompts(cfg.safety, name="safety"), r["calibration_limit"])
     utility = _spread(load_prompts(cfg.utility, name="utility"), r["calibration_limit"])
     assert safety is not None and utility is not None
+    return data, safety, utility
+
+
+def run_ablate(cfg: AblateConfig) -> Path:
+    """Load the model once, ablate every condition in memory, write the run folder; returns its path."""
+    t0 = time.time()
+    cfg.check()
+    r = cfg.resolved()
+    set_seed(cfg.seed)
+    data, safety, utility = _load_data(cfg, r)
     lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.generation()
@@ -402,12 +435,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     calibration: dict[str, Any] = {"main": units_info["calibration"]}
     t = time.time()
     if cfg.compare_calibration:
-        main = calibration["main"].split(" ")[0]
-        other_region = OTHER_CALIBRATION.get(main, "prompt")
-        same = {k: getattr(cats, k) for k in ("rule", "normalization", "ranking")} | {"shares": dict(cats.shares)}
-        same |= {"metric": units_info["metric"], "granularity": space.granularity, "tokens": other_region}
-        other = measure.find_units(lm, safety, utility, cfg.model_copy(update=same))
-        other_scu = UnitSet(space, other.categorization["SCU"].mask.clone(), "SCU")
+        other_scu, other_region = _other_calibration_scu(cfg, lm, cats, units_info, safety, utility)
         conditions.append(Condition(f"SCU (calibration: {other_region})", "calibration", other_scu))
         calibration |= {"other": other_region, "scu_jaccard": cats["SCU"].jaccard(other_scu)}
         calibration["scu_sizes"] = [len(cats["SCU"]), len(other_scu)]
@@ -435,12 +463,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
             k: measure.compare(_measured(by["SCU"][k]), _measured(other_row[k])).to_dict()
             for k in ("asr", "coherent_compliance")
         }
-    dose = []
-    for p in points:
-        row = next(x for x in rows if x["group"] == "dose" and x["target"] == p["label"])
-        agg = _aggregate([x for x in rows if x["group"] == "dose-random" and x["target"] == p["label"]])
-        comp = measure.compare(measure.Proportion.from_dict(row["asr"]), _measured(agg["asr"]))
-        dose.append({**p, "top": row, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
+    dose = _dose(points, rows)
     own = {"quick", "categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}

@@ -380,6 +380,11 @@ def _frozen_check(model: nn.Module, before: dict[str, torch.Tensor], masks: dict
     return {"entries": sum(int(m.sum()) for m in masks.values()), "max_abs_diff": worst, "bit_identical": not worst}
 
 
+def _share(frozen: dict[str, Any] | None, setting: str) -> str:
+    """A frozen set's share of all units for its label (not for a random control: its label names what it matches)."""
+    return "" if frozen is None or setting in CONTROLS else f" ({100 * frozen['share_of_units']:.2f}% of units)"
+
+
 def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None) -> Path:
     """Run the recipe and write the run folder; returns its path.
 
@@ -432,12 +437,8 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
             if after_setting is not None:
                 after_setting(kind, setting, lm.model, frozen)
         share = frozen.fraction if frozen is not None else 0.0
-        frozen_params = 1.0 - res.trainable["share"] if frozen is not None else 0.0
-        run: dict[str, Any] = {
-            "frozen_units": len(frozen or ()),
-            "frozen_share_of_units": share,
-            "frozen_share_of_params": frozen_params,
-        }
+        run: dict[str, Any] = {"frozen_units": len(frozen or ()), "frozen_share_of_units": share}
+        run["frozen_share_of_params"] = 1.0 - res.trainable["share"] if frozen is not None else 0.0
         run |= {"trainable": res.trainable, "losses": res.losses, "frozen_check": check}
         run |= {"trainer_frozen_drift": res.frozen_max_drift, "seconds": round(time.time() - t, 3)}
         runs.append({**where, **run, "eval_seconds": round(sum(c["seconds"] for c in new), 3)})
@@ -451,10 +452,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         train_one(*job)
 
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
-    labels = {s: cfg.label(s) for s in e.settings or []}
-    for s, f in units_summary["frozen"].items():
-        if s not in CONTROLS:
-            labels[s] += f" ({100 * f['share_of_units']:.2f}% of units)"
+    labels = {s: cfg.label(s) + _share(units_summary["frozen"].get(s), s) for s in e.settings or []}
     dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"})
     results: dict[str, Any] = {
         "model": model_info,
