@@ -20,8 +20,8 @@ from typing import Any
 from ssah.config import ModelRunConfig
 from ssah.errors import UserError
 from ssah.recipes import get_recipe
-from ssah.reports.demo import headlines, write_demo_report
-from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json
+from ssah.reports.demo import headlines
+from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json, write_report
 
 
 class DemoConfig(ModelRunConfig):
@@ -269,7 +269,7 @@ def _run_locked(cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, ec
             manifest(command="demo", seed=cfg.seed, started=t0, model={"name": cfg.model}, data={}, quick=cfg.quick)
         ),
     )
-    write_demo_report(out, results)
+    write_report(out, "demo", results)
     echo(f"demo finished: {results['seconds']['stages_total']:.0f} s of stage time; report in {out / 'report.html'}")
     return out
 

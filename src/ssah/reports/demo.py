@@ -11,7 +11,6 @@ from typing import Any
 
 from ssah.recipes import get_recipe
 from ssah.reports.common import difference, markdown_table, pct, verdict_word
-from ssah.reports.html import write_report_files
 
 
 def _read(out: Path, stage: str) -> dict[str, Any] | None:
@@ -269,8 +268,3 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         if stage.get("done"):
             lines += [_stage_markdown(Path(run_dir), name, stage["title"]), ""]
     return "\n".join(lines)
-
-
-def write_demo_report(out: Path, results: dict[str, Any]) -> None:
-    """Write report.md and the self-contained report.html of a demo folder."""
-    write_report_files(out, render(results, out), f"ssah demo: {results['model']}")
