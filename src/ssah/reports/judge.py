@@ -12,6 +12,12 @@ def _pct(block: dict[str, Any] | None) -> str:
     return proportion(block, ci_digits=1)
 
 
+def _judge_cells(b: dict[str, Any]) -> list[Any]:
+    rates = [_pct(b[k]) for k in ("agreement", "refusal_precision", "refusal_recall")]
+    kappa = "-" if b["cohen_kappa"] is None else f"{b['cohen_kappa']:.3f}"
+    return [*rates, kappa, b["n"], f"{1000 * b['seconds_per_reply']:.2f}"]
+
+
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """Redraw ``agreement.png`` into ``run_dir`` and return the Markdown report of a validation run."""
     plot_agreement(results, Path(run_dir) / "agreement.png")
@@ -26,20 +32,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "## Overall",
         "",
     ]
-    rows = []
-    for spec, b in results["judges"].items():
-        kappa = "-" if b["cohen_kappa"] is None else f"{b['cohen_kappa']:.3f}"
-        rows.append(
-            [
-                f"`{spec}`",
-                _pct(b["agreement"]),
-                _pct(b["refusal_precision"]),
-                _pct(b["refusal_recall"]),
-                kappa,
-                b["n"],
-                f"{1000 * b['seconds_per_reply']:.2f}",
-            ]
-        )
+    rows = [[f"`{spec}`", *_judge_cells(b)] for spec, b in results["judges"].items()]
     for name, value in results.get("anchors", {}).items():
         rows.append([name, f"{100 * value:.1f}%", "", "", "", d["rows_used"], ""])
     lines += [
