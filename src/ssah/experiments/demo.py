@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,79 +69,55 @@ class DemoContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the demo: an experiment run into ``<demo>/<name>``."""
+    """One step of the demo: a registered recipe run into ``<demo>/<name>`` with the demo's settings."""
 
     name: str
     title: str
     needs: tuple[str, ...]
-    run: Callable[[DemoContext], Path]
     recipe: str  # the registered recipe that runs the stage (and whose ``render`` rebuilds its report)
+    options: Callable[[DemoContext], dict[str, Any]]  # the stage's own settings (model, units, ...)
+    quick: dict[str, Any] = field(default_factory=dict)  # smaller settings of a quick demo, for recipes without one
+
+    def run(self, ctx: DemoContext) -> Path:
+        values = {**ctx.common(self.name), **self.options(ctx), **(self.quick if ctx.cfg.quick else {})}
+        entry = get_recipe(self.recipe)
+        return entry.runner()(entry.config_class().build(values))  # type: ignore[no-any-return]
 
 
-def _run(recipe: str, values: dict[str, Any]) -> Path:
-    entry = get_recipe(recipe)
-    return entry.runner()(entry.config_class().build(values))
+def _on(
+    model: str, *, dtype: bool = False, units: bool = False, compare: bool = False, quick: bool = False, **fixed: Any
+) -> Callable[[DemoContext], dict[str, Any]]:
+    """A stage's options: the base or the aligned model; where asked the demo's dtype, the units stage's file, the
+    base model to compare with and the demo's quick flag; and ``fixed`` settings."""
+
+    def options(ctx: DemoContext) -> dict[str, Any]:
+        c = ctx.cfg
+        wanted = {"dtype": (dtype, c.dtype), "units": (units, ctx.units_file), "compare": (compare, c.model)}
+        wanted["quick"] = (quick, c.quick)
+        chosen = {k: v for k, (on, v) in wanted.items() if on}
+        return {"model": c.model if model == "base" else ctx.aligned, **fixed, **chosen}
+
+    return options
 
 
-def _align(ctx: DemoContext) -> Path:
-    values = {**ctx.common("align"), "model": ctx.cfg.model, "dtype": ctx.cfg.dtype}
-    if ctx.cfg.quick:
-        values |= {"eval_limit": 24, "max_new_tokens": 32}
-    return _run("align", values)
-
-
-def _eval(which: str) -> Callable[[DemoContext], Path]:
-    def run(ctx: DemoContext) -> Path:
-        model = ctx.cfg.model if which == "base" else ctx.aligned
-        values = {**ctx.common(f"eval-{which}"), "model": model, "dtype": ctx.cfg.dtype}
-        if ctx.cfg.quick:
-            values |= {"limit": 24, "max_new_tokens": 32}
-        return _run("eval", values)
-
-    return run
-
-
-def _units(ctx: DemoContext) -> Path:
-    values = {**ctx.common("units"), "model": ctx.aligned, "dtype": ctx.cfg.dtype, "stability": True}
-    return _run("units", values)
-
-
-def _probe(ctx: DemoContext) -> Path:
-    values = {**ctx.common("probe"), "model": ctx.aligned, "compare": ctx.cfg.model, "quick": ctx.cfg.quick}
-    return _run("probe", values)
-
-
-def _ablate(ctx: DemoContext) -> Path:
-    values = {**ctx.common("ablate"), "model": ctx.aligned, "units": ctx.units_file, "quick": ctx.cfg.quick}
-    return _run("ablate", values)
-
-
-def _transfer(ctx: DemoContext) -> Path:
-    values = {**ctx.common("transfer"), "model": ctx.aligned, "quick": ctx.cfg.quick}
-    return _run("transfer", values)
-
-
-def _protect(ctx: DemoContext) -> Path:
-    values = {**ctx.common("protect"), "model": ctx.aligned, "units": ctx.units_file, "quick": ctx.cfg.quick}
-    return _run("protect", values)
-
-
-def _budget(ctx: DemoContext) -> Path:
-    values = {**ctx.common("budget"), "model": ctx.cfg.model, "quick": ctx.cfg.quick}
-    return _run("budget", values)
-
-
+SMALL_EVAL = {"limit": 24, "max_new_tokens": 32}
 STAGES: tuple[Stage, ...] = (
-    Stage("align", "Aligning the model (safety SFT)", (), _align, "align"),
-    Stage("eval-base", "Evaluating the unaligned model", (), _eval("base"), "eval"),
-    Stage("eval-aligned", "Evaluating the aligned model", ("align",), _eval("aligned"), "eval"),
-    Stage("probe", "Probing the reasoning direction, aligned vs unaligned", ("align",), _probe, "probe"),
-    Stage("units", "Scoring and categorising units of the aligned model", ("align",), _units, "units"),
-    Stage("ablate", "Ablating each unit category, with random controls", ("align", "units"), _ablate, "ablate"),
-    Stage("transfer", "Attribute transfer after a short benign fine-tune", ("align",), _transfer, "transfer"),
-    Stage("protect", "Fine-tuning with safety-critical units frozen", ("align", "units"), _protect, "protect"),
-    Stage("budget", "Aligning the base model through its redundant units only", (), _budget, "budget"),
-)
+    Stage("align", "Aligning the model (safety SFT)", (), "align", _on("base", dtype=True),
+          {"eval_limit": 24, "max_new_tokens": 32}),
+    Stage("eval-base", "Evaluating the unaligned model", (), "eval", _on("base", dtype=True), SMALL_EVAL),
+    Stage("eval-aligned", "Evaluating the aligned model", ("align",), "eval", _on("aligned", dtype=True), SMALL_EVAL),
+    Stage("probe", "Probing the reasoning direction, aligned vs unaligned", ("align",), "probe",
+          _on("aligned", compare=True, quick=True)),
+    Stage("units", "Scoring and categorising units of the aligned model", ("align",), "units",
+          _on("aligned", dtype=True, stability=True)),
+    Stage("ablate", "Ablating each unit category, with random controls", ("align", "units"), "ablate",
+          _on("aligned", units=True, quick=True)),
+    Stage("transfer", "Attribute transfer after a short benign fine-tune", ("align",), "transfer",
+          _on("aligned", quick=True)),
+    Stage("protect", "Fine-tuning with safety-critical units frozen", ("align", "units"), "protect",
+          _on("aligned", units=True, quick=True)),
+    Stage("budget", "Aligning the base model through its redundant units only", (), "budget", _on("base", quick=True)),
+)  # fmt: skip
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
