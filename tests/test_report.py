@@ -166,6 +166,23 @@ def test_report_rebuilds_a_judge_validation(tmp_path: Path, capsys) -> None:
     assert "data:image/png;base64," in (run / "report.html").read_text()
 
 
+def test_report_rebuilds_a_train_run(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Tip {i}?", "response": f"Tip {i}: rest."}) + "\n" for i in range(4))
+    )
+    run = tmp_path / "train"
+    fast = ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--no-progress"]
+    assert main(["train", "tiny-random-llama", "--data", str(data), "--out", str(run), *fast]) == 0
+    original = (run / "report.md").read_text()
+    (run / "report.md").unlink()
+    (run / "report.html").unlink()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == original and "| 2 |" in original  # the step log's last row
+    assert "<table>" in (run / "report.html").read_text()
+
+
 def test_train_render_reads_the_step_log(tmp_path: Path) -> None:
     from ssah.reports.train import render
 
