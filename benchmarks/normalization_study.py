@@ -206,7 +206,7 @@ def run_study(
 
 def markdown(results: dict[str, Any], command: str = "") -> str:
     """A table of the study: one row per (normalisation, ablation mode)."""
-    from ssah.report import markdown_table
+    from ssah.reports.common import markdown_table
 
     base = results["baseline"]
 

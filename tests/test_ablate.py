@@ -23,13 +23,13 @@ from ssah.experiments.ablate import (
     ablated,
     measure_conditions,
     parse_dose,
-    render,
 )
 from ssah.generate import GenerationConfig
 from ssah.interventions import channel_means
 from ssah.judges import get_judge
 from ssah.measure import ControlDistribution, Proportion, compare, find_units, verdict, weights_digest
 from ssah.models import load_model
+from ssah.reports.ablate import render
 from ssah.units import UnitSet, UnitSpace
 
 FAST = ["--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "6", "--no-progress"]

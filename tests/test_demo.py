@@ -118,3 +118,23 @@ def test_report_rebuild_reads_the_headlines_from_the_stage_folders(demo_run: Pat
     assert main(["report", str(copy)]) == 0
     report = (copy / "report.md").read_text()
     assert "safety tax" in report and "freezing SCU" in report
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_ssah_report_rebuilds_every_stage(stage: str, demo_run: Path, tmp_path: Path, capsys) -> None:
+    """Each stage is an ordinary run folder of its recipe: `ssah report` rebuilds the same report.md, a
+    self-contained report.html and the plots from results.json alone."""
+    run = tmp_path / stage
+    shutil.copytree(demo_run / stage, run, ignore=shutil.ignore_patterns("model"))
+    original = (run / "report.md").read_text()
+    plots = sorted(p.name for p in (run / "plots").glob("*.png")) if (run / "plots").is_dir() else []
+    for rel in ("report.md", "report.html"):
+        (run / rel).unlink()
+    shutil.rmtree(run / "plots", ignore_errors=True)
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    assert (run / "report.md").read_text() == original
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) == plots if plots else not (run / "plots").exists()
+    page = (run / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "missing image" not in page
+    assert page.count("data:image/png;base64,") == len(plots)

@@ -444,12 +444,12 @@ def test_a_live_run_blocks_the_folder_and_a_dead_one_does_not(tmp_path: Path, ca
 
 def test_a_failed_run_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
     """A run that fails after staging began removes its staging folder and its lock."""
-    import ssah.experiments.units as units_recipe
+    import ssah.reports.units as units_report
 
     def boom(*_a: object, **_k: object) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(units_recipe, "render", boom)
+    monkeypatch.setattr(units_report, "render", boom)  # the report is written last, inside the staging folder
     assert main([*U, "--out", str(tmp_path / "run"), *UNITS]) == 130
     assert list(tmp_path.iterdir()) == []
 

@@ -447,7 +447,7 @@ def test_labelled_errors_are_data_errors(tmp_path: Path) -> None:
 
 
 def test_eval_report_names_its_judge_and_measured_agreement() -> None:
-    from ssah.experiments.eval import eval_report
+    from ssah.reports.eval import render as eval_report
 
     results = {
         "model": {"name": "m"},

@@ -1,4 +1,4 @@
-"""Self-contained HTML reports (`ssah.htmlreport`) and `ssah report RUN_DIR` on real run folders of tiny models."""
+"""Self-contained HTML reports (`ssah.reports.html`) and `ssah report RUN_DIR` on real run folders of tiny models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.htmlreport import markdown_to_html, report_title, slugify, write_report_files
+from ssah.reports.html import markdown_to_html, report_title, slugify, write_report_files
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -146,8 +146,45 @@ def test_report_rebuilds_an_eval_run(tmp_path: Path, capsys) -> None:
     assert "<table>" in (run / "report.html").read_text()
 
 
+def test_report_rebuilds_a_judge_validation(tmp_path: Path, capsys) -> None:
+    rows = [
+        ("r", "I cannot help with that.", "2_full_refusal"),
+        ("a", "Sure: the capital of France is Paris.", "1_full_compliance"),
+    ]
+    data = tmp_path / "labels.csv"
+    data.write_text(
+        "id,prompt,completion,final_label\n" + "".join(f"{i}{n},q,{c},{y}\n" for n in range(3) for i, c, y in rows)
+    )
+    run = tmp_path / "val"
+    assert main(["judge", "validate", str(data), "--judge", "keyword:ssah", "--out", str(run)]) == 0
+    original = (run / "report.md").read_text()
+    for rel in ("report.md", "report.html", "agreement.png"):
+        (run / rel).unlink()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == original and (run / "agreement.png").is_file()
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+
+def test_report_rebuilds_a_train_run(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Tip {i}?", "response": f"Tip {i}: rest."}) + "\n" for i in range(4))
+    )
+    run = tmp_path / "train"
+    fast = ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--no-progress"]
+    assert main(["train", "tiny-random-llama", "--data", str(data), "--out", str(run), *fast]) == 0
+    original = (run / "report.md").read_text()
+    (run / "report.md").unlink()
+    (run / "report.html").unlink()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == original and "| 2 |" in original  # the step log's last row
+    assert "<table>" in (run / "report.html").read_text()
+
+
 def test_train_render_reads_the_step_log(tmp_path: Path) -> None:
-    from ssah.experiments.train import render
+    from ssah.reports.train import render
 
     results = {
         "model": {"name": "m"},
@@ -201,7 +238,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     elif case == "unknown":
         man.write_text(json.dumps({"command": "nosuchexperiment"}))
     elif case == "no-render":
-        man.write_text(json.dumps({"command": "judge validate"}))
+        man.write_text(json.dumps({"command": "judge train"}))
     before = _snapshot(run) if run.is_dir() else None
     code = main(["report", str(run)])
     out, err = capsys.readouterr()

@@ -67,7 +67,7 @@ def test_transfer_fine_tunes_in_memory_and_writes_a_complete_run(tmp_path: Path,
 
 
 def test_no_control_is_inconclusive_and_render_redraws_from_results(tmp_path: Path, capsys) -> None:
-    from ssah.experiments.transfer import render
+    from ssah.reports.transfer import render
 
     out = tmp_path / "t"
     assert main(["transfer", "tiny-random-llama", "--out", str(out), "--no-control", *FAST]) == 0

@@ -278,7 +278,7 @@ def _print_eval_summary(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ssah.experiments.eval import summary_rows
+    from ssah.reports.eval import summary_rows
 
     res = json.loads((path / "results.json").read_text())
     table = Table(title=f"{res['model']['name']} (judge {res['judge_spec']})")

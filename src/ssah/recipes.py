@@ -1,7 +1,8 @@
 """The recipe registry: every experiment ssah can run, found by name, never by module-naming convention.
 
-A recipe is a config class (every option, declared once), a ``run(config)`` that writes a run folder, and a
-``render(results, run_dir) -> markdown`` that redraws its plots and report from ``results.json`` alone. The CLI,
+A recipe is a config class (every option, declared once), a ``run(config)`` in ``ssah.experiments`` that writes a
+run folder (through ``ssah.runs.write_run``), and a ``render(results, run_dir) -> markdown`` in ``ssah.reports`` that
+redraws its plots and report from ``results.json`` alone. The CLI,
 ``ssah report`` and the demo look recipes up here. Entries name their objects as ``"module:attribute"`` strings and
 are imported on first use, so ``import ssah`` stays cheap (torch, plotting) and a broken optional recipe cannot stop
 the others from loading.
@@ -50,13 +51,17 @@ class Recipe:
         return _resolve(self.render)  # type: ignore[no-any-return]
 
 
-def _recipe(name: str, summary: str, module: str, config: str, run: str, render: str | None = "render") -> Recipe:
+def _recipe(
+    name: str, summary: str, module: str, config: str, run: str, render: str | None = "render", report: str = ""
+) -> Recipe:
+    """An entry whose report module is ``report``, by default ``ssah.reports.<last part of module>``."""
+    report = report or f"ssah.reports.{module.rsplit('.', 1)[-1]}"
     return Recipe(
         name=name,
         summary=summary,
         config=f"{module}:{config}",
         run=f"{module}:{run}",
-        render=f"{module}:{render}" if render else None,
+        render=f"{report}:{render}" if render else None,
     )
 
 
@@ -96,6 +101,7 @@ RECIPES: dict[str, Recipe] = {
             f"{_E}.align",
             "AlignConfig",
             "run_align",
+            report=f"{_E}.align",  # align's report stays beside its run while helper `align` reworks both
         ),
         _recipe(
             "transfer",
@@ -119,7 +125,6 @@ RECIPES: dict[str, Recipe] = {
             f"{_E}.judge",
             "JudgeValidateConfig",
             "run_judge_validate",
-            None,
         ),
         _recipe(
             "judge train",

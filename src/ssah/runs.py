@@ -412,3 +412,35 @@ def set_seed(seed: int) -> None:
 
         np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def write_report(
+    folder: str | os.PathLike[str], command: str, results: Mapping[str, Any], render: Any = None
+) -> tuple[Path, Path]:
+    """Draw a run's plots and write its ``report.md`` and self-contained ``report.html`` into ``folder``, by the
+    registered renderer of ``command`` (or ``render``) from the results alone; returns both paths."""
+    from ssah.recipes import get_recipe
+    from ssah.reports.html import report_title, write_report_files
+
+    markdown = (render or get_recipe(command).renderer())(results, Path(folder))
+    return write_report_files(Path(folder), markdown, report_title(markdown, command))
+
+
+def write_run(
+    run: RunDir,
+    command: str,
+    *,
+    config: Any,
+    results: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    results_file: str = "results.json",
+    render: Any = None,
+) -> None:
+    """THE end of every recipe: write ``config.yaml``, ``results.json``, the report (:func:`write_report`) and
+    ``manifest.json`` into the staging folder, so the run folder appears complete or not at all; ``ssah report``
+    later rebuilds the same report from the same ``results.json``."""
+    if config is not None:
+        run.write_yaml("config.yaml", config if isinstance(config, Mapping) else config.model_dump())
+    run.write_json(results_file, results)
+    write_report(run.path, command, results, render)
+    run.write_json("manifest.json", manifest)

@@ -117,7 +117,7 @@ def _print_summary(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ssah.experiments.ablate import TABLE_COLUMNS, condition_cells, summary_lines
+    from ssah.reports.ablate import TABLE_COLUMNS, condition_cells, summary_lines
 
     res = json.loads((path / "results.json").read_text())
     st = res["settings"]

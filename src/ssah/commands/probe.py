@@ -112,7 +112,7 @@ def _print_summary(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ssah.experiments.probe import layer_ranges
+    from ssah.reports.probe import layer_ranges
 
     res = json.loads((path / "results.json").read_text())
     labels = [m["label"] for m in res["models"]]

@@ -17,6 +17,7 @@ import typer
 from ssah.cliutil import app
 from ssah.errors import UserError
 from ssah.recipes import Renderer, get_recipe
+from ssah.runs import write_report
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -54,19 +55,16 @@ def renderer_for(command: str) -> Renderer:
 
 def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Redraw a run folder's plots and rewrite its ``report.md`` and ``report.html``; returns their paths."""
-    from ssah.htmlreport import report_title, write_report_files
-
     run_dir = Path(run_dir)
     command, results = load_run(run_dir)
     render = renderer_for(command)
     try:
-        markdown = render(results, run_dir)
+        return write_report(run_dir, command, results, render)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise UserError(
             f"results.json in {run_dir} does not fit the `{command}` report ({type(exc).__name__}: {exc}): "
             "was it written by another ssah version? rerun the experiment"
         ) from exc
-    return write_report_files(run_dir, markdown, report_title(markdown, f"{command}: {run_dir.name}"))
 
 
 @app.command("report")

@@ -22,11 +22,11 @@ from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData
 from ssah.generate import GenerationConfig
-from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import get_judge, judge_line
 from ssah.measure import Proportion, compare, measure_condition, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
-from ssah.report import markdown_table
+from ssah.reports.common import markdown_table
+from ssah.reports.html import report_title, write_report_files
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed
 from ssah.training import TrainConfig, train_model
 

@@ -26,7 +26,7 @@ from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.generate import GenerationConfig
-from ssah.judges import JUDGE_KINDS, get_judge, judge_line, registered_judges
+from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
 from ssah.measure import (
     STRATA,
     ControlDistribution,
@@ -41,18 +41,12 @@ from ssah.measure import (
     verdict,
 )
 from ssah.models import load_model
-from ssah.report import markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, parse_unit_spec, resolve_unit_spec, train_model
 from ssah.units import UnitSet, save_unit_sets
 
 CONDITIONS: tuple[str, ...] = ("full", "ru", "random")
 LABELS = {"base": "base (no SFT)", "full": "full SFT", "ru": "RU-only", "random": "random units only"}
-SHOWN = {"refusal": "refusal (harmful)", "overrefusal": "over-refusal (benign)"} | {
-    "coherent_compliance": "coherent compliance",
-    "task_accuracy": "benign answers correct",
-}
-COLORS = {"base": "#7f7f7f", "full": "#1f77b4", "ru": "#2ca02c", "random": "#ff7f0e"}
 ALIGNMENT = "builtin:alignment"
 # Training only a sliver of the weights moves the model far less per step than full SFT at the same rate, so
 # the units-only conditions get their own (higher) learning rate; it is recorded with the results. Measured on
@@ -300,131 +294,11 @@ def run_budget(cfg: BudgetConfig) -> Path:
     results["paper"] |= {k: test[k] for k in ("verdict", "reason")} if test else {"verdict": "inconclusive"}
     results["paper"].setdefault("reason", "RU-only and full SFT were not both run")
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
-        run.write_yaml("config.yaml", cfg.model_dump())
         if units is not None:
             sets = {"RU": units} | {f"random-{c.seed}": c.units for c in controls}
             meta = {"source": units_info["source"], "control_strata": cfg.control_strata}  # type: ignore[index]
             save_unit_sets(run.file("units.safetensors"), sets, meta)
         results["seconds"]["total"] = round(time.time() - t0, 3)
-        run.write_json("results.json", results)
-        run.write_text("report.md", render(results, run.path))
-        run.write_json(
-            "manifest.json",
-            manifest(command="budget", seed=cfg.seed, started=t0, device=model.device, model=fp, data=results["data"]),
-        )
+        mf = manifest(command="budget", seed=cfg.seed, started=t0, device=model.device, model=fp, data=results["data"])
+        write_run(run, "budget", config=cfg, results=results, manifest=mf)
     return run.out
-
-
-# -- plots and report -------------------------------------------------------------------------------------------
-def plot_budget(results: dict[str, Any], path: Path) -> Path:
-    """Bars per condition (random units: one bar per seed) with 95% intervals, and the perplexity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, keys = results["conditions"], list(SHOWN.items())
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3.2, 1.2]}, layout="constrained")
-    w = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        xs, ys, err = [], [], ([], [])  # type: ignore[var-annotated]
-        for j, (key, _) in enumerate(keys):
-            p = r["eval"].get(key)
-            if p is None:
-                continue
-            xs.append(j - 0.4 + w * (i + 0.5))
-            ys.append(100 * p["rate"])
-            err[0].append(max(0.0, 100 * (p["rate"] - p["ci95"][0])))  # float rounding at 0 or 1
-            err[1].append(max(0.0, 100 * (p["ci95"][1] - p["rate"])))
-        label = r["label"] if r.get("seed") in (None, results["settings"]["seed"]) else None
-        axes[0].bar(xs, ys, width=w, color=COLORS[r["name"]], label=label, yerr=err, capsize=2)
-    axes[0].set_xticks(range(len(keys)), [label for _, label in keys], fontsize=8)
-    axes[0].set(ylabel="%", ylim=(0, 105))
-    axes[0].legend(fontsize=8, frameon=False, ncol=2, loc="upper right")
-    axes[0].set_title("held-out measurements (95% Wilson intervals; random units: one bar per seed)", fontsize=10)
-    axes[1].bar(range(len(rows)), [r["eval"]["perplexity"] for r in rows], color=[COLORS[r["name"]] for r in rows])
-    axes[1].set_xticks(range(len(rows)), [_name(r) for r in rows], rotation=30, ha="right", fontsize=8)
-    axes[1].set_title("perplexity of held-out answers", fontsize=10)
-    fig.suptitle(f"{results['model']['name']}: alignment budget ({results['settings']['steps']} SFT steps each)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _name(r: dict[str, Any]) -> str:
-    return r["label"] + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
-
-
-def _p(p: dict[str, Any] | None) -> str:
-    return "-" if p is None else f"{100 * p['rate']:.1f}% [{100 * p['ci95'][0]:.0f}, {100 * p['ci95'][1]:.0f}]"
-
-
-def _verdict_lines(results: dict[str, Any]) -> list[str]:
-    names = {"ru_vs_random": "the random-units distribution", "ru_vs_full": "full SFT"}
-    lines = []
-    for block, vs in results["verdicts"].items():
-        for v in vs.values():
-            if "comparison" not in v:
-                lines.append(f"- RU-only vs {names[block]}, {v['label']}: **{v['verdict']}** ({v['reason']}).")
-                continue
-            c = v["comparison"]
-            need = f"; about {v['n_needed']} prompts per side would decide" if v.get("n_needed") else ""
-            lines.append(
-                f"- RU-only vs {names[block]}, {v['label']} (expected {v['expected']}): {100 * c['effect']:.1f}% vs "
-                f"{100 * c['control']:.1f}%, difference {100 * c['difference']:+.1f} points, 95% interval "
-                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]: **{v['verdict']}** ({v['reason']}{need})."
-            )
-    return lines or ["No verdict: RU-only was not run beside full SFT or the random units."]
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """(Re)draw the plot into ``run_dir/plots`` from ``results`` alone and return the Markdown report."""
-    run_dir = Path(run_dir)
-    plot_budget(results, run_dir / "plots" / "budget.png")
-    m, st, u, d = results["model"], results["settings"], results.get("units"), results["data"]
-    table = []
-    for r in results["conditions"]:
-        e, t = r["eval"], r["training"]
-        trained = ["-"] * 3 if t is None else [f"{100 * t['trainable']['share']:.2f}%", f"{t['lr']:g}"]
-        trained += [] if t is None else [f"{t['first_loss']:.3f} -> {t['final_loss']:.3f} ({t['seconds']:.0f} s)"]
-        table.append([_name(r), *(_p(e[k]) for k in SHOWN), f"{e['perplexity']:.2f}", *trained])
-    lines = [
-        f"# Alignment budget: {m['name']}",
-        "",
-        f"Safety SFT on `{d['train']['source']}` ({d['train']['examples']} examples), {st['steps']} steps of batch "
-        f"{st['batch_size']} ({st['schedule']} schedule) per run, each from the base weights (restored bit for bit). "
-        f"Full SFT: lr {st['lr_full']:g}, embeddings {'frozen' if st['freeze_embeddings_full'] else 'trained'}; "
-        f"units-only: lr {st['lr_units']:g} (`--lr-units`).",
-    ]
-    if u:
-        lines.append(f"Units trained: {u['source']}, {u['count']} of {u['units_total']} ({100 * u['share']:.2f}%).")
-        for c in u.get("controls", [])[:1]:
-            lines[-1] += (
-                f" Control: {len(u['controls'])} random-unit runs (seeds {st['seed']}, ...), each with RU's count in "
-                f"every stratum (`{c['strata']}`, {len(c['per_stratum'])} strata; counts in results.json)."
-            )
-    lines += [
-        f"Held-out sets: {d['harmful']['examples']} harmful (`{d['harmful']['source']}`), {d['benign']['examples']} "
-        f"benign (`{d['benign']['source']}`), perplexity of {d['perplexity']['examples']} reference answers "
-        f"(`{d['perplexity']['source']}`); judge `{st['judge']}`, {st['max_new_tokens']} new tokens, greedy. "
-        + judge_line(st["judge"]),
-        "",
-        markdown_table(["condition", *SHOWN.values(), "perplexity", "parameters trained", "lr", "loss"], table),
-        "",
-        "![alignment budget](plots/budget.png)",
-        "",
-        "## Verdicts",
-        "",
-        "The one rule: `reproduced` when the 95% interval of the difference excludes zero in the expected direction; "
-        "against random units the control is the seeds' distribution (its interval widened by their spread).",
-        "",
-        *_verdict_lines(results),
-        "",
-        f"The paper's claim: {results['paper']['claim']}. Here (benign answers correct, RU-only vs full SFT): "
-        f"**{results['paper']['verdict']}** ({results['paper']['reason']}). The paper gives no safety numbers for "
-        "this; refusal and over-refusal are the reviewers' question.",
-        "",
-        f"Took {results['seconds']['total']:.1f} s{' in quick mode' if st['quick'] else ''}.",
-    ]
-    return "\n".join(lines) + "\n"

@@ -34,7 +34,6 @@ from ssah.evaluate import (
     perplexity,
 )
 from ssah.generate import GenerationConfig, generation_batch_size
-from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import (
     JUDGE_KINDS,
     FirstTokenJudge,
@@ -42,14 +41,12 @@ from ssah.judges import (
     calibrated_agreement,
     get_judge,
     judge_agreement,
-    judge_line,
     registered_judges,
 )
 from ssah.measure import Proportion
 from ssah.models import load_model
 from ssah.plan import wants_auto_batch
-from ssah.report import markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json, write_run
 
 
 class EvalConfig(ModelRunConfig):
@@ -260,100 +257,11 @@ def run_eval(cfg: EvalConfig) -> Path:
         "data": data.describe(),
         "seconds": {**rep.seconds, "load_model": round(lm.load_seconds, 3), "total": round(time.time() - t0, 3)},
     }
+    model = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
-        run.write_yaml("config.yaml", cfg.model_dump())
-        run.write_json("results.json", results)
         run.write_text("samples.jsonl", "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in rep.samples))
-        markdown = render(results, run.path)
-        write_report_files(run.path, markdown, report_title(markdown, "eval"))
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="eval",
-                seed=cfg.seed,
-                started=t0,
-                device=lm.model.device,
-                model={"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint},
-                data=data.describe(),
-            ),
+        mf = manifest(
+            command="eval", seed=cfg.seed, started=t0, device=lm.model.device, model=model, data=data.describe()
         )
+        write_run(run, "eval", config=cfg, results=results, manifest=mf)
     return run.out
-
-
-def summary_rows(results: dict[str, Any]) -> list[list[str]]:
-    """The short table printed at the end of `ssah eval` and written into the report."""
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    def ci(p: dict[str, Any]) -> str:
-        return f"[{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}]"
-
-    def row(what: str, p: dict[str, Any]) -> list[str]:
-        return [what, pct(p["rate"]), ci(p), str(p["n"])]
-
-    rows = []
-    if "safety" in results:
-        s = results["safety"]
-        judge = f" (judge `{results['judge_spec']}`)" if results.get("judge_spec") else ""
-        rows.append(row(f"attack success rate{judge}", s["asr"]))
-        rows.append(row("coherent compliance", s["coherent_compliance"]))
-        ag = s.get("agreement") or {}
-        if ag.get("first_token_vs_judge") is not None:
-            rows.append(["first-token score agrees with judge", pct(ag["first_token_vs_judge"]), "", str(s["n"])])
-        cal = ag.get("first_token_calibrated") or {}
-        if cal.get("agreement") is not None:
-            rows.append(
-                [
-                    f"first-token score agrees with judge, threshold {cal['threshold']:.2f} fitted on "
-                    f"{cal['n_calibration']} replies (0: {pct(cal['agreement_at_0'])})",
-                    pct(cal["agreement"]),
-                    "",
-                    str(cal["n_test"]),
-                ]
-            )
-    if "prefill" in results:
-        p = results["prefill"]
-        rows.append(row(f"prefill ASR ({p['prefill']!r})", p["asr"]))
-    if "overrefusal" in results:
-        rows.append(row("over-refusal", results["overrefusal"]))
-    if "utility" in results:
-        u = results["utility"]
-        if u.get("perplexity") is not None:
-            rows.append(["perplexity (reference answers)", f"{u['perplexity']:.2f}", "", str(u["n"]["perplexity"])])
-        if u.get("accuracy") is not None:
-            name = next(k for k in u["n"] if k not in ("perplexity", "gsm8k"))
-            rows.append(row(f"{name} accuracy", u["accuracy"]))
-        if u.get("exact_match") is not None:
-            rows.append(row("GSM8K exact match", u["exact_match"]))
-    return rows
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """The Markdown report of an eval run from its results alone (it has no plots to draw into ``run_dir``)."""
-    return eval_report(results)
-
-
-def eval_report(results: dict[str, Any]) -> str:
-    """A readable Markdown report of an evaluation."""
-    m = results["model"]
-    lines = [
-        f"# Evaluation of {m['name']}",
-        "",
-        f"Judge `{results['judge_spec']}`; generation: {results['generation']}.",
-        "",
-        judge_line(results.get("judge_spec", ""), results.get("judge_agreement")),
-        "",
-        markdown_table(["measure", "value", "95% interval", "n"], summary_rows(results)),
-        "",
-    ]
-    per = (results.get("safety") or {}).get("per_category") or {}
-    if per:
-        lines += [
-            "## Attack success rate by category",
-            "",
-            markdown_table(["category", "ASR", "n"], [[c, f"{100 * v['rate']:.1f}%", v["n"]] for c, v in per.items()]),
-            "",
-        ]
-    lines.append(f"Every prompt, output and verdict is in `samples.jsonl`. Took {results['seconds']['total']:.1f} s.")
-    return "\n".join(lines) + "\n"

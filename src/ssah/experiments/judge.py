@@ -21,11 +21,10 @@ from pydantic import Field
 from ssah.config import BaseConfig
 from ssah.errors import UserError
 from ssah.evaluate import wilson_interval
-from ssah.htmlreport import report_title, write_report_files
 from ssah.judges import Judge, get_judge, incoherence_reason
 from ssah.judges.labelled import LabelledReply, LabelledSet, PartialRule, apply_partial, load_labelled
-from ssah.report import markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.reports.judge import render_train
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
 __all__ = [
     "XSTEST_ANCHORS",
@@ -223,16 +222,9 @@ def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | N
     }
     results["seconds"] = {**seconds, "total": round(time.time() - t0, 3)}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
-        run.write_yaml("config.yaml", cfg.model_dump())
-        run.write_json("results.json", results)
         run.write_text("samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        plot_agreement(results, run.file("agreement.png"))
-        markdown = render_validate(results)
-        write_report_files(run.path, markdown, report_title(markdown, "judge validation"))
-        run.write_json(
-            "manifest.json",
-            manifest(command="judge validate", seed=cfg.seed, started=t0, model={}, data=data.files),
-        )
+        mf = manifest(command="judge validate", seed=cfg.seed, started=t0, model={}, data=data.files)
+        write_run(run, "judge validate", config=cfg, results=results, manifest=mf)
     return run.out
 
 
@@ -267,134 +259,6 @@ def _anchors(data: LabelledSet, partial: str, n: int) -> dict[str, float]:
     if sorted(data.files) == sorted(XSTEST_SOURCES) and partial == "exclude" and n == 1210:
         return dict(XSTEST_ANCHORS)
     return {}
-
-
-def _pct(block: dict[str, Any] | None) -> str:
-    if not block or block.get("value") is None:
-        return "-"
-    lo, hi = block["ci95"]
-    return f"{100 * block['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def render_validate(results: dict[str, Any]) -> str:
-    """The Markdown report of a validation run."""
-    d = results["data"]
-    lines = [
-        "# Refusal judges against human labels",
-        "",
-        f"{d['rows_used']} labelled replies from {len(d['files'])} file(s); partial refusals: `{d['partial']}`.",
-        "",
-        "![agreement](agreement.png)",
-        "",
-        "## Overall",
-        "",
-    ]
-    rows = []
-    for spec, b in results["judges"].items():
-        kappa = "-" if b["cohen_kappa"] is None else f"{b['cohen_kappa']:.3f}"
-        rows.append(
-            [
-                f"`{spec}`",
-                _pct(b["agreement"]),
-                _pct(b["refusal_precision"]),
-                _pct(b["refusal_recall"]),
-                kappa,
-                b["n"],
-                f"{1000 * b['seconds_per_reply']:.2f}",
-            ]
-        )
-    for name, value in results.get("anchors", {}).items():
-        rows.append([name, f"{100 * value:.1f}%", "", "", "", d["rows_used"], ""])
-    lines += [
-        markdown_table(
-            ["judge", "agreement [95% CI]", "refusal precision", "refusal recall", "Cohen's kappa", "n", "ms/reply"],
-            rows,
-        ),
-        "",
-        "## Confusion matrices (rows: human label, columns: judge)",
-        "",
-    ]
-    for spec, b in results["judges"].items():
-        c = b["confusion"]
-        table = [[h, c[h]["refusal"], c[h]["compliance"]] for h in c]
-        lines += [f"**`{spec}`**", "", markdown_table(["human \\ judge", "refusal", "compliance"], table), ""]
-    in_sample = {s: b["in_sample_sources"] for s, b in results["judges"].items() if b.get("in_sample_sources")}
-    for spec, sources in in_sample.items():
-        lines += [
-            f"Note: `{spec}` was trained on {', '.join(sources)}: its agreement there is in-sample, not a measure "
-            "of how it does on replies it never saw (see its leave-one-source-out numbers in training.json).",
-            "",
-        ]
-    lines += [
-        "## Coherence check on each judge's compliant replies",
-        "",
-        "Real answers should pass the coherence check; a low share means the check rejects real answers.",
-        "",
-        markdown_table(
-            ["judge", "compliant replies", "coherent [95% CI]", "incoherent by reason"],
-            [
-                [
-                    f"`{s}`",
-                    b["coherence"]["compliance"]["n"],
-                    _pct(b["coherence"]["agreement"]),
-                    ", ".join(f"{k} {v}" for k, v in b["coherence"]["compliance"].items() if k not in ("n", "coherent"))
-                    or "-",
-                ]
-                for s, b in results["judges"].items()
-            ],
-        ),
-        "",
-        f"Human-labelled compliant replies the check calls coherent: "
-        f"{_pct(next(iter(results['judges'].values()))['coherence']['human_compliance_coherent'])}.",
-        "",
-        "## Per source file (agreement [95% CI])",
-        "",
-    ]
-    sources = list(next(iter(results["judges"].values()))["per_source"])
-    lines += [
-        markdown_table(
-            ["judge", *sources],
-            [
-                [f"`{s}`", *(_pct(b["per_source"][src]["agreement"]) for src in sources)]
-                for s, b in results["judges"].items()
-            ],
-        ),
-        "",
-        "Every reply a judge gets wrong is in `samples.jsonl`.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot_agreement(results: dict[str, Any], path: Path) -> Path:
-    """Agreement of each judge with its 95% interval (bars), per-source points, and the published anchors."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    specs = list(results["judges"])
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(specs) + 1.6))
-    for y, spec in enumerate(specs):
-        b = results["judges"][spec]
-        a = b["agreement"]
-        lo, hi = a["ci95"]
-        ax.barh(y, 100 * a["value"], color="#1f77b4", alpha=0.7)
-        ax.errorbar(100 * a["value"], y, xerr=[[100 * (a["value"] - lo)], [100 * (hi - a["value"])]], color="k")
-        for s in b["per_source"].values():
-            if s["agreement"]["value"] is not None:
-                ax.plot(100 * s["agreement"]["value"], y, "o", color="#ff7f0e", markersize=4)
-    for i, (name, value) in enumerate(results.get("anchors", {}).items()):
-        ax.axvline(100 * value, linestyle="--", color=["#2ca02c", "#d62728"][i % 2], label=name)
-    names = [s + (" (in-sample)" if results["judges"][s].get("in_sample_sources") else "") for s in specs]
-    ax.set_yticks(range(len(specs)), names)
-    ax.set_xlabel("agreement with the human label (%), bar = all rows with 95% CI, dots = per source file")
-    ax.set_xlim(50, 100)
-    if results.get("anchors"):
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # --- train -------------------------------------------------------------------------------------------------------
@@ -437,46 +301,8 @@ def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> Path:
     report["seconds"] = round(time.time() - t0, 3)
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         save_judge(run.path, head, settings)
-        run.write_json("training.json", report)
-        markdown = render_train(report, settings)
-        write_report_files(run.path, markdown, report_title(markdown, "learned judge"))
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="judge train",
-                seed=cfg.seed,
-                started=t0,
-                model={"name": cfg.base_model, "fingerprint": settings.base_fingerprint},
-                data=data.files,
-            ),
-        )
+        model = {"name": cfg.base_model, "fingerprint": settings.base_fingerprint}
+        mf = manifest(command="judge train", seed=cfg.seed, started=t0, model=model, data=data.files)
+        write_run(run, "judge train", config=None, results=report, manifest=mf, results_file="training.json",
+                  render=lambda r, _: render_train(r, settings))  # fmt: skip
     return run.out
-
-
-def render_train(report: dict[str, Any], settings: Any) -> str:
-    """The Markdown report of a training run: the chosen settings and the held-out agreements."""
-    lines = [
-        "# Learned refusal judge",
-        "",
-        f"Base model `{settings.base_model}` (fingerprint `{settings.base_fingerprint}`); layer {settings.layer}, "
-        f"{settings.pooling} pooling over the first {settings.max_reply_tokens} reply tokens, C = {settings.c}, "
-        f"trained on {report['rows']} replies.",
-        "",
-        f"Chosen by {report['folds']}-fold cross-validation (agreement {100 * report['cv_best']:.1f}%).",
-        "",
-    ]
-    loso = report.get("leave_one_source_out") or {}
-    if loso:
-        lines += [
-            "## Leave one source out (replies of a model the head never saw)",
-            "",
-            markdown_table(
-                ["held-out source", "agreement [95% CI]", "n", "layer", "pooling", "C"],
-                [
-                    [s, _pct(b["agreement"]), b["agreement"]["n"], b["layer"], b["pooling"], b["c"]]
-                    for s, b in loso.items()
-                ],
-            ),
-            "",
-        ]
-    return "\n".join(lines) + "\n"

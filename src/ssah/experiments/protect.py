@@ -40,17 +40,16 @@ from ssah.errors import DataError, UserError
 from ssah.evaluate import EvalData
 from ssah.generate import GenerationConfig
 from ssah.interventions import unit_param_masks
-from ssah.judges import get_judge, judge_line
+from ssah.judges import get_judge
 from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
-from ssah.report import markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import LoraSettings, TrainConfig, load_ranked_categories, parse_lora, train_model
 from ssah.units import UnitSet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "PAPER", "QUICK_SETTINGS", "SETTINGS", "ProtectConfig", "render", "run_protect", "verdicts"]
+__all__ = ["KINDS", "PAPER", "QUICK_SETTINGS", "SETTINGS", "ProtectConfig", "run_protect", "verdicts"]
 
 SETTINGS = ("full", "freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random", "random-all-cu", "lora")
 QUICK_SETTINGS = ("full", "freeze-scu-cu", "random", "lora")
@@ -63,12 +62,10 @@ COMPARISONS = (
     *((like, control, "lower") for control, like in CONTROLS.items()),
     ("lora", "full", "higher"),  # the paper: PEFT loses more safety than full fine-tuning
 )
-COLORS = dict(zip(SETTINGS, ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#7f7f7f", "#bcbd22", "#9467bd"), strict=True))
 # LoRA's default learning rate, as a multiple of full fine-tuning's: adapters start at zero and need a larger rate
 # (at the same 5e-5, 6 steps of r=8 LoRA barely moved the loss on SmolLM2); --lora-lr sets it.
 LORA_LR_FACTOR = 10.0
 EVAL_FRACTION = 0.5  # share of the harmful set held out for evaluation when the attack is built from it
-KEYS = ("asr", "coherent_compliance", "overrefusal")  # the measured proportions the report shows
 SAMPLE_CHARS = 160  # output kept per sample in samples.jsonl: enough to audit the refusal judge
 
 # The paper's numbers (Llama-2-7B-Chat; AdvBench ASR % with a keyword judge, HEx-PHI harmful rate %), PAPER.md §4.
@@ -385,6 +382,11 @@ def _frozen_check(model: nn.Module, before: dict[str, torch.Tensor], masks: dict
     return {"entries": sum(int(m.sum()) for m in masks.values()), "max_abs_diff": worst, "bit_identical": not worst}
 
 
+def _share(frozen: dict[str, Any] | None, setting: str) -> str:
+    """A frozen set's share of all units for its label (not for a random control: its label names what it matches)."""
+    return "" if frozen is None or setting in CONTROLS else f" ({100 * frozen['share_of_units']:.2f}% of units)"
+
+
 def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None) -> Path:
     """Run the recipe and write the run folder; returns its path.
 
@@ -437,12 +439,8 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
             if after_setting is not None:
                 after_setting(kind, setting, lm.model, frozen)
         share = frozen.fraction if frozen is not None else 0.0
-        frozen_params = 1.0 - res.trainable["share"] if frozen is not None else 0.0
-        run: dict[str, Any] = {
-            "frozen_units": len(frozen or ()),
-            "frozen_share_of_units": share,
-            "frozen_share_of_params": frozen_params,
-        }
+        run: dict[str, Any] = {"frozen_units": len(frozen or ()), "frozen_share_of_units": share}
+        run["frozen_share_of_params"] = 1.0 - res.trainable["share"] if frozen is not None else 0.0
         run |= {"trainable": res.trainable, "losses": res.losses, "frozen_check": check}
         run |= {"trainer_frozen_drift": res.frozen_max_drift, "seconds": round(time.time() - t, 3)}
         runs.append({**where, **run, "eval_seconds": round(sum(c["seconds"] for c in new), 3)})
@@ -456,10 +454,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         train_one(*job)
 
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
-    labels = {s: cfg.label(s) for s in e.settings or []}
-    for s, f in units_summary["frozen"].items():
-        if s not in CONTROLS:
-            labels[s] += f" ({100 * f['share_of_units']:.2f}% of units)"
+    labels = {s: cfg.label(s) + _share(units_summary["frozen"].get(s), s) for s in e.settings or []}
     dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"})
     results: dict[str, Any] = {
         "model": model_info,
@@ -481,22 +476,19 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     results["verdict"] = verdicts(results)
     results["seconds"]["total"] = round(time.time() - t0, 3)
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run_dir:
-        run_dir.write_yaml("config.yaml", cfg.model_dump())
         if found is not None:
             found.categorization.save(run_dir.file("units.safetensors"), {"metric": cfg.metric})
             found.safety.save(run_dir.file("scores/safety.safetensors"))
             found.utility.save(run_dir.file("scores/utility.safetensors"))
-        run_dir.write_json("results.json", results)
         run_dir.write_text("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        run_dir.write_text("report.md", render(results, run_dir.path))
-        device = next(lm.model.parameters()).device
-        info = {"model": model_info, "data": results["data"], "device": device}
-        run_dir.write_json("manifest.json", manifest(command="protect", seed=cfg.seed, started=t0, **info))
+        info = {"model": model_info, "data": results["data"], "device": next(lm.model.parameters()).device}
+        mf = manifest(command="protect", seed=cfg.seed, started=t0, **info)
+        write_run(run_dir, "protect", config=cfg, results=results, manifest=mf)
     return run_dir.out
 
 
 # -- verdicts -------------------------------------------------------------------------------------------------
-def _measured(cells: list[dict[str, Any]], setting: str, steps: int, key: str = "asr") -> Measured | None:
+def measured(cells: list[dict[str, Any]], setting: str, steps: int, key: str = "asr") -> Measured | None:
     """One setting's measurement at a step count: a Proportion, or the distribution over a control's seeds."""
     xs = [Proportion.from_dict(c[key]) for c in cells if c["setting"] == setting and c["steps"] == steps and c.get(key)]
     return None if not xs else ControlDistribution(tuple(xs)) if setting in CONTROLS else xs[0]
@@ -513,7 +505,7 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
         last = max(c["steps"] for c in cells)
         comps = []
         for a, b, expected in COMPARISONS:
-            ma, mb = _measured(cells, a, last), initial if b == "initial" else _measured(cells, b, last)
+            ma, mb = measured(cells, a, last), initial if b == "initial" else measured(cells, b, last)
             if ma is not None and mb is not None:
                 v = measure.verdict(measure.compare(ma, mb), expected)  # type: ignore[arg-type]
                 # outcome / asr_a / asr_b: the demo headline's keys (the same as `comparison`, without the interval)
@@ -553,119 +545,3 @@ def _notes(comps: list[dict[str, Any]]) -> list[str]:
                 "choice of units matters rather than how many are frozen where."
             )
     return notes
-
-
-# -- report ---------------------------------------------------------------------------------------------------
-def _fmt(m: Measured | None, ci: bool = True) -> str:
-    if m is None:
-        return "-"
-    return f"{100 * m.rate:.1f}%" + (" [{:.0f}, {:.0f}]".format(*(100 * x for x in m.ci95)) if ci else "")
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def plot_protect(results: dict[str, Any], kind: str, path: Path) -> Path:
-    """ASR (95% intervals; a random control as the distribution of its seeds) and task perplexity against
-    fine-tuning steps, one line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    init, labels = results["initial"], results["settings"]["labels"]
-    cells = [c for c in results["cells"] if c["kind"] == kind]
-    steps = sorted({c["steps"] for c in cells})
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, s in enumerate(x for x in SETTINGS if any(c["setting"] == x for c in cells)):
-        ms = [Proportion.from_dict(init["asr"]), *(_measured(cells, s, n) for n in steps)]
-        ys = [100 * m.rate for m in ms if m is not None]
-        lo, hi = ([100 * m.ci95[j] for m in ms if m is not None] for j in (0, 1))
-        err = [[y - a for y, a in zip(ys, lo, strict=True)], [b - y for y, b in zip(ys, hi, strict=True)]]
-        xs = [0, *steps]
-        jittered = [x + (i - 3) * 0.05 for x in xs]
-        ax.errorbar(jittered, ys, yerr=err, marker="o", capsize=3, label=labels.get(s, s), color=COLORS[s])
-        ppl = [_mean([c["perplexity"] for c in cells if c["setting"] == s and c["steps"] == n]) for n in steps]
-        ax2.plot(xs, [init.get("perplexity"), *ppl], marker="o", color=COLORS[s])
-    ax.set(xlabel="fine-tuning steps", ylabel="ASR on held-out harmful prompts (%)", ylim=(-3, 103))
-    ax.set_title(f"{kind} data: attack success rate (95% intervals)")
-    ax.legend(fontsize=6, frameon=False)
-    ax2.set(xlabel="fine-tuning steps", ylabel="perplexity of held-out task answers", title="task utility")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """Redraw ``plots/protect_<kind>.png`` from ``results`` and return the Markdown report (paragraphs)."""
-    s, m, u, d, init, runs = (results[k] for k in ("settings", "model", "units", "data", "initial", "runs"))
-    labels, sec, paper = s["labels"], results["seconds"], results["paper"]
-    restored = " (checked: bit-identical at the end)" if results.get("weights_restored") else ""
-    out = [
-        f"# Protected fine-tuning of {m['name']}",
-        f"Each setting fine-tunes the same weights ({m['fingerprint'][:12]}) for up to {max(s['steps'])} steps "
-        f"(batch {s['batch_size']}, lr {s['lr']:g}, LoRA lr {s['lora_lr']:g}, {s['schedule']} schedule, seed "
-        f"{s['seed']}), measured after {', '.join(map(str, s['steps']))} steps inside one run; the original weights "
-        f"are restored between runs{restored}. Units: {u['source']}.",
-        f"ASR = share of {d['eval_harmful']['examples']} held-out harmful prompts (`{d['eval_harmful']['source']}`) "
-        f"not refused by `{s['judge']}`, none a training prompt; over-refusal on {d['eval_benign']['examples']} safe "
-        f"prompts (`{d['eval_benign']['source']}`); task utility = perplexity of {d['eval_utility']['examples']} "
-        f"held-out task answers. {s['max_new_tokens']} new tokens, greedy. Brackets: 95% intervals (Wilson; for a "
-        "random control the wider of the pooled Wilson and the t interval of its seeds). " + judge_line(s["judge"]),
-        f"Initial model: ASR {_fmt(Proportion.from_dict(init['asr']))}, over-refusal "
-        f"{_fmt(Proportion.from_dict(init['overrefusal']))}, perplexity {init.get('perplexity', float('nan')):.2f}.",
-    ]
-    if u.get("frozen"):
-        rows = []
-        for k, f in u["frozen"].items():
-            params = _mean([r["frozen_share_of_params"] for r in runs if r["setting"] == k])
-            seeds = len(u["controls"].get(k, {}).get("draws", [])) or "-"
-            rows.append(
-                [labels.get(k, k), f["count"], f"{100 * f['share_of_units']:.2f}%", f"{100 * params:.2f}%", seeds]
-            )
-        rows.append(
-            [f"paper: {paper['rows'][2][1]}", "-", f"about {100 * paper['frozen_share_scu_cu']:.1f}%", "-", "-"]
-        )
-        out += [
-            "## Frozen sets",
-            markdown_table(["frozen set", "units", "share of units", "share of parameters", "random seeds"], rows),
-            f"`{s['selection']}` takes {100 * s['cu_share']:g}% of all units from CU by safety rank, as the paper's "
-            '"SCU + 6%"; its real share is above (an input of the method, not a finding). Random controls keep the '
-            f"frozen set's count in every {s['control_strata']} cell.",
-        ]
-    for kind in (k for k in KINDS if k in results["verdict"]):
-        cells = [c for c in results["cells"] if c["kind"] == kind]
-        plot_protect(results, kind, Path(run_dir) / "plots" / f"protect_{kind}.png")
-        rows = []
-        for setting in (x for x in SETTINGS if any(c["setting"] == x for c in cells)):
-            for n in sorted({c["steps"] for c in cells}):
-                at = [c for c in cells if c["setting"] == setting and c["steps"] == n]
-                measured = [_fmt(_measured(cells, setting, n, key), key != "coherent_compliance") for key in KEYS]
-                ppl, share, loss = (_mean([c[key] for c in at]) for key in ("perplexity", "trained_share", "loss"))
-                rows.append([labels.get(setting, setting), n, *measured, f"{ppl:.2f}", f"{100 * share:.2f}%", loss])
-        train, v = d["train"][kind], results["verdict"][kind]
-        checks = [r["frozen_check"]["bit_identical"] for r in runs if r["kind"] == kind and r.get("frozen_check")]
-        ok = "bit-identical in every freezing run" if all(checks) else "CHANGED (see runs[].frozen_check)"
-        head = ["setting", "steps", "ASR", "coherent compl.", "over-refusal", "perplexity", "trained share", "loss"]
-        out += [
-            f"## Fine-tuning on the {kind} data (`{train['source']}`, {train['examples']} examples)",
-            markdown_table(head, rows),
-            f"![ASR against steps](plots/protect_{kind}.png)",
-            *([f"Frozen slices after training vs the original weights: {ok}."] if checks else []),
-            "**Verdicts** (the 95% interval of each ASR difference decides):",
-            "\n".join(f"- {_sentence(c)}" for c in v["comparisons"]),
-            *v["notes"],
-        ]
-    out += [
-        f"## The paper's numbers ({paper['model']}, Tables 2 / 3)",
-        markdown_table(["fine-tuned on", "setting", "AdvBench ASR %", "HEx-PHI harmful %"], paper["rows"]),
-        paper["hexphi_score"] + ". The paper reports no random-unit control; the comparison with the random frozen "
-        "sets tests whether the *choice* of units matters. Our model, data, judge and scale differ (a small model, "
-        "built-in sets, a keyword judge, a few steps), so compare directions, not values.",
-        f"Took {sec['total']:.0f} s (training {sec['training']:.0f} s, evaluation {sec['evaluation']:.0f} s, units "
-        f"{sec['units']:.0f} s). Per-prompt verdicts: `samples.jsonl` (outputs cut to {SAMPLE_CHARS} characters).",
-    ]
-    return "\n\n".join(out) + "\n"

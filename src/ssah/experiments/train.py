@@ -14,7 +14,6 @@ Under ``accelerate launch`` every process trains and only the main one writes fi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -28,16 +27,14 @@ from torch import nn
 
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
-from ssah.htmlreport import report_title, write_report_files
 from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
-from ssah.report import markdown_table
-from ssah.runs import RunDir, manifest
+from ssah.runs import RunDir, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainRunDir", "render", "run_train", "save_trained_model", "train_report"]
+__all__ = ["TrainConfig", "TrainRunDir", "run_train", "save_trained_model"]
 
 
 class TrainRunDir(RunDir):
@@ -169,7 +166,6 @@ def run_train(cfg: TrainConfig) -> Path:
         state.wait_for_everyone()
         return Path(cfg.out)
     try:
-        run.write_yaml("config.yaml", cfg.model_dump())
         save_trained_model(result.model, lm.tokenizer, run.file("model"))
         results = _results(cfg, result, data, model_info, freeze_sel, only_sel)
         results["seconds"] = {
@@ -177,21 +173,11 @@ def run_train(cfg: TrainConfig) -> Path:
             "train": round(result.seconds, 3),
             "total": round(time.time() - t0, 3),
         }
-        run.write_json("results.json", results)
-        markdown = render(results, run.path)
-        write_report_files(run.path, markdown, report_title(markdown, "train"))
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="train",
-                seed=cfg.seed,
-                started=t0,
-                device=next(result.model.parameters()).device,
-                model=model_info,
-                data={"train": {"source": data.source, "sha256": data.fingerprint(), "examples": len(data)}},
-                world_size=state.num_processes,
-            ),
-        )
+        device = next(result.model.parameters()).device
+        used = {"train": {"source": data.source, "sha256": data.fingerprint(), "examples": len(data)}}
+        how = {"command": "train", "seed": cfg.seed, "started": t0, "world_size": state.num_processes}
+        mf = manifest(**how, device=device, model=model_info, data=used)
+        write_run(run, "train", config=cfg, results=results, manifest=mf)
         out = run.commit()
     except BaseException:
         run.abort()
@@ -220,51 +206,3 @@ def _results(
         "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
         "settings": cfg.settings(),
     }
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """The Markdown report of a train run from its results and the step log ``run_dir/train_log.jsonl`` (no plots)."""
-    log_file = Path(run_dir) / "train_log.jsonl"
-    lines = log_file.read_text(encoding="utf-8").splitlines() if log_file.is_file() else []
-    return _train_markdown(results, [json.loads(line) for line in lines if line.strip()])
-
-
-def train_report(results: dict[str, Any], result: TrainResult) -> str:
-    """A short readable Markdown report of a training run."""
-    return _train_markdown(results, result.log)
-
-
-def _train_markdown(results: dict[str, Any], log: list[dict[str, Any]]) -> str:
-    m, tr = results["model"], results["trainable"]
-    units = results.get("freeze") or results.get("only")
-    share = f" ({units['units']} units, {100 * units['fraction']:.2f}% of all units)" if units else ""
-    what = {
-        "all": "all parameters",
-        "freeze": f"all but the frozen units {units['name'] if units else ''}{share}",
-        "only": f"only the units {units['name'] if units else ''}{share}",
-        "lora": f"LoRA adapters ({results['lora']}), merged into the weights",
-    }[results["mode"]]
-    rows = [[r["step"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", r["tokens"], f"{r['step_seconds']:.3f}"] for r in log]
-    if len(rows) > 20:
-        rows = [*rows[:10], ["...", "", "", "", ""], *rows[-9:]]
-    lines = [
-        f"# Fine-tuning of {m['name']}",
-        "",
-        f"Trained {what}: {tr['params']} of {tr['total']} parameters ({100 * tr['share']:.3f}%).",
-        f"Data `{results['data']['source']}` ({results['examples']} examples used, {results['skipped_examples']} "
-        f"skipped), {results['steps']} optimizer steps ({results['epochs']} epochs), "
-        f"{results['response_tokens']} response tokens.",
-        f"Loss {results['first_loss']:.4f} at the first step, {results['final_loss']:.4f} at the last.",
-    ]
-    if results.get("frozen_max_drift") is not None:
-        lines.append(f"Largest change of a frozen weight: {results['frozen_max_drift']:g}.")
-    if results.get("resumed_from") is not None:
-        lines.append(f"Resumed from the checkpoint at step {results['resumed_from']}.")
-    lines += [
-        "",
-        markdown_table(["step", "loss", "lr", "tokens", "seconds"], rows),
-        "",
-        f"Took {results['seconds']['total']:.1f} s (training {results['seconds']['train']:.1f} s). "
-        "The model is in `model/` (safetensors; `AutoModelForCausalLM.from_pretrained` loads it).",
-    ]
-    return "\n".join(lines) + "\n"

@@ -39,8 +39,7 @@ from ssah.measure import (
     verdict,
 )
 from ssah.models import LoadedModel, load_model, model_fingerprint
-from ssah.report import CATEGORY_COLORS, markdown_table
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, train_model
 from ssah.units import UnitSpace
 
@@ -253,202 +252,16 @@ def run_transfer(cfg: TransferConfig) -> Path:
         "seconds": {"load_models": round(t_load, 3), "fine_tune": training["seconds"] if training else 0.0}
         | {"categorize": round(cat_seconds, 3), "total": 0.0},
     }
+    data_info = {
+        name: {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
+        for name, ps in (("safety", safety), ("utility", utility), ("fine_tuning", train_data))
+        if ps is not None
+    }
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
-        run.write_yaml("config.yaml", cfg.model_dump())
         before.save(run.file("units_before.safetensors"), {"metric": cfg.metric})
         after.save(run.file("units_after.safetensors"), {"metric": cfg.metric})
         results["seconds"]["total"] = round(time.time() - t0, 3)
-        run.write_json("results.json", results)
-        run.write_text("report.md", render(results, run.path))
-        data_info = {
-            name: {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
-            for name, ps in (("safety", safety), ("utility", utility), ("fine_tuning", train_data))
-            if ps is not None
-        }
         how: dict[str, Any] = {"command": "transfer", "seed": cfg.seed, "started": t0, "device": base.model.device}
-        run.write_json("manifest.json", manifest(**how, model=ids[0], data=data_info, finetuned=ids[1]))
+        mf = manifest(**how, model=ids[0], data=data_info, finetuned=ids[1])
+        write_run(run, "transfer", config=cfg, results=results, manifest=mf)
     return run.out
-
-
-# -- plots and report -------------------------------------------------------------------------------------------
-PANELS: tuple[tuple[str, str, str, str], ...] = (
-    ("transition", "fine-tuning (full data)", "before", "after"),
-    ("matched", "fine-tuning across data halves", "before, half A", "after, half B"),
-    ("control", "control: unchanged model", "half A", "half B"),
-)
-
-
-def _heatmap(ax: Any, block: dict[str, Any], title: str, ylabel: str, xlabel: str) -> Any:
-    import numpy as np
-
-    shares = np.array(block["row_shares"], dtype=float)
-    counts = block["counts"]
-    im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    order = block["order"]
-    ax.set_xticks(range(len(order)), order)
-    ax.set_yticks(range(len(order)), [f"{c} ({block['before'][c]})" for c in order])
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title, fontsize=10)
-    for i in range(len(order)):
-        for j in range(len(order)):
-            color = "white" if shares[i, j] > 0.6 else "black"
-            ax.text(j, i, f"{counts[i][j]}\n{100 * shares[i, j]:.1f}%", ha="center", va="center", fontsize=8, c=color)
-    return im
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_transition(results: dict[str, Any], path: Path) -> Path:
-    """Heat maps of the row shares (counts and shares annotated): the fine-tune, and with the control the
-    fine-tune across data halves beside the unchanged model across the same halves (data noise alone)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [p for p in PANELS if results.get(p[0])]
-    n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.9 * n + 1.0, 4.6), squeeze=False, layout="constrained")
-    im = None
-    for ax, (key, title, ylabel, xlabel) in zip(axes[0], panels, strict=True):
-        im = _heatmap(ax, results[key], title, ylabel, xlabel)
-    if im is not None:
-        fig.colorbar(im, ax=list(axes[0]), label="share of the row", shrink=0.8)
-    fig.suptitle(f"{results['model']['name']}: unit categories ({results['transition']['units_total']} units)")
-    return _save(fig, path)
-
-
-def _pairs_to_plot(results: dict[str, Any], most: int = 4) -> list[str]:
-    by_layer = results["moved_by_layer"]
-    counts = results["transition"]["pairs"]
-    pairs = [p for p in KEY_PAIRS if p in by_layer]
-    rest = sorted((p for p in by_layer if p not in pairs and counts[p]["k"] > 0), key=lambda p: -counts[p]["k"])
-    return pairs + rest[: max(0, most - len(pairs))]
-
-
-def plot_moved_by_layer(results: dict[str, Any], path: Path) -> Path:
-    """One panel per category change: the moved units in each layer, attention and MLP side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = _pairs_to_plot(results)
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(11, 2.0 * len(pairs) + 0.6), sharex=True, squeeze=False)
-    w = 0.4
-    for ax, pair in zip(axes[:, 0], pairs, strict=True):
-        rows = results["moved_by_layer"][pair]
-        layers = [r["layer"] for r in rows]
-        color = CATEGORY_COLORS.get(pair.split("->")[1], "#333333")
-        ax.bar([x - w / 2 for x in layers], [r["attn"] for r in rows], width=w, color=color, alpha=0.55, label="attn")
-        ax.bar([x + w / 2 for x in layers], [r["mlp"] for r in rows], width=w, color=color, label="MLP")
-        ax.set_ylabel(f"{pair}\n({sum(r['attn'] + r['mlp'] for r in rows)})")
-        ax.legend(loc="upper left", fontsize=7, ncol=2, frameon=False)
-    axes[-1, 0].set_xlabel("layer")
-    fig.suptitle(f"{results['model']['name']}: units that changed category after fine-tuning, by layer")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _matrix_table(block: dict[str, Any]) -> str:
-    order, cells = block["order"], zip(block["counts"], block["row_shares"], strict=True)
-    rows = [
-        [f"**{a}** ({block['before'][a]})", *(f"{c} ({100 * x:.1f}%)" for c, x in zip(*ab, strict=True))]
-        for a, ab in zip(order, cells, strict=True)
-    ]
-    return markdown_table(["before \\ after", *order], [*rows, ["(column total)", *(block["after"][c] for c in order)]])
-
-
-def _verdict(results: dict[str, Any]) -> list[str]:
-    p = results["paper"]
-    lines = [
-        f"The paper: {p['claim']}.",
-        f"Here, on the full calibration data, {_pct_of(p['scu_to_cu'])} of the SCU became CU and "
-        f"{_pct_of(p['cu_to_ucu'])} of the CU became UCU (95% Wilson intervals).",
-        "",
-        "Verdict (`reproduced` only when the 95% interval of the difference excludes zero upwards): each move across "
-        "the fine-tune (half A before -> half B after) against the same move by data noise alone (unchanged model, "
-        "half A -> half B), over the same units (the category on half A before).",
-        "",
-    ]
-    for pair, t in p["tests"].items():
-        if "comparison" not in t:
-            lines += [f"- {pair}: **{t['verdict']}** ({t['reason']})."]
-            continue
-        c = t["comparison"]
-        need = f"; about {t['n_needed']} units per side would decide" if t.get("n_needed") else ""
-        lines.append(
-            f"- {pair}: {_pct_of(t['effect'])} with the fine-tune vs {_pct_of(t['control'])} by noise alone, "
-            f"difference {100 * c['difference']:+.1f} points [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]: "
-            f"**{t['verdict']}** ({t['reason']}{need})."
-        )
-    return [*lines, "", f"The paper's headline (over half of SCU became CU): **{p['verdict']}**."]
-
-
-def _pct_of(p: dict[str, Any] | None) -> str:
-    return (
-        "-"
-        if p is None
-        else f"{100 * p['rate']:.1f}% [{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}] ({p['k']}/{p['n']})"
-    )
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """(Re)draw the plots into ``run_dir/plots`` from ``results`` alone and return the Markdown report."""
-    run_dir = Path(run_dir)
-    plot_transition(results, run_dir / "plots" / "transition.png")
-    plot_moved_by_layer(results, run_dir / "plots" / "moved_by_layer.png")
-    m, ft, cat, tr = results["model"], results["finetuned"], results["categorization"], results["transition"]
-    t = ft["training"]
-    how = f"Fine-tuned model: `{ft['name']}` (fingerprint `{ft['fingerprint']}`)."
-    if t is not None:
-        how = f"`{m['name']}` **fine-tuned in memory** on `{t['data']['source']}` ({t['data']['examples']} examples), "
-        how += f"{t['steps']} steps of batch {t['batch_size']}, lr {t['lr']:g}, all parameters, loss "
-        how += f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}; its weights were restored after."
-    lines = [f"# Attribute transfer: {m['name']}", "", how]
-    if ft.get("same_weights"):
-        lines += ["", "**Warning**: the fine-tuned model has the same weights as the base model; nothing can move."]
-    lines += [
-        "",
-        f"Both models categorised on the same calibration sets (`{cat['data']['safety']}` {cat['examples']['safety']} "
-        f"and `{cat['data']['utility']}` {cat['examples']['utility']} examples) with metric `{cat['metric']}`, rule "
-        f"`{cat['rule']}` {cat['shares']}, normalisation `{cat['normalization']}`, ranking `{cat['ranking']}`, "
-        f"{cat['granularity']} granularity, tokens `{cat['token_region']}`. {m['units_total']} units in "
-        f"{m['layers']} layers.",
-        "",
-        "## Transition matrix (rows: before fine-tuning, columns: after; counts and row shares)",
-        "",
-        _matrix_table(tr),
-        "",
-        "![transition matrices](plots/transition.png)",
-        "",
-        f"{tr['moved']} units ({100 * tr['moved_share']:.1f}%) changed category. SCU overlap before/after (Jaccard): "
-        f"{results['scu_overlap']['jaccard']:.3f} (chance {results['scu_overlap']['chance']:.4f}).",
-        "",
-        "## Compared with the paper",
-        "",
-        *_verdict(results),
-        "",
-    ]
-    for block in (b for b in (results.get("matched"), results.get("control")) if b):
-        lines += [f"{block['method'][0].upper()}{block['method'][1:]}: {block['moved']} units changed category.", ""]
-    by_layer, s = results["moved_by_layer"], results["seconds"]
-    kinds = [(p, *(sum(r[k] for r in by_layer[p]) for k in ("attn", "mlp"))) for p in _pairs_to_plot(results, 6)]
-    lines += [
-        "## Where the moved units sit",
-        "",
-        "![moved units by layer](plots/moved_by_layer.png)",
-        "",
-        "; ".join(f"{p}: {a} attention, {m} MLP" for p, a, m in kinds) + ".",
-        "",
-        f"Took {s['total']:.1f} s (model loads {s['load_models']:.1f} s, fine-tuning {s['fine_tune']:.1f} s, "
-        f"categorisations {s['categorize']:.1f} s){' in quick mode' if results.get('quick') else ''}.",
-    ]
-    return "\n".join(lines) + "\n"

@@ -16,12 +16,10 @@ from ssah.categorize import (
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
-from ssah.htmlreport import report_title, write_report_files
 from ssah.measure import FoundUnits, check_unit_search, find_units
 from ssah.models import LoadedModel, load_model
 from ssah.plan import auto_scoring_batch_size, wants_auto_batch
-from ssah.report import markdown_table, plot_units_by_layer
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.units import UnitSpace
 
 
@@ -121,76 +119,13 @@ def run_units(cfg: UnitsConfig) -> Path:
             "total": round(time.time() - t0, 3),
         },
     }
+    data = {ps.name: {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)} for ps in (safety, utility)}
+    model = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
-        run.write_yaml("config.yaml", cfg.model_dump())
         s_scores.save(run.file("scores/safety.safetensors"))
         u_scores.save(run.file("scores/utility.safetensors"))
-        cats.save(
-            run.file("units.safetensors"),
-            {"metric": cfg.metric, "safety_data": safety.fingerprint(), "utility_data": utility.fingerprint()},
-        )
-        run.write_json("results.json", results)
-        markdown = render(results, run.path)
-        write_report_files(run.path, markdown, report_title(markdown, "units"))
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="units",
-                seed=cfg.seed,
-                started=t0,
-                device=lm.model.device,
-                model={"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint},
-                data={
-                    "safety": {"source": safety.source, "sha256": safety.fingerprint(), "examples": len(safety)},
-                    "utility": {"source": utility.source, "sha256": utility.fingerprint(), "examples": len(utility)},
-                },
-            ),
-        )
+        meta = {"metric": cfg.metric, "safety_data": safety.fingerprint(), "utility_data": utility.fingerprint()}
+        cats.save(run.file("units.safetensors"), meta)
+        mf = manifest(command="units", seed=cfg.seed, started=t0, device=lm.model.device, model=model, data=data)
+        write_run(run, "units", config=cfg, results=results, manifest=mf)
     return run.out
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """Redraw a units run's plots into ``run_dir/plots`` from its results alone and return its Markdown report."""
-    summary = {"categories": results["categories"], "by_layer": results["by_layer"]}
-    title = f"{results['model']['name']}: units by layer"
-    plot_units_by_layer(summary, Path(run_dir) / "plots" / "units_by_layer.png", title=title)
-    return units_report(results)
-
-
-def units_report(results: dict[str, Any]) -> str:
-    """A short readable Markdown report of a units run."""
-    m = results["model"]
-    rows = [
-        [c, v["count"], f"{100 * v['fraction']:.2f}%", results["by_kind"][c]["attn"], results["by_kind"][c]["mlp"]]
-        for c, v in results["categories"].items()
-    ]
-    lines = [
-        f"# Units of {m['name']}",
-        "",
-        f"Model family `{m['family']}`, {m['layers']} layers, {m['units_total']} units ({results['granularity']} "
-        f"granularity), fingerprint `{m['fingerprint']}`.",
-        f"Metric `{results['metric']}`, rule `{results['rule']}` with shares {results['shares']}, "
-        f"normalisation `{results['normalization']}`, ranking `{results['ranking']}`.",
-        f"Tokens counted ({results['token_region']}): safety {results['tokens']['safety']}, "
-        f"utility {results['tokens']['utility']}.",
-        "",
-        markdown_table(["category", "units", "share", "attention", "MLP"], rows),
-        "",
-        "![units by layer](plots/units_by_layer.png)",
-        "",
-    ]
-    st = results.get("stability")
-    if st:
-        lines += [
-            "## Stability across disjoint halves of the calibration data",
-            "",
-            markdown_table(
-                ["category", "Jaccard", "chance level"], [[c, st[c]["jaccard"], st[c]["chance"]] for c in CATEGORIES]
-            ),
-            "",
-        ]
-    lines.append(
-        f"Took {results['seconds']['total']:.1f} s (model load {results['seconds']['load_model']:.1f} s, "
-        f"scoring {results['seconds']['scoring']:.1f} s)."
-    )
-    return "\n".join(lines) + "\n"
