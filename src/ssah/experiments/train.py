@@ -29,7 +29,7 @@ from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
 from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
-from ssah.runs import RunDir, manifest, set_seed, write_run
+from ssah.runs import RunDir, manifest, write_run
 from ssah.training import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
 log = logging.getLogger(__name__)
