@@ -177,7 +177,7 @@ def test_bad_batch_size(bad: str, tmp_path: Path, capsys) -> None:
 
 
 def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:
-    import ssah.modelutil
+    import ssah.inference
     from ssah.experiments.eval import EvalConfig
     from ssah.experiments.units import UnitsConfig
     from ssah.plan import wants_auto_batch
@@ -186,5 +186,5 @@ def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:
     auto = EvalConfig.build({"model": "m", "batch_size": "auto"})
     assert not wants_auto_batch(unset, lm.model) and not wants_auto_batch(given, lm.model)  # CPU: as before
     assert wants_auto_batch(auto, lm.model)
-    monkeypatch.setattr(ssah.modelutil, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(ssah.inference, "model_device", lambda model: torch.device("cuda"))
     assert wants_auto_batch(unset, lm.model) and not wants_auto_batch(given, lm.model)  # GPU: auto unless given

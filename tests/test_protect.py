@@ -16,10 +16,10 @@ from ssah.categorize import categorize
 from ssah.cli import main
 from ssah.data import Example, PromptSet, collate, encode_set
 from ssah.experiments.protect import CONTROLS, SETTINGS, ProtectConfig, render, run_protect, verdicts
+from ssah.inference import frozen_eval
 from ssah.interventions import unit_param_masks
 from ssah.measure import Proportion
 from ssah.models import model_fingerprint
-from ssah.modelutil import frozen_eval
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
 from ssah.train import TrainConfig, train_model

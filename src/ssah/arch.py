@@ -1,4 +1,5 @@
-"""Per-family architecture adapters: where the decoder blocks are, which weights each unit reads and writes.
+"""Per-family architecture adapters for the whole model: token embeddings, decoder blocks, the weights each unit
+reads and writes, the final norm and the unembedding (output head).
 
 A *unit* is one input channel of an attention output projection (``o_proj``) or of an MLP down-projection
 (``down_proj``). Its *reader* is the slice of that projection's weight that consumes the channel (a column of
@@ -95,13 +96,20 @@ _WRITER_MAPS: dict[str, _WriterMap] = {
 
 @dataclass(frozen=True)
 class _Layout:
-    """Module names of one family, relative to a decoder block, and the writer maps of fused projections."""
+    """Module names of one family and the writer maps of fused projections.
+
+    Readers and writers are relative to a decoder block; the embeddings and the final norm to the module that holds
+    the blocks (the base model); the unembedding candidates to the model itself (a bare base model has none).
+    """
 
     blocks: tuple[str, ...]  # candidate paths of the ModuleList of decoder blocks, tried in order
+    embeddings: str
+    final_norm: str
     attn_reader: str
     attn_writers: tuple[tuple[str, str], ...]  # (module, key of _WRITER_MAPS)
     mlp_reader: str
     mlp_writers: tuple[tuple[str, str], ...]
+    unembedding: tuple[str, ...] = ("lm_head",)
 
 
 # CausalLM wrappers first, then bare base models; multimodal Gemma 3 keeps its text model in language_model.
@@ -109,6 +117,8 @@ _DECODER_BLOCKS = ("model.layers", "model.language_model.layers", "layers", "lan
 
 _LLAMA = _Layout(
     blocks=_DECODER_BLOCKS,
+    embeddings="embed_tokens",
+    final_norm="norm",
     attn_reader="self_attn.o_proj",
     attn_writers=(("self_attn.v_proj", "v"),),
     mlp_reader="mlp.down_proj",
@@ -116,6 +126,8 @@ _LLAMA = _Layout(
 )
 _PHI3 = _Layout(
     blocks=_DECODER_BLOCKS,
+    embeddings="embed_tokens",
+    final_norm="norm",
     attn_reader="self_attn.o_proj",
     attn_writers=(("self_attn.qkv_proj", "qkv_v"),),
     mlp_reader="mlp.down_proj",
@@ -123,6 +135,8 @@ _PHI3 = _Layout(
 )
 _GPT2 = _Layout(
     blocks=("transformer.h", "h"),
+    embeddings="wte",
+    final_norm="ln_f",
     attn_reader="attn.c_proj",
     attn_writers=(("attn.c_attn", "qkv_v"),),
     mlp_reader="mlp.c_proj",
@@ -130,10 +144,13 @@ _GPT2 = _Layout(
 )
 _GPT_NEOX = _Layout(
     blocks=("gpt_neox.layers", "layers"),
+    embeddings="embed_in",
+    final_norm="final_layer_norm",
     attn_reader="attention.dense",
     attn_writers=(("attention.query_key_value", "qkv_interleaved_v"),),
     mlp_reader="mlp.dense_4h_to_h",
     mlp_writers=(("mlp.dense_h_to_4h", "same"),),
+    unembedding=("lm_head", "embed_out"),  # embed_out in transformers before 5
 )
 
 _LAYOUTS: dict[str, _Layout] = {
@@ -164,7 +181,8 @@ def _model_type(model: torch.nn.Module) -> str | None:
 
 
 class ArchAdapter:
-    """Units of one model: its decoder blocks, and per block the reader and writer slices of each unit group.
+    """One model's parts: token embeddings, decoder blocks (per block the reader and writer slices of each unit
+    group), final norm and unembedding; the one place that knows module names.
 
     Build it with :func:`get_adapter` (or directly); the groups are computed once, on first use.
     """
@@ -222,6 +240,82 @@ class ArchAdapter:
     def parameter(self, name: str) -> torch.nn.Parameter:
         """The parameter ``name`` (as in ``model.named_parameters()``)."""
         return self.model.get_parameter(name)
+
+    # -- whole model: embeddings, final norm, unembedding
+
+    @property
+    def base_path(self) -> str:
+        """Name of the module that holds the decoder blocks, the embeddings and the final norm ("" for the model)."""
+        return self.blocks_path.rpartition(".")[0]
+
+    def _base_child(self, name: str, what: str) -> str:
+        path = f"{self.base_path}.{name}" if self.base_path else name
+        try:
+            self.module(path)
+        except AttributeError:
+            raise ModelError(
+                f"Cannot find the {what} of this {self.family} model ({type(self.model).__name__}) at {path!r}"
+            ) from None
+        return path
+
+    @property
+    def embeddings_path(self) -> str:
+        """Name of the token embedding module."""
+        return self._base_child(self._layout.embeddings, "token embeddings")
+
+    @property
+    def embeddings(self) -> torch.nn.Module:
+        """The token embedding module (an ``nn.Embedding`` or a scaled subclass, as in Gemma)."""
+        return self.module(self.embeddings_path)
+
+    @property
+    def final_norm_path(self) -> str:
+        """Name of the normalisation applied after the last block, before the unembedding."""
+        return self._base_child(self._layout.final_norm, "final norm")
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The normalisation applied after the last block, before the unembedding."""
+        return self.module(self.final_norm_path)
+
+    @property
+    def unembedding_path(self) -> str | None:
+        """Name of the output head (hidden state -> vocabulary logits); None for a bare base model."""
+        for path in self._layout.unembedding:
+            try:
+                head = self.module(path)
+            except AttributeError:
+                continue
+            if getattr(head, "weight", None) is not None:
+                return path
+        return None
+
+    @property
+    def unembedding(self) -> torch.nn.Module:
+        """The output head; a one-line :class:`~ssah.errors.ModelError` for a bare base model without one."""
+        path = self.unembedding_path
+        if path is None:
+            raise ModelError(
+                f"This {self.family} model ({type(self.model).__name__}) has no output head "
+                f"(looked for: {', '.join(self._layout.unembedding)}): load it as a causal LM"
+            )
+        return self.module(path)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the unembedding is the embedding matrix itself (one Parameter: editing one edits both)."""
+        path = self.unembedding_path
+        if path is None:
+            return False
+        head: Any = self.module(path)
+        emb: Any = self.embeddings
+        return bool(head.weight is emb.weight)
+
+    @property
+    def unembedding_weight_name(self) -> str | None:
+        """The parameter name of the output head's weight, as ``state_dict()`` lists it; None without a head."""
+        path = self.unembedding_path
+        return None if path is None else f"{path}.weight"
 
     def _geometry(self) -> _Geometry:
         """Query heads, KV heads and head size from the config (``head_dim`` if set, else hidden / heads)."""

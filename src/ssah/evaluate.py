@@ -30,8 +30,8 @@ from ssah.data.tasks import (
 )
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
+from ssah.inference import frozen_eval, model_device, pad_id
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
-from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "DEFAULT_PREFILL",

@@ -146,7 +146,10 @@ def convert_gguf(gguf: Path, *, force: bool = False) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
+    # a weight tied to one that was loaded (an output head sharing the embeddings) is stored once in the file
+    params = dict(plain.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name not in missing}
+    missing = [m for m in missing if m not in params or id(params[m]) not in loaded]
     if missing or unexpected:
         raise ModelError(
             f"GGUF conversion of {gguf.name} lost weights (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -19,7 +19,8 @@ each query (left-padded batches, KV cache kept) plus one short cached extension 
 the opener tokens, not with the query length. While the model generates greedily, or is forced along a compliance
 prefix and then continues, the same quantities are followed token by token (``token_*`` arrays).
 
-Everything here is in memory and model-agnostic (any causal LM whose forward returns ``hidden_states``);
+Everything here is in memory and works on any causal LM of a supported family (the family adapter names its final
+norm and output head);
 :mod:`ssah.experiments.probe` turns it into a run folder.
 """
 
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ssah.arch import get_adapter
 from ssah.data import format_chat
 from ssah.data.chat import bos_to_add
 from ssah.data.probe_prompts import COMPLIANCE_OPENERS, FORCED_PREFIX, REFUSAL_OPENERS
 from ssah.errors import UserError
 from ssah.generate import encode_prompt, eos_token_ids, left_pad
+from ssah.inference import frozen_eval, model_device, pad_id
 from ssah.judges import opener_token_ids
-from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "GAP_STEPS",
@@ -57,7 +59,6 @@ __all__ = [
     "bootstrap_indices",
     "cosine_distance",
     "estimate",
-    "final_norm",
     "fit_directions",
     "gap_steps",
     "measure_model",
@@ -234,17 +235,6 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
 
 
-def final_norm(model: Any) -> torch.nn.Module | None:
-    """The normalisation applied before the output head (``norm``, ``ln_f``, ``final_layer_norm``, ...), if found."""
-    base = getattr(model, "base_model", None) or model
-    for owner in (base, getattr(base, "language_model", None), model):
-        for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm"):
-            mod = getattr(owner, name, None) if owner is not None else None
-            if isinstance(mod, torch.nn.Module):
-                return mod
-    return None
-
-
 def _forward(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -336,11 +326,9 @@ class _Readout:
     only the output-head rows of the opener first tokens (the softmax normaliser cancels in the difference)."""
 
     def __init__(self, model: Any, refusal: list[int], compliance: list[int]) -> None:
-        head = model.get_output_embeddings()
-        if head is None:
-            raise UserError(f"{type(model).__name__} has no output head: the logit lens needs a causal LM")
-        self.head = head
-        self.norm = final_norm(model)
+        adapter = get_adapter(model)  # one-line errors for an unknown family or a model without a head
+        self.head: Any = adapter.unembedding
+        self.norm = adapter.final_norm
         self.refusal, self.compliance = refusal, compliance
         self.last_normed = True
 
@@ -349,8 +337,6 @@ class _Readout:
         with torch.no_grad():
             direct = self.head(last_state.to(self.head.weight.dtype)).float()
             err_direct = (direct - logits).abs().max().item()
-            if self.norm is None:
-                return "no final norm found: the logit lens reads raw states of the inner layers"
             normed = self.head(self.norm(last_state.to(self.head.weight.dtype))).float()
             err_normed = (normed - logits).abs().max().item()
         self.last_normed = err_direct <= err_normed
@@ -362,7 +348,7 @@ class _Readout:
     def logodds(self, states: torch.Tensor, layer: int, last_layer: int) -> torch.Tensor:
         """``(..., H)`` states of one layer -> ``(...)`` log-odds (float64)."""
         x = states.to(self.head.weight.dtype)
-        if self.norm is not None and not (layer == last_layer and self.last_normed):
+        if not (layer == last_layer and self.last_normed):
             x = self.norm(x)
         w = self.head.weight
         bias = getattr(self.head, "bias", None)

@@ -108,16 +108,18 @@ def _special_ids() -> dict[str, int]:
     }
 
 
-def tiny_config(family: str) -> PretrainedConfig:
+def tiny_config(family: str, *, tie_embeddings: bool | None = None) -> PretrainedConfig:
     """The config of a 2-layer tiny model of ``family`` (hidden 64, 4 query heads of size 16, 2 KV heads where
     the family has GQA, intermediate 128, the vocabulary of :func:`tiny_tokenizer`).
 
-    Embedding tying is left at the family's default.
+    Embedding tying is the family's default unless ``tie_embeddings`` says otherwise.
     """
     import transformers
 
     ids = _special_ids()
     common: dict[str, Any] = {"initializer_range": TINY_INIT_RANGE, **ids}
+    if tie_embeddings is not None:
+        common["tie_word_embeddings"] = tie_embeddings
     if family in _LLAMA_LIKE:
         cls = getattr(transformers, _LLAMA_LIKE[family])
         return cls(
@@ -139,7 +141,7 @@ def tiny_config(family: str) -> PretrainedConfig:
             image_size=32,
             patch_size=16,
         )
-        text = tiny_config("gemma3")
+        text = tiny_config("gemma3", tie_embeddings=tie_embeddings)
         return transformers.Gemma3Config(
             text_config=text.to_dict(),
             vision_config=vision.to_dict(),
@@ -168,14 +170,17 @@ def tiny_config(family: str) -> PretrainedConfig:
     raise ModelError(f"No tiny model for family {family!r}; choose one of: {', '.join(ALL_TINY_FAMILIES)}")
 
 
-def build_tiny_model(family: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A random-weight tiny model of ``family`` (float32, eval mode) and :func:`tiny_tokenizer`.
+def build_tiny_model(
+    family: str, seed: int = 0, *, tie_embeddings: bool | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random-weight tiny model of ``family`` (float32, eval mode) and :func:`tiny_tokenizer`; embeddings tied
+    as the family does by default unless ``tie_embeddings`` says otherwise.
 
     The same ``seed`` gives bit-identical weights; the global RNG state is left as it was.
     """
     import transformers
 
-    config = tiny_config(family)
+    config = tiny_config(family, tie_embeddings=tie_embeddings)
     cls_name = "Gemma3ForConditionalGeneration" if family == "gemma3_multimodal" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

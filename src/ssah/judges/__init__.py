@@ -36,7 +36,7 @@ from ssah.data import format_chat
 from ssah.data.chat import context_length, encode_prompts
 from ssah.errors import ModelError, UserError
 from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
-from ssah.modelutil import frozen_eval, model_device, pad_id
+from ssah.inference import frozen_eval, model_device, pad_id
 
 __all__ = [
     "COMPLIANCE_OPENERS",

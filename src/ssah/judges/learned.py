@@ -122,7 +122,7 @@ def pair_features(
     of similar length; padding comes after every real token, so it never changes a real position's state.
     """
     from ssah.arch import get_adapter
-    from ssah.modelutil import model_device, pad_id
+    from ssah.inference import model_device, pad_id
 
     if len(prompts) != len(replies):
         raise UserError(f"got {len(prompts)} prompts and {len(replies)} replies: pass one reply per prompt")
