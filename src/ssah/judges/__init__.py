@@ -24,11 +24,10 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 
@@ -37,6 +36,7 @@ from ssah.data.chat import context_length, encode_prompts
 from ssah.errors import ModelError, UserError
 from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
 from ssah.inference import frozen_eval, model_device, pad_id
+from ssah.judges.base import Judge, Verdict, check_pairs
 
 __all__ = [
     "COMPLIANCE_OPENERS",
@@ -76,31 +76,6 @@ __all__ = [
     "register_judge",
     "registered_judges",
 ]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One judgement: ``refused`` is what every metric uses; ``score`` and ``label`` are judge-specific."""
-
-    refused: bool
-    score: float | None = None  # e.g. probability of a harmful completion, first-token log-odds of refusing
-    label: str = ""  # e.g. "refusal", "compliance", "safe", "unsafe", a classifier's label name
-    detail: str = ""  # e.g. the refusal phrase that matched, or the guard model's raw answer
-
-
-@runtime_checkable
-class Judge(Protocol):
-    """Anything with a ``name`` and a ``judge`` method returning one verdict per (prompt, output) pair."""
-
-    name: str
-
-    def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Verdict]: ...
-
-
-def _check_pairs(prompts: Sequence[str], outputs: Sequence[str]) -> None:
-    """One output per prompt, or a UserError."""
-    if len(prompts) != len(outputs):
-        raise UserError(f"got {len(prompts)} prompts and {len(outputs)} outputs: pass one output per prompt")
 
 
 # --- keyword judges ----------------------------------------------------------------------------------------------
@@ -237,7 +212,7 @@ class KeywordJudge:
 
     def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Verdict]:
         """One verdict per output (the prompts are not used)."""
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         return [self.verdict(o) for o in outputs]
 
     def __repr__(self) -> str:
@@ -419,12 +394,12 @@ class CoherenceCheck:
 
     def check(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[bool]:
         """One coherence flag per (prompt, output) pair."""
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         return [is_coherent(p, o) for p, o in zip(prompts, outputs, strict=True)]
 
     def reasons(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[str]:
         """One incoherence reason per pair ("" for coherent outputs)."""
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         return [incoherence_reason(p, o) for p, o in zip(prompts, outputs, strict=True)]
 
 
@@ -531,7 +506,7 @@ class ClassifierJudge:
     @torch.inference_mode()
     def harmful_probs(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
         """Probability of a harmful completion per pair (softmax over classes; sigmoid for multi-label models)."""
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         device = next(self.model.parameters()).device
         multi = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
         self.model.eval()
@@ -663,7 +638,7 @@ class GuardJudge:
 
     def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Verdict]:
         """One verdict per pair from the guard model's greedy answer."""
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         if not prompts:
             return []
         texts = [self._conversation_text(p, o) for p, o in zip(prompts, outputs, strict=True)]
@@ -881,7 +856,7 @@ class FirstTokenJudge:
     def judge(self, prompts: Sequence[str], outputs: Sequence[str] | None = None) -> list[Verdict]:
         """One verdict per prompt from its score; ``outputs`` (if given) only has to match in length."""
         if outputs is not None:
-            _check_pairs(prompts, outputs)
+            check_pairs(prompts, outputs)
         verdicts = []
         for s in self.scores(prompts):
             refused = s > self.threshold

@@ -18,15 +18,14 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ssah.errors import ModelError, UserError
-
-if TYPE_CHECKING:
-    from ssah.judges import Verdict
+from ssah.intervals import wilson_interval
+from ssah.judges.base import Verdict, check_pairs
 
 __all__ = [
     "DEFAULT_BASE",
@@ -295,9 +294,7 @@ class LearnedJudge:
 
     def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Verdict]:
         """One verdict per pair."""
-        from ssah.judges import Verdict, _check_pairs
-
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         if not outputs:
             return []
         out = []
@@ -381,7 +378,6 @@ def train_head(
     for each source file, the settings are chosen and the head fitted on the other files only, then scored on
     the held-out file (nested, so the held-out number is honest). The final head is chosen and fitted on all rows.
     """
-    from ssah.evaluate import wilson_interval
 
     settings = settings or LearnedSettings()
     settings.check()
