@@ -341,13 +341,11 @@ def other_tokenizer_model(tmp_path_factory) -> Path:
         (["--compare", "OTHER"], "different tokenizers"),
     ],
 )
-def test_probe_bad_input(extra: list[str], needle: str, tmp_path: Path, capsys, other_tokenizer_model: Path) -> None:
-    out = tmp_path / "out"
+def test_probe_bad_input(
+    extra: list[str], needle: str, tmp_path: Path, user_error, other_tokenizer_model: Path
+) -> None:
     extra = [str(other_tokenizer_model) if x == "OTHER" else x for x in extra]
-    code = main(["probe", "tiny-random-llama", "--out", str(out), *FAST, *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
-    assert not out.exists()
+    user_error(["probe", "tiny-random-llama", "--out", str(tmp_path / "out"), *FAST, *extra], needle)
 
 
 def test_probe_other_tokenizer_works_without_shared_space_methods(tmp_path: Path, other_tokenizer_model: Path) -> None:
