@@ -385,10 +385,10 @@ def test_whole_model_parts_are_the_ones_transformers_uses(tiny: Tiny) -> None:
     assert a.embeddings is model.get_input_embeddings()
     assert a.unembedding is model.get_output_embeddings()
     prefix = "model.language_model" if tiny.family == "gemma3_multimodal" else "model"
-    assert a.embeddings_path == _EMBEDDINGS.get(tiny.family, f"{prefix}.embed_tokens")
-    assert a.final_norm_path == _FINAL_NORMS.get(tiny.family, f"{prefix}.norm")
-    assert a.unembedding_path == "lm_head"
-    assert a.unembedding_weight_name == "lm_head.weight"
+    assert a.part_path("embeddings") == _EMBEDDINGS.get(tiny.family, f"{prefix}.embed_tokens")
+    assert a.part_path("final_norm") == _FINAL_NORMS.get(tiny.family, f"{prefix}.norm")
+    assert a.part_path("unembedding") == "lm_head"
+    assert a.part("final_norm") is a.final_norm
     assert a.tied_embeddings is (tiny.family in _TIED_BY_DEFAULT)
 
 
@@ -440,10 +440,10 @@ def test_bare_base_model_has_embeddings_and_norm_but_no_unembedding() -> None:
     bare = get_adapter(model.model)
     assert bare.embeddings is model.model.embed_tokens
     assert bare.final_norm is model.model.norm
-    assert bare.unembedding_path is None and not bare.tied_embeddings
+    assert bare.part_path("unembedding") is None and not bare.tied_embeddings
     with pytest.raises(ModelError) as info:
         _ = bare.unembedding
-    assert "\n" not in str(info.value) and "no output head" in str(info.value)
+    assert "\n" not in str(info.value) and "no unembedding module" in str(info.value)
 
 
 def test_unsupported_model_has_no_whole_model_parts_to_guess() -> None:

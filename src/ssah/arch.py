@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from ssah.errors import ModelError, UnsupportedModelError
 
 Kind = Literal["attn", "mlp"]
+Part = Literal["embeddings", "final_norm", "unembedding"]
 KINDS: tuple[Kind, ...] = ("attn", "mlp")
 
 
@@ -243,79 +244,58 @@ class ArchAdapter:
 
     # -- whole model: embeddings, final norm, unembedding
 
-    @property
-    def base_path(self) -> str:
-        """Name of the module that holds the decoder blocks, the embeddings and the final norm ("" for the model)."""
-        return self.blocks_path.rpartition(".")[0]
-
-    def _base_child(self, name: str, what: str) -> str:
-        path = f"{self.base_path}.{name}" if self.base_path else name
-        try:
-            self.module(path)
-        except AttributeError:
-            raise ModelError(
-                f"Cannot find the {what} of this {self.family} model ({type(self.model).__name__}) at {path!r}"
-            ) from None
-        return path
-
-    @property
-    def embeddings_path(self) -> str:
-        """Name of the token embedding module."""
-        return self._base_child(self._layout.embeddings, "token embeddings")
-
-    @property
-    def embeddings(self) -> torch.nn.Module:
-        """The token embedding module (an ``nn.Embedding`` or a scaled subclass, as in Gemma)."""
-        return self.module(self.embeddings_path)
-
-    @property
-    def final_norm_path(self) -> str:
-        """Name of the normalisation applied after the last block, before the unembedding."""
-        return self._base_child(self._layout.final_norm, "final norm")
-
-    @property
-    def final_norm(self) -> torch.nn.Module:
-        """The normalisation applied after the last block, before the unembedding."""
-        return self.module(self.final_norm_path)
-
-    @property
-    def unembedding_path(self) -> str | None:
-        """Name of the output head (hidden state -> vocabulary logits); None for a bare base model."""
-        for path in self._layout.unembedding:
+    def part_path(self, part: Part) -> str | None:
+        """Module name of ``part``: ``embeddings`` and ``final_norm`` live beside the decoder blocks (in the base
+        model), ``unembedding`` (the output head) on the model itself; None where the model has no such module
+        (a bare base model has no unembedding)."""
+        base = self.blocks_path.rpartition(".")[0]
+        if part == "unembedding":
+            candidates = self._layout.unembedding
+        else:
+            name = self._layout.embeddings if part == "embeddings" else self._layout.final_norm
+            candidates = (f"{base}.{name}" if base else name,)
+        for path in candidates:
             try:
-                head = self.module(path)
+                module = self.module(path)
             except AttributeError:
                 continue
-            if getattr(head, "weight", None) is not None:
+            if part != "unembedding" or getattr(module, "weight", None) is not None:
                 return path
         return None
 
-    @property
-    def unembedding(self) -> torch.nn.Module:
-        """The output head; a one-line :class:`~ssah.errors.ModelError` for a bare base model without one."""
-        path = self.unembedding_path
+    def part(self, part: Part) -> torch.nn.Module:
+        """The module of ``part`` (see :meth:`part_path`), or a one-line :class:`~ssah.errors.ModelError`."""
+        path = self.part_path(part)
         if path is None:
+            hint = ": load it as a causal LM" if part == "unembedding" else ""
             raise ModelError(
-                f"This {self.family} model ({type(self.model).__name__}) has no output head "
-                f"(looked for: {', '.join(self._layout.unembedding)}): load it as a causal LM"
+                f"This {self.family} model ({type(self.model).__name__}) has no {part.replace('_', ' ')} module{hint}"
             )
         return self.module(path)
 
     @property
-    def tied_embeddings(self) -> bool:
-        """Whether the unembedding is the embedding matrix itself (one Parameter: editing one edits both)."""
-        path = self.unembedding_path
-        if path is None:
-            return False
-        head: Any = self.module(path)
-        emb: Any = self.embeddings
-        return bool(head.weight is emb.weight)
+    def embeddings(self) -> torch.nn.Module:
+        """The token embedding module (an ``nn.Embedding`` or a scaled subclass, as in Gemma)."""
+        return self.part("embeddings")
 
     @property
-    def unembedding_weight_name(self) -> str | None:
-        """The parameter name of the output head's weight, as ``state_dict()`` lists it; None without a head."""
-        path = self.unembedding_path
-        return None if path is None else f"{path}.weight"
+    def final_norm(self) -> torch.nn.Module:
+        """The normalisation applied after the last block, before the unembedding."""
+        return self.part("final_norm")
+
+    @property
+    def unembedding(self) -> torch.nn.Module:
+        """The output head (hidden state -> vocabulary logits)."""
+        return self.part("unembedding")
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the unembedding is the embedding matrix itself (one Parameter: editing one edits both)."""
+        if self.part_path("unembedding") is None:
+            return False
+        head: Any = self.unembedding
+        emb: Any = self.embeddings
+        return bool(head.weight is emb.weight)
 
     def _geometry(self) -> _Geometry:
         """Query heads, KV heads and head size from the config (``head_dim`` if set, else hidden / heads)."""

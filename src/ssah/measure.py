@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import torch
@@ -241,13 +241,9 @@ class Verdict:
     n_needed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "expected": self.expected,
-            "reason": self.reason,
-            "n_needed": self.n_needed,
-            "comparison": self.comparison.to_dict(),
-        }
+        """The fields in order, the comparison last (as its own dict)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "comparison"}
+        return {**own, "comparison": self.comparison.to_dict()}
 
 
 def verdict(comparison: Comparison, expected: Direction, *, margin: float = 0.05) -> Verdict:
