@@ -15,8 +15,8 @@ the model's config.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from dataclasses import dataclass, replace
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from transformers import PretrainedConfig
@@ -95,21 +95,25 @@ _WRITER_MAPS: dict[str, _WriterMap] = {
 }
 
 
+class _Slices(NamedTuple):
+    """One unit kind's modules, relative to a decoder block: the reader, and each writer with its map."""
+
+    reader: str
+    writers: tuple[tuple[str, str], ...]  # (module, key of _WRITER_MAPS)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Module names of one family and the writer maps of fused projections.
 
-    Readers and writers are relative to a decoder block; the embeddings and the final norm to the module that holds
-    the blocks (the base model); the unembedding candidates to the model itself (a bare base model has none).
+    ``base`` names the token embeddings and the final norm, relative to the module that holds the blocks (the base
+    model); the unembedding candidates are relative to the model itself (a bare base model has none).
     """
 
     blocks: tuple[str, ...]  # candidate paths of the ModuleList of decoder blocks, tried in order
-    embeddings: str
-    final_norm: str
-    attn_reader: str
-    attn_writers: tuple[tuple[str, str], ...]  # (module, key of _WRITER_MAPS)
-    mlp_reader: str
-    mlp_writers: tuple[tuple[str, str], ...]
+    base: tuple[str, str]  # (token embeddings, final norm)
+    attn: _Slices
+    mlp: _Slices
     unembedding: tuple[str, ...] = ("lm_head",)
 
 
@@ -118,39 +122,27 @@ _DECODER_BLOCKS = ("model.layers", "model.language_model.layers", "layers", "lan
 
 _LLAMA = _Layout(
     blocks=_DECODER_BLOCKS,
-    embeddings="embed_tokens",
-    final_norm="norm",
-    attn_reader="self_attn.o_proj",
-    attn_writers=(("self_attn.v_proj", "v"),),
-    mlp_reader="mlp.down_proj",
-    mlp_writers=(("mlp.gate_proj", "same"), ("mlp.up_proj", "same")),
+    base=("embed_tokens", "norm"),
+    attn=_Slices("self_attn.o_proj", (("self_attn.v_proj", "v"),)),
+    mlp=_Slices("mlp.down_proj", (("mlp.gate_proj", "same"), ("mlp.up_proj", "same"))),
 )
-_PHI3 = _Layout(
-    blocks=_DECODER_BLOCKS,
-    embeddings="embed_tokens",
-    final_norm="norm",
-    attn_reader="self_attn.o_proj",
-    attn_writers=(("self_attn.qkv_proj", "qkv_v"),),
-    mlp_reader="mlp.down_proj",
-    mlp_writers=(("mlp.gate_up_proj", "same"), ("mlp.gate_up_proj", "second_half")),
+# Phi-3: the Llama layout with fused projections ([q | k | v] and [gate | up]).
+_PHI3 = replace(
+    _LLAMA,
+    attn=_Slices("self_attn.o_proj", (("self_attn.qkv_proj", "qkv_v"),)),
+    mlp=_Slices("mlp.down_proj", (("mlp.gate_up_proj", "same"), ("mlp.gate_up_proj", "second_half"))),
 )
 _GPT2 = _Layout(
     blocks=("transformer.h", "h"),
-    embeddings="wte",
-    final_norm="ln_f",
-    attn_reader="attn.c_proj",
-    attn_writers=(("attn.c_attn", "qkv_v"),),
-    mlp_reader="mlp.c_proj",
-    mlp_writers=(("mlp.c_fc", "same"),),
+    base=("wte", "ln_f"),
+    attn=_Slices("attn.c_proj", (("attn.c_attn", "qkv_v"),)),
+    mlp=_Slices("mlp.c_proj", (("mlp.c_fc", "same"),)),
 )
 _GPT_NEOX = _Layout(
     blocks=("gpt_neox.layers", "layers"),
-    embeddings="embed_in",
-    final_norm="final_layer_norm",
-    attn_reader="attention.dense",
-    attn_writers=(("attention.query_key_value", "qkv_interleaved_v"),),
-    mlp_reader="mlp.dense_4h_to_h",
-    mlp_writers=(("mlp.dense_h_to_4h", "same"),),
+    base=("embed_in", "final_layer_norm"),
+    attn=_Slices("attention.dense", (("attention.query_key_value", "qkv_interleaved_v"),)),
+    mlp=_Slices("mlp.dense_4h_to_h", (("mlp.dense_h_to_4h", "same"),)),
     unembedding=("lm_head", "embed_out"),  # embed_out in transformers before 5
 )
 
@@ -252,7 +244,7 @@ class ArchAdapter:
         if part == "unembedding":
             candidates = self._layout.unembedding
         else:
-            name = self._layout.embeddings if part == "embeddings" else self._layout.final_norm
+            name = self._layout.base[0 if part == "embeddings" else 1]
             candidates = (f"{base}.{name}" if base else name,)
         for path in candidates:
             try:
@@ -341,8 +333,7 @@ class ArchAdapter:
     def _build_group(self, layer: int, kind: Kind, geometry: _Geometry) -> UnitGroup:
         """Reader and writer slices of one group, checked against the parameter shapes."""
         prefix = f"{self.blocks_path}.{layer}"
-        reader_rel = self._layout.attn_reader if kind == "attn" else self._layout.mlp_reader
-        writer_specs = self._layout.attn_writers if kind == "attn" else self._layout.mlp_writers
+        reader_rel, writer_specs = self._layout.attn if kind == "attn" else self._layout.mlp
         reader_name = f"{prefix}.{reader_rel}"
         reader_mod: Any = self.module(reader_name)
         # nn.Linear weight is [out, in]: a unit is a column; Conv1D weight is [in, out]: a unit is a row.

@@ -81,69 +81,67 @@ class Method:
     shared_space: bool  # compares models in one residual space (needs the same tokenizer and shapes)
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method(
-            "naive",
-            "paper's probe (as published)",
-            "d(Q,Q+C) - d(Q,Q+R), cosine distances of final-token states, one refusal and one compliance opener",
-            False,
-            False,
-            False,
-        ),
-        Method(
-            "openers",
-            "many openers",
-            "the same averaged over every refusal and compliance opener, final-token states",
-            False,
-            False,
-            False,
-        ),
-        Method(
-            "openers-mean",
-            "many openers, opener-token mean",
-            "the same with the states averaged over the opener tokens instead of the final token",
-            False,
-            False,
-            False,
-        ),
-        Method(
-            "contrast",
-            "harmful - harmless (content baseline)",
-            "the many-openers gap after a harmful query minus after a harmless query (same openers)",
-            True,
-            True,
-            False,
-        ),
-        Method(
-            "contrast-mean",
-            "harmful - harmless, opener-token mean",
-            "the content-subtracted gap with states averaged over the opener tokens",
-            True,
-            True,
-            False,
-        ),
-        Method(
-            "direction",
-            "refusal direction (difference in means)",
-            "projection of the query's final state on the harmful-minus-harmless mean difference (cross-fitted, "
-            "pooled over the models compared, 1 = the fitted harmful-harmless distance), harmful - harmless",
-            True,
-            True,
-            True,
-        ),
-        Method(
-            "logit-lens",
-            "logit lens: refusal vs compliance log-odds",
-            "logsumexp of refusal minus compliance first-token logits read from each layer (final norm + output "
-            "head) on the harmful queries; no words are appended, so no word-identity confound",
-            True,
-            False,
-            False,
-        ),
-    )
-}
+_METHOD_LIST: tuple[Method, ...] = (
+    Method(
+        "naive",
+        "paper's probe (as published)",
+        "d(Q,Q+C) - d(Q,Q+R), cosine distances of final-token states, one refusal and one compliance opener",
+        controlled=False,
+        baseline=False,
+        shared_space=False,
+    ),
+    Method(
+        "openers",
+        "many openers",
+        "the same averaged over every refusal and compliance opener, final-token states",
+        controlled=False,
+        baseline=False,
+        shared_space=False,
+    ),
+    Method(
+        "openers-mean",
+        "many openers, opener-token mean",
+        "the same with the states averaged over the opener tokens instead of the final token",
+        controlled=False,
+        baseline=False,
+        shared_space=False,
+    ),
+    Method(
+        "contrast",
+        "harmful - harmless (content baseline)",
+        "the many-openers gap after a harmful query minus after a harmless query (same openers)",
+        controlled=True,
+        baseline=True,
+        shared_space=False,
+    ),
+    Method(
+        "contrast-mean",
+        "harmful - harmless, opener-token mean",
+        "the content-subtracted gap with states averaged over the opener tokens",
+        controlled=True,
+        baseline=True,
+        shared_space=False,
+    ),
+    Method(
+        "direction",
+        "refusal direction (difference in means)",
+        "projection of the query's final state on the harmful-minus-harmless mean difference (cross-fitted, "
+        "pooled over the models compared, 1 = the fitted harmful-harmless distance), harmful - harmless",
+        controlled=True,
+        baseline=True,
+        shared_space=True,
+    ),
+    Method(
+        "logit-lens",
+        "logit lens: refusal vs compliance log-odds",
+        "logsumexp of refusal minus compliance first-token logits read from each layer (final norm + output "
+        "head) on the harmful queries; no words are appended, so no word-identity confound",
+        controlled=True,
+        baseline=False,
+        shared_space=False,
+    ),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 
 MODES: tuple[str, ...] = ("greedy", "forced")
 """Per-token tracking: the model's own greedy reply, and a reply forced to start with a compliance prefix."""

@@ -80,7 +80,7 @@ TINY_MAX_POSITIONS = 512
 # uniform / zero; tests that compare "changed" and "unchanged" outputs need visible effects.
 TINY_INIT_RANGE = 0.1
 
-# Config class name and the keyword arguments of the llama-like families (GQA, explicit head_dim).
+# Config class names of the llama-like families (GQA, explicit head_dim).
 _LLAMA_LIKE: dict[str, str] = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
@@ -94,6 +94,22 @@ _LLAMA_LIKE: dict[str, str] = {
     "gemma2": "Gemma2Config",
     "gemma3": "Gemma3TextConfig",
     "phi3": "Phi3Config",
+}
+
+
+_CONFIG_CLASSES: dict[str, str] = {**_LLAMA_LIKE, "gpt2": "GPT2Config", "gpt_neox": "GPTNeoXConfig"}
+
+# The config keywords of (hidden, intermediate, layers, query heads, positions): GPT-2 has names of its own.
+_SIZES = (TINY_HIDDEN, TINY_INTERMEDIATE, TINY_LAYERS, TINY_HEADS, TINY_MAX_POSITIONS)
+_SIZE_KEYS: dict[str, tuple[str, ...]] = {
+    "standard": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    ),
+    "gpt2": ("n_embd", "n_inner", "n_layer", "n_head", "n_positions"),
 }
 
 
@@ -120,18 +136,11 @@ def tiny_config(family: str, *, tie_embeddings: bool | None = None) -> Pretraine
     common: dict[str, Any] = {"initializer_range": TINY_INIT_RANGE, **ids}
     if tie_embeddings is not None:
         common["tie_word_embeddings"] = tie_embeddings
-    if family in _LLAMA_LIKE:
-        cls = getattr(transformers, _LLAMA_LIKE[family])
-        return cls(
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=TINY_INTERMEDIATE,
-            num_hidden_layers=TINY_LAYERS,
-            num_attention_heads=TINY_HEADS,
-            num_key_value_heads=TINY_KV_HEADS,
-            head_dim=TINY_HEAD_DIM,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            **common,
-        )
+    if family in _CONFIG_CLASSES:
+        sizes = dict(zip(_SIZE_KEYS.get(family, _SIZE_KEYS["standard"]), _SIZES, strict=True))
+        if family in _LLAMA_LIKE:  # grouped-query attention with an explicit head size
+            sizes |= {"num_key_value_heads": TINY_KV_HEADS, "head_dim": TINY_HEAD_DIM}
+        return getattr(transformers, _CONFIG_CLASSES[family])(**sizes, **common)
     if family == "gemma3_multimodal":
         vision = transformers.SiglipVisionConfig(
             hidden_size=32,
@@ -148,24 +157,6 @@ def tiny_config(family: str, *, tie_embeddings: bool | None = None) -> Pretraine
             mm_tokens_per_image=4,
             initializer_range=TINY_INIT_RANGE,
             **{k: v for k, v in common.items() if k not in ("vocab_size", "initializer_range")},
-        )
-    if family == "gpt2":
-        return transformers.GPT2Config(
-            n_embd=TINY_HIDDEN,
-            n_inner=TINY_INTERMEDIATE,
-            n_layer=TINY_LAYERS,
-            n_head=TINY_HEADS,
-            n_positions=TINY_MAX_POSITIONS,
-            **common,
-        )
-    if family == "gpt_neox":
-        return transformers.GPTNeoXConfig(
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=TINY_INTERMEDIATE,
-            num_hidden_layers=TINY_LAYERS,
-            num_attention_heads=TINY_HEADS,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            **common,
         )
     raise ModelError(f"No tiny model for family {family!r}; choose one of: {', '.join(ALL_TINY_FAMILIES)}")
 

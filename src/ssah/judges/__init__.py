@@ -410,6 +410,19 @@ HARMFUL_LABELS: tuple[str, ...] = ("unsafe", "harmful", "jailbroken", "jailbreak
 ``label_1`` covers classifiers saved with generic labels, where class 1 is the positive (harmful) class."""
 
 
+def _judge_model(
+    kind: str, path: str | None, model: Any, tokenizer: Any, load: Callable[[str], tuple[Any, Any]]
+) -> tuple[Any, Any]:
+    """A model judge's model and tokenizer: both given, or loaded from ``path``; a one-line UserError otherwise."""
+    if model is None:
+        if not path:
+            raise UserError(f"a {kind} judge needs a model: pass {kind}:<folder or hub id>")
+        return load(path)
+    if tokenizer is None:
+        raise UserError(f"a {kind} judge given a model also needs its tokenizer: pass tokenizer=")
+    return model, tokenizer
+
+
 def _read_config(path: str) -> Any:
     """The model config of a folder or hub id, or a one-line ModelError."""
     from transformers import AutoConfig
@@ -447,12 +460,9 @@ class ClassifierJudge:
         allow_pickle: bool = False,
         name: str | None = None,
     ) -> None:
-        if model is None:
-            if not path:
-                raise UserError("a classifier judge needs a model: pass classifier:<folder or hub id>")
-            model, tokenizer = self._load(path, device, allow_pickle)
-        elif tokenizer is None:
-            raise UserError("a classifier judge given a model also needs its tokenizer: pass tokenizer=")
+        model, tokenizer = _judge_model(
+            "classifier", path, model, tokenizer, lambda p: self._load(p, device, allow_pickle)
+        )
         if inputs not in ("pair", "output"):
             raise UserError(f"unknown classifier input {inputs!r}: use 'pair' or 'output'")
         if batch_size < 1:
@@ -595,12 +605,7 @@ class GuardJudge:
         dtype: str | None = "auto",
         name: str | None = None,
     ) -> None:
-        if model is None:
-            if not path:
-                raise UserError("a guard judge needs a model: pass guard:<folder or hub id>")
-            model, tokenizer = self._load(path, device, dtype)
-        elif tokenizer is None:
-            raise UserError("a guard judge given a model also needs its tokenizer: pass tokenizer=")
+        model, tokenizer = _judge_model("guard", path, model, tokenizer, lambda p: self._load(p, device, dtype))
         self.model, self.tokenizer = model, tokenizer
         self.name = name or f"guard:{path or type(model).__name__}"
         self.config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
