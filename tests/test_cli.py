@@ -196,20 +196,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case: str, tmp_path: Path,
     user_error(args, needle)
 
 
-def test_existing_output_needs_overwrite(tmp_path: Path, capsys) -> None:
+def test_existing_output_needs_overwrite(tmp_path: Path, capsys, user_error) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run(["units", "tiny-random-llama", "--out", str(out), *FAST], capsys)
-    assert code == 2 and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    user_error(["units", "tiny-random-llama", "--out", str(out), *FAST], "--overwrite")
     assert run(["units", "tiny-random-llama", "--out", str(out), "--overwrite", *FAST], capsys)[0] == 0
     assert not (out / "keep.txt").exists() and (out / "units.safetensors").is_file()
 
 
-def test_usage_errors_exit_2(capsys) -> None:
-    assert run(["units", "tiny-random-llama", "--batch-size", "many"], capsys)[0] == 2
-    assert run(["no-such-command"], capsys)[0] == 2
+def test_usage_errors_exit_2(user_error) -> None:
+    user_error(["units", "tiny-random-llama", "--batch-size", "many"], "--batch-size")
+    user_error(["no-such-command"], "no-such-command")
 
 
 def test_global_threads_option(capsys, monkeypatch) -> None:
