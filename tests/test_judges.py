@@ -15,7 +15,6 @@ from ssah.data.shared import shared_data_dir
 from ssah.errors import ModelError, UserError
 from ssah.hooks import attach
 from ssah.judges import (
-    _SHARED_RULES,
     JUDGE_KINDS,
     KEYWORD_ALIASES,
     KEYWORD_PRESETS,
@@ -36,6 +35,7 @@ from ssah.judges import (
     parse_match_rule,
     register_judge,
 )
+from ssah.judges.keyword import _SHARED_RULES
 from ssah.tiny import build_tiny_model, tiny_config, tiny_tokenizer
 
 SHARED = shared_data_dir(required=False)

@@ -1,15 +1,16 @@
-"""What every judge shares: the :class:`Verdict` it returns and the :class:`Judge` protocol (a module of its own so
-that the judges and :mod:`ssah.judges.learned` import it without importing each other)."""
+"""What every judge shares: the :class:`Verdict` it returns, the :class:`Judge` protocol, and the loading checks of
+the judges that run a model of their own (a module of its own so that the judge modules import it without
+importing each other or the package)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from ssah.errors import UserError
+from ssah.errors import ModelError, UserError
 
-__all__ = ["Judge", "Verdict", "check_pairs"]
+__all__ = ["Judge", "Verdict", "check_pairs", "judge_model", "read_config"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,29 @@ def check_pairs(prompts: Sequence[str], outputs: Sequence[str]) -> None:
     """One output per prompt, or a UserError."""
     if len(prompts) != len(outputs):
         raise UserError(f"got {len(prompts)} prompts and {len(outputs)} outputs: pass one output per prompt")
+
+
+def judge_model(
+    kind: str, path: str | None, model: Any, tokenizer: Any, load: Callable[[str], tuple[Any, Any]]
+) -> tuple[Any, Any]:
+    """A model judge's model and tokenizer: both given, or loaded from ``path``; a one-line UserError otherwise."""
+    if model is None:
+        if not path:
+            raise UserError(f"a {kind} judge needs a model: pass {kind}:<folder or hub id>")
+        return load(path)
+    if tokenizer is None:
+        raise UserError(f"a {kind} judge given a model also needs its tokenizer: pass tokenizer=")
+    return model, tokenizer
+
+
+def read_config(path: str) -> Any:
+    """The model config of a folder or hub id, or a one-line ModelError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"cannot load judge model {path!r}: {first}; pass a model folder or a hub id available offline"
+        ) from exc
