@@ -28,8 +28,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def assert_user_error(args: Sequence[str], needle: str, *, watch: Path, capsys: Any) -> str:
-    """Run the CLI in-process with ``args`` and assert the bad-input promise: exit code 2, exactly one ``error:``
-    line, containing ``needle``, no traceback, and nothing under ``watch`` created, changed or removed.
+    """Run the CLI in-process with ``args`` and assert the bad-input promise: exit code 2, one ``error:`` line
+    containing ``needle`` and no other output (no traceback, no warnings), and nothing under ``watch`` created,
+    changed or removed.
 
     Returns the error line (for tests that check more of it)."""
     from ssah.cli import main
@@ -39,10 +40,11 @@ def assert_user_error(args: Sequence[str], needle: str, *, watch: Path, capsys: 
     code = main(list(args))
     out, err = capsys.readouterr()
     text = out + err
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
     assert "Traceback" not in text, text
     assert code == 2, (code, text)
-    assert len(errors) == 1, text
+    assert len(errors) == 1 and lines == errors, text  # the error line and nothing else
     assert needle in errors[0], errors[0]
     assert snapshot(watch) == before, "something was written"
     return errors[0]
