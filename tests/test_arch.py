@@ -416,8 +416,9 @@ def test_final_norm_runs_once_after_the_last_block_and_feeds_the_unembedding(tin
     if tiny.family not in _EMBEDDINGS_TRANSFORMED:
         torch.testing.assert_close(seen["block0"][0], seen["emb"][0])  # the embeddings are what block 0 reads
     head = a.unembedding(seen["norm"][0])
-    cap = getattr(a.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2 / 3 soft-cap the logits after the head
+    cap = a.logit_softcap
+    assert (cap is not None) == (tiny.family == "gemma2")  # the one tiny family that soft-caps its logits
+    if cap:
         head = torch.tanh(head / cap) * cap
     torch.testing.assert_close(head, logits)
 

@@ -281,6 +281,13 @@ class ArchAdapter:
         return self.part("unembedding")
 
     @property
+    def logit_softcap(self) -> float | None:
+        """The cap the model puts on its logits after the unembedding (``cap * tanh(logits / cap)``, as Gemma 2
+        does), or None when it applies none."""
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    @property
     def tied_embeddings(self) -> bool:
         """Whether the unembedding is the embedding matrix itself (one Parameter: editing one edits both)."""
         if self.part_path("unembedding") is None:

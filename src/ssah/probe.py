@@ -320,27 +320,32 @@ def _mid_text_ids(tokenizer: Any, opener: str) -> list[int]:
 
 
 class _Readout:
-    """Refusal-minus-compliance log-odds from a hidden state: final norm (not on an already normed last layer) and
-    only the output-head rows of the opener first tokens (the softmax normaliser cancels in the difference)."""
+    """Refusal-minus-compliance log-odds from a hidden state: final norm (not on an already normed last layer), then
+    only the output-head rows of the opener first tokens (the softmax normaliser cancels in the difference) and the
+    model's logit soft cap where it has one (elementwise, so it applies to those rows exactly)."""
 
     def __init__(self, model: Any, refusal: list[int], compliance: list[int]) -> None:
         adapter = get_adapter(model)  # one-line errors for an unknown family or a model without a head
         self.head: Any = adapter.unembedding
         self.norm = adapter.final_norm
+        self.cap = adapter.logit_softcap
         self.refusal, self.compliance = refusal, compliance
         self.last_normed = True
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
 
     def calibrate(self, last_state: torch.Tensor, logits: torch.Tensor) -> str | None:
         """Decide from real logits whether the last layer's state is already normalised; a note when unsure."""
         with torch.no_grad():
-            direct = self.head(last_state.to(self.head.weight.dtype)).float()
+            direct = self._capped(self.head(last_state.to(self.head.weight.dtype)).float())
             err_direct = (direct - logits).abs().max().item()
-            normed = self.head(self.norm(last_state.to(self.head.weight.dtype))).float()
+            normed = self._capped(self.head(self.norm(last_state.to(self.head.weight.dtype))).float())
             err_normed = (normed - logits).abs().max().item()
         self.last_normed = err_direct <= err_normed
         scale = logits.abs().max().item() + 1e-6
         if min(err_direct, err_normed) > 1e-2 * scale:
-            return "the output head does not reproduce the logits exactly (e.g. soft-capping): logit lens approximate"
+            return "the output head does not reproduce the logits exactly: logit lens approximate"
         return None
 
     def logodds(self, states: torch.Tensor, layer: int, last_layer: int) -> torch.Tensor:
@@ -354,7 +359,8 @@ class _Readout:
         c = x @ w[self.compliance].T
         if bias is not None:
             r, c = r + bias[self.refusal], c + bias[self.compliance]
-        return (torch.logsumexp(r.double(), -1) - torch.logsumexp(c.double(), -1)).cpu()
+        r, c = self._capped(r.double()), self._capped(c.double())
+        return (torch.logsumexp(r, -1) - torch.logsumexp(c, -1)).cpu()
 
 
 def _logodds_from_logits(logits: torch.Tensor, refusal: list[int], compliance: list[int]) -> torch.Tensor:
