@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,9 +33,33 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama():
-    """A tiny random Llama (GQA) with the byte-level tokenizer, shared read-only across tests."""
+@functools.cache
+def _tiny(family: str) -> tuple[Any, Any]:
     from ssah.tiny import build_tiny_model
 
-    return build_tiny_model("llama")
+    return build_tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[[str], tuple[Any, Any]]:
+    """``tiny_model(family)``: the tiny random model of ``family`` (seed 0) and the byte-level tokenizer, built once
+    per session and shared read-only (a test that edits weights builds its own with ``build_tiny_model``)."""
+    return _tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model: Callable[[str], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """A tiny random Llama (GQA) with the byte-level tokenizer, shared read-only across tests."""
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def user_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., str]:
+    """``user_error(args, needle, watch=tmp_path)``: run the CLI and assert the bad-input promise (exit 2, one
+    ``error:`` line containing ``needle``, no traceback, nothing written under ``watch``); see tests/helpers.py."""
+    from helpers import assert_user_error
+
+    def check(args: list[str], needle: str, *, watch: Path | None = None) -> str:
+        return assert_user_error(args, needle, watch=tmp_path if watch is None else watch, capsys=capsys)
+
+    return check

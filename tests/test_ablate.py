@@ -278,26 +278,19 @@ def test_parse_dose() -> None:
         (["--judge", "keyword:nope"], "nope"),
     ],
 )
-def test_bad_input_writes_nothing(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
-    out = tmp_path / "bad"
-    code, _, err = run(["ablate", "tiny-random-llama", "--out", str(out), "--quick", *FAST, *extra], capsys)
-    assert code == 2
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and message in err
-    assert not out.exists() and not any(tmp_path.iterdir())
+def test_bad_input_writes_nothing(tmp_path: Path, user_error, extra: list[str], message: str) -> None:
+    user_error(["ablate", "tiny-random-llama", "--out", str(tmp_path / "bad"), "--quick", *FAST, *extra], message)
 
 
-def test_full_run_needs_five_seeds(tmp_path: Path, capsys) -> None:
-    code, _, err = run(["ablate", "tiny-random-llama", "--out", str(tmp_path / "x"), "--seeds", "4", *FAST], capsys)
-    assert code == 2 and "at least 5 seeds full" in err and not (tmp_path / "x").exists()
+def test_full_run_needs_five_seeds(tmp_path: Path, user_error) -> None:
+    user_error(
+        ["ablate", "tiny-random-llama", "--out", str(tmp_path / "x"), "--seeds", "4", *FAST], "at least 5 seeds full"
+    )
 
 
-def test_units_of_another_model(tmp_path: Path, capsys) -> None:
+def test_units_of_another_model(tmp_path: Path, capsys, user_error) -> None:
     units = tmp_path / "qwen"
     code, _, err = run(["units", "tiny-random-qwen2", "--out", str(units), "--limit", "4", "--no-progress"], capsys)
     assert code == 0, err
-    out = tmp_path / "bad"
-    code, _, err = run(
-        ["ablate", "tiny-random-llama", "--units", str(units / "units.safetensors"), "--out", str(out), *FAST], capsys
-    )
-    assert code == 2 and err.startswith("error: units from another model") and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    bad = ["ablate", "tiny-random-llama", "--units", str(units / "units.safetensors"), "--out", str(tmp_path / "bad")]
+    user_error([*bad, *FAST], "error: units from another model")

@@ -45,13 +45,9 @@ def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monk
     ("extra", "needle"),
     [(["--lr", "0"], "learning rate"), (["--steps", "0"], "steps"), (["--eval-harmful", "builtin:safety"], "held-out")],
 )
-def test_align_bad_input(extra: list[str], needle: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_align_bad_input(extra: list[str], needle: str, tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "out"
-    code = main(["align", "tiny-random-llama", "--out", str(out), *FAST, *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
-    assert not out.exists()
+    user_error(["align", "tiny-random-llama", "--out", str(tmp_path / "out"), *FAST, *extra], needle)
 
 
 def test_aligned_model_trains_once_and_matches_the_align_command(tmp_path: Path, monkeypatch) -> None:

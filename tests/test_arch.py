@@ -361,3 +361,92 @@ def test_unknown_tiny_family_raises_model_error() -> None:
     with pytest.raises(ModelError) as info:
         build_tiny_model("bert")
     assert all(f in str(info.value) for f in TINY_FAMILIES)
+
+
+# 7. The whole model: embeddings, final norm, unembedding
+
+# Families whose tiny model ties the output head to the embeddings by default (an independent statement).
+_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gpt2", "smollm3", "gemma3_multimodal"}
+_EMBEDDINGS = {"gpt2": "transformer.wte", "gpt_neox": "gpt_neox.embed_in"}
+# gpt2 adds position embeddings, Gemma (1, 2) scales the token embeddings in the base model's forward
+_EMBEDDINGS_TRANSFORMED = {"gpt2", "gemma", "gemma2"}
+_FINAL_NORMS = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+
+
+def _first(args: object, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The hidden states a block reads or returns (positional, keyword, or the first of a tuple)."""
+    if isinstance(args, torch.Tensor):
+        return args
+    return args[0] if args else kwargs["hidden_states"]  # type: ignore[index,return-value]
+
+
+def test_whole_model_parts_are_the_ones_transformers_uses(tiny: Tiny) -> None:
+    a, model = tiny.adapter, tiny.model
+    assert a.embeddings is model.get_input_embeddings()
+    assert a.unembedding is model.get_output_embeddings()
+    prefix = "model.language_model" if tiny.family == "gemma3_multimodal" else "model"
+    assert a.part_path("embeddings") == _EMBEDDINGS.get(tiny.family, f"{prefix}.embed_tokens")
+    assert a.part_path("final_norm") == _FINAL_NORMS.get(tiny.family, f"{prefix}.norm")
+    assert a.part_path("unembedding") == "lm_head"
+    assert a.part("final_norm") is a.final_norm
+    assert a.tied_embeddings is (tiny.family in _TIED_BY_DEFAULT)
+
+
+def test_final_norm_runs_once_after_the_last_block_and_feeds_the_unembedding(tiny: Tiny) -> None:
+    a = tiny.adapter
+    seen: dict[str, list[torch.Tensor]] = {"emb": [], "block0": [], "last": [], "norm_in": [], "norm": [], "head": []}
+    hooks = [
+        a.embeddings.register_forward_hook(lambda m, i, o: seen["emb"].append(o)),
+        a.block(0).register_forward_pre_hook(
+            lambda m, args, kw: seen["block0"].append(_first(args, kw)), with_kwargs=True
+        ),
+        a.block(a.num_layers - 1).register_forward_hook(lambda m, i, o: seen["last"].append(_first(o, {}))),
+        a.final_norm.register_forward_hook(lambda m, i, o: seen["norm_in"].append(i[0])),
+        a.final_norm.register_forward_hook(lambda m, i, o: seen["norm"].append(o)),
+        a.unembedding.register_forward_pre_hook(lambda m, i: seen["head"].append(i[0])),
+    ]
+    try:
+        logits = _logits(tiny)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen["norm"]) == 1 and len(seen["head"]) == 1 and len(seen["emb"]) == 1
+    torch.testing.assert_close(seen["norm_in"][0], seen["last"][0])  # it normalises the last block's output
+    torch.testing.assert_close(seen["head"][0], seen["norm"][0])  # and its output is what the head reads
+    if tiny.family not in _EMBEDDINGS_TRANSFORMED:
+        torch.testing.assert_close(seen["block0"][0], seen["emb"][0])  # the embeddings are what block 0 reads
+    head = a.unembedding(seen["norm"][0])
+    cap = a.logit_softcap
+    assert (cap is not None) == (tiny.family == "gemma2")  # the one tiny family that soft-caps its logits
+    if cap:
+        head = torch.tanh(head / cap) * cap
+    torch.testing.assert_close(head, logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi3"])
+def test_tied_embedding_model_shares_one_matrix(family: str) -> None:
+    model, _ = build_tiny_model(family, tie_embeddings=True)
+    a = get_adapter(model)
+    assert a.tied_embeddings
+    assert a.unembedding.weight is a.embeddings.weight  # type: ignore[union-attr]
+    with torch.no_grad():
+        a.embeddings.weight[5].zero_()  # type: ignore[index,union-attr]
+    assert torch.count_nonzero(a.unembedding.weight[5]) == 0  # type: ignore[index,union-attr]
+    untied, _ = build_tiny_model("gemma", tie_embeddings=False)
+    assert not get_adapter(untied).tied_embeddings
+
+
+def test_bare_base_model_has_embeddings_and_norm_but_no_unembedding() -> None:
+    model, _ = build_tiny_model("llama")
+    bare = get_adapter(model.model)
+    assert bare.embeddings is model.model.embed_tokens
+    assert bare.final_norm is model.model.norm
+    assert bare.part_path("unembedding") is None and not bare.tied_embeddings
+    with pytest.raises(ModelError) as info:
+        _ = bare.unembedding
+    assert "\n" not in str(info.value) and "no unembedding module" in str(info.value)
+
+
+def test_unsupported_model_has_no_whole_model_parts_to_guess() -> None:
+    with pytest.raises(UnsupportedModelError, match="supported families"):
+        _ = get_adapter(_bert()).final_norm

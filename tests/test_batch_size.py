@@ -152,7 +152,7 @@ def test_cli_auto_runs_and_records_the_size(tmp_path: Path, capsys) -> None:
     assert isinstance(yaml.safe_load((out / "config.yaml").read_text())["batch_size"], int)
 
 
-def test_cli_auto_where_one_does_not_fit(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_cli_auto_where_one_does_not_fit(tmp_path: Path, user_error, monkeypatch) -> None:
     from transformers import LlamaForCausalLM
 
     def fake(self, *args, **kwargs):
@@ -161,23 +161,16 @@ def test_cli_auto_where_one_does_not_fit(tmp_path: Path, capsys, monkeypatch) ->
     monkeypatch.setattr(LlamaForCausalLM, "generate", fake)
     out = tmp_path / "e"
     args = ["eval", "tiny-random-llama", "--out", str(out), "--limit", "3", "--max-new-tokens", "3"]
-    code = main([*args, "--utility", "none", "--no-progress", "--batch-size", "auto"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and "even 1" in err, err
-    assert not out.exists()
+    user_error([*args, "--utility", "none", "--no-progress", "--batch-size", "auto"], "even 1")
 
 
 @pytest.mark.parametrize("bad", ["0", "many", "-3"])
-def test_bad_batch_size(bad: str, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "u"
-    assert main(["units", "tiny-random-llama", "--out", str(out), "--batch-size", bad]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "--batch-size" in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+def test_bad_batch_size(bad: str, tmp_path: Path, user_error) -> None:
+    user_error(["units", "tiny-random-llama", "--out", str(tmp_path / "u"), "--batch-size", bad], "--batch-size")
 
 
 def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:
-    import ssah.modelutil
+    import ssah.inference
     from ssah.experiments.eval import EvalConfig
     from ssah.experiments.units import UnitsConfig
     from ssah.plan import wants_auto_batch
@@ -186,5 +179,5 @@ def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:
     auto = EvalConfig.build({"model": "m", "batch_size": "auto"})
     assert not wants_auto_batch(unset, lm.model) and not wants_auto_batch(given, lm.model)  # CPU: as before
     assert wants_auto_batch(auto, lm.model)
-    monkeypatch.setattr(ssah.modelutil, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(ssah.inference, "model_device", lambda model: torch.device("cuda"))
     assert wants_auto_batch(unset, lm.model) and not wants_auto_batch(given, lm.model)  # GPU: auto unless given

@@ -180,16 +180,12 @@ def test_every_run_starts_from_the_base_weights(tmp_path: Path, monkeypatch) -> 
         (["--judge", "keyword:nope"], "nope"),
     ],
 )
-def test_budget_bad_input(extra: list[str], needle: str, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "out"
-    code = main(["budget", "tiny-random-llama", "--out", str(out), *FAST, *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out*"))
+def test_budget_bad_input(extra: list[str], needle: str, tmp_path: Path, user_error) -> None:
+    user_error(["budget", "tiny-random-llama", "--out", str(tmp_path / "out"), *FAST, *extra], needle)
 
 
-def test_full_runs_need_five_seeds(tmp_path: Path, capsys) -> None:
-    code = main(["budget", "tiny-random-llama", "--out", str(tmp_path / "o"), "--seeds", "4", "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "at least 5 seeds" in err[0], err
+def test_full_runs_need_five_seeds(tmp_path: Path, user_error) -> None:
+    user_error(
+        ["budget", "tiny-random-llama", "--out", str(tmp_path / "o"), "--seeds", "4", "--no-progress"],
+        "at least 5 seeds",
+    )

@@ -115,13 +115,12 @@ def test_head_granularity_and_other_rules(tmp_path: Path, capsys) -> None:
     assert res["granularity"] == "head" and res["shares"] == {"sparsity": 0.3}
 
 
-def test_show_checks_the_model(tmp_path: Path, capsys) -> None:
+def test_show_checks_the_model(tmp_path: Path, capsys, user_error) -> None:
     out = tmp_path / "run"
     assert run(["units", "tiny-random-llama", "--out", str(out), *FAST], capsys)[0] == 0
     code, stdout, _ = run(["show", str(out / "units.safetensors"), "--model", "tiny-random-llama"], capsys)
     assert code == 0 and "SCU" in stdout
-    code, _, err = run(["show", str(out / "units.safetensors"), "--model", "tiny-random-mistral"], capsys)
-    assert code == 2 and "another model" in err and len(err.strip().splitlines()) == 1
+    user_error(["show", str(out / "units.safetensors"), "--model", "tiny-random-mistral"], "another model")
 
 
 def _bert_folder(tmp_path: Path) -> Path:
@@ -189,36 +188,26 @@ def _units_of(tmp_path: Path, model: str) -> Path:
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_input_is_one_line_exit_2_nothing_written(case: str, tmp_path: Path, capsys) -> None:
+def test_bad_input_is_one_line_exit_2_nothing_written(case: str, tmp_path: Path, user_error) -> None:
     make_args, needle = BAD_CASES[case]
     args = make_args(tmp_path)
-    capsys.readouterr()
-    out = tmp_path / "out"
     if args[0] == "units":
-        args += ["--out", str(out), "--no-progress"]
-    code, _, err = run(args, capsys)
-    assert code == 2
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert needle in lines[0]
-    assert not out.exists()
-    assert not list(tmp_path.glob(".*partial*"))
+        args += ["--out", str(tmp_path / "out"), "--no-progress"]
+    user_error(args, needle)
 
 
-def test_existing_output_needs_overwrite(tmp_path: Path, capsys) -> None:
+def test_existing_output_needs_overwrite(tmp_path: Path, capsys, user_error) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run(["units", "tiny-random-llama", "--out", str(out), *FAST], capsys)
-    assert code == 2 and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    user_error(["units", "tiny-random-llama", "--out", str(out), *FAST], "--overwrite")
     assert run(["units", "tiny-random-llama", "--out", str(out), "--overwrite", *FAST], capsys)[0] == 0
     assert not (out / "keep.txt").exists() and (out / "units.safetensors").is_file()
 
 
-def test_usage_errors_exit_2(capsys) -> None:
-    assert run(["units", "tiny-random-llama", "--batch-size", "many"], capsys)[0] == 2
-    assert run(["no-such-command"], capsys)[0] == 2
+def test_usage_errors_exit_2(user_error) -> None:
+    user_error(["units", "tiny-random-llama", "--batch-size", "many"], "--batch-size")
+    user_error(["no-such-command"], "no-such-command")
 
 
 def test_global_threads_option(capsys, monkeypatch) -> None:

@@ -67,17 +67,13 @@ def test_demo_continues_where_it_stopped(demo_run: Path, tmp_path: Path, monkeyp
     assert (copy / "units" / "results.json").is_file() and not (copy / ".units.partial-123").exists()
 
 
-def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     assert main(["demo", "--model", "tiny-random-llama", "--out", str(out), "--stages", "eval-base"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["stages"]["eval-base"]["done"] and not res["stages"]["align"]["done"]
-    capsys.readouterr()
-    code = main(["demo", "--model", "tiny-random-llama", "--out", str(out), "--stages", "units"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "needs stage align" in err[0]
-    assert not (out / "units").exists()
+    user_error(["demo", "--model", "tiny-random-llama", "--out", str(out), "--stages", "units"], "needs stage align")
 
 
 @pytest.mark.parametrize(
@@ -87,24 +83,19 @@ def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, capsys)
         (["--model", "tiny-random-qwen2"], "holds a demo started with model=tiny-random-llama"),
     ],
 )
-def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     out.mkdir()
     (out / "demo.json").write_text(json.dumps({"model": "tiny-random-llama", "quick": True, "stages": {}}))
-    code = main(["demo", "--model", "tiny-random-llama", "--out", str(out), *args])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and needle in err[0], err
-    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]
+    user_error(["demo", "--model", "tiny-random-llama", "--out", str(out), *args], needle)
 
 
-def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path, capsys) -> None:
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path, user_error) -> None:
     out = tmp_path / "other"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code = main(["demo", "--model", "tiny-random-llama", "--out", str(out)])
-    assert code == 2 and "not a demo folder" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
+    user_error(["demo", "--model", "tiny-random-llama", "--out", str(out)], "not a demo folder")
 
 
 def test_report_rebuild_reads_the_headlines_from_the_stage_folders(demo_run: Path, tmp_path: Path) -> None:

@@ -115,15 +115,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_one_line_exit_2_no_results(case: str, tmp_path: Path, capsys) -> None:
+def test_bad_input_one_line_exit_2_no_results(case: str, tmp_path: Path, user_error) -> None:
     make, needle = BAD[case]
     extra = make(tmp_path)
-    out = tmp_path / "out"
-    capsys.readouterr()
-    code, _, err = run(
-        ["eval", "tiny-random-llama", "--out", str(out), "--limit", "2", "--no-progress", *extra], capsys
+    user_error(
+        ["eval", "tiny-random-llama", "--out", str(tmp_path / "out"), "--limit", "2", "--no-progress", *extra], needle
     )
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert needle in lines[0]
-    assert not out.exists() and not list(tmp_path.glob(".*partial*"))

@@ -36,11 +36,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llama() -> tuple[Any, Any]:
-    return build_tiny_model("llama")
-
-
 def one_by_one(model: Any, tok: Any, prompts: list[str], config: GenerationConfig, **kw: Any) -> list[Generation]:
     """The reference: each prompt generated alone (batch of one, no padding)."""
     return [generate(model, tok, [p], config=config, progress=False, **kw)[0] for p in prompts]
@@ -92,7 +87,7 @@ def test_batched_equals_one_at_a_time(family: str) -> None:
     assert all(g.prefill == "" and 1 <= g.new_tokens <= 10 for g in batched)
 
 
-def test_greedy_is_plain_argmax_whatever_the_hub_config(llama: tuple[Any, Any]) -> None:
+def test_greedy_is_plain_argmax_whatever_the_hub_config(tiny_llama: tuple[Any, Any]) -> None:
     model, tok = build_tiny_model("llama")
     gc = model.generation_config  # a hub config that would sample, penalise repetition and cap the length
     gc.do_sample, gc.temperature, gc.top_p, gc.top_k, gc.repetition_penalty, gc.max_length = True, 0.2, 0.9, 5, 1.5, 30
@@ -113,21 +108,21 @@ def test_greedy_is_plain_argmax_whatever_the_hub_config(llama: tuple[Any, Any]) 
         assert g.output == tok.decode(ids, skip_special_tokens=True).rstrip()
 
 
-def test_order_preserved_with_duplicates_and_many_batches(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_order_preserved_with_duplicates_and_many_batches(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     prompts = [PROMPTS[i % len(PROMPTS)] for i in (3, 1, 1, 0, 4, 3, 6, 2)]
     out = generate(model, tok, prompts, config=GenerationConfig(max_new_tokens=4, batch_size=3), progress=False)
     assert [g.prompt for g in out] == prompts
     assert out[1] == out[2] and out[0] == out[5]
 
 
-def test_empty_prompt_list(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_empty_prompt_list(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     assert generate(model, tok, [], progress=False) == []
 
 
-def test_prefill_is_seen_and_output_is_the_continuation(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_prefill_is_seen_and_output_is_the_continuation(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     prefill = "Sure, here is"
     config = GenerationConfig(max_new_tokens=8, batch_size=4)
     out = generate(model, tok, PROMPTS, config=config, prefill=prefill, progress=False)
@@ -140,8 +135,8 @@ def test_prefill_is_seen_and_output_is_the_continuation(llama: tuple[Any, Any]) 
     assert prompt_texts(tok, ["a"], [prefill], None)[0].endswith("<|im_start|>assistant\n" + prefill)
 
 
-def test_prefill_per_prompt_and_batched(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_prefill_per_prompt_and_batched(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     prefills = ["Sure", "", "Step 1:", "No", "I", "Here", "OK so"]
     config = GenerationConfig(max_new_tokens=6, batch_size=4)
     out = generate(model, tok, PROMPTS, config=config, prefill=prefills, progress=False)
@@ -155,8 +150,8 @@ def test_prefill_per_prompt_and_batched(llama: tuple[Any, Any]) -> None:
         generate(model, tok, PROMPTS, config=config, prefill=["a", "b"], progress=False)
 
 
-def test_stops_on_eos_at_once(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_stops_on_eos_at_once(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     eos = tok.convert_tokens_to_ids("<|im_end|>")
 
     def favour_eos(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
@@ -169,8 +164,8 @@ def test_stops_on_eos_at_once(llama: tuple[Any, Any]) -> None:
     assert all(g.finished and g.new_tokens == 1 and g.output == "" for g in out)
 
 
-def test_rows_finishing_at_different_steps(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_rows_finishing_at_different_steps(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     stop = set(range(0, 256, 7))
     config = GenerationConfig(max_new_tokens=24, batch_size=4)
@@ -186,16 +181,16 @@ def test_rows_finishing_at_different_steps(llama: tuple[Any, Any]) -> None:
     assert any(g.finished for g in batched) and any(g.output for g in batched if g.finished)
 
 
-def test_max_new_tokens_respected(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_max_new_tokens_respected(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     for n in (1, 3):
         out = generate(model, tok, PROMPTS, config=GenerationConfig(max_new_tokens=n), progress=False)
         assert all(g.new_tokens == n or (g.finished and g.new_tokens < n) for g in out)
         assert all(g.new_tokens <= n for g in out)
 
 
-def test_sampling_reproducible_per_seed_and_leaves_global_rng(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_sampling_reproducible_per_seed_and_leaves_global_rng(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
 
     def run(seed: int) -> list[str]:
         config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, seed=seed, batch_size=4)
@@ -231,8 +226,8 @@ def test_training_flag_restored() -> None:
         ({"do_sample": True, "top_p": 1.5}, "top_p must be in"),
     ],
 )
-def test_config_errors(llama: tuple[Any, Any], kwargs: dict[str, Any], message: str) -> None:
-    model, tok = llama
+def test_config_errors(tiny_llama: tuple[Any, Any], kwargs: dict[str, Any], message: str) -> None:
+    model, tok = tiny_llama
     config = GenerationConfig(**kwargs)
     with pytest.raises(UserError, match=message) as err:
         config.check()
@@ -245,16 +240,16 @@ def test_greedy_ignores_sampling_settings() -> None:
     GenerationConfig(temperature=0.0, top_p=5.0).check()  # unused without sampling: no error
 
 
-def test_a_single_string_or_a_non_generative_model_is_refused(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_a_single_string_or_a_non_generative_model_is_refused(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     with pytest.raises(UserError, match="not one string"):
         generate(model, tok, "hello", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ModelError, match="cannot generate text"):
         generate(torch.nn.Linear(2, 2), tok, ["hello"], progress=False)
 
 
-def test_eos_ids_include_end_of_turn_of_the_template(llama: tuple[Any, Any]) -> None:
-    model, _ = llama
+def test_eos_ids_include_end_of_turn_of_the_template(tiny_llama: tuple[Any, Any]) -> None:
+    model, _ = tiny_llama
     tok = tiny_tokenizer()
     tok.eos_token = "<|endoftext|>"  # a base tokenizer given the ChatML template: <|im_end|> still ends a turn
     ids = eos_token_ids(model, tok)
@@ -292,16 +287,16 @@ def test_special_tokens_not_doubled_or_added() -> None:
     assert ids[0] == bos_template.bos_token_id and ids.count(bos_template.bos_token_id) == 1
 
 
-def test_generate_with_bos_tokenizer_matches_single(llama: tuple[Any, Any]) -> None:
-    model, _ = llama
+def test_generate_with_bos_tokenizer_matches_single(tiny_llama: tuple[Any, Any]) -> None:
+    model, _ = tiny_llama
     tok = bos_adding_tokenizer(None)
     config = GenerationConfig(max_new_tokens=5, batch_size=4)
     out = generate(model, tok, PROMPTS[:5], config=config, progress=False)
     assert out == one_by_one(model, tok, PROMPTS[:5], GenerationConfig(max_new_tokens=5, batch_size=1))
 
 
-def test_system_prompt_reaches_the_model(llama: tuple[Any, Any]) -> None:
-    model, tok = llama
+def test_system_prompt_reaches_the_model(tiny_llama: tuple[Any, Any]) -> None:
+    model, tok = tiny_llama
     base = generate(model, tok, PROMPTS[:3], config=GenerationConfig(max_new_tokens=8), progress=False)
     config = GenerationConfig(max_new_tokens=8, system="You are a pirate.")
     with_system = generate(model, tok, PROMPTS[:3], config=config, progress=False)

@@ -20,40 +20,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from helpers import assert_user_error
 from ssah.cli import main
 from ssah.safefiles import canonical_safetensors, save_safetensors
 
 TRAIN = ["--max-steps", "2", "--checkpoint-every", "1", "--batch-size", "2", "--limit", "4", "--max-length", "256"]
 UNITS = ["--limit", "4", "--max-length", "64", "--no-progress"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under ``root`` (hidden ones too) with a hash of each file's content."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def assert_user_error(args: list[str], needle: str, *, watch: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI in-process and assert the promise for bad input: exit code 2, exactly one ``error:`` line that
-    contains ``needle``, no traceback, and nothing under ``watch`` created, changed or removed."""
-    before = snapshot(watch)
-    code = main(args)
-    out, err = capsys.readouterr()
-    text = out + err
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in text, text
-    assert code == 2, (code, text)
-    assert len(errors) == 1, text
-    assert needle in errors[0], errors[0]
-    assert snapshot(watch) == before, "something was written"
-    return errors[0]
 
 
 # -- the files the cases need -------------------------------------------------------------------------------

@@ -249,16 +249,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_validate_bad_input_one_line_exit_2_nothing_written(case: str, tmp_path: Path, capsys: Any) -> None:
+def test_validate_bad_input_one_line_exit_2_nothing_written(case: str, tmp_path: Path, user_error: Any) -> None:
     make, needle = BAD[case]
     args = make(tmp_path)
-    out = tmp_path / "out"
-    capsys.readouterr()
-    code, _, err = run(["judge", "validate", *args, "--out", str(out)], capsys)
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert needle in lines[0]
-    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    user_error(["judge", "validate", *args, "--out", str(tmp_path / "out")], needle)
 
 
 # --- learned judge on a tiny base ----------------------------------------------------------------------------------

@@ -169,15 +169,13 @@ def test_plan_of_a_registry_model_matches_the_loaded_model() -> None:
         (["NOTYPE", "--plan"], "model_type"),
     ],
 )
-def test_plan_bad_input(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
+def test_plan_bad_input(args: list[str], needle: str, tmp_path: Path, user_error) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(LLAMA3_8B))
     notype = tmp_path / "notype.json"
     notype.write_text(json.dumps({"hidden_size": 8}))
     args = [str(cfg) if a == "CFG" else str(notype) if a == "NOTYPE" else a for a in args]
-    assert main(["info", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and needle in err, err
+    user_error(["info", *args], needle)
 
 
 def test_unknown_model_type() -> None:

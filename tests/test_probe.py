@@ -341,13 +341,11 @@ def other_tokenizer_model(tmp_path_factory) -> Path:
         (["--compare", "OTHER"], "different tokenizers"),
     ],
 )
-def test_probe_bad_input(extra: list[str], needle: str, tmp_path: Path, capsys, other_tokenizer_model: Path) -> None:
-    out = tmp_path / "out"
+def test_probe_bad_input(
+    extra: list[str], needle: str, tmp_path: Path, user_error, other_tokenizer_model: Path
+) -> None:
     extra = [str(other_tokenizer_model) if x == "OTHER" else x for x in extra]
-    code = main(["probe", "tiny-random-llama", "--out", str(out), *FAST, *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
-    assert not out.exists()
+    user_error(["probe", "tiny-random-llama", "--out", str(tmp_path / "out"), *FAST, *extra], needle)
 
 
 def test_probe_other_tokenizer_works_without_shared_space_methods(tmp_path: Path, other_tokenizer_model: Path) -> None:
@@ -373,3 +371,52 @@ def test_probe_other_tokenizer_works_without_shared_space_methods(tmp_path: Path
     res = json.loads((out / "results.json").read_text())
     assert set(res["separation"]) == {"naive", "logit-lens"}
     assert res["models"][1]["label"] == f"{other_tokenizer_model.parent.name}/model"  # a folder named by its parts
+
+
+# The logit lens reads the final norm and the output head from the family adapter, never by guessing names.
+_NORM_AND_HEAD = {
+    "gpt2": ("transformer.ln_f", "lm_head"),
+    "gpt_neox": ("gpt_neox.final_layer_norm", "lm_head"),
+    "phi3": ("model.norm", "lm_head"),
+    "llama-tied": ("model.norm", "lm_head"),
+    "gemma2": ("model.norm", "lm_head"),  # tied, and soft-caps its logits at 30
+}
+
+
+@pytest.mark.parametrize("case", list(_NORM_AND_HEAD))
+def test_logit_lens_on_other_families_and_a_tied_head(case: str) -> None:
+    from ssah.judges import opener_token_ids
+    from ssah.tiny import build_tiny_model
+
+    family = case.removesuffix("-tied")
+    model, tok = build_tiny_model(family, tie_embeddings=True if case.endswith("-tied") else None)
+    m = measure_model(model, tok, HARMFUL[:2], HARMLESS[:2], openers=OPENERS, token_steps=0, batch_size=4)
+    scores = first_token_refusal_scores(
+        model, tok, HARMFUL[:2] + HARMLESS[:2], refusal_openers=OPENERS.refusal, compliance_openers=OPENERS.compliance
+    )
+    assert np.allclose(m.lens[:, -1], scores, atol=1e-4) and m.last_layer_normed and not m.notes
+    norm_name, head_name = _NORM_AND_HEAD[case]
+    norm, head = model.get_submodule(norm_name), model.get_submodule(head_name)
+    r, c = opener_token_ids(tok, refusal_openers=OPENERS.refusal, compliance_openers=OPENERS.compliance)
+    with torch.no_grad():
+        logits = head(norm(torch.tensor(m.query_states[:, 1])))
+        if case == "gemma2":
+            logits = 30.0 * torch.tanh(logits / 30.0)
+    want = torch.logsumexp(logits[:, r], -1) - torch.logsumexp(logits[:, c], -1)
+    assert np.allclose(m.lens[:, 1], want.numpy(), atol=1e-4)
+
+
+def test_probe_refuses_a_model_of_an_unknown_family() -> None:
+    from transformers import BertConfig, BertLMHeadModel
+
+    from ssah.errors import UnsupportedModelError
+    from ssah.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = BertLMHeadModel(BertConfig(**{**config.to_dict(), "is_decoder": True})).eval()
+    with pytest.raises(UnsupportedModelError, match="supported families") as info:
+        measure_model(model, tok, HARMFUL[:1], HARMLESS[:1], openers=OPENERS, token_steps=0)
+    assert "\n" not in str(info.value) and "bert" in str(info.value)

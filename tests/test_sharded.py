@@ -18,9 +18,9 @@ from ssah.cli import main
 from ssah.data import Example, PromptSet
 from ssah.errors import ModelError
 from ssah.generate import GenerationConfig, generate
+from ssah.inference import model_device
 from ssah.interventions import ablate, space_of
 from ssah.models import is_dispatched, load_model, parse_max_memory, resolve_device_map
-from ssah.modelutil import model_device
 from ssah.scoring import score_units
 from ssah.units import UnitSet
 

@@ -1,4 +1,5 @@
-"""Per-family architecture adapters: where the decoder blocks are, which weights each unit reads and writes.
+"""Per-family architecture adapters for the whole model: token embeddings, decoder blocks, the weights each unit
+reads and writes, the final norm and the unembedding (output head).
 
 A *unit* is one input channel of an attention output projection (``o_proj``) or of an MLP down-projection
 (``down_proj``). Its *reader* is the slice of that projection's weight that consumes the channel (a column of
@@ -14,8 +15,8 @@ the model's config.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from dataclasses import dataclass, replace
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from transformers import PretrainedConfig
@@ -24,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from ssah.errors import ModelError, UnsupportedModelError
 
 Kind = Literal["attn", "mlp"]
+Part = Literal["embeddings", "final_norm", "unembedding"]
 KINDS: tuple[Kind, ...] = ("attn", "mlp")
 
 
@@ -93,15 +95,26 @@ _WRITER_MAPS: dict[str, _WriterMap] = {
 }
 
 
+class _Slices(NamedTuple):
+    """One unit kind's modules, relative to a decoder block: the reader, and each writer with its map."""
+
+    reader: str
+    writers: tuple[tuple[str, str], ...]  # (module, key of _WRITER_MAPS)
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """Module names of one family, relative to a decoder block, and the writer maps of fused projections."""
+    """Module names of one family and the writer maps of fused projections.
+
+    ``base`` names the token embeddings and the final norm, relative to the module that holds the blocks (the base
+    model); the unembedding candidates are relative to the model itself (a bare base model has none).
+    """
 
     blocks: tuple[str, ...]  # candidate paths of the ModuleList of decoder blocks, tried in order
-    attn_reader: str
-    attn_writers: tuple[tuple[str, str], ...]  # (module, key of _WRITER_MAPS)
-    mlp_reader: str
-    mlp_writers: tuple[tuple[str, str], ...]
+    base: tuple[str, str]  # (token embeddings, final norm)
+    attn: _Slices
+    mlp: _Slices
+    unembedding: tuple[str, ...] = ("lm_head",)
 
 
 # CausalLM wrappers first, then bare base models; multimodal Gemma 3 keeps its text model in language_model.
@@ -109,31 +122,28 @@ _DECODER_BLOCKS = ("model.layers", "model.language_model.layers", "layers", "lan
 
 _LLAMA = _Layout(
     blocks=_DECODER_BLOCKS,
-    attn_reader="self_attn.o_proj",
-    attn_writers=(("self_attn.v_proj", "v"),),
-    mlp_reader="mlp.down_proj",
-    mlp_writers=(("mlp.gate_proj", "same"), ("mlp.up_proj", "same")),
+    base=("embed_tokens", "norm"),
+    attn=_Slices("self_attn.o_proj", (("self_attn.v_proj", "v"),)),
+    mlp=_Slices("mlp.down_proj", (("mlp.gate_proj", "same"), ("mlp.up_proj", "same"))),
 )
-_PHI3 = _Layout(
-    blocks=_DECODER_BLOCKS,
-    attn_reader="self_attn.o_proj",
-    attn_writers=(("self_attn.qkv_proj", "qkv_v"),),
-    mlp_reader="mlp.down_proj",
-    mlp_writers=(("mlp.gate_up_proj", "same"), ("mlp.gate_up_proj", "second_half")),
+# Phi-3: the Llama layout with fused projections ([q | k | v] and [gate | up]).
+_PHI3 = replace(
+    _LLAMA,
+    attn=_Slices("self_attn.o_proj", (("self_attn.qkv_proj", "qkv_v"),)),
+    mlp=_Slices("mlp.down_proj", (("mlp.gate_up_proj", "same"), ("mlp.gate_up_proj", "second_half"))),
 )
 _GPT2 = _Layout(
     blocks=("transformer.h", "h"),
-    attn_reader="attn.c_proj",
-    attn_writers=(("attn.c_attn", "qkv_v"),),
-    mlp_reader="mlp.c_proj",
-    mlp_writers=(("mlp.c_fc", "same"),),
+    base=("wte", "ln_f"),
+    attn=_Slices("attn.c_proj", (("attn.c_attn", "qkv_v"),)),
+    mlp=_Slices("mlp.c_proj", (("mlp.c_fc", "same"),)),
 )
 _GPT_NEOX = _Layout(
     blocks=("gpt_neox.layers", "layers"),
-    attn_reader="attention.dense",
-    attn_writers=(("attention.query_key_value", "qkv_interleaved_v"),),
-    mlp_reader="mlp.dense_4h_to_h",
-    mlp_writers=(("mlp.dense_h_to_4h", "same"),),
+    base=("embed_in", "final_layer_norm"),
+    attn=_Slices("attention.dense", (("attention.query_key_value", "qkv_interleaved_v"),)),
+    mlp=_Slices("mlp.dense_4h_to_h", (("mlp.dense_h_to_4h", "same"),)),
+    unembedding=("lm_head", "embed_out"),  # embed_out in transformers before 5
 )
 
 _LAYOUTS: dict[str, _Layout] = {
@@ -164,7 +174,8 @@ def _model_type(model: torch.nn.Module) -> str | None:
 
 
 class ArchAdapter:
-    """Units of one model: its decoder blocks, and per block the reader and writer slices of each unit group.
+    """One model's parts: token embeddings, decoder blocks (per block the reader and writer slices of each unit
+    group), final norm and unembedding; the one place that knows module names.
 
     Build it with :func:`get_adapter` (or directly); the groups are computed once, on first use.
     """
@@ -223,6 +234,68 @@ class ArchAdapter:
         """The parameter ``name`` (as in ``model.named_parameters()``)."""
         return self.model.get_parameter(name)
 
+    # -- whole model: embeddings, final norm, unembedding
+
+    def part_path(self, part: Part) -> str | None:
+        """Module name of ``part``: ``embeddings`` and ``final_norm`` live beside the decoder blocks (in the base
+        model), ``unembedding`` (the output head) on the model itself; None where the model has no such module
+        (a bare base model has no unembedding)."""
+        base = self.blocks_path.rpartition(".")[0]
+        if part == "unembedding":
+            candidates = self._layout.unembedding
+        else:
+            name = self._layout.base[0 if part == "embeddings" else 1]
+            candidates = (f"{base}.{name}" if base else name,)
+        for path in candidates:
+            try:
+                module = self.module(path)
+            except AttributeError:
+                continue
+            if part != "unembedding" or getattr(module, "weight", None) is not None:
+                return path
+        return None
+
+    def part(self, part: Part) -> torch.nn.Module:
+        """The module of ``part`` (see :meth:`part_path`), or a one-line :class:`~ssah.errors.ModelError`."""
+        path = self.part_path(part)
+        if path is None:
+            hint = ": load it as a causal LM" if part == "unembedding" else ""
+            raise ModelError(
+                f"This {self.family} model ({type(self.model).__name__}) has no {part.replace('_', ' ')} module{hint}"
+            )
+        return self.module(path)
+
+    @property
+    def embeddings(self) -> torch.nn.Module:
+        """The token embedding module (an ``nn.Embedding`` or a scaled subclass, as in Gemma)."""
+        return self.part("embeddings")
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The normalisation applied after the last block, before the unembedding."""
+        return self.part("final_norm")
+
+    @property
+    def unembedding(self) -> torch.nn.Module:
+        """The output head (hidden state -> vocabulary logits)."""
+        return self.part("unembedding")
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The cap the model puts on its logits after the unembedding (``cap * tanh(logits / cap)``, as Gemma 2
+        does), or None when it applies none."""
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the unembedding is the embedding matrix itself (one Parameter: editing one edits both)."""
+        if self.part_path("unembedding") is None:
+            return False
+        head: Any = self.unembedding
+        emb: Any = self.embeddings
+        return bool(head.weight is emb.weight)
+
     def _geometry(self) -> _Geometry:
         """Query heads, KV heads and head size from the config (``head_dim`` if set, else hidden / heads)."""
         cfg = self.config
@@ -267,8 +340,7 @@ class ArchAdapter:
     def _build_group(self, layer: int, kind: Kind, geometry: _Geometry) -> UnitGroup:
         """Reader and writer slices of one group, checked against the parameter shapes."""
         prefix = f"{self.blocks_path}.{layer}"
-        reader_rel = self._layout.attn_reader if kind == "attn" else self._layout.mlp_reader
-        writer_specs = self._layout.attn_writers if kind == "attn" else self._layout.mlp_writers
+        reader_rel, writer_specs = self._layout.attn if kind == "attn" else self._layout.mlp
         reader_name = f"{prefix}.{reader_rel}"
         reader_mod: Any = self.module(reader_name)
         # nn.Linear weight is [out, in]: a unit is a column; Conv1D weight is [in, out]: a unit is a row.

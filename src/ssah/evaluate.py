@@ -31,8 +31,9 @@ from ssah.data.tasks import (
 )
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
+from ssah.inference import frozen_eval, model_device, pad_id
+from ssah.intervals import Interval, wilson_interval
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
-from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "DEFAULT_PREFILL",
@@ -68,29 +69,6 @@ GSM8K_TEMPLATE = "{question}\nSolve it step by step, then give the final answer 
 RECOVERY_JUDGE = "keyword:ssah"
 
 # ----------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class Interval:
-    """A confidence interval for a proportion (bounds in [0, 1])."""
-
-    low: float
-    high: float
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> Interval:
-    """The Wilson score interval of ``k`` successes in ``n`` trials (95% for ``z=1.96``); unlike the normal
-    approximation it stays inside [0, 1] and is not empty at 0 or n successes, which small sets often have."""
-    if n < 1 or not 0 <= k <= n:
-        raise UserError(
-            f"a proportion needs 0 <= k <= n and n >= 1, got k={k}, n={n}: pass counts from a non-empty set"
-        )
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return Interval(max(0.0, center - half), min(1.0, center + half))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ssah.data import format_chat
 from ssah.data.chat import bos_to_add, context_length, encode_prompt, encode_prompts
 from ssah.errors import ModelError, UserError
-from ssah.modelutil import frozen_eval, model_device, pad_id
+from ssah.inference import frozen_eval, model_device, pad_id
 
 __all__ = [
     "END_OF_TURN_TOKENS",

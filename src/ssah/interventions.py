@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -164,21 +164,17 @@ class SliceReport:
         return self.parameters / self.parameters_total if self.parameters_total else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, shares included."""
-        return {
-            "gqa": self.gqa,
-            "units": self.units,
-            "units_total": self.units_total,
-            "unit_share": self.unit_share,
-            "parameters": self.parameters,
-            "parameters_total": self.parameters_total,
-            "parameter_share": self.parameter_share,
-            "shared_rows_touched": self.shared_rows_touched,
-            "shared_rows_taken": self.shared_rows_taken,
-            "shared_rows_partial": self.shared_rows_partial,
-            "outside_channels": self.outside_channels,
-            "inside_channels_without_row": self.inside_channels_without_row,
+        """JSON-ready: the fields in order, each share right after its total."""
+        shares = {
+            "units_total": ("unit_share", self.unit_share),
+            "parameters_total": ("parameter_share", self.parameter_share),
         }
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            out[f.name] = getattr(self, f.name)
+            if f.name in shares:
+                out[shares[f.name][0]] = shares[f.name][1]
+        return out
 
 
 def _shared_rows(index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,7 +193,17 @@ def unit_param_slices_and_report(
     writers: bool = True,
     gqa: str = "any",
 ) -> tuple[dict[str, tuple[int, torch.Tensor]], SliceReport]:
-    """:func:`unit_param_slices` and its :class:`SliceReport`."""
+    """Parameter name -> (dim, sorted unique int64 indices along dim) owned by the given units, and the
+    :class:`SliceReport` of what they hold.
+
+    Readers contribute columns (rows of GPT-2 ``Conv1D`` weights), writers contribute v / gate / up rows,
+    fused qkv / gate_up slices and bias entries; slices of one parameter are merged across groups (a fused
+    ``gate_up_proj`` appears once, with gate and up rows). ``gqa`` says when a value row shared under
+    grouped-query attention belongs to the set (``any`` / ``strict``, see above). Names are those of
+    ``model.named_parameters()``, which lists a tied or shared parameter once. Raises ``ValueError`` when one
+    parameter would need slices along two dims (no supported layout does), :class:`UnitFileError` when the set
+    belongs to another model, :class:`UserError` for an unknown ``gqa``.
+    """
     gqa = check_gqa_mode(gqa)
     adapter = adapter or get_adapter(model)
     if space_of(model, units.space.granularity, adapter) != units.space:
@@ -257,26 +263,10 @@ def _add_slice(parts: dict[str, tuple[int, list[torch.Tensor]]], name: str, dim:
     lst.append(idx)
 
 
-def unit_param_slices(
-    model: nn.Module,
-    units: UnitSet,
-    *,
-    adapter: ArchAdapter | None = None,
-    readers: bool = True,
-    writers: bool = True,
-    gqa: str = "any",
-) -> dict[str, tuple[int, torch.Tensor]]:
-    """Parameter name -> (dim, sorted unique int64 indices along dim) owned by the given units.
-
-    Readers contribute columns (rows of GPT-2 ``Conv1D`` weights), writers contribute v / gate / up rows,
-    fused qkv / gate_up slices and bias entries; slices of one parameter are merged across groups (a fused
-    ``gate_up_proj`` appears once, with gate and up rows). ``gqa`` says when a value row shared under
-    grouped-query attention belongs to the set (``any`` / ``strict``, see above). Names are those of
-    ``model.named_parameters()``, which lists a tied or shared parameter once. Raises ``ValueError`` when one
-    parameter would need slices along two dims (no supported layout does), :class:`UnitFileError` when the set
-    belongs to another model, :class:`UserError` for an unknown ``gqa``.
-    """
-    return unit_param_slices_and_report(model, units, adapter=adapter, readers=readers, writers=writers, gqa=gqa)[0]
+def unit_param_slices(model: nn.Module, units: UnitSet, **options: Any) -> dict[str, tuple[int, torch.Tensor]]:
+    """Parameter name -> (dim, sorted unique int64 indices along dim) owned by the given units; the options are
+    those of :func:`unit_param_slices_and_report` (``adapter``, ``readers``, ``writers``, ``gqa``)."""
+    return unit_param_slices_and_report(model, units, **options)[0]
 
 
 def unit_param_masks(model: nn.Module, units: UnitSet, **kw: Any) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import torch
@@ -28,25 +28,15 @@ from torch import nn
 
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, Sample
+from ssah.intervals import Z95, wilson_bounds
 from ssah.units import UnitSet, UnitSpace
 
 Direction = Literal["higher", "lower"]
 Strata = Literal["layer-kind", "layer", "kind", "none"]
 STRATA: tuple[str, ...] = ("layer-kind", "layer", "kind", "none")
-Z95 = 1.959963984540054
 
 
 # ------------------------------------------------------------------------------------------------ proportions
-def _wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # exact ends at 0 and n successes (the formula leaves a rounding residue of about 1e-17 there)
-    return (0.0 if k == 0 else max(0.0, center - half)), (1.0 if k == n else min(1.0, center + half))
-
-
 @dataclass(frozen=True)
 class Proportion:
     """``k`` of ``n`` (e.g. harmful prompts answered), with its Wilson 95% interval.
@@ -78,7 +68,7 @@ class Proportion:
 
     @property
     def ci95(self) -> tuple[float, float]:
-        return _wilson(self.k, self.n)
+        return wilson_bounds(self.k, self.n)
 
     def to_dict(self) -> dict[str, Any]:
         """The one JSON shape of a proportion in every ``results.json``."""
@@ -251,13 +241,9 @@ class Verdict:
     n_needed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "expected": self.expected,
-            "reason": self.reason,
-            "n_needed": self.n_needed,
-            "comparison": self.comparison.to_dict(),
-        }
+        """The fields in order, the comparison last (as its own dict)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "comparison"}
+        return {**own, "comparison": self.comparison.to_dict()}
 
 
 def verdict(comparison: Comparison, expected: Direction, *, margin: float = 0.05) -> Verdict:

@@ -146,7 +146,10 @@ def convert_gguf(gguf: Path, *, force: bool = False) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embeddings
+    # a weight tied to one that was loaded (an output head sharing the embeddings) is stored once in the file
+    params = dict(plain.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name not in missing}
+    missing = [m for m in missing if m not in params or id(params[m]) not in loaded]
     if missing or unexpected:
         raise ModelError(
             f"GGUF conversion of {gguf.name} lost weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -456,6 +459,31 @@ def _check_safetensors(path: Path) -> None:
         ) from None
 
 
+def _locate(name: str, allow_pickle: bool) -> tuple[Path, str]:
+    """The folder transformers loads ``name`` from (a GGUF file converted once to safetensors) and its source as
+    the manifest records it (``registry:``, an absolute path, or ``hub:`` for a hub id)."""
+    path = Path(os.path.expanduser(name))
+    if name == SMOLLM2:
+        return convert_gguf(smollm2_gguf()), f"registry:{name}"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} not found: check the path")
+        return convert_gguf(path), str(path.resolve())
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path} is neither a model folder nor a .gguf file")
+        _check_folder(path, allow_pickle)
+        ggufs = sorted(path.glob("*.gguf"))
+        folder = convert_gguf(ggufs[0]) if ggufs and not any(path.glob("*.safetensors")) else path
+        return folder, str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(
+            f"model {name!r} not found: no such folder or file; pass a model folder, a .gguf file, "
+            f"a hub id or a registry name ({', '.join(registry_names())})"
+        )
+    return Path(name), f"hub:{name}"
+
+
 def load_model(
     spec: str | os.PathLike[str],
     *,
@@ -486,7 +514,6 @@ def load_model(
     if device_map is not None:
         dev = torch.device("cuda") if _gpu_count() else torch.device("cpu")
     dt = resolve_dtype(dtype, dev)
-    path = Path(os.path.expanduser(name))
     kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if name.startswith(TINY_PREFIX):
         from ssah.tiny import build_tiny_model
@@ -497,26 +524,8 @@ def load_model(
         else:
             model = _dispatch(model, device_map, max_memory, dt, offload_folder)
         return _finish(LoadedModel(model, tok, name, f"registry:{name}"), t0)
-    if name == SMOLLM2:
-        folder, source = convert_gguf(smollm2_gguf()), f"registry:{name}"
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"GGUF file {path} not found: check the path")
-        folder, source = convert_gguf(path), str(path.resolve())
-    elif path.exists():
-        if not path.is_dir():
-            raise ModelError(f"{path} is neither a model folder nor a .gguf file")
-        _check_folder(path, allow_pickle)
-        ggufs = sorted(path.glob("*.gguf"))
-        folder = convert_gguf(ggufs[0]) if ggufs and not any(path.glob("*.safetensors")) else path
-        source = str(path.resolve())
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(
-            f"model {name!r} not found: no such folder or file; pass a model folder, a .gguf file, "
-            f"a hub id or a registry name ({', '.join(registry_names())})"
-        )
-    else:
-        folder, source = Path(name), f"hub:{name}"
+    folder, source = _locate(name, allow_pickle)
+    if source.startswith("hub:"):
         kwargs["revision"] = revision
     if not allow_pickle:
         kwargs["use_safetensors"] = True

@@ -132,8 +132,7 @@ def model_shape(config: Any) -> ModelShape:
     cfg = adapter.config
     attn = next(g for g in groups if g.kind == "attn")
     mlp = [g for g in groups if g.kind == "mlp"]
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and head.weight is emb.weight
+    emb: Any = adapter.embeddings
     return ModelShape(
         family=adapter.family,
         layers=adapter.num_layers,
@@ -143,7 +142,7 @@ def model_shape(config: Any) -> ModelShape:
         kv_heads=int(attn.num_kv_heads or 0),
         head_dim=int(attn.head_dim or 0),
         vocab=int(emb.weight.shape[0]),
-        tied_embeddings=bool(tied),
+        tied_embeddings=adapter.tied_embeddings,
         params=int(params),
         unit_params=int(unit_params),
         units=sum(g.size for g in groups),
@@ -334,7 +333,7 @@ def remember_batch_size(key: str, size: int) -> None:
 def batch_key(model: Any, command: str, length: int) -> str:
     """What a found batch size depends on: the model (name, type, size), command, dtype, device (and its memory)
     and the longest sequence."""
-    from ssah.modelutil import model_device
+    from ssah.inference import model_device
 
     cfg = getattr(model, "config", None)
     dev = model_device(model)
@@ -349,7 +348,7 @@ def batch_key(model: Any, command: str, length: int) -> str:
 
 def free_memory(model: Any) -> int:
     """Free bytes where the model computes: the GPU's free memory, else the machine's available memory."""
-    from ssah.modelutil import model_device
+    from ssah.inference import model_device
 
     dev = model_device(model)
     if dev.type == "cuda":
@@ -404,7 +403,7 @@ def find_batch_size(run: Any, *, start: int, key: str | None = None, what: str =
 
 def wants_auto_batch(config: Any, model: Any) -> bool:
     """``--batch-size auto`` given, or no batch size given at all on a GPU (where auto is the default)."""
-    from ssah.modelutil import model_device
+    from ssah.inference import model_device
 
     value = getattr(config, "batch_size", None)
     if value == "auto":
@@ -427,7 +426,7 @@ def auto_scoring_batch_size(
     longest example, from the plan's start, halving on out-of-memory (remembered per model and length)."""
     from ssah.arch import get_adapter
     from ssah.data import encode_set
-    from ssah.modelutil import frozen_eval, model_device
+    from ssah.inference import frozen_eval, model_device
     from ssah.stats import ActivationRecorder
 
     longest: list[int] = []

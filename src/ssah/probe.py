@@ -19,7 +19,8 @@ each query (left-padded batches, KV cache kept) plus one short cached extension 
 the opener tokens, not with the query length. While the model generates greedily, or is forced along a compliance
 prefix and then continues, the same quantities are followed token by token (``token_*`` arrays).
 
-Everything here is in memory and model-agnostic (any causal LM whose forward returns ``hidden_states``);
+Everything here is in memory and works on any causal LM of a supported family (the family adapter names its final
+norm and output head);
 :mod:`ssah.experiments.probe` turns it into a run folder.
 """
 
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ssah.arch import get_adapter
 from ssah.data import format_chat
 from ssah.data.chat import bos_to_add
 from ssah.data.probe_prompts import COMPLIANCE_OPENERS, FORCED_PREFIX, REFUSAL_OPENERS
 from ssah.errors import UserError
 from ssah.generate import encode_prompt, eos_token_ids, left_pad
+from ssah.inference import frozen_eval, model_device, pad_id
 from ssah.judges import opener_token_ids
-from ssah.modelutil import frozen_eval, model_device, pad_id
 
 __all__ = [
     "GAP_STEPS",
@@ -57,7 +59,6 @@ __all__ = [
     "bootstrap_indices",
     "cosine_distance",
     "estimate",
-    "final_norm",
     "fit_directions",
     "gap_steps",
     "measure_model",
@@ -80,69 +81,67 @@ class Method:
     shared_space: bool  # compares models in one residual space (needs the same tokenizer and shapes)
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method(
-            "naive",
-            "paper's probe (as published)",
-            "d(Q,Q+C) - d(Q,Q+R), cosine distances of final-token states, one refusal and one compliance opener",
-            False,
-            False,
-            False,
-        ),
-        Method(
-            "openers",
-            "many openers",
-            "the same averaged over every refusal and compliance opener, final-token states",
-            False,
-            False,
-            False,
-        ),
-        Method(
-            "openers-mean",
-            "many openers, opener-token mean",
-            "the same with the states averaged over the opener tokens instead of the final token",
-            False,
-            False,
-            False,
-        ),
-        Method(
-            "contrast",
-            "harmful - harmless (content baseline)",
-            "the many-openers gap after a harmful query minus after a harmless query (same openers)",
-            True,
-            True,
-            False,
-        ),
-        Method(
-            "contrast-mean",
-            "harmful - harmless, opener-token mean",
-            "the content-subtracted gap with states averaged over the opener tokens",
-            True,
-            True,
-            False,
-        ),
-        Method(
-            "direction",
-            "refusal direction (difference in means)",
-            "projection of the query's final state on the harmful-minus-harmless mean difference (cross-fitted, "
-            "pooled over the models compared, 1 = the fitted harmful-harmless distance), harmful - harmless",
-            True,
-            True,
-            True,
-        ),
-        Method(
-            "logit-lens",
-            "logit lens: refusal vs compliance log-odds",
-            "logsumexp of refusal minus compliance first-token logits read from each layer (final norm + output "
-            "head) on the harmful queries; no words are appended, so no word-identity confound",
-            True,
-            False,
-            False,
-        ),
-    )
-}
+_METHOD_LIST: tuple[Method, ...] = (
+    Method(
+        "naive",
+        "paper's probe (as published)",
+        "d(Q,Q+C) - d(Q,Q+R), cosine distances of final-token states, one refusal and one compliance opener",
+        controlled=False,
+        baseline=False,
+        shared_space=False,
+    ),
+    Method(
+        "openers",
+        "many openers",
+        "the same averaged over every refusal and compliance opener, final-token states",
+        controlled=False,
+        baseline=False,
+        shared_space=False,
+    ),
+    Method(
+        "openers-mean",
+        "many openers, opener-token mean",
+        "the same with the states averaged over the opener tokens instead of the final token",
+        controlled=False,
+        baseline=False,
+        shared_space=False,
+    ),
+    Method(
+        "contrast",
+        "harmful - harmless (content baseline)",
+        "the many-openers gap after a harmful query minus after a harmless query (same openers)",
+        controlled=True,
+        baseline=True,
+        shared_space=False,
+    ),
+    Method(
+        "contrast-mean",
+        "harmful - harmless, opener-token mean",
+        "the content-subtracted gap with states averaged over the opener tokens",
+        controlled=True,
+        baseline=True,
+        shared_space=False,
+    ),
+    Method(
+        "direction",
+        "refusal direction (difference in means)",
+        "projection of the query's final state on the harmful-minus-harmless mean difference (cross-fitted, "
+        "pooled over the models compared, 1 = the fitted harmful-harmless distance), harmful - harmless",
+        controlled=True,
+        baseline=True,
+        shared_space=True,
+    ),
+    Method(
+        "logit-lens",
+        "logit lens: refusal vs compliance log-odds",
+        "logsumexp of refusal minus compliance first-token logits read from each layer (final norm + output "
+        "head) on the harmful queries; no words are appended, so no word-identity confound",
+        controlled=True,
+        baseline=False,
+        shared_space=False,
+    ),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 
 MODES: tuple[str, ...] = ("greedy", "forced")
 """Per-token tracking: the model's own greedy reply, and a reply forced to start with a compliance prefix."""
@@ -234,17 +233,6 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
 
 
-def final_norm(model: Any) -> torch.nn.Module | None:
-    """The normalisation applied before the output head (``norm``, ``ln_f``, ``final_layer_norm``, ...), if found."""
-    base = getattr(model, "base_model", None) or model
-    for owner in (base, getattr(base, "language_model", None), model):
-        for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm"):
-            mod = getattr(owner, name, None) if owner is not None else None
-            if isinstance(mod, torch.nn.Module):
-                return mod
-    return None
-
-
 def _forward(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -332,37 +320,38 @@ def _mid_text_ids(tokenizer: Any, opener: str) -> list[int]:
 
 
 class _Readout:
-    """Refusal-minus-compliance log-odds from a hidden state: final norm (not on an already normed last layer) and
-    only the output-head rows of the opener first tokens (the softmax normaliser cancels in the difference)."""
+    """Refusal-minus-compliance log-odds from a hidden state: final norm (not on an already normed last layer), then
+    only the output-head rows of the opener first tokens (the softmax normaliser cancels in the difference) and the
+    model's logit soft cap where it has one (elementwise, so it applies to those rows exactly)."""
 
     def __init__(self, model: Any, refusal: list[int], compliance: list[int]) -> None:
-        head = model.get_output_embeddings()
-        if head is None:
-            raise UserError(f"{type(model).__name__} has no output head: the logit lens needs a causal LM")
-        self.head = head
-        self.norm = final_norm(model)
+        adapter = get_adapter(model)  # one-line errors for an unknown family or a model without a head
+        self.head: Any = adapter.unembedding
+        self.norm = adapter.final_norm
+        self.cap = adapter.logit_softcap
         self.refusal, self.compliance = refusal, compliance
         self.last_normed = True
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
 
     def calibrate(self, last_state: torch.Tensor, logits: torch.Tensor) -> str | None:
         """Decide from real logits whether the last layer's state is already normalised; a note when unsure."""
         with torch.no_grad():
-            direct = self.head(last_state.to(self.head.weight.dtype)).float()
+            direct = self._capped(self.head(last_state.to(self.head.weight.dtype)).float())
             err_direct = (direct - logits).abs().max().item()
-            if self.norm is None:
-                return "no final norm found: the logit lens reads raw states of the inner layers"
-            normed = self.head(self.norm(last_state.to(self.head.weight.dtype))).float()
+            normed = self._capped(self.head(self.norm(last_state.to(self.head.weight.dtype))).float())
             err_normed = (normed - logits).abs().max().item()
         self.last_normed = err_direct <= err_normed
         scale = logits.abs().max().item() + 1e-6
         if min(err_direct, err_normed) > 1e-2 * scale:
-            return "the output head does not reproduce the logits exactly (e.g. soft-capping): logit lens approximate"
+            return "the output head does not reproduce the logits exactly: logit lens approximate"
         return None
 
     def logodds(self, states: torch.Tensor, layer: int, last_layer: int) -> torch.Tensor:
         """``(..., H)`` states of one layer -> ``(...)`` log-odds (float64)."""
         x = states.to(self.head.weight.dtype)
-        if self.norm is not None and not (layer == last_layer and self.last_normed):
+        if not (layer == last_layer and self.last_normed):
             x = self.norm(x)
         w = self.head.weight
         bias = getattr(self.head, "bias", None)
@@ -370,13 +359,98 @@ class _Readout:
         c = x @ w[self.compliance].T
         if bias is not None:
             r, c = r + bias[self.refusal], c + bias[self.compliance]
-        return (torch.logsumexp(r.double(), -1) - torch.logsumexp(c.double(), -1)).cpu()
+        r, c = self._capped(r.double()), self._capped(c.double())
+        return (torch.logsumexp(r, -1) - torch.logsumexp(c, -1)).cpu()
 
 
 def _logodds_from_logits(logits: torch.Tensor, refusal: list[int], compliance: list[int]) -> torch.Tensor:
     return (
         torch.logsumexp(logits[:, refusal].double(), -1) - torch.logsumexp(logits[:, compliance].double(), -1)
     ).cpu()
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The token ids of one probe run: every query, each opener's continuation of it, the paper's two openers as
+    they read in the middle of a reply, and the forced prefix."""
+
+    encoded: list[list[int]]
+    conts: list[list[list[int]]]  # [query][opener] -> ids
+    naive_mid: list[list[int]]
+    forced: list[int]
+
+
+def _encode(
+    tokenizer: Any, prompts: Sequence[str], openers: Openers, system: str | None, forced_prefix: str
+) -> _Inputs:
+    """Format and tokenize the queries and the openers once, as :func:`measure_model` feeds them."""
+    bos_id = bos_to_add(tokenizer)
+    texts = [format_chat(tokenizer, p, system=system) for p in prompts]
+    encoded = [encode_prompt(tokenizer, t, bos_id=bos_id) for t in texts]
+    conts = [
+        [_continuation(tokenizer, t, e, o, bos_id) for o in openers.all] for t, e in zip(texts, encoded, strict=True)
+    ]
+    naive_mid = [_mid_text_ids(tokenizer, openers.refusal[0]), _mid_text_ids(tokenizer, openers.compliance[0])]
+    forced = _continuation(tokenizer, texts[0], encoded[0], forced_prefix, bos_id) if forced_prefix else []
+    return _Inputs(encoded, conts, naive_mid, forced)
+
+
+@dataclass
+class _Arrays:
+    """What :func:`measure_model` fills batch by batch, allocated when the first batch gives the layer count."""
+
+    layers: int
+    query_states: np.ndarray
+    d_last: np.ndarray
+    d_mean: np.ndarray
+    lens: np.ndarray
+    tok: dict[str, dict[str, Any]]  # mode -> per-token arrays of the tracked prompts
+
+    @classmethod
+    def allocate(cls, n: int, n_openers: int, hq: torch.Tensor, m: int, steps: int, gap_at: list[int]) -> _Arrays:
+        """Arrays for ``n`` prompts from the first batch's query states ``hq`` ``(L+1, B, H)``."""
+        layers, width = hq.shape[0] - 1, hq.shape[-1]
+        d_last = np.zeros((n, n_openers, layers + 1))
+        tok = {
+            mode: {
+                "states": np.full((2 * m, steps + 1, layers + 1, width), np.nan, np.float32),
+                "logodds": np.full((2 * m, steps + 1), np.nan),
+                "gap": np.full((2 * m, 1 + len(gap_at), layers + 1), np.nan),
+                "alive": np.zeros((2 * m, steps + 1), dtype=bool),
+                "text": [""] * (2 * m),
+            }
+            for mode in (MODES if m else ())
+        }
+        return cls(
+            layers=layers,
+            query_states=np.zeros((n, layers + 1, width), dtype=np.float32),
+            d_last=d_last,
+            d_mean=np.zeros_like(d_last),
+            lens=np.zeros((n, layers + 1)),
+            tok=tok,
+        )
+
+
+def _check_probe_args(
+    openers: Openers, harmful: Sequence[str], harmless: Sequence[str], batch: int, steps: int
+) -> None:
+    """One-line UserErrors for inputs :func:`measure_model` cannot measure."""
+    openers.check()
+    if not harmful or not harmless:
+        raise UserError("the probe needs harmful and harmless prompts: pass non-empty --harmful and --harmless sets")
+    if batch < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch}: pass a positive batch size")
+    if steps < 0:
+        raise UserError(f"token_steps must be 0 or more, got {steps}")
+
+
+def _prefix_cache(model: Any, ids: list[int], device: torch.device) -> Any:
+    """The KV cache of the token prefix every query shares (the system prompt and user header), computed once."""
+    if not ids:
+        return None
+    t = torch.tensor([ids], dtype=torch.long, device=device)
+    _, _, cache = _forward(model, t, torch.ones_like(t), torch.arange(len(ids), device=device)[None], None)
+    return cache
 
 
 def measure_model(
@@ -396,138 +470,134 @@ def measure_model(
 ) -> ModelMeasures:
     """Run every query once (and each opener as a cached extension of it) and follow the first ``token_prompts``
     harmful and harmless queries for ``token_steps`` generated tokens, greedy and forced; returns raw arrays."""
-    openers.check()
-    if not harmful or not harmless:
-        raise UserError("the probe needs harmful and harmless prompts: pass non-empty --harmful and --harmless sets")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}: pass a positive batch size")
-    if token_steps < 0:
-        raise UserError(f"token_steps must be 0 or more, got {token_steps}")
-    prompts = [*harmful, *harmless]
+    _check_probe_args(openers, harmful, harmless, batch_size, token_steps)
     n_h, n = len(harmful), len(harmful) + len(harmless)
     m = min(token_prompts, len(harmful), len(harmless)) if token_steps > 0 else 0
-    tracked = [*range(m), *range(n_h, n_h + m)]  # token rows: harmful first, then harmless
     refusal_ids, compliance_ids = opener_token_ids(
         tokenizer, system=system, refusal_openers=openers.refusal, compliance_openers=openers.compliance
     )
-    readout = _Readout(model, refusal_ids, compliance_ids)
-    bos_id = bos_to_add(tokenizer)
-    texts = [format_chat(tokenizer, p, system=system) for p in prompts]
-    encoded = [encode_prompt(tokenizer, t, bos_id=bos_id) for t in texts]
-    conts = [
-        [_continuation(tokenizer, t, e, o, bos_id) for o in openers.all] for t, e in zip(texts, encoded, strict=True)
-    ]
-    naive_mid = [_mid_text_ids(tokenizer, openers.refusal[0]), _mid_text_ids(tokenizer, openers.compliance[0])]
-    forced_ids = _continuation(tokenizer, texts[0], encoded[0], forced_prefix, bos_id) if forced_prefix else []
-    steps_at = gap_steps(token_steps)
-    eos = set(eos_token_ids(model, tokenizer))
-    pad = pad_id(tokenizer)
-    device = model_device(model)
-
-    layers = 0  # set from the first batch: hidden states per position minus the embeddings
-    query_states: np.ndarray | None = None
-    d_last = d_mean = None
-    lens = None
-    tok: dict[str, dict[str, Any]] = {}
-    notes: list[str] = []
-    order = sorted(range(n), key=lambda i: -len(encoded[i]))
+    run = _ProbeRun(
+        model=model,
+        tokenizer=tokenizer,
+        inputs=_encode(tokenizer, [*harmful, *harmless], openers, system, forced_prefix),
+        n_openers=len(openers.all),
+        readout=_Readout(model, refusal_ids, compliance_ids),
+        tracked=[*range(m), *range(n_h, n_h + m)],  # token rows: harmful first, then harmless
+        steps=token_steps,
+        gap_at=gap_steps(token_steps),
+        eos=set(eos_token_ids(model, tokenizer)),
+        pad=pad_id(tokenizer),
+        device=model_device(model),
+    )
+    order = sorted(range(n), key=lambda i: -len(run.inputs.encoded[i]))
     chunks = [order[k : k + batch_size] for k in range(0, n, batch_size)]
-    shared = _shared_prefix(encoded)
+    shared = _shared_prefix(run.inputs.encoded)
     with frozen_eval(model, inference=True):
-        prefix_cache = None
-        if shared:  # the system prompt and user header every query starts with: computed once
-            ids = torch.tensor([encoded[0][:shared]], dtype=torch.long, device=device)
-            ones = torch.ones_like(ids)
-            _, _, prefix_cache = _forward(model, ids, ones, torch.arange(shared, device=device)[None], None)
+        prefix_cache = _prefix_cache(model, run.inputs.encoded[0][:shared], run.device)
         for chunk in tqdm(chunks, desc=desc or "probe", disable=not progress, unit="batch"):
-            # layout [shared prefix | left padding | rest of the query]: the last column is every query's end
-            ids, rest_mask = left_pad([encoded[i][shared:] for i in chunk], pad, device)
-            mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long, device=device), rest_mask], 1)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-            cache = None
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(chunk))
-            states, logits, cache = _forward(model, ids, mask, pos, cache)
-            hq = states[:, :, -1]  # (L+1, B, H)
-            if query_states is None:
-                layers = hq.shape[0] - 1
-                query_states = np.zeros((n, layers + 1, hq.shape[-1]), dtype=np.float32)
-                d_last = np.zeros((n, len(openers.all), layers + 1))
-                d_mean = np.zeros_like(d_last)
-                lens = np.zeros((n, layers + 1))
-                note = readout.calibrate(hq[-1], logits)
-                if note:
-                    notes.append(note)
-                for mode in MODES if m else ():
-                    tok[mode] = {
-                        "states": np.full((2 * m, token_steps + 1, layers + 1, hq.shape[-1]), np.nan, np.float32),
-                        "logodds": np.full((2 * m, token_steps + 1), np.nan),
-                        "gap": np.full((2 * m, 1 + len(steps_at), layers + 1), np.nan),
-                        "alive": np.zeros((2 * m, token_steps + 1), dtype=bool),
-                        "text": [""] * (2 * m),
-                    }
-            assert query_states is not None and d_last is not None and d_mean is not None and lens is not None
-            query_states[chunk] = hq.permute(1, 0, 2).cpu().numpy()
-            for layer in range(layers + 1):
-                lens[chunk, layer] = readout.logodds(hq[layer], layer, layers).numpy()
-            next_pos = mask.sum(-1)
-            for j in range(len(openers.all)):
-                ext, cmask = _extend(model, cache, mask, next_pos, [conts[i][j] for i in chunk], pad)
-                last, mean = _last_and_mean(ext, cmask)
-                d_last[chunk, j] = cosine_distance(hq, last).T.cpu().numpy()
-                d_mean[chunk, j] = cosine_distance(hq, mean).T.cpu().numpy()
-            rows = [r for r, i in enumerate(chunk) if i in tracked]
-            if not rows:
-                continue
-            where = [tracked.index(chunk[r]) for r in rows]
-            sel = torch.tensor(rows, device=device)
-            cache.batch_select_indices(sel)
-            for mode in tok:
-                _follow(
-                    model,
-                    cache,
-                    mask[sel],
-                    next_pos[sel],
-                    logits[sel],
-                    hq[:, sel],
-                    forced=forced_ids if mode == "forced" else [],
-                    steps=token_steps,
-                    gap_at=steps_at,
-                    naive_mid=naive_mid,
-                    readout=(refusal_ids, compliance_ids),
-                    eos=eos,
-                    pad=pad,
-                    out=tok[mode],
-                    where=where,
-                    tokenizer=tokenizer,
-                )
-    assert query_states is not None and d_last is not None and d_mean is not None and lens is not None
+            run.measure_chunk(chunk, shared, prefix_cache, n)
+    a = run.arrays
+    assert a is not None
     measures = ModelMeasures(
         n_harmful=n_h,
         n_harmless=n - n_h,
-        layers=layers,
-        query_states=query_states,
-        d_last=d_last,
-        d_mean=d_mean,
-        lens=lens,
+        layers=a.layers,
+        query_states=a.query_states,
+        d_last=a.d_last,
+        d_mean=a.d_mean,
+        lens=a.lens,
         token_prompts=m,
         token_steps=token_steps if m else 0,
-        gap_steps=steps_at if m else [],
-        forced_tokens=len(forced_ids),
-        last_layer_normed=readout.last_normed,
-        notes=notes,
+        gap_steps=run.gap_at if m else [],
+        forced_tokens=len(run.inputs.forced),
+        last_layer_normed=run.readout.last_normed,
+        notes=run.notes,
     )
     r0, c0 = 0, len(openers.refusal)
-    for mode, arrays in tok.items():
+    for mode, arrays in a.tok.items():
         # step 0 of the per-token gap is the paper's probe on the query itself
-        arrays["gap"][:, 0] = d_last[tracked, c0] - d_last[tracked, r0]
+        arrays["gap"][:, 0] = a.d_last[run.tracked, c0] - a.d_last[run.tracked, r0]
         measures.token_states[mode] = arrays["states"]
         measures.token_logodds[mode] = arrays["logodds"]
         measures.token_gap[mode] = arrays["gap"]
         measures.token_alive[mode] = arrays["alive"]
         measures.token_text[mode] = arrays["text"]
     return measures
+
+
+@dataclass
+class _ProbeRun:
+    """One model's probe pass: the fixed inputs and settings, and the arrays it fills chunk by chunk."""
+
+    model: Any
+    tokenizer: Any
+    inputs: _Inputs
+    n_openers: int
+    readout: _Readout
+    tracked: list[int]
+    steps: int
+    gap_at: list[int]
+    eos: set[int]
+    pad: int
+    device: torch.device
+    arrays: _Arrays | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def measure_chunk(self, chunk: list[int], shared: int, prefix_cache: Any, n: int) -> None:
+        """Query states, opener distances and logit lens of one batch of prompts, then the token tracking of the
+        tracked prompts among them."""
+        model, inputs, device = self.model, self.inputs, self.device
+        # layout [shared prefix | left padding | rest of the query]: the last column is every query's end
+        ids, rest_mask = left_pad([inputs.encoded[i][shared:] for i in chunk], self.pad, device)
+        mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long, device=device), rest_mask], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+        states, logits, cache = _forward(model, ids, mask, pos, cache)
+        hq = states[:, :, -1]  # (L+1, B, H)
+        if self.arrays is None:
+            m = len(self.tracked) // 2
+            self.arrays = _Arrays.allocate(n, self.n_openers, hq, m, self.steps, self.gap_at)
+            note = self.readout.calibrate(hq[-1], logits)
+            if note:
+                self.notes.append(note)
+        a = self.arrays
+        a.query_states[chunk] = hq.permute(1, 0, 2).cpu().numpy()
+        for layer in range(a.layers + 1):
+            a.lens[chunk, layer] = self.readout.logodds(hq[layer], layer, a.layers).numpy()
+        next_pos = mask.sum(-1)
+        for j in range(self.n_openers):
+            ext, cmask = _extend(model, cache, mask, next_pos, [inputs.conts[i][j] for i in chunk], self.pad)
+            last, mean = _last_and_mean(ext, cmask)
+            a.d_last[chunk, j] = cosine_distance(hq, last).T.cpu().numpy()
+            a.d_mean[chunk, j] = cosine_distance(hq, mean).T.cpu().numpy()
+        rows = [r for r, i in enumerate(chunk) if i in self.tracked]
+        if not rows:
+            return
+        where = [self.tracked.index(chunk[r]) for r in rows]
+        sel = torch.tensor(rows, device=device)
+        cache.batch_select_indices(sel)
+        for mode in a.tok:
+            _follow(
+                model,
+                cache,
+                mask[sel],
+                next_pos[sel],
+                logits[sel],
+                hq[:, sel],
+                forced=inputs.forced if mode == "forced" else [],
+                steps=self.steps,
+                gap_at=self.gap_at,
+                naive_mid=inputs.naive_mid,
+                readout=(self.readout.refusal, self.readout.compliance),
+                eos=self.eos,
+                pad=self.pad,
+                out=a.tok[mode],
+                where=where,
+                tokenizer=self.tokenizer,
+            )
 
 
 def _follow(

@@ -42,7 +42,7 @@ from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.data.chat import context_length
 from ssah.errors import UnitFileError, UserError
-from ssah.modelutil import model_device, pad_id
+from ssah.inference import model_device, pad_id
 from ssah.safefiles import save_safetensors
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace

@@ -80,7 +80,7 @@ TINY_MAX_POSITIONS = 512
 # uniform / zero; tests that compare "changed" and "unchanged" outputs need visible effects.
 TINY_INIT_RANGE = 0.1
 
-# Config class name and the keyword arguments of the llama-like families (GQA, explicit head_dim).
+# Config class names of the llama-like families (GQA, explicit head_dim).
 _LLAMA_LIKE: dict[str, str] = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
@@ -97,6 +97,22 @@ _LLAMA_LIKE: dict[str, str] = {
 }
 
 
+_CONFIG_CLASSES: dict[str, str] = {**_LLAMA_LIKE, "gpt2": "GPT2Config", "gpt_neox": "GPTNeoXConfig"}
+
+# The config keywords of (hidden, intermediate, layers, query heads, positions): GPT-2 has names of its own.
+_SIZES = (TINY_HIDDEN, TINY_INTERMEDIATE, TINY_LAYERS, TINY_HEADS, TINY_MAX_POSITIONS)
+_SIZE_KEYS: dict[str, tuple[str, ...]] = {
+    "standard": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    ),
+    "gpt2": ("n_embd", "n_inner", "n_layer", "n_head", "n_positions"),
+}
+
+
 def _special_ids() -> dict[str, int]:
     """Vocabulary size and bos/eos/pad ids of :func:`tiny_tokenizer`, as config keyword arguments."""
     tok = tiny_tokenizer()
@@ -108,28 +124,23 @@ def _special_ids() -> dict[str, int]:
     }
 
 
-def tiny_config(family: str) -> PretrainedConfig:
+def tiny_config(family: str, *, tie_embeddings: bool | None = None) -> PretrainedConfig:
     """The config of a 2-layer tiny model of ``family`` (hidden 64, 4 query heads of size 16, 2 KV heads where
     the family has GQA, intermediate 128, the vocabulary of :func:`tiny_tokenizer`).
 
-    Embedding tying is left at the family's default.
+    Embedding tying is the family's default unless ``tie_embeddings`` says otherwise.
     """
     import transformers
 
     ids = _special_ids()
     common: dict[str, Any] = {"initializer_range": TINY_INIT_RANGE, **ids}
-    if family in _LLAMA_LIKE:
-        cls = getattr(transformers, _LLAMA_LIKE[family])
-        return cls(
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=TINY_INTERMEDIATE,
-            num_hidden_layers=TINY_LAYERS,
-            num_attention_heads=TINY_HEADS,
-            num_key_value_heads=TINY_KV_HEADS,
-            head_dim=TINY_HEAD_DIM,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            **common,
-        )
+    if tie_embeddings is not None:
+        common["tie_word_embeddings"] = tie_embeddings
+    if family in _CONFIG_CLASSES:
+        sizes = dict(zip(_SIZE_KEYS.get(family, _SIZE_KEYS["standard"]), _SIZES, strict=True))
+        if family in _LLAMA_LIKE:  # grouped-query attention with an explicit head size
+            sizes |= {"num_key_value_heads": TINY_KV_HEADS, "head_dim": TINY_HEAD_DIM}
+        return getattr(transformers, _CONFIG_CLASSES[family])(**sizes, **common)
     if family == "gemma3_multimodal":
         vision = transformers.SiglipVisionConfig(
             hidden_size=32,
@@ -139,7 +150,7 @@ def tiny_config(family: str) -> PretrainedConfig:
             image_size=32,
             patch_size=16,
         )
-        text = tiny_config("gemma3")
+        text = tiny_config("gemma3", tie_embeddings=tie_embeddings)
         return transformers.Gemma3Config(
             text_config=text.to_dict(),
             vision_config=vision.to_dict(),
@@ -147,35 +158,20 @@ def tiny_config(family: str) -> PretrainedConfig:
             initializer_range=TINY_INIT_RANGE,
             **{k: v for k, v in common.items() if k not in ("vocab_size", "initializer_range")},
         )
-    if family == "gpt2":
-        return transformers.GPT2Config(
-            n_embd=TINY_HIDDEN,
-            n_inner=TINY_INTERMEDIATE,
-            n_layer=TINY_LAYERS,
-            n_head=TINY_HEADS,
-            n_positions=TINY_MAX_POSITIONS,
-            **common,
-        )
-    if family == "gpt_neox":
-        return transformers.GPTNeoXConfig(
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=TINY_INTERMEDIATE,
-            num_hidden_layers=TINY_LAYERS,
-            num_attention_heads=TINY_HEADS,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            **common,
-        )
     raise ModelError(f"No tiny model for family {family!r}; choose one of: {', '.join(ALL_TINY_FAMILIES)}")
 
 
-def build_tiny_model(family: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A random-weight tiny model of ``family`` (float32, eval mode) and :func:`tiny_tokenizer`.
+def build_tiny_model(
+    family: str, seed: int = 0, *, tie_embeddings: bool | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random-weight tiny model of ``family`` (float32, eval mode) and :func:`tiny_tokenizer`; embeddings tied
+    as the family does by default unless ``tie_embeddings`` says otherwise.
 
     The same ``seed`` gives bit-identical weights; the global RNG state is left as it was.
     """
     import transformers
 
-    config = tiny_config(family)
+    config = tiny_config(family, tie_embeddings=tie_embeddings)
     cls_name = "Gemma3ForConditionalGeneration" if family == "gemma3_multimodal" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -18,15 +18,14 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ssah.errors import ModelError, UserError
-
-if TYPE_CHECKING:
-    from ssah.judges import Verdict
+from ssah.intervals import wilson_interval
+from ssah.judges.base import Verdict, check_pairs
 
 __all__ = [
     "DEFAULT_BASE",
@@ -122,7 +121,7 @@ def pair_features(
     of similar length; padding comes after every real token, so it never changes a real position's state.
     """
     from ssah.arch import get_adapter
-    from ssah.modelutil import model_device, pad_id
+    from ssah.inference import model_device, pad_id
 
     if len(prompts) != len(replies):
         raise UserError(f"got {len(prompts)} prompts and {len(replies)} replies: pass one reply per prompt")
@@ -295,9 +294,7 @@ class LearnedJudge:
 
     def judge(self, prompts: Sequence[str], outputs: Sequence[str]) -> list[Verdict]:
         """One verdict per pair."""
-        from ssah.judges import Verdict, _check_pairs
-
-        _check_pairs(prompts, outputs)
+        check_pairs(prompts, outputs)
         if not outputs:
             return []
         out = []
@@ -381,7 +378,6 @@ def train_head(
     for each source file, the settings are chosen and the head fitted on the other files only, then scored on
     the held-out file (nested, so the held-out number is honest). The final head is chosen and fitted on all rows.
     """
-    from ssah.evaluate import wilson_interval
 
     settings = settings or LearnedSettings()
     settings.check()

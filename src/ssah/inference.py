@@ -1,4 +1,4 @@
-"""Small helpers every forward-only pass shares: eval mode without gradients, and the model's device."""
+"""Helpers every forward-only pass shares: eval mode without gradients, the device inputs go to, the pad id."""
 
 from __future__ import annotations
 
