@@ -130,7 +130,7 @@ def configs(
     for recipe, names in shipped.items():
         for config, about in names.items():
             if name in (None, recipe):
-                typer.echo(f"{recipe.replace(' ', '-')}/{config:<12} {about}")
+                typer.echo(f"{recipe.replace(' ', '-') + '/' + config:<18} {about}")
 
 
 import ssah.commands  # noqa: E402,F401  (registers the experiment commands defined in ssah/commands/)

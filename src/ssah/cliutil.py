@@ -101,7 +101,11 @@ def _option(name: str, field: FieldInfo) -> tuple[Any, typer.models.OptionInfo]:
         cli = str
     default = field.get_default(call_default_factory=True)
     shown = default if not isinstance(default, bool) else (flag.split("/")[0] if default else flag.split("/")[1])
-    show = json.dumps(shown) if isinstance(shown, dict | list) and shown else (str(shown) if shown not in (None, "", {}, []) else None)
+    show = (
+        json.dumps(shown)
+        if isinstance(shown, dict | list) and shown
+        else (str(shown) if shown not in (None, "", {}, []) else None)
+    )
     help_ = field.description or ""
     return cli | None, typer.Option(flag, help=help_, show_default=show or False)
 
@@ -120,7 +124,10 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
     args_help = f"{what} then key=value overrides (dotted for nested fields), e.g. seeds=7".strip()
     params.append(
         inspect.Parameter(
-            "args_", kw, default=None, annotation=Annotated[list[str] | None, typer.Argument(help=args_help, metavar="ARGS")]
+            "args_",
+            kw,
+            default=None,
+            annotation=Annotated[list[str] | None, typer.Argument(help=args_help, metavar="ARGS")],
         )
     )
     for name, field in cls.model_fields.items():
@@ -143,7 +150,10 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
         about = shipped["quick"]
         params.append(
             inspect.Parameter(
-                "quick_", kw, default=False, annotation=Annotated[bool, typer.Option("--quick", help=f"--config quick: {about}")]
+                "quick_",
+                kw,
+                default=False,
+                annotation=Annotated[bool, typer.Option("--quick", help=f"--config quick: {about}")],
             )
         )
 
@@ -160,7 +170,9 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
             flags[positional[0]] = given if many else given[0]
             given = [] if many else given[1:]
         if given:
-            raise UserError(f"override {given[0]!r} is not key=value: write e.g. seeds=7 (see ssah {recipe.name} --help)")
+            raise UserError(
+                f"override {given[0]!r} is not key=value: write e.g. seeds=7 (see ssah {recipe.name} --help)"
+            )
         cfg = cls.resolve(recipe.name, config, flags, [a for a in args if "=" in a])
         path = recipe.runner()(cfg)
         from ssah.commands.summaries import SUMMARIES

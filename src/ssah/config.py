@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -172,14 +172,18 @@ def _mapping(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description="Weights' dtype.")]
+Out = Annotated[str, Field(description="Run folder to write.")]
+
+
 class ModelRunConfig(BaseConfig):
     """Options every command that loads one model and writes one run folder shares."""
 
     cli_arguments = ("model",)
     model: str = Field(description="Registry name, model folder, .gguf file or hub id.")
-    out: str = Field("runs/run", description="Run folder to write.")
+    out: Out = "runs/run"
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Random seed.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights' dtype.")
+    dtype: Dtype = "auto"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     allow_pickle: bool = Field(False, description="Allow pickled .bin weights (can run code).")
     trust_remote_code: bool = Field(False, description="Allow the model's own Python code.")

@@ -75,9 +75,7 @@ Normalizations = Annotated[
 ]
 Rankings = Annotated[Ranking, Field(description="Rank units globally or per module: global | per-module")]
 Granularity = Annotated[GranularityName, Field(description="Units are single channels or heads: neuron | head")]
-Tokens = Annotated[
-    TokenRegion, Field(description="Tokens counted: prompt+response | response | prompt | all")
-]
+Tokens = Annotated[TokenRegion, Field(description="Tokens counted: prompt+response | response | prompt | all")]
 Strata = Annotated[
     Literal["layer-kind", "layer", "kind", "none"],
     Field(description="Random controls keep the count per: layer-kind | layer | kind | none (uniform)."),
@@ -85,13 +83,17 @@ Strata = Annotated[
 Ablation = Annotated[
     AblationMode, Field(description="zero | mean (FLAP-style: a removed channel reads its calibration mean).")
 ]
-Schedule = Annotated[Literal["linear", "cosine", "constant"], Field(description="LR schedule: linear | cosine | constant")]
+Schedule = Annotated[
+    Literal["linear", "cosine", "constant"], Field(description="LR schedule: linear | cosine | constant")
+]
 Columns = Annotated[
     dict[str, str],
     BeforeValidator(_pairs(_columns)),
     Field(description="Map a column, e.g. prompt=goal (repeatable).", json_schema_extra={"flag": "--column"}),
 ]
-Judge = Annotated[str, Field(description="Refusal judge: keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")]
+JudgeSpec = Annotated[
+    str, Field(description="Refusal judge: keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")
+]
 System = Annotated[str | None, Field(description="System prompt (default: the template's).")]
 MaxLength = Annotated[int, Field(ge=8, description="Truncate examples to this many tokens.")]
 AutoBatch = Annotated[

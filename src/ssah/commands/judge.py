@@ -12,6 +12,8 @@ class JudgeGroup(RecipeGroup):
 
 
 judge_app = typer.Typer(
-    cls=JudgeGroup, no_args_is_help=True, help="Refusal judges: validate them against human labels, train the learned judge."
+    cls=JudgeGroup,
+    no_args_is_help=True,
+    help="Refusal judges: validate them against human labels, train the learned judge.",
 )
 app.add_typer(judge_app, name="judge")

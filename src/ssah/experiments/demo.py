@@ -19,19 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssah.config import ModelRunConfig
+from pydantic import Field
+
+from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.errors import UserError
+from ssah.fields import CommaList
 from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json
 
 
 class DemoConfig(ModelRunConfig):
     """Everything `ssah demo` needs: the base (unaligned) model, the folder, and how small to run each stage."""
 
-    model: str = "smollm2-135m-instruct"
-    out: str = "runs/demo"
-    dtype: str = "float32"
-    quick: bool = True
-    stages: list[str] | None = None
+    cli_arguments = ()  # the model is an option here: the demo has a default one
+    model: str = Field(
+        "smollm2-135m-instruct", description="The unaligned base model (registry name, folder, .gguf file or hub id)."
+    )
+    out: Out = Field("runs/demo", description="Demo folder; an existing demo there is continued.")
+    dtype: Dtype = "float32"
+    quick: bool = Field(
+        True,
+        description="Every stage with its shipped quick config (--full: the full-size defaults).",
+        json_schema_extra={"flag": "--quick/--full"},
+    )
+    stages: CommaList | None = Field(None, description="Comma-separated subset of stages, e.g. align,units,ablate.")
 
 
 @dataclass
@@ -78,58 +88,51 @@ class Stage:
     module: str  # the experiment module whose ``render`` rebuilds the stage's report
 
 
-def _run(module: str, config: str, function: str, values: dict[str, Any]) -> Path:
-    mod = importlib.import_module(f"ssah.experiments.{module}")
-    cfg = getattr(mod, config).build(values)
-    return getattr(mod, function)(cfg)  # type: ignore[no-any-return]
+def _run(recipe: str, ctx: DemoContext, values: dict[str, Any]) -> Path:
+    """Run one stage's recipe: its shipped quick config under ``--quick`` (where it has one), then ``values``."""
+    from ssah.config import shipped_configs
+    from ssah.recipes import get_recipe
+
+    r = get_recipe(recipe)
+    size = "quick" if ctx.cfg.quick and "quick" in shipped_configs().get(recipe, {}) else None
+    stage = values.pop("out")
+    return r.runner()(r.config_class().resolve(recipe, size, {**ctx.common(stage), **values}))
 
 
 def _align(ctx: DemoContext) -> Path:
-    values = {**ctx.common("align"), "model": ctx.cfg.model, "dtype": ctx.cfg.dtype}
-    if ctx.cfg.quick:
-        values |= {"eval_limit": 24, "max_new_tokens": 32}
-    return _run("align", "AlignConfig", "run_align", values)
+    return _run("align", ctx, {"out": "align", "model": ctx.cfg.model, "dtype": ctx.cfg.dtype})
 
 
 def _eval(which: str) -> Callable[[DemoContext], Path]:
     def run(ctx: DemoContext) -> Path:
         model = ctx.cfg.model if which == "base" else ctx.aligned
-        values = {**ctx.common(f"eval-{which}"), "model": model, "dtype": ctx.cfg.dtype}
-        if ctx.cfg.quick:
-            values |= {"limit": 24, "max_new_tokens": 32}
-        return _run("eval", "EvalConfig", "run_eval", values)
+        return _run("eval", ctx, {"out": f"eval-{which}", "model": model, "dtype": ctx.cfg.dtype})
 
     return run
 
 
 def _units(ctx: DemoContext) -> Path:
-    values = {**ctx.common("units"), "model": ctx.aligned, "dtype": ctx.cfg.dtype, "stability": True}
-    return _run("units", "UnitsConfig", "run_units", values)
+    return _run("units", ctx, {"out": "units", "model": ctx.aligned, "dtype": ctx.cfg.dtype, "stability": True})
 
 
 def _probe(ctx: DemoContext) -> Path:
-    values = {**ctx.common("probe"), "model": ctx.aligned, "compare": ctx.cfg.model, "quick": ctx.cfg.quick}
-    return _run("probe", "ProbeConfig", "run_probe", values)
+    return _run("probe", ctx, {"out": "probe", "model": ctx.aligned, "compare": ctx.cfg.model})
 
 
 def _ablate(ctx: DemoContext) -> Path:
-    values = {**ctx.common("ablate"), "model": ctx.aligned, "units": ctx.units_file, "quick": ctx.cfg.quick}
-    return _run("ablate", "AblateConfig", "run_ablate", values)
+    return _run("ablate", ctx, {"out": "ablate", "model": ctx.aligned, "units": ctx.units_file})
 
 
 def _transfer(ctx: DemoContext) -> Path:
-    values = {**ctx.common("transfer"), "model": ctx.aligned, "quick": ctx.cfg.quick}
-    return _run("transfer", "TransferConfig", "run_transfer", values)
+    return _run("transfer", ctx, {"out": "transfer", "model": ctx.aligned})
 
 
 def _protect(ctx: DemoContext) -> Path:
-    values = {**ctx.common("protect"), "model": ctx.aligned, "units": ctx.units_file, "quick": ctx.cfg.quick}
-    return _run("protect", "ProtectConfig", "run_protect", values)
+    return _run("protect", ctx, {"out": "protect", "model": ctx.aligned, "units": ctx.units_file})
 
 
 def _budget(ctx: DemoContext) -> Path:
-    values = {**ctx.common("budget"), "model": ctx.cfg.model, "quick": ctx.cfg.quick}
-    return _run("budget", "BudgetConfig", "run_budget", values)
+    return _run("budget", ctx, {"out": "budget", "model": ctx.cfg.model})
 
 
 STAGES: tuple[Stage, ...] = (

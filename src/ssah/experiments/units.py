@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -13,7 +13,9 @@ from ssah.categorize import (
     CATEGORIES,
     DEFAULT_NORMALIZATION,
 )
-from ssah.config import ModelRunConfig
+from ssah.config import ModelRunConfig, Out
+from ssah.data import PromptSet, load_prompts
+from ssah.errors import UserError
 from ssah.fields import (
     AutoBatch,
     CategoryRule,
@@ -28,8 +30,6 @@ from ssah.fields import (
     System,
     Tokens,
 )
-from ssah.data import PromptSet, load_prompts
-from ssah.errors import UserError
 from ssah.htmlreport import report_title, write_report_files
 from ssah.measure import FoundUnits, check_unit_search, find_units
 from ssah.models import LoadedModel, load_model
@@ -43,9 +43,11 @@ class UnitsConfig(ModelRunConfig):
     """Everything `ssah units` needs."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
-    out: str = Field("runs/units", description="Run folder to write.")
+    out: Out = "runs/units"
     safety: str = Field("builtin:safety", description="Safety calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
-    utility: str = Field("builtin:utility", description="Utility calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
+    utility: str = Field(
+        "builtin:utility", description="Utility calibration set: builtin:NAME or a CSV/JSON/JSONL file."
+    )
     columns: Columns = Field(default_factory=dict)
     limit: Count | None = Field(None, description="Use only the first N examples of each set.")
     metric: Metric = "fluctuation"
