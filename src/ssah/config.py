@@ -49,7 +49,8 @@ class BaseConfig(BaseModel):
                 raise UserError(f"unknown config key {where!r}: the keys are {known}") from None
             if err["type"] == "literal_error":
                 expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
-                raise UserError(f"unknown {where} {err['input']!r}: use one of {expected}") from None
+                what = where.replace("_", " ")
+                raise UserError(f"unknown {what} {err['input']!r}: use one of {expected}") from None
             if err["type"] == "missing":
                 raise UserError(f"missing {where!r}: give it on the command line or in the --config file") from None
             msg = str(err["msg"]).removeprefix("Value error, ")

@@ -148,7 +148,7 @@ class AblateConfig(ModelRunConfig):
     @field_validator("dose", mode="before")
     @classmethod
     def _dose(cls, v: Any) -> Any:
-        return parse_dose(v)
+        return parse_dose(split_commas(v))
 
     @field_validator("categories", "random_for", mode="before")
     @classmethod
