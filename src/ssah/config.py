@@ -43,7 +43,7 @@ class BaseConfig(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "config"
+            where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"  # no list index
             if err["type"] == "extra_forbidden":
                 known = ", ".join(cls.model_fields)
                 raise UserError(f"unknown config key {where!r}: the keys are {known}") from None

@@ -464,6 +464,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         if s not in CONTROLS:
             labels[s] += f" ({100 * f['share_of_units']:.2f}% of units)"
     dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"})
+    dump["lora_lr"] = e.lora_lr or LORA_LR_FACTOR * e.lr  # the rate in force
     results: dict[str, Any] = {
         "model": model_info,
         "settings": {**dump, "selection": cfg.selection, "labels": labels},
