@@ -172,7 +172,7 @@ def test_bad_batch_size(bad: str, tmp_path: Path, capsys) -> None:
     out = tmp_path / "u"
     assert main(["units", "tiny-random-llama", "--out", str(out), "--batch-size", bad]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "--batch-size" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error:") and "'batch_size'" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 

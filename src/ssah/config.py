@@ -233,6 +233,8 @@ class ModelRunConfig(BaseConfig):
 
 def _numeric_kinds(annotation: Any) -> set[type]:
     """The plain types an annotation admits (``int | None`` -> {int, NoneType})."""
+    if typing.get_origin(annotation) is Annotated:
+        return _numeric_kinds(typing.get_args(annotation)[0])
     if isinstance(annotation, type):
         return {annotation}
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

@@ -96,8 +96,21 @@ JudgeSpec = Annotated[
 ]
 System = Annotated[str | None, Field(description="System prompt (default: the template's).")]
 MaxLength = Annotated[int, Field(ge=8, description="Truncate examples to this many tokens.")]
+
+
+def _auto_batch(value: Any) -> Any:
+    """``auto`` or a whole number of at least 1 (as text from the CLI, or a number)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"pass a positive number or auto, not {value!r}")
+    return int(text)
+
+
 AutoBatch = Annotated[
     int | Literal["auto"],
+    BeforeValidator(_auto_batch),
     Field(
         description="Examples per batch, or auto: the largest that fits (from `ssah info --plan`, halved on "
         "out-of-memory, remembered in the cache); auto is the default on GPUs."
