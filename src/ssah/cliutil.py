@@ -117,7 +117,7 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
     cls = recipe.config_class()
     shipped = shipped_configs().get(recipe.name, {})
     positional = cls.cli_arguments
-    skip = set(positional) | set(getattr(cls, "cli_skip", lambda: ())())
+    skip = set(positional) | set(cls.cli_skip())
     params = []
     kw = inspect.Parameter.KEYWORD_ONLY
     what = " ".join(f"[{p.upper()}{'...' if _is_list(cls, p) else ''}]" for p in positional)

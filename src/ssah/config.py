@@ -36,13 +36,19 @@ class BaseConfig(BaseModel):
     cli_arguments: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
+    def cli_skip(cls) -> frozenset[str]:
+        """Fields the generated command leaves out (they stay settable in YAML and as key=value)."""
+        return frozenset()
+
+    @classmethod
     def build(cls: type[C], values: dict[str, Any]) -> C:
         """Validate values into a config, turning pydantic's report into a one-line error naming the key."""
         _check_types(cls, values)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            err = exc.errors()[0]
+            errors = exc.errors()
+            err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
             where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"  # no list index
             if err["type"] == "extra_forbidden":
                 known = ", ".join(cls.model_fields)
@@ -203,6 +209,11 @@ class ModelRunConfig(BaseConfig):
     # Commands whose loading honours the three placement fields set this True; the others refuse them rather
     # than ignore them silently.
     placement: ClassVar[bool] = False
+
+    @classmethod
+    def cli_skip(cls) -> frozenset[str]:
+        """The placement options are shown only by the commands that honour them."""
+        return frozenset() if cls.placement else frozenset({"device_map", "max_memory", "offload_folder"})
 
     @model_validator(mode="after")
     def _placement_supported(self) -> ModelRunConfig:
