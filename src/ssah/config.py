@@ -9,6 +9,7 @@ and Python builds it directly. :meth:`BaseConfig.resolve` is the one place value
 
 from __future__ import annotations
 
+import difflib
 import os
 import types
 import typing
@@ -51,8 +52,9 @@ class BaseConfig(BaseModel):
             err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
             where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"  # no list index
             if err["type"] == "extra_forbidden":
-                known = ", ".join(cls.model_fields)
-                raise UserError(f"unknown config key {where!r}: the keys are {known}") from None
+                close = difflib.get_close_matches(str(err["loc"][-1]), list(cls.model_fields), n=1)
+                hint = f"did you mean {close[0]!r}? " if close and len(err["loc"]) == 1 else ""
+                raise UserError(f"unknown config key {where!r}: {hint}see the command's --help for the keys") from None
             if err["type"] == "literal_error":
                 expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
                 what = where.replace("_", " ")
@@ -61,11 +63,6 @@ class BaseConfig(BaseModel):
                 raise UserError(f"missing {where!r}: give it on the command line or in the --config file") from None
             msg = str(err["msg"]).removeprefix("Value error, ")
             raise UserError(f"bad config value for {where!r}: {msg}; fix it in the config file or option") from None
-
-    @classmethod
-    def from_yaml(cls: type[C], path: str | os.PathLike[str], **overrides: Any) -> C:
-        """Read a YAML config; ``overrides`` (e.g. from the command line) win over the file."""
-        return cls.build({**read_yaml(path), **overrides})
 
     @classmethod
     def resolve(
