@@ -120,7 +120,8 @@ def shipped_configs() -> dict[str, dict[str, str]]:
     root = resources.files("ssah") / "configs"
     out: dict[str, dict[str, str]] = {}
     for folder in sorted(root.iterdir(), key=lambda f: f.name) if root.is_dir() else []:
-        files = sorted(f for f in folder.iterdir() if f.name.endswith(".yaml")) if folder.is_dir() else []
+        yamls = [f for f in folder.iterdir() if f.name.endswith(".yaml")] if folder.is_dir() else []
+        files = sorted(yamls, key=lambda f: f.name)
         for f in files:
             first = f.read_text(encoding="utf-8").splitlines()[:1]
             about = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
@@ -183,7 +184,7 @@ Out = Annotated[str, Field(description="Run folder to write.")]
 class ModelRunConfig(BaseConfig):
     """Options every command that loads one model and writes one run folder shares."""
 
-    cli_arguments = ("model",)
+    cli_arguments: ClassVar[tuple[str, ...]] = ("model",)
     model: str = Field(description="Registry name, model folder, .gguf file or hub id.")
     out: Out = "runs/run"
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Random seed.")
