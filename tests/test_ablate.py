@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import ssah.experiments.ablate as recipe
 from ssah.arch import get_adapter
@@ -75,6 +76,14 @@ def test_run_folder_and_table(ablate_run: Path) -> None:
         assert (out / rel).stat().st_size > 1000, rel
     res = json.loads((out / "results.json").read_text())
     st = res["settings"]
+    # config.yaml holds the resolved config: the shipped quick values under the flags given
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert (recorded["seeds"], recorded["random_for"], recorded["dose"], recorded["limit"]) == (
+        3,
+        ["SCU"],
+        [0.01, 0.05],
+        3,
+    )
     assert st["random_for"] == ["SCU"] and st["seeds"] == 3 and st["seed_list"] == [0, 1, 2] and st["limit"] == 3
     assert st["ablation"] == "mean" and st["control_strata"] == "layer-kind" and st["dose"] == [0.01, 0.05]
     assert res["units"]["source"] == "computed"
