@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic.fields import FieldInfo
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from ssah.errors import UserError
 
@@ -41,10 +41,27 @@ class RecipeGroup(TyperGroup):
         found = super().get_command(ctx, cmd_name)
         recipes = self._recipes()
         if found is None and cmd_name in recipes:
-            sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-            sub.command(cmd_name, help=recipes[cmd_name].summary)(recipe_command(recipes[cmd_name]))
-            found = typer.main.get_command(sub)
+            found = _LazyCommand(cmd_name, recipes[cmd_name])
         return found
+
+
+class _LazyCommand(TyperCommand):
+    """A recipe's command whose options are generated on first use, so that listing the commands (``ssah
+    --help``) imports no recipe (and no torch)."""
+
+    def __init__(self, name: str, recipe: Any) -> None:
+        self._recipe, self._loaded = recipe, None
+        super().__init__(name=name, help=recipe.summary)
+
+    def _real(self) -> Any:
+        if self._loaded is None:
+            sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            sub.command(self.name, help=self._recipe.summary)(recipe_command(self._recipe))
+            self._loaded = typer.main.get_command(sub)
+        return self._loaded
+
+    params = property(lambda self: self._real().params, lambda self, value: None)  # type: ignore[assignment]
+    callback = property(lambda self: self._real().callback, lambda self, value: None)  # type: ignore[assignment]
 
 
 app = typer.Typer(
