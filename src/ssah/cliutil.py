@@ -138,7 +138,7 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
     params = []
     kw = inspect.Parameter.KEYWORD_ONLY
     what = " ".join(f"[{p.upper()}{'...' if _is_list(cls, p) else ''}]" for p in positional)
-    args_help = f"{what} then key=value overrides (dotted for nested fields), e.g. seeds=7".strip()
+    args_help = f"{what + ' then ' if what else ''}key=value overrides (dotted for nested fields), e.g. seeds=7"
     params.append(
         inspect.Parameter(
             "args_",
