@@ -43,7 +43,11 @@ def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monk
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
-    [(["--lr", "0"], "learning rate"), (["--steps", "0"], "steps"), (["--eval-harmful", "builtin:safety"], "held-out")],
+    [
+        (["--lr", "0"], "'lr': Input should be greater than 0"),
+        (["--steps", "0"], "steps"),
+        (["--eval-harmful", "builtin:safety"], "held-out"),
+    ],
 )
 def test_align_bad_input(extra: list[str], needle: str, tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))

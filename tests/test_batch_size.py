@@ -166,7 +166,7 @@ def test_cli_auto_where_one_does_not_fit(tmp_path: Path, user_error, monkeypatch
 
 @pytest.mark.parametrize("bad", ["0", "many", "-3"])
 def test_bad_batch_size(bad: str, tmp_path: Path, user_error) -> None:
-    user_error(["units", "tiny-random-llama", "--out", str(tmp_path / "u"), "--batch-size", bad], "--batch-size")
+    user_error(["units", "tiny-random-llama", "--out", str(tmp_path / "u"), "--batch-size", bad], "'batch_size'")
 
 
 def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:

@@ -168,11 +168,11 @@ def test_every_run_starts_from_the_base_weights(tmp_path: Path, monkeypatch) -> 
     ("extra", "needle"),
     [
         (["--condition", "lora"], "conditions"),
-        (["--lr-units", "0"], "lr-units"),
+        (["--lr-units", "0"], "'lr_units'"),
         (["--steps", "0"], "steps"),
         (["--seeds", "0"], "seeds"),
-        (["--seeds", "2"], "at least 3 seeds"),
-        (["--control-strata", "head"], "control-strata"),
+        (["--seeds", "2"], "'seeds': Input should be greater than or equal to 3"),
+        (["--control-strata", "head"], "unknown control strata 'head'"),
         (["--eval-benign", "builtin:utility"], "training prompts"),
         (["--units", "nofile"], "unit spec"),
         (["--units", "/nonexistent/units.safetensors:RU"], "units.safetensors"),
@@ -182,10 +182,3 @@ def test_every_run_starts_from_the_base_weights(tmp_path: Path, monkeypatch) -> 
 )
 def test_budget_bad_input(extra: list[str], needle: str, tmp_path: Path, user_error) -> None:
     user_error(["budget", "tiny-random-llama", "--out", str(tmp_path / "out"), *FAST, *extra], needle)
-
-
-def test_full_runs_need_five_seeds(tmp_path: Path, user_error) -> None:
-    user_error(
-        ["budget", "tiny-random-llama", "--out", str(tmp_path / "o"), "--seeds", "4", "--no-progress"],
-        "at least 5 seeds",
-    )

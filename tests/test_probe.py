@@ -335,7 +335,7 @@ def other_tokenizer_model(tmp_path_factory) -> Path:
         (["--harmful", "none"], "harmful prompts"),
         (["--harmless", "none"], "harmless prompts"),
         (["--methods", "naive,bogus"], "unknown probe method"),
-        (["--limit", "2"], "--limit"),
+        (["--limit", "2"], "'limit': Input should be greater than or equal to 4"),
         (["--token-layer", "9"], "--token-layer"),
         (["--refusal-opener", "Sure, here is"], "both a refusal and a compliance opener"),
         (["--compare", "OTHER"], "different tokenizers"),

@@ -35,7 +35,7 @@ SMALL = {
     "max_new_tokens": 2,
     "calibration_limit": 8,
     "lr": 1e-3,
-    "quick": True,  # 3 random-control seeds (the least a quick run may have)
+    "seeds": 3,  # the least random-control seeds a run may have
     "kinds": ["benign", "attack"],
     "settings": list(SETTINGS),
     "progress": False,
@@ -342,11 +342,11 @@ def test_units_file_of_this_model_is_used(tmp_path: Path) -> None:
         (["--cu-share", "nan"], "cu_share"),
         (["--settings", "full,bogus"], "unknown setting"),
         (["--steps", "0"], "steps"),
-        (["--kinds", "nasty"], "data kind"),
+        (["--kinds", "nasty"], "unknown kinds 'nasty'"),
         (["--lr", "0"], "'lr'"),
         (["--eval-limit", "0"], "eval_limit"),
         (["--seeds", "0"], "seeds"),
-        (["--seeds", "2"], "at least 3 seeds"),
+        (["--seeds", "2"], "'seeds': Input should be greater than or equal to 3"),
         (["--control-strata", "bogus"], "control strata"),
     ],
 )
@@ -368,6 +368,6 @@ def test_units_of_another_model_and_empty_data(tmp_path: Path, user_error) -> No
 
 def test_quick_runs_benign_data_only_unless_told() -> None:
     """--quick fine-tunes on the benign data (the paper's setting); the full run on both kinds; --kinds wins."""
-    assert ProtectConfig(model=TINY, quick=True).effective().kinds == ["benign"]
-    assert ProtectConfig(model=TINY).effective().kinds == ["benign", "attack"]
-    assert ProtectConfig(model=TINY, quick=True, kinds="attack").effective().kinds == ["attack"]
+    assert ProtectConfig.resolve("protect", "quick", {"model": TINY}).kinds == ["benign"]
+    assert ProtectConfig(model=TINY).kinds == ["benign", "attack"]
+    assert ProtectConfig.resolve("protect", "quick", {"model": TINY, "kinds": "attack"}).kinds == ["attack"]

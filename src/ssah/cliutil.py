@@ -1,19 +1,71 @@
-"""What every `ssah` command shares: the Typer app, option declarations and config building.
+"""The `ssah` Typer app and the command generator: every recipe's command is built from its config class.
 
-Commands live in :mod:`ssah.cli` (core) and in one module per experiment under :mod:`ssah.commands`; both
-import the app from here, so adding a command never touches another command's file.
+A recipe (``ssah.recipes``) names a pydantic config; :func:`recipe_command` gives each field a ``--flag-name``
+(type from the annotation, help from ``Field(description=...)``, default shown from the field), plus
+``--config NAME|FILE`` (a shipped config, see ``ssah configs``, or a YAML file), ``--quick`` (shorthand for
+``--config quick``) and trailing ``key=value`` overrides. Values are combined by :meth:`BaseConfig.resolve`:
+class defaults < config < flags < overrides. No option is declared here, so none can drift from its config.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import inspect
+import json
+import types
+import typing
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from pydantic.fields import FieldInfo
+from typer.core import TyperCommand, TyperGroup
 
 from ssah.errors import UserError
 
+
+class RecipeGroup(TyperGroup):
+    """A command group that adds a generated command for every recipe named ``<prefix><command>``."""
+
+    prefix = ""
+
+    def _recipes(self) -> dict[str, Any]:
+        from ssah.recipes import RECIPES
+
+        p = self.prefix
+        return {n[len(p) :]: r for n, r in RECIPES.items() if n.startswith(p) and " " not in n[len(p) :]}
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._recipes()})
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        found = super().get_command(ctx, cmd_name)
+        recipes = self._recipes()
+        if found is None and cmd_name in recipes:
+            found = _LazyCommand(cmd_name, recipes[cmd_name])
+        return found
+
+
+class _LazyCommand(TyperCommand):
+    """A recipe's command whose options are generated on first use, so that listing the commands (``ssah
+    --help``) imports no recipe (and no torch)."""
+
+    def __init__(self, name: str, recipe: Any) -> None:
+        self._recipe, self._loaded = recipe, None
+        super().__init__(name=name, help=recipe.summary)
+
+    def _real(self) -> Any:
+        if self._loaded is None:
+            sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            sub.command(self.name, help=self._recipe.summary)(recipe_command(self._recipe))
+            self._loaded = typer.main.get_command(sub)
+        return self._loaded
+
+    params = property(lambda self: self._real().params, lambda self, value: None)  # type: ignore[assignment]
+    callback = property(lambda self: self._real().callback, lambda self, value: None)  # type: ignore[assignment]
+
+
 app = typer.Typer(
+    cls=RecipeGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -39,85 +91,117 @@ def _global_options(
         torch.set_num_threads(threads)
 
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; command-line options override it.")]
-# Options shared by several commands, declared once.
-ModelArg = Annotated[str | None, typer.Argument(help="Registry name, model folder, .gguf file or hub id.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
-SharesOpt = Annotated[str | None, typer.Option(help="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148")]
-DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")]
-AllowPickleOpt = Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run folder.")]
-ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
-DeviceMapOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Spread a big model over devices: auto | balanced | balanced_low_0 | sequential | a JSON file of "
-        "module -> device (0, 1, cpu, disk). Overrides --device."
-    ),
-]
-MaxMemoryOpt = Annotated[
-    str | None, typer.Option(help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
-]
-OffloadFolderOpt = Annotated[
-    str | None, typer.Option(help="Folder for weights offloaded to disk (default: a temporary folder in the cache).")
-]
-BatchSizeOpt = Annotated[
-    str,
-    typer.Option(
-        help="Examples per batch, or auto: the largest that fits (from `ssah info --plan`, halved on "
-        "out-of-memory, remembered in the cache); auto is the default on GPUs."
-    ),
-]
-ColumnOpt = Annotated[list[str] | None, typer.Option(help="Map a column, e.g. prompt=goal (repeatable).")]
+def _plain(annotation: Any) -> tuple[Any, ...]:
+    """The types an annotation admits, ``None`` and ``Annotated`` stripped (``int | None`` -> (int,))."""
+    if typing.get_origin(annotation) is Annotated:
+        return _plain(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(annotation) if a is not type(None) for t in _plain(a))
+    return (annotation,)
 
 
-def explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """Only the options the user actually typed (so that a --config file's values are not overridden by defaults)."""
-    out = {}
-    for key, value in values.items():
-        source = ctx.get_parameter_source(key)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
-            out[key] = value
-    return out
+def _option(name: str, field: FieldInfo) -> tuple[Any, typer.models.OptionInfo]:
+    """The CLI type and Typer option of one config field; structured values are passed as text, which the
+    field's validators read (``--shares scu=0.01``, ``--dose 1%,5%``, ``--lora r=8``)."""
+    kinds = _plain(field.annotation)
+    kind = kinds[0] if len(kinds) == 1 else str
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    flag = str(extra.get("flag") or f"--{name.replace('_', '-')}")
+    if kind is bool:
+        cli: Any = bool
+        flag = flag if "/" in flag else f"{flag}/--no-{flag.removeprefix('--')}"
+    elif kind in (int, float, str):
+        cli = kind
+    elif typing.get_origin(kind) in (list, tuple, dict):  # repeatable; dict items as key=value
+        cli = list[str]
+    else:
+        cli = str
+    default = field.get_default(call_default_factory=True)
+    shown = default if not isinstance(default, bool) else (flag.split("/")[0] if default else flag.split("/")[1])
+    show = (
+        json.dumps(shown)
+        if isinstance(shown, dict | list) and shown
+        else (str(shown) if shown not in (None, "", {}, []) else None)
+    )
+    help_ = field.description or ""
+    return cli | None, typer.Option(flag, help=help_, show_default=show or False)
 
 
-def options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The typed options of a command as config values (``--config`` dropped, ``--column`` and ``--shares`` parsed)."""
-    out = explicit(ctx, values)
-    out.pop("config", None)
-    if "column" in out:
-        out["columns"] = columns(out.pop("column"))
-    if isinstance(out.get("batch_size"), str):
-        out["batch_size"] = parse_batch_size(out["batch_size"])
-    if isinstance(out.get("shares"), str):
-        from ssah.categorize import parse_shares
+def recipe_command(recipe: Any) -> Callable[..., None]:
+    """The Typer command function of a recipe, its parameters generated from the recipe's config class."""
+    from ssah.config import shipped_configs
 
-        out["shares"] = parse_shares(out["shares"])
-    return out
+    cls = recipe.config_class()
+    shipped = shipped_configs().get(recipe.name, {})
+    positional = cls.cli_arguments
+    skip = set(positional) | set(cls.cli_skip())
+    params = []
+    kw = inspect.Parameter.KEYWORD_ONLY
+    what = " ".join(f"[{p.upper()}{'...' if _is_list(cls, p) else ''}]" for p in positional)
+    args_help = f"{what + ' then ' if what else ''}key=value overrides (dotted for nested fields), e.g. seeds=7"
+    params.append(
+        inspect.Parameter(
+            "args_",
+            kw,
+            default=None,
+            annotation=Annotated[list[str] | None, typer.Argument(help=args_help, metavar="ARGS")],
+        )
+    )
+    for name, field in cls.model_fields.items():
+        if name not in skip:
+            cli, opt = _option(name, field)
+            params.append(inspect.Parameter(name, kw, default=None, annotation=Annotated[cli, opt]))
+    names = ", ".join(shipped) or "none shipped"
+    params.append(
+        inspect.Parameter(
+            "config_",
+            kw,
+            default=None,
+            annotation=Annotated[
+                str | None,
+                typer.Option("--config", help=f"A shipped config ({names}; see `ssah configs`) or a YAML file."),
+            ],
+        )
+    )
+    if "quick" in shipped and "quick" not in cls.model_fields:
+        about = shipped["quick"]
+        params.append(
+            inspect.Parameter(
+                "quick_",
+                kw,
+                default=False,
+                annotation=Annotated[bool, typer.Option("--quick", help=f"--config quick: {about}")],
+            )
+        )
+
+    def command(**values: Any) -> None:
+        args, config, quick = values.pop("args_") or [], values.pop("config_"), values.pop("quick_", False)
+        if quick:
+            if config is not None:
+                raise UserError("give --quick or --config, not both (--quick is --config quick)")
+            config = "quick"
+        flags = {k: v for k, v in values.items() if v is not None and v != []}
+        given = [a for a in args if "=" not in a]
+        if positional and given:
+            many = _is_list(cls, positional[0])
+            flags[positional[0]] = given if many else given[0]
+            given = [] if many else given[1:]
+        if given:
+            raise UserError(
+                f"override {given[0]!r} is not key=value: write e.g. seeds=7 (see ssah {recipe.name} --help)"
+            )
+        cfg = cls.resolve(recipe.name, config, flags, [a for a in args if "=" in a])
+        path = recipe.runner()(cfg)
+        from ssah.commands.summaries import SUMMARIES
+
+        if recipe.name in SUMMARIES:
+            SUMMARIES[recipe.name](path)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = recipe.summary
+    return command
 
 
-def parse_batch_size(text: str) -> int | str:
-    """``--batch-size``: a positive number or ``auto``."""
-    value = text.strip().lower()
-    if value == "auto":
-        return value
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise UserError(f"bad --batch-size {text!r}: pass a positive number or auto")
-
-
-def columns(items: list[str] | None) -> dict[str, str]:
-    from ssah.data import parse_column_mapping
-
-    return parse_column_mapping(items or [])
-
-
-def build_config(cls: Any, config: Path | None, model: str | None, values: dict[str, Any]) -> Any:
-    """A config of class ``cls`` from a YAML file and/or the typed options (typed options win)."""
-    if config is not None:
-        return cls.from_yaml(config, **values)
-    if model is None:
-        raise UserError("missing MODEL: give a registry name, model folder, .gguf file or hub id (or --config)")
-    return cls.build({"model": model, **values})
+def _is_list(cls: Any, name: str) -> bool:
+    return any(typing.get_origin(t) is list for t in _plain(cls.model_fields[name].annotation))

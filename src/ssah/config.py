@@ -1,12 +1,22 @@
-"""Experiment configs: pydantic models, read from YAML, overridden by CLI options, written into each run."""
+"""Experiment configs: one pydantic class per recipe is the single source of every option.
+
+Each field carries its type, constraint, default and help (``Field(description=...)``); the CLI is generated from
+the class (:mod:`ssah.cliutil`), shipped YAML configs (``src/ssah/configs/<recipe>/<name>.yaml``) are read into it,
+and Python builds it directly. :meth:`BaseConfig.resolve` is the one place values are combined, in this order
+(later wins): the class defaults < a shipped or YAML ``config`` < command-line flags < ``key=value`` overrides
+(dotted keys reach nested fields: ``lora.r=16``). The resolved config is what a run folder records.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +25,7 @@ from ssah.errors import UserError
 
 C = TypeVar("C", bound="BaseConfig")
 SEED_LIMIT = 2**32  # seeds must fit every RNG ssah seeds (NumPy's takes 0 .. 2**32-1)
+CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 class BaseConfig(BaseModel):
@@ -22,63 +33,185 @@ class BaseConfig(BaseModel):
 
     # nan and inf are never a meaningful setting (``--weight-decay nan``, ``--temperature inf``)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # fields given as positional command-line arguments rather than ``--flags`` (see ssah.cliutil)
+    cli_arguments: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def cli_skip(cls) -> frozenset[str]:
+        """Fields the generated command leaves out (they stay settable in YAML and as key=value)."""
+        return frozenset()
 
     @classmethod
     def build(cls: type[C], values: dict[str, Any]) -> C:
-        """Validate values into a config, turning pydantic's report into a one-line error."""
+        """Validate values into a config, turning pydantic's report into a one-line error naming the key."""
         _check_types(cls, values)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "config"
+            errors = exc.errors()
+            err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
+            where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"  # no list index
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(err["loc"][-1]), list(cls.model_fields), n=1)
+                hint = f"did you mean {close[0]!r}? " if close and len(err["loc"]) == 1 else ""
+                raise UserError(f"unknown config key {where!r}: {hint}see the command's --help for the keys") from None
+            if err["type"] == "literal_error":
+                expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
+                what = where.replace("_", " ")
+                raise UserError(f"unknown {what} {err['input']!r}: use one of {expected}") from None
+            if err["type"] == "missing":
+                raise UserError(f"missing {where!r}: give it on the command line or in the --config file") from None
             msg = str(err["msg"]).removeprefix("Value error, ")
             raise UserError(f"bad config value for {where!r}: {msg}; fix it in the config file or option") from None
 
     @classmethod
-    def from_yaml(cls: type[C], path: str | os.PathLike[str], **overrides: Any) -> C:
-        """Read a YAML config; ``overrides`` (e.g. from the command line) win over the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} not found: check the --config path")
+    def resolve(
+        cls: type[C],
+        recipe: str | None = None,
+        config: str | os.PathLike[str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+        overrides: Sequence[str] = (),
+    ) -> C:
+        """The one way a config is put together: class defaults < ``config`` (a shipped config name of
+        ``recipe``, e.g. ``quick``, or a YAML file) < ``flags`` < ``key=value`` ``overrides``."""
+        values: dict[str, Any] = {}
+        if config is not None:
+            values = load_config(recipe, config)
+        values = merge(merge(values, dict(flags or {})), parse_overrides(overrides))
+        return cls.build(values)
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; nested mappings are merged key by key (so ``lora.r=16`` keeps the file's alpha)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["seeds=7", "lora.r=16", "dose=[0.01, 0.02]"]`` -> nested values; each value is read as YAML
+    (``7`` a number, ``[a, b]`` a list, ``null`` None, anything else a string; ``key=`` the empty string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value: write e.g. seeds=7 (dotted keys for nested fields)")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise UserError(
-                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 YAML"
-            ) from None
-        except OSError as exc:
-            raise UserError(f"cannot read config file {path} ({exc.strerror}): check its permissions") from None
-        except yaml.YAMLError as exc:
-            raise UserError(
-                f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax"
-            ) from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping of option: value")
-        return cls.build({**data, **overrides})
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} sets a key inside {part!r}, which another override sets whole")
+        node[leaf] = value
+    return out
+
+
+def shipped_configs() -> dict[str, dict[str, str]]:
+    """The configs shipped in ``ssah/configs``: recipe folder -> name -> its first comment line."""
+    root = resources.files("ssah") / "configs"
+    out: dict[str, dict[str, str]] = {}
+    for folder in sorted(root.iterdir(), key=lambda f: f.name) if root.is_dir() else []:
+        yamls = [f for f in folder.iterdir() if f.name.endswith(".yaml")] if folder.is_dir() else []
+        files = sorted(yamls, key=lambda f: f.name)
+        for f in files:
+            first = f.read_text(encoding="utf-8").splitlines()[:1]
+            about = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+            out.setdefault(folder.name.replace("-", " "), {})[f.name.removesuffix(".yaml")] = about
+    return out
+
+
+def shipped_config_text(recipe: str, name: str) -> str:
+    """The text of a shipped config; a ``UserError`` listing the ones there are otherwise."""
+    ours = shipped_configs().get(recipe, {})
+    if name not in ours:
+        have = ", ".join(ours) or "none"
+        raise UserError(f"no shipped config {name!r} for `ssah {recipe}` (shipped: {have}): see `ssah configs`")
+    f = resources.files("ssah") / "configs" / recipe.replace(" ", "-") / f"{name}.yaml"
+    return f.read_text(encoding="utf-8")
+
+
+def load_config(recipe: str | None, spec: str | os.PathLike[str]) -> dict[str, Any]:
+    """The values of ``--config SPEC``: a YAML file when SPEC is one (or looks like a path), else the shipped
+    config of that name for ``recipe`` (``quick``, or ``ablate/quick``)."""
+    text = str(spec)
+    if Path(text).is_file() or text.endswith(CONFIG_SUFFIXES) or recipe is None or isinstance(spec, Path):
+        return read_yaml(text)
+    name = text.split("/", 1)[1] if "/" in text and text.split("/", 1)[0] == recipe.replace(" ", "-") else text
+    if "/" in name or os.sep in name:
+        raise UserError(f"config file {text} not found: check the --config path")
+    return _mapping(yaml.safe_load(shipped_config_text(recipe, name)), f"shipped config {recipe}/{name}")
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML config file as a mapping; a one-line ``UserError`` for every way it can be unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 YAML"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path} ({exc.strerror}): check its permissions") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    return _mapping(data, f"config file {path}")
+
+
+def _mapping(data: Any, what: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} must hold a mapping of option: value")
+    return data
+
+
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description="Weights' dtype.")]
+Out = Annotated[str, Field(description="Run folder to write.")]
 
 
 class ModelRunConfig(BaseConfig):
     """Options every command that loads one model and writes one run folder shares."""
 
-    model: str
-    out: str = "runs/run"
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
-    dtype: str = "auto"
-    device: str = "auto"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    # Big models (accelerate's dispatch; see ssah.models.load_model): a strategy (auto, balanced, balanced_low_0,
-    # sequential), a JSON file or a mapping of module name to device; memory per device ("0=70GiB,cpu=200GiB");
-    # where disk-offloaded weights go (default: a temporary folder in the cache).
-    device_map: str | dict[str, int | str] | None = None
-    max_memory: str | None = None
-    offload_folder: str | None = None
+    cli_arguments: ClassVar[tuple[str, ...]] = ("model",)
+    model: str = Field(description="Registry name, model folder, .gguf file or hub id.")
+    out: Out = "runs/run"
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Random seed.")
+    dtype: Dtype = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    allow_pickle: bool = Field(False, description="Allow pickled .bin weights (can run code).")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code.")
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    progress: bool = Field(True, description="Show progress bars.")
+    # Big models (accelerate's dispatch; see ssah.models.load_model)
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="Spread a big model over devices: auto | balanced | balanced_low_0 | sequential | a JSON file "
+        "of module -> device (0, 1, cpu, disk). Overrides --device.",
+    )
+    max_memory: str | None = Field(None, description="Memory per device for --device-map, e.g. 0=70GiB,cpu=200GiB.")
+    offload_folder: str | None = Field(
+        None, description="Folder for weights offloaded to disk (default: a temporary folder in the cache)."
+    )
     # Commands whose loading honours the three placement fields set this True; the others refuse them rather
     # than ignore them silently.
     placement: ClassVar[bool] = False
+
+    @classmethod
+    def cli_skip(cls) -> frozenset[str]:
+        """The placement options are shown only by the commands that honour them."""
+        return frozenset() if cls.placement else frozenset({"device_map", "max_memory", "offload_folder"})
 
     @model_validator(mode="after")
     def _placement_supported(self) -> ModelRunConfig:
@@ -109,6 +242,8 @@ class ModelRunConfig(BaseConfig):
 
 def _numeric_kinds(annotation: Any) -> set[type]:
     """The plain types an annotation admits (``int | None`` -> {int, NoneType})."""
+    if typing.get_origin(annotation) is Annotated:
+        return _numeric_kinds(typing.get_args(annotation)[0])
     if isinstance(annotation, type):
         return {annotation}
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

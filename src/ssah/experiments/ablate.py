@@ -28,12 +28,29 @@ from ssah.categorize import (
     Categorization,
     load_categorization,
 )
-from ssah.config import ModelRunConfig
+from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, load_eval_sets
+from ssah.fields import (
+    Ablation,
+    CategoryRule,
+    Count,
+    Granularity,
+    JudgeSpec,
+    MaxLength,
+    Metric,
+    Normalizations,
+    Rankings,
+    Seeds,
+    Shares,
+    Strata,
+    System,
+    Tokens,
+    split_commas,
+)
 from ssah.generate import GenerationConfig
-from ssah.interventions import ABLATION_MODES, ablate, channel_means
+from ssah.interventions import ablate, channel_means
 from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
 from ssah.models import LoadedModel, load_model
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
@@ -42,9 +59,6 @@ from ssah.units import UnitSet, UnitSpace, read_unit_file_metadata
 
 # Dose points as shares of ALL units (the paper's SCU share on Llama-2-7B-Chat was 1.3%).
 DEFAULT_DOSE: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.05)
-QUICK_DOSE: tuple[float, ...] = (0.0025, 0.01, 0.03)
-FULL = {"limit": 32, "max_new_tokens": 64, "seeds": 5, "calibration_limit": None}
-QUICK = {"limit": 16, "max_new_tokens": 32, "seeds": 3, "calibration_limit": 64}
 OTHER_CALIBRATION = {"prompt": "prompt+response"}  # the comparison calibration for a main calibration
 # Directions Table 1 publishes with the same sign on both models: ablating SCU (+56 / +71) or UCU (+18.3 / +4.5)
 # raises ASR; ablating UCU lowers utility (-15.6 / -16.8). RU is "near harmless" (no direction): see RU_TARGET.
@@ -78,85 +92,89 @@ def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
 
 
 class AblateConfig(ModelRunConfig):
-    """Everything `ssah ablate` needs; options left at None take the full-run or ``quick`` value."""
+    """Everything `ssah ablate` needs (full-run sizes by default; ``--config quick`` for a small run)."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
-    out: str = "runs/ablate"
-    quick: bool = False
-    units: str | None = None
-    allow_other_weights: bool = False
-    safety: str = "builtin:safety"
-    utility: str = "builtin:utility"
-    calibration_limit: int | None = None
-    metric: str = "fluctuation"
-    rule: str = "ssah"
-    shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = DEFAULT_NORMALIZATION
-    ranking: str = "global"
-    granularity: str = "neuron"
-    tokens: str = "prompt+response"
-    max_length: int = 512
-    stability: bool = False  # also categorise each half of the calibration data (recorded under units.stability)
-    ablation: str = "mean"
-    control_strata: str = "layer-kind"
-    harmful: str = "builtin:harmful"
-    benign: str = "builtin:borderline"
-    utility_eval: list[str] = Field(default_factory=lambda: ["perplexity:builtin:task"])
-    judge: str = "keyword:ssah"
-    limit: int | None = None
-    max_new_tokens: int | None = None
-    batch_size: int = 32
-    system: str | None = None
-    seeds: int | None = None
-    dose: list[float] | None = None
-    categories: list[str] = Field(default_factory=lambda: list(CATEGORIES))
-    random_for: list[str] | None = None
-    compare_calibration: bool = True
+    out: Out = "runs/ablate"
+    units: str | None = Field(
+        None, description="units.safetensors of this model (default: compute the units in memory)."
+    )
+    allow_other_weights: bool = Field(
+        False, description="Accept a unit file computed on other weights of the same architecture."
+    )
+    safety: str = Field("builtin:safety", description="Safety calibration set (when computing units).")
+    utility: str = Field("builtin:utility", description="Utility calibration set (when computing units).")
+    calibration_limit: Count | None = Field(
+        None, description="Use N examples (spread over the set) of each calibration set (default: all)."
+    )
+    metric: Metric = "fluctuation"
+    rule: CategoryRule = "ssah"
+    shares: Shares = Field(default_factory=dict)
+    normalization: Normalizations = DEFAULT_NORMALIZATION
+    ranking: Rankings = "global"
+    granularity: Granularity = "neuron"
+    tokens: Tokens = "prompt+response"
+    max_length: MaxLength = 512
+    stability: bool = Field(False, description="Also categorise each half of the calibration data.")
+    ablation: Ablation = "mean"
+    control_strata: Strata = "layer-kind"
+    harmful: str = Field("builtin:harmful", description="Harmful prompts: builtin:NAME, a preset, or a file.")
+    benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal (or none).")
+    utility_eval: list[str] = Field(
+        default_factory=lambda: ["perplexity:builtin:task"],
+        description="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable; as in ssah eval).",
+    )
+    judge: JudgeSpec = "keyword:ssah"
+    limit: Count = Field(32, description="Harmful and safe prompts per condition (spread over each set).")
+    max_new_tokens: Count = Field(64, description="Tokens per reply.")
+    batch_size: Count = Field(32, description="Prompts per generation batch.")
+    system: System = None
+    seeds: Seeds = 5
+    dose: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_DOSE), description="Dose shares of all units, e.g. 0.25%,0.5%,1%."
+    )
+    categories: list[str] = Field(
+        default_factory=lambda: list(CATEGORIES), description="Categories to ablate, e.g. SCU,RU."
+    )
+    random_for: list[str] | None = Field(
+        None, description="Categories that get same-size random controls (default: every ablated one)."
+    )
+    compare_calibration: bool = Field(
+        True, description="Also ablate SCU found with prompt-only calibration (no refusal text)."
+    )
 
     @field_validator("dose", mode="before")
     @classmethod
     def _dose(cls, v: Any) -> Any:
-        return None if v is None else parse_dose(v)
+        return parse_dose(split_commas(v))
 
     @field_validator("categories", "random_for", mode="before")
     @classmethod
     def _cats(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [x for x in v.split(",") if x.strip()]
+        v = split_commas(v)
         return v if v is None else [str(x).strip().upper() for x in v]
 
-    def resolved(self) -> dict[str, Any]:
-        """The settings in force: explicit values, else the quick or full-run defaults."""
-        base = QUICK if self.quick else FULL
-        out = {k: getattr(self, k) if getattr(self, k) is not None else v for k, v in base.items()}
-        out["dose"] = list(self.dose) if self.dose is not None else list(QUICK_DOSE if self.quick else DEFAULT_DOSE)
-        out["random_for"] = (
-            self.random_for if self.random_for is not None else (["SCU"] if self.quick else list(self.categories))
-        )
-        return out
+    @property
+    def controlled(self) -> list[str]:
+        """The categories that get random controls."""
+        return list(self.categories) if self.random_for is None else list(self.random_for)
 
     def generation(self) -> GenerationConfig:
         """Greedy decoding with the resolved reply length."""
-        n = self.resolved()["max_new_tokens"]
-        g = GenerationConfig(max_new_tokens=n, seed=self.seed, batch_size=self.batch_size, system=self.system)
+        g = GenerationConfig(
+            max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=self.batch_size, system=self.system
+        )
         g.check()
         return g
 
     def check(self) -> None:
         """Validate everything that needs neither data nor model (nothing is written before this passes)."""
-        r = self.resolved()
         if not self.categories:
             raise UserError("no categories to ablate: pass e.g. --categories SCU,UCU,CU,RU")
-        for name in (*self.categories, *r["random_for"]):
+        for name in (*self.categories, *self.controlled):
             if name not in CATEGORIES:
                 raise UserError(f"unknown category {name!r}: use one or more of {', '.join(CATEGORIES)}")
-        measure.check_seeds(r["seeds"], quick=self.quick)
-        for key in ("limit", "calibration_limit"):
-            if r[key] is not None and r[key] < 1:
-                raise UserError(f"{key} must be at least 1, got {r[key]}")
         measure.check_unit_search(self)
-        if self.ablation not in ABLATION_MODES:
-            raise UserError(f"unknown ablation mode {self.ablation!r}: use one of {', '.join(ABLATION_MODES)}")
         self.generation()
         kind = self.judge.split(":", 1)[0]
         if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
@@ -385,15 +403,15 @@ def _dose(points: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict
     return dose
 
 
-def _load_data(cfg: AblateConfig, r: dict[str, Any]) -> tuple[EvalData, PromptSet, PromptSet]:
+def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
     """The evaluation sets and the two calibration sets, each spread over its file to the run's limit."""
     data = load_eval_sets(cfg.harmful, cfg.benign, cfg.utility_eval)
     if data.harmful is None:
         raise UserError("ablate measures safety on harmful prompts: --harmful cannot be none")
     for name in ("harmful", "benign", "perplexity"):
-        setattr(data, name, _spread(getattr(data, name), r["limit"]))
-    safety = _spread(load_prompts(cfg.safety, name="safety"), r["calibration_limit"])
-    utility = _spread(load_prompts(cfg.utility, name="utility"), r["calibration_limit"])
+        setattr(data, name, _spread(getattr(data, name), cfg.limit))
+    safety = _spread(load_prompts(cfg.safety, name="safety"), cfg.calibration_limit)
+    utility = _spread(load_prompts(cfg.utility, name="utility"), cfg.calibration_limit)
     assert safety is not None and utility is not None
     return data, safety, utility
 
@@ -402,9 +420,8 @@ def run_ablate(cfg: AblateConfig) -> Path:
     """Load the model once, ablate every condition in memory, write the run folder; returns its path."""
     t0 = time.time()
     cfg.check()
-    r = cfg.resolved()
     set_seed(cfg.seed)
-    data, safety, utility = _load_data(cfg, r)
+    data, safety, utility = _load_data(cfg)
     lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.generation()
@@ -418,7 +435,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     means = channel_means(stats) if cfg.ablation == "mean" else None
     space = cats.space
     order = torch.argsort(-measure.safety_ranking(cats, s_scores, u_scores), stable=True)
-    seeds = [cfg.seed + i for i in range(r["seeds"])]
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
 
     def controls(units: UnitSet, target: str, group: str, overrefusal: bool = True) -> list[Condition]:
         out = []
@@ -430,7 +447,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     conditions = [Condition("baseline", "baseline", None)]
     for c in cfg.categories:
         conditions.append(Condition(c, "category", cats[c]))
-        if c in r["random_for"]:
+        if c in cfg.controlled:
             conditions += controls(cats[c], c, "random")
     calibration: dict[str, Any] = {"main": units_info["calibration"]}
     t = time.time()
@@ -440,7 +457,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
         calibration |= {"other": other_region, "scu_jaccard": cats["SCU"].jaccard(other_scu)}
         calibration["scu_sizes"] = [len(cats["SCU"]), len(other_scu)]
     seconds["other_calibration"] = time.time() - t
-    points = _dose_points(r["dose"], order, cats)
+    points = _dose_points(cfg.dose, order, cats)
     for p in points:
         top = UnitSet.from_indices(space, order[: p["count"]], f"top {p['label']}")
         conditions.append(Condition(f"top {p['label']}", "dose", top, p["label"], overrefusal=False))
@@ -464,14 +481,15 @@ def run_ablate(cfg: AblateConfig) -> Path:
             for k in ("asr", "coherent_compliance")
         }
     dose = _dose(points, rows)
-    own = {"quick", "categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
+    own = {"categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
+    own |= {"limit", "max_new_tokens", "seeds", "calibration_limit", "dose"}
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
         | {"units_total": space.total},
         "units": {**units_info, **cats.summary()},
         "settings": {
-            **r,
             **cfg.model_dump(include=own),
+            "random_for": cfg.controlled,
             "seed_list": seeds,
             "generation": dataclasses.asdict(gen),
             "eval_data": data.describe(),

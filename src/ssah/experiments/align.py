@@ -16,11 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ssah.config import ModelRunConfig
+from pydantic import Field
+
+from ssah.config import Dtype, ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData
+from ssah.fields import Count, JudgeSpec, MaxLength, Schedule, System
 from ssah.generate import GenerationConfig
 from ssah.judges import get_judge, judge_line
 from ssah.measure import Proportion, compare, measure_condition, verdict
@@ -52,27 +55,27 @@ TRAINING_KEYS = (
 class AlignConfig(ModelRunConfig):
     """Everything `ssah align` needs."""
 
-    out: str = "runs/aligned"
-    dtype: str = "float32"
-    harmful: str = "builtin:safety"
-    benign: str = "builtin:utility"
-    benign_ratio: float = 0.5
-    steps: int = 20
-    batch_size: int = 8
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    warmup: int = 0
-    schedule: str = "constant"
-    max_grad_norm: float | None = None
-    freeze_embeddings: bool = True
-    max_length: int = 512
-    system: str | None = None
-    eval_harmful: str = "builtin:harmful"
-    eval_benign: str = "builtin:benign"
-    eval_limit: int = 50
-    max_new_tokens: int = 48
-    judge: str = "keyword:ssah"
-    cache: bool = True
+    out: str = Field("runs/aligned", description="Run folder to write; the aligned model goes to OUT/model.")
+    dtype: Dtype = "float32"
+    harmful: str = Field("builtin:safety", description="Harmful requests with refusal responses.")
+    benign: str = Field("builtin:utility", description="Benign instructions with answers.")
+    benign_ratio: float = Field(0.5, ge=0, le=1, description="Share of benign examples in the SFT mix.")
+    steps: Count = Field(20, description="Optimizer steps.")
+    batch_size: Count = Field(8, description="Examples per step.")
+    lr: float = Field(3e-5, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup: int = Field(0, ge=0, description="Warmup steps.")
+    schedule: Schedule = "constant"
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm (default: no clipping).")
+    freeze_embeddings: bool = Field(True, description="Keep the embeddings fixed.")
+    max_length: MaxLength = 512
+    system: System = None
+    eval_harmful: str = Field("builtin:harmful", description="Held-out harmful prompts.")
+    eval_benign: str = Field("builtin:benign", description="Held-out benign prompts.")
+    eval_limit: Count = Field(50, description="Prompts per held-out set.")
+    max_new_tokens: Count = Field(48, description="Tokens generated per evaluation reply.")
+    judge: JudgeSpec = "keyword:ssah"
+    cache: bool = Field(True, description="Reuse / store the aligned model in $SSAH_CACHE/aligned.")
 
     def training_key(self, fingerprint: str) -> str:
         """Identity of the trained weights: the base model and every setting that changes them."""

@@ -20,18 +20,33 @@ from pydantic import Field
 
 from ssah.arch import get_adapter
 from ssah.categorize import DEFAULT_NORMALIZATION
-from ssah.config import ModelRunConfig
+from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, load_eval_sets
+from ssah.fields import (
+    CategoryRule,
+    Columns,
+    CommaList,
+    Count,
+    JudgeSpec,
+    MaxLength,
+    Metric,
+    Normalizations,
+    Rankings,
+    Schedule,
+    Seeds,
+    Shares,
+    Strata,
+    System,
+    Tokens,
+)
 from ssah.generate import GenerationConfig
 from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
 from ssah.measure import (
-    STRATA,
     ControlDistribution,
     Proportion,
-    check_seeds,
     check_unit_search,
     compare,
     find_units,
@@ -53,8 +68,6 @@ ALIGNMENT = "builtin:alignment"
 # SmolLM2 (8 steps, 16 held-out harmful prompts): RU-only at 3e-4 left refusal at the base's 6%, 1e-3 gave 25%,
 # 3e-3 gave 44% with perplexity up by a third; full SFT at 3e-5 gave 19% (8 steps) and 38% (10 steps).
 DEFAULT_LR_UNITS = 1e-3
-QUICK = {"steps": 10, "eval_limit": 16, "max_new_tokens": 32, "limit": 32, "seeds": 3}
-FULL = {"steps": 20, "eval_limit": 50, "max_new_tokens": 48, "limit": None, "seeds": 5}
 # (metric, label, direction the budget hypothesis expects for RU-only against the other condition)
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("refusal", "refusal of held-out harmful prompts", "higher"),
@@ -67,48 +80,54 @@ PAPER_CLAIM = "RU-only alignment SFT keeps more utility than full SFT (paper Tab
 class BudgetConfig(ModelRunConfig):
     """Everything `ssah budget` needs."""
 
-    out: str = "runs/budget"
-    dtype: str = "float32"
-    data: str = ALIGNMENT
-    columns: dict[str, str] = Field(default_factory=dict)
-    conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
-    units: str | None = None  # UNITS_FILE:RU; default: RU found on the base model
-    allow_other_weights: bool = False
-    seeds: int | None = None  # random-units runs; default 3 quick, 5 full
-    control_strata: str = "layer-kind"
+    out: Out = "runs/budget"
+    dtype: Dtype = "float32"
+    data: str = Field(
+        ALIGNMENT, description="Alignment data with responses (default: the `ssah align` mix), a preset or a file."
+    )
+    columns: Columns = Field(default_factory=dict)
+    conditions: CommaList = Field(
+        default_factory=lambda: list(CONDITIONS),
+        description="Conditions to run: full, ru, random (repeatable).",
+        json_schema_extra={"flag": "--condition"},
+    )
+    units: str | None = Field(
+        None, description="Train these units instead of RU found on the base model: UNITS_FILE:RU."
+    )
+    allow_other_weights: bool = Field(
+        False, description="Accept a unit file computed on other weights of the same architecture."
+    )
+    seeds: Seeds = 5
+    control_strata: Strata = "layer-kind"
     # training, as `ssah align`
-    steps: int | None = None  # 20; quick 10
-    batch_size: int = 8
-    lr: float = 3e-5
-    lr_units: float = DEFAULT_LR_UNITS
-    schedule: str = "constant"
-    freeze_embeddings: bool = True
-    max_length: int = 512
-    system: str | None = None
+    steps: Count = Field(20, description="SFT steps per condition.")
+    batch_size: Count = Field(8, description="Examples per SFT step.")
+    lr: float = Field(3e-5, gt=0, description="Learning rate of full SFT.")
+    lr_units: float = Field(
+        DEFAULT_LR_UNITS, gt=0, description="Learning rate of the units-only conditions (RU and random)."
+    )
+    schedule: Schedule = "constant"
+    freeze_embeddings: bool = Field(True, description="Keep the embeddings fixed in full SFT.")
+    max_length: MaxLength = 512
+    system: System = None
     # finding RU on the base model, as `ssah units`
-    safety: str = "builtin:safety"
-    utility: str = "builtin:utility"
-    limit: int | None = None  # calibration examples per set; quick 32
-    metric: str = "fluctuation"
-    rule: str = "ssah"
-    shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = DEFAULT_NORMALIZATION
-    ranking: str = "global"
-    tokens: str = "prompt+response"
-    score_batch_size: int = 8
+    safety: str = Field("builtin:safety", description="Safety calibration set (finding RU).")
+    utility: str = Field("builtin:utility", description="Utility calibration set (finding RU).")
+    limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
+    metric: Metric = "fluctuation"
+    rule: CategoryRule = "ssah"
+    shares: Shares = Field(default_factory=dict)
+    normalization: Normalizations = DEFAULT_NORMALIZATION
+    ranking: Rankings = "global"
+    tokens: Tokens = "prompt+response"
+    score_batch_size: Count = Field(8, description="Examples per scoring forward pass (finding RU).")
     # evaluation
-    eval_harmful: str = "builtin:harmful"
-    eval_benign: str = "builtin:benign"
-    eval_utility: str = "builtin:task"
-    eval_limit: int | None = None  # 50; quick 16
-    max_new_tokens: int | None = None  # 48; quick 32
-    judge: str = "keyword:ssah"
-    quick: bool = False
-
-    def setting(self, name: str) -> Any:
-        """A setting that ``quick`` shrinks: the given value, else the quick or full default."""
-        value = getattr(self, name)
-        return value if value is not None else (QUICK if self.quick else FULL)[name]
+    eval_harmful: str = Field("builtin:harmful", description="Held-out harmful prompts.")
+    eval_benign: str = Field("builtin:benign", description="Held-out benign prompts (answers checked).")
+    eval_utility: str = Field("builtin:task", description="Held-out answers for perplexity.")
+    eval_limit: Count = Field(50, description="Prompts per held-out set.")
+    max_new_tokens: Count = Field(48, description="Tokens generated per reply.")
+    judge: JudgeSpec = "keyword:ssah"
 
     def unit_search(self) -> SimpleNamespace:
         """The settings :func:`ssah.measure.find_units` reads (RU are found at neuron granularity)."""
@@ -122,7 +141,7 @@ class BudgetConfig(ModelRunConfig):
         return TrainConfig.build(
             dict(
                 **self.model_dump(include=same),
-                max_steps=self.setting("steps"),
+                max_steps=self.steps,
                 lr=self.lr if full else self.lr_units,
                 max_grad_norm=None,
                 freeze_embeddings=self.freeze_embeddings and full,
@@ -130,7 +149,7 @@ class BudgetConfig(ModelRunConfig):
         )
 
     def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.setting("max_new_tokens"), batch_size=16, system=self.system)
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=16, system=self.system)
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
@@ -139,15 +158,6 @@ class BudgetConfig(ModelRunConfig):
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or len(set(self.conditions)) != len(self.conditions):
             raise UserError(f"conditions must be distinct names among {', '.join(CONDITIONS)}, got {self.conditions}")
-        if "random" in self.conditions:
-            check_seeds(self.setting("seeds"), quick=self.quick)
-        if self.control_strata not in STRATA:
-            raise UserError(f"unknown --control-strata {self.control_strata!r}: use one of {', '.join(STRATA)}")
-        for name in ("lr", "lr_units"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.setting("eval_limit") < 1:
-            raise UserError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         for c in self.conditions:
             self.train_config(c)  # a UserError on a bad training setting
         if self.units is not None:
@@ -173,7 +183,7 @@ def load_training_data(cfg: BudgetConfig) -> PromptSet:
 
 def load_eval_data(cfg: BudgetConfig, train: PromptSet) -> EvalData:
     """The held-out sets; none may share a prompt with the training data."""
-    data = load_eval_sets(cfg.eval_harmful, cfg.eval_benign, [cfg.eval_utility], limit=cfg.setting("eval_limit"))
+    data = load_eval_sets(cfg.eval_harmful, cfg.eval_benign, [cfg.eval_utility], limit=cfg.eval_limit)
     seen = set(train.prompts())
     for what, ps in (("harmful", data.harmful), ("benign", data.benign), ("utility", data.perplexity)):
         if ps is None:
@@ -211,7 +221,7 @@ def get_units(lm: Any, cfg: BudgetConfig) -> tuple[UnitSet, dict[str, Any]]:
     if cfg.units is not None:
         same = {"fingerprint": lm.fingerprint, "model_name": lm.name, "allow_other_weights": cfg.allow_other_weights}
         return resolve_unit_spec(cfg.units, lm.model, **same), {"source": cfg.units, "found_on_base": False}
-    n, cols = cfg.setting("limit"), cfg.columns or None
+    n, cols = cfg.limit, cfg.columns or None
     safety, utility = (load_prompts(getattr(cfg, k), columns=cols, limit=n, name=k) for k in ("safety", "utility"))
     cats = find_units(lm, safety, utility, cfg.unit_search()).categorization
     info = {"source": "RU found on the base model", "found_on_base": True, "metric": cfg.metric, "rule": cats.rule}
@@ -259,7 +269,7 @@ def run_budget(cfg: BudgetConfig) -> Path:
             raise UserError("the unit set to train is empty: choose other --shares or another --units category")
         units_info |= {"count": len(units), "share": units.fraction, "units_total": units.space.total}
         if "random" in cfg.conditions:
-            seeds = range(cfg.seed, cfg.seed + cfg.setting("seeds"))
+            seeds = range(cfg.seed, cfg.seed + cfg.seeds)
             controls = [random_control(units, s, strata=cfg.control_strata) for s in seeds]
             units_info["controls"] = [c.summary() | {"jaccard_ru": round(units.jaccard(c.units), 4)} for c in controls]
     rows: list[dict[str, Any]] = [{"name": "base", "label": LABELS["base"], "training": None}]
@@ -282,9 +292,9 @@ def run_budget(cfg: BudgetConfig) -> Path:
         "model": fp | {"family": lm.family, "layers": get_adapter(model).num_layers},
         "data": {"train": train_info, **eval_data.describe()},
         "units": units_info,
-        "settings": {k: cfg.setting(k) for k in ("steps", "max_new_tokens", "eval_limit")}
+        "settings": cfg.model_dump(include={"steps", "max_new_tokens", "eval_limit"})
         | {"lr_full": cfg.lr, "freeze_embeddings_full": cfg.freeze_embeddings, "seeds": len(controls)}
-        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "judge", "control_strata", "quick", "seed"}),
+        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "judge", "control_strata", "seed"}),
         "conditions": rows,
         "verdicts": decide(rows),
         "paper": {"claim": PAPER_CLAIM},

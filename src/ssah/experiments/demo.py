@@ -17,21 +17,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssah.config import ModelRunConfig
+from pydantic import Field
+
+from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.errors import UserError
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
 from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json, write_report
+from ssah.config import shipped_configs
+from ssah.fields import CommaList
 
 
 class DemoConfig(ModelRunConfig):
     """Everything `ssah demo` needs: the base (unaligned) model, the folder, and how small to run each stage."""
 
-    model: str = "smollm2-135m-instruct"
-    out: str = "runs/demo"
-    dtype: str = "float32"
-    quick: bool = True
-    stages: list[str] | None = None
+    cli_arguments = ()  # the model is an option here: the demo has a default one
+    model: str = Field(
+        "smollm2-135m-instruct", description="The unaligned base model (registry name, folder, .gguf file or hub id)."
+    )
+    out: Out = Field("runs/demo", description="Demo folder; an existing demo there is continued.")
+    dtype: Dtype = "float32"
+    quick: bool = Field(
+        True,
+        description="Every stage with its shipped quick config (--full: the full-size defaults).",
+        json_schema_extra={"flag": "--quick/--full"},
+    )
+    stages: CommaList | None = Field(None, description="Comma-separated subset of stages, e.g. align,units,ablate.")
 
 
 @dataclass
@@ -76,47 +87,45 @@ class Stage:
     needs: tuple[str, ...]
     recipe: str  # the registered recipe that runs the stage (and whose ``render`` rebuilds its report)
     options: Callable[[DemoContext], dict[str, Any]]  # the stage's own settings (model, units, ...)
-    quick: dict[str, Any] = field(default_factory=dict)  # smaller settings of a quick demo, for recipes without one
 
     def run(self, ctx: DemoContext) -> Path:
-        values = {**ctx.common(self.name), **self.options(ctx), **(self.quick if ctx.cfg.quick else {})}
+        """The recipe's shipped ``quick`` config under a quick demo (where it ships one), then the stage's options."""
         entry = get_recipe(self.recipe)
-        return entry.runner()(entry.config_class().build(values))  # type: ignore[no-any-return]
+        size = "quick" if ctx.cfg.quick and "quick" in shipped_configs().get(self.recipe, {}) else None
+        values = {**ctx.common(self.name), **self.options(ctx)}
+        return entry.runner()(entry.config_class().resolve(self.recipe, size, values))  # type: ignore[no-any-return]
 
 
 def _on(
-    model: str, *, dtype: bool = False, units: bool = False, compare: bool = False, quick: bool = False, **fixed: Any
+    model: str, *, dtype: bool = False, units: bool = False, compare: bool = False, **fixed: Any
 ) -> Callable[[DemoContext], dict[str, Any]]:
     """A stage's options: the base or the aligned model; where asked the demo's dtype, the units stage's file, the
-    base model to compare with and the demo's quick flag; and ``fixed`` settings."""
+    base model to compare with; and ``fixed`` settings."""
 
     def options(ctx: DemoContext) -> dict[str, Any]:
         c = ctx.cfg
         wanted = {"dtype": (dtype, c.dtype), "units": (units, ctx.units_file), "compare": (compare, c.model)}
-        wanted["quick"] = (quick, c.quick)
         chosen = {k: v for k, (on, v) in wanted.items() if on}
         return {"model": c.model if model == "base" else ctx.aligned, **fixed, **chosen}
 
     return options
 
 
-SMALL_EVAL = {"limit": 24, "max_new_tokens": 32}
 STAGES: tuple[Stage, ...] = (
-    Stage("align", "Aligning the model (safety SFT)", (), "align", _on("base", dtype=True),
-          {"eval_limit": 24, "max_new_tokens": 32}),
-    Stage("eval-base", "Evaluating the unaligned model", (), "eval", _on("base", dtype=True), SMALL_EVAL),
-    Stage("eval-aligned", "Evaluating the aligned model", ("align",), "eval", _on("aligned", dtype=True), SMALL_EVAL),
+    Stage("align", "Aligning the model (safety SFT)", (), "align", _on("base", dtype=True)),
+    Stage("eval-base", "Evaluating the unaligned model", (), "eval", _on("base", dtype=True)),
+    Stage("eval-aligned", "Evaluating the aligned model", ("align",), "eval", _on("aligned", dtype=True)),
     Stage("probe", "Probing the reasoning direction, aligned vs unaligned", ("align",), "probe",
-          _on("aligned", compare=True, quick=True)),
+          _on("aligned", compare=True)),
     Stage("units", "Scoring and categorising units of the aligned model", ("align",), "units",
           _on("aligned", dtype=True, stability=True)),
     Stage("ablate", "Ablating each unit category, with random controls", ("align", "units"), "ablate",
-          _on("aligned", units=True, quick=True)),
+          _on("aligned", units=True)),
     Stage("transfer", "Attribute transfer after a short benign fine-tune", ("align",), "transfer",
-          _on("aligned", quick=True)),
+          _on("aligned")),
     Stage("protect", "Fine-tuning with safety-critical units frozen", ("align", "units"), "protect",
-          _on("aligned", units=True, quick=True)),
-    Stage("budget", "Aligning the base model through its redundant units only", (), "budget", _on("base", quick=True)),
+          _on("aligned", units=True)),
+    Stage("budget", "Aligning the base model through its redundant units only", (), "budget", _on("base")),
 )  # fmt: skip
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

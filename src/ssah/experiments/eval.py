@@ -11,11 +11,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
-from ssah.config import ModelRunConfig
+from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet
 from ssah.evaluate import (
     DEFAULT_PREFILL,
@@ -33,6 +33,7 @@ from ssah.evaluate import (
     multiple_choice_accuracy,
     perplexity,
 )
+from ssah.fields import AutoBatch, Columns, Count, JudgeSpec, System
 from ssah.generate import GenerationConfig, generation_batch_size
 from ssah.judges import (
     JUDGE_KINDS,
@@ -53,21 +54,29 @@ class EvalConfig(ModelRunConfig):
     """Everything `ssah eval` needs; a data option set to "none" skips that block."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
-    out: str = "runs/eval"
-    harmful: str = "builtin:harmful"
-    benign: str = "builtin:borderline"
-    utility: list[str] = Field(default_factory=lambda: ["perplexity"])
-    prefill: str = DEFAULT_PREFILL
-    judge: str = "keyword:ssah"
-    first_token: bool = True
-    columns: dict[str, str] = Field(default_factory=dict)
-    limit: int | None = None
-    max_new_tokens: int = 64
-    batch_size: int | Literal["auto"] = 16  # "auto" (the default on GPUs): largest that fits, see ssah.plan
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    system: str | None = None
+    out: Out = "runs/eval"
+    harmful: str = Field(
+        "builtin:harmful",
+        description="Harmful prompts: builtin:NAME, a preset (advbench, harmbench, ...), a file, or none.",
+    )
+    benign: str = Field(
+        "builtin:borderline", description="Safe prompts for over-refusal: builtin:borderline, xstest, a file, or none."
+    )
+    utility: list[str] = Field(
+        default_factory=lambda: ["perplexity"],
+        description="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable).",
+    )
+    prefill: str = Field(DEFAULT_PREFILL, description="Compliance opener for the prefill attack ('' to skip).")
+    judge: JudgeSpec = "keyword:ssah"
+    first_token: bool = Field(True, description="Also report the first-token refusal score's agreement.")
+    columns: Columns = Field(default_factory=dict)
+    limit: Count | None = Field(None, description="Use only the first N items of each set.")
+    max_new_tokens: Count = Field(64, description="Tokens generated per reply.")
+    batch_size: AutoBatch = 16
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    system: System = None
 
     def generation(self) -> GenerationConfig:
         g = GenerationConfig(

@@ -14,13 +14,14 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ssah.config import BaseConfig
+from ssah.config import SEED_LIMIT, BaseConfig, Out
 from ssah.errors import UserError
 from ssah.evaluate import wilson_interval
+from ssah.fields import Columns, Count
 from ssah.judges import Judge, get_judge, incoherence_reason
 from ssah.judges.labelled import LabelledReply, LabelledSet, PartialRule, apply_partial, load_labelled
 from ssah.reports.judge import render_train
@@ -48,39 +49,65 @@ XSTEST_ANCHORS: dict[str, float] = {
 three shared completion files (from ``shared/data/xstest_completions/SOURCE.md``); shown only for that set."""
 
 
+Data = Annotated[
+    list[str],
+    Field(description="Labelled CSV / JSONL files or folders (prompt, reply and label columns; XSTest as is)."),
+]
+Partial = Annotated[
+    PartialRule,
+    Field(description="Partial refusals: refusal (count as refusals), exclude (as the anchors), class."),
+]
+RowLimit = Annotated[Count | None, Field(description="Only the first N rows of each file (quick runs).")]
+SeedField = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="Random seed.")]
+
+
 class JudgeValidateConfig(BaseConfig):
     """What `ssah judge validate` needs."""
 
-    data: list[str]
-    judges: list[str] = Field(default_factory=lambda: ["keyword:ssah"])
-    out: str = "runs/judges"
-    columns: dict[str, str] = Field(default_factory=dict)
-    partial: PartialRule = "exclude"
-    limit: int | None = None  # rows per source file (first ones), for quick runs
-    batch_size: int = 8
-    seed: int = 0
-    overwrite: bool = False
+    cli_arguments = ("data",)
+    data: Data
+    judges: list[str] = Field(
+        default_factory=lambda: ["keyword:ssah"],
+        description="A judge spec (repeatable): keyword:ssah, keyword:xstest, learned, learned:FOLDER, ...",
+        json_schema_extra={"flag": "--judge"},
+    )
+    out: Out = "runs/judges"
+    columns: Columns = Field(default_factory=dict)
+    partial: Partial = "exclude"
+    limit: RowLimit = None
+    batch_size: Count = Field(8, description="Replies per forward pass (model-based judges).")
+    seed: SeedField = 0
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
 
 
 class JudgeTrainConfig(BaseConfig):
     """What `ssah judge train` needs."""
 
-    data: list[str]
-    out: str = "my-judge"
-    columns: dict[str, str] = Field(default_factory=dict)
-    partial: PartialRule = "exclude"
-    base_model: str = "smollm2-135m-instruct"
-    layers: list[int] | None = None  # candidate layers (default: every other layer of the first three quarters)
+    cli_arguments = ("data",)
+    data: Data
+    out: str = Field("my-judge", description="Judge folder to write (use it as --judge learned:FOLDER).")
+    columns: Columns = Field(default_factory=dict)
+    partial: Partial = "exclude"
+    base_model: str = Field("smollm2-135m-instruct", description="Model whose hidden states the head reads.")
+    layers: list[int] | None = Field(
+        None,
+        description="A candidate layer (repeatable; default every other layer of the first three quarters).",
+        json_schema_extra={"flag": "--layer"},
+    )
     # "last" (the last reply token) is also supported; on XSTest it held out at 65-93% against 93-99% for "mean"
-    poolings: list[str] = Field(default_factory=lambda: ["mean"])
-    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1])
-    max_prompt_tokens: int = 64
-    max_reply_tokens: int = 64
-    folds: int = 5
-    limit: int | None = None
-    batch_size: int = 8
-    seed: int = 0
-    overwrite: bool = False
+    poolings: list[Literal["mean", "last"]] = Field(
+        default_factory=lambda: ["mean"], description="Pooling of the reply's hidden states: mean | last (repeatable)."
+    )
+    cs: list[float] = Field(
+        default_factory=lambda: [0.01, 0.1], description="Candidate inverse regularisation strengths C (repeatable)."
+    )
+    max_prompt_tokens: Count = Field(64, description="Prompt tokens the judge reads.")
+    max_reply_tokens: Count = Field(64, description="Reply tokens the judge reads.")
+    folds: int = Field(5, ge=2, description="Cross-validation folds for choosing layer, pooling and C.")
+    limit: RowLimit = None
+    batch_size: Count = Field(8, description="Replies per forward pass.")
+    seed: SeedField = 0
+    overwrite: bool = Field(False, description="Replace an existing folder.")
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ssah.config import ModelRunConfig
+from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.data.probe_prompts import COMPLIANCE_OPENERS, FORCED_PREFIX, REFUSAL_OPENERS
 from ssah.errors import UserError
+from ssah.fields import Columns, CommaList, Count, JudgeSpec, System
 from ssah.measure import Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.probe import (
@@ -44,45 +45,53 @@ from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
 NONE = ("", "none", "no", "off")
 MIN_PROMPTS = 4
-DEFAULTS = {"limit": 50, "token_steps": 16, "token_prompts": 16, "bootstrap": 1000}
-QUICK = {"limit": 16, "token_steps": 8, "token_prompts": 8, "bootstrap": 400}
 MODEL_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
 MODE_STYLES = {"greedy": "-", "forced": "--"}
 
 
 class ProbeConfig(ModelRunConfig):
-    """Everything `ssah probe` needs; ``None`` settings take their default (a smaller one under ``quick``)."""
+    """Everything `ssah probe` needs (full-run sizes by default; ``--config quick`` for a small run)."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
-    out: str = "runs/probe"
-    compare: str | None = None
-    label: str | None = None
-    compare_label: str | None = None
-    harmful: str = "builtin:harmful"
-    harmless: str = "builtin:benign"
-    columns: dict[str, str] = Field(default_factory=dict)
-    limit: int | None = None
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
-    refusal_openers: list[str] = Field(default_factory=lambda: list(REFUSAL_OPENERS))
-    compliance_openers: list[str] = Field(default_factory=lambda: list(COMPLIANCE_OPENERS))
-    forced_prefix: str = FORCED_PREFIX
-    token_steps: int | None = None
-    token_prompts: int | None = None
-    token_layer: int | None = None
-    bootstrap: int | None = None
-    level: float = 0.95
-    batch_size: int = 32
-    system: str | None = None
-    judge: str = "keyword:ssah"
-    threads: int | None = None
-    quick: bool = False
-
-    def setting(self, name: str) -> int:
-        """A size setting: the value given, else the default (the quick default under ``quick``)."""
-        value = getattr(self, name)
-        if value is not None:
-            return int(value)
-        return (QUICK if self.quick else DEFAULTS)[name]
+    out: Out = "runs/probe"
+    compare: str | None = Field(
+        None, description="A second model to compare with (e.g. the unaligned one); same tokenizer."
+    )
+    label: str | None = Field(None, description="Name of MODEL in the report (default: from its path).")
+    compare_label: str | None = Field(None, description="Name of the --compare model in the report.")
+    harmful: str = Field("builtin:harmful", description="Harmful queries: builtin:NAME, a preset or a file.")
+    harmless: str = Field(
+        "builtin:benign", description="Harmless queries of the content baseline: builtin:NAME, a preset or a file."
+    )
+    columns: Columns = Field(default_factory=dict)
+    limit: int = Field(50, ge=MIN_PROMPTS, description="Prompts of each set, spread over the file.")
+    methods: CommaList = Field(
+        default_factory=lambda: list(METHODS), description=f"Comma list of probe methods: {','.join(METHODS)}."
+    )
+    refusal_openers: list[str] = Field(
+        default_factory=lambda: list(REFUSAL_OPENERS),
+        description="A refusal opener (repeatable; the first is the naive probe's).",
+        json_schema_extra={"flag": "--refusal-opener"},
+    )
+    compliance_openers: list[str] = Field(
+        default_factory=lambda: list(COMPLIANCE_OPENERS),
+        description="A compliance opener (repeatable; the first is the naive probe's).",
+        json_schema_extra={"flag": "--compliance-opener"},
+    )
+    forced_prefix: str = Field(
+        FORCED_PREFIX, description="Compliance prefix forced at the start of the reply for per-token tracking."
+    )
+    token_steps: int = Field(16, ge=0, description="Generated tokens followed per reply (0 = off).")
+    token_prompts: Count = Field(16, description="Harmful and harmless prompts followed token by token.")
+    token_layer: int | None = Field(None, description="Layer of the per-token plot (default 3/4 depth).")
+    bootstrap: int = Field(1000, ge=50, description="Bootstrap resamples (at least 50).")
+    level: float = Field(0.95, gt=0.5, lt=1, description="Interval level.")
+    batch_size: Count = Field(32, description="Queries per forward pass.")
+    system: System = None
+    judge: JudgeSpec = "keyword:ssah"
+    threads: Count | None = Field(
+        None, description="CPU threads for torch (1 is fastest on a CPU shared by many processes)."
+    )
 
     def openers(self) -> Openers:
         return Openers(tuple(self.refusal_openers), tuple(self.compliance_openers))
@@ -94,18 +103,6 @@ class ProbeConfig(ModelRunConfig):
             raise UserError(f"unknown probe method {unknown[0]!r}: use some of {', '.join(METHODS)}")
         if not self.methods:
             raise UserError(f"no probe method chosen: pass --methods with some of {', '.join(METHODS)}")
-        if self.setting("limit") < MIN_PROMPTS:
-            raise UserError(f"--limit must be at least {MIN_PROMPTS} (bootstrap and cross-fitting need prompts)")
-        if self.setting("token_steps") < 0 or self.setting("token_prompts") < 1:
-            raise UserError("--token-steps must be 0 or more and --token-prompts at least 1")
-        if self.setting("bootstrap") < 50:
-            raise UserError("--bootstrap must be at least 50 resamples for a usable interval")
-        if not 0.5 < self.level < 1:
-            raise UserError(f"--level must be between 0.5 and 1 (e.g. 0.95), got {self.level}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {self.threads}")
         self.openers().check()
 
 
@@ -131,7 +128,7 @@ def load_probe_data(cfg: ProbeConfig) -> tuple[PromptSet, PromptSet]:
         ps = load_prompts(spec, columns=cfg.columns or None, name=what)
         if len(ps) < MIN_PROMPTS:
             raise UserError(f"the {what} set {spec!r} has {len(ps)} prompts: the probe needs at least {MIN_PROMPTS}")
-        sets.append(_spread(ps, cfg.setting("limit")))
+        sets.append(_spread(ps, cfg.limit))
     return sets[0], sets[1]
 
 
@@ -145,7 +142,7 @@ def _check_compare(cfg: ProbeConfig, models: list[LoadedModel]) -> None:
         return
     a, b = models
     needs = [m for m in cfg.methods if METHODS[m].shared_space]
-    if cfg.setting("token_steps") > 0:
+    if cfg.token_steps > 0:
         needs.append("per-token tracking")
     if not needs:
         return
@@ -362,13 +359,13 @@ def _run(cfg: ProbeConfig) -> Path:
     measures, seconds = [], {}
     for label, lm in zip(labels, models, strict=True):
         t = time.time()
-        steps = {k: cfg.setting(k) for k in ("token_steps", "token_prompts")}
+        steps = {k: getattr(cfg, k) for k in ("token_steps", "token_prompts")}
         opts = {"system": cfg.system, "forced_prefix": cfg.forced_prefix, "batch_size": cfg.batch_size, **steps}
         m = measure_model(lm.model, lm.tokenizer, harmful.prompts(), harmless.prompts(), openers=openers, **opts,
                           progress=cfg.progress, desc=f"probe {label}")  # fmt: skip
         measures.append(m)
         seconds[label] = round(time.time() - t, 3)
-    n_boot, level = cfg.setting("bootstrap"), cfg.level
+    n_boot, level = cfg.bootstrap, cfg.level
     analysis = analyse(measures, labels, openers, cfg.methods, n_boot=n_boot, seed=cfg.seed, level=level,
                        token_layer=cfg.token_layer)  # fmt: skip
     if analysis["tokens"]:
@@ -434,15 +431,14 @@ def _results(
             for name, ps in (("harmful", harmful), ("harmless", harmless))
         },
         "settings": {
-            "limit": cfg.setting("limit"),
-            "token_steps": cfg.setting("token_steps"),
-            "token_prompts": cfg.setting("token_prompts"),
-            "bootstrap": cfg.setting("bootstrap"),
+            "limit": cfg.limit,
+            "token_steps": cfg.token_steps,
+            "token_prompts": cfg.token_prompts,
+            "bootstrap": cfg.bootstrap,
             "level": cfg.level,
             "distance": "cosine (1 - cos)",
             "system": cfg.system,
             "judge": cfg.judge,
-            "quick": cfg.quick,
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "threads": torch.get_num_threads(),

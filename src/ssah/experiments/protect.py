@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -32,12 +32,28 @@ from torch import nn
 
 from ssah import measure
 from ssah.categorize import DEFAULT_NORMALIZATION
-from ssah.config import ModelRunConfig
+from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.data.tasks import MathItem
 from ssah.data.training import attack_set, held_out_split
 from ssah.errors import DataError, UserError
 from ssah.evaluate import EvalData
+from ssah.fields import (
+    CategoryRule,
+    Columns,
+    Count,
+    JudgeSpec,
+    MaxLength,
+    Metric,
+    Normalizations,
+    Rankings,
+    Schedule,
+    Seeds,
+    Shares,
+    Strata,
+    System,
+    split_commas,
+)
 from ssah.generate import GenerationConfig
 from ssah.interventions import unit_param_masks
 from ssah.judges import get_judge
@@ -49,10 +65,9 @@ from ssah.units import UnitSet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "PAPER", "QUICK_SETTINGS", "SETTINGS", "ProtectConfig", "run_protect", "verdicts"]
+__all__ = ["KINDS", "PAPER", "SETTINGS", "ProtectConfig", "run_protect", "verdicts"]
 
 SETTINGS = ("full", "freeze-scu", "freeze-scu-cu", "freeze-scu-all-cu", "random", "random-all-cu", "lora")
-QUICK_SETTINGS = ("full", "freeze-scu-cu", "random", "lora")
 KINDS = ("benign", "attack")
 CONTROLS = {"random": "freeze-scu-cu", "random-all-cu": "freeze-scu-all-cu"}  # random control -> the set it matches
 # The verdicts: (setting A, setting B, the published direction of A's ASR against B's).
@@ -87,94 +102,88 @@ PAPER: dict[str, Any] = {
 
 
 # -- configuration --------------------------------------------------------------------------------------------
-def _split_list(value: Any) -> Any:
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, str):
-        return [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
-    return value
-
-
-Count = Annotated[int, Field(ge=1)]  # a count of steps, examples or tokens (0 is a user error)
-
-
 class ProtectConfig(ModelRunConfig):
-    """Everything `ssah protect` needs; fields left ``None`` take the full-run or ``quick`` default
-    (:meth:`effective`, recorded in ``results.json``). The learning rate is 5e-5 (constant): on the aligned
-    SmolLM2, 6 attack steps at 2e-5 left ASR at 0%, at 5e-5 they took it to 100%."""
+    """Everything `ssah protect` needs (full-run sizes by default; ``--config quick`` for a small run). The learning
+    rate is 5e-5 (constant): on the aligned SmolLM2, 6 attack steps at 2e-5 left ASR at 0%, at 5e-5 they took it to
+    100%."""
 
-    out: str = "runs/protect"
-    dtype: str = "float32"
-    quick: bool = False
+    out: Out = "runs/protect"
+    dtype: Dtype = "float32"
     # what is fine-tuned on
-    data: str = "builtin:task"
-    columns: dict[str, str] = Field(default_factory=dict)
-    limit: Count | None = 2000
-    task_holdout: float = Field(0.2, gt=0, lt=1)
-    attack: str = "builtin:attack"
-    attack_size: Count | None = 10
-    kinds: list[str] | None = None  # full run: benign and attack; quick: benign only (the paper's Tables 2, 3)
+    data: str = Field(
+        "builtin:task",
+        description="Benign task data: builtin:task, alpaca-safety-only, dolly-safety-only, gsm8k-sft, a file.",
+    )
+    columns: Columns = Field(default_factory=dict)
+    limit: Count | None = Field(2000, description="Read at most N examples of the task data.")
+    task_holdout: float = Field(0.2, gt=0, lt=1, description="Share of the task data held out for utility.")
+    attack: str = Field(
+        "builtin:attack", description="Attack set: builtin:attack (harmful requests + compliance openers) or a file."
+    )
+    attack_size: Count | None = Field(10, description="Harmful examples in the attack (its strength).")
+    kinds: list[Literal["benign", "attack"]] = Field(
+        default_factory=lambda: list(KINDS), description="Data kinds to fine-tune on: benign,attack (one run each)."
+    )
     # how
-    settings: list[str] | None = None
-    cu_share: float = Field(0.06, gt=0, le=1)  # of ALL units, taken from CU by safety rank (the paper's "SCU + 6%")
-    seeds: int | None = None  # random controls: 3 quick, 5 full (at least)
-    control_strata: str = "layer-kind"
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=8))
-    lora_lr: float | None = Field(None, gt=0)
-    steps: list[Count] | None = None
-    lr: float = Field(5e-5, gt=0)
-    batch_size: Count | None = None
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    max_length: int = 512
-    system: str | None = None
+    settings: list[Literal[SETTINGS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(SETTINGS), description=f"Protection settings to run: {','.join(SETTINGS)}."
+    )
+    cu_share: float = Field(
+        0.06,
+        gt=0,
+        le=1,
+        description="Share of ALL units taken from CU by safety rank and frozen with SCU (paper: 0.06).",
+    )
+    seeds: Seeds = 5
+    control_strata: Strata = "layer-kind"
+    lora: LoraSettings = Field(
+        default_factory=lambda: LoraSettings(r=8),
+        description="LoRA setting: r=8[,alpha=16,dropout=0.05,targets=q_proj+v_proj].",
+    )
+    lora_lr: float | None = Field(None, gt=0, description="LoRA's learning rate (default 10x --lr).")
+    steps: list[Count] = Field(
+        default_factory=lambda: [4, 8], description="Step counts to measure at, e.g. 5,10,20 (one run each)."
+    )
+    lr: float = Field(5e-5, gt=0, description="Learning rate (AdamW).")
+    batch_size: Count = Field(4, description="Training examples per step.")
+    schedule: Schedule = "constant"
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    max_length: MaxLength = 512
+    system: System = None
     # units: a unit file of this model (with scores/ beside it), or found here
-    units: str | None = None
-    allow_other_weights: bool = False
-    safety: str = "builtin:safety"
-    utility: str = "builtin:utility"
-    calibration_limit: Count | None = None
-    shares: dict[str, float] = Field(default_factory=dict)
-    metric: str = "fluctuation"
-    rule: str = "ssah"
-    normalization: str = DEFAULT_NORMALIZATION
-    ranking: str = "global"
+    units: str | None = Field(None, description="units.safetensors of this model (default: computed here and saved).")
+    allow_other_weights: bool = Field(
+        False, description="Accept a unit file computed on other weights of the same architecture."
+    )
+    safety: str = Field("builtin:safety", description="Safety calibration set (when units are computed).")
+    utility: str = Field("builtin:utility", description="Utility calibration set (when units are computed).")
+    calibration_limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
+    shares: Shares = Field(default_factory=dict)
+    metric: Metric = "fluctuation"
+    rule: CategoryRule = "ssah"
+    normalization: Normalizations = DEFAULT_NORMALIZATION
+    ranking: Rankings = "global"
     # evaluation
-    harmful: str = "builtin:harmful"
-    benign: str = "builtin:borderline"
-    eval_limit: Count | None = None
-    utility_limit: Count | None = None
-    max_new_tokens: Count | None = None
-    eval_batch_size: Count = 32
-    judge: str = "keyword:ssah"
+    harmful: str = Field("builtin:harmful", description="Held-out harmful prompts for ASR.")
+    benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal.")
+    eval_limit: Count = Field(40, description="Prompts per evaluation set.")
+    utility_limit: Count = Field(16, description="Held-out task examples for utility.")
+    max_new_tokens: Count = Field(32, description="Tokens generated per evaluation reply.")
+    eval_batch_size: Count = Field(32, description="Prompts per generation batch.")
+    judge: JudgeSpec = "keyword:ssah"
 
-    _lists = field_validator("settings", "kinds", "steps", mode="before")(_split_list)
+    _lists = field_validator("settings", "kinds", "steps", mode="before")(split_commas)
+
+    @field_validator("steps")
+    @classmethod
+    def _sorted(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
 
     @field_validator("lora", mode="before")
     @classmethod
     def _lora(cls, value: Any) -> Any:
         return parse_lora(value) if isinstance(value, str) else value
-
-    def effective(self) -> ProtectConfig:
-        """A copy with every ``None`` default filled: the full run's, or the smaller ``quick`` ones."""
-        q = self.quick
-        fill: dict[str, Any] = {
-            "settings": list(QUICK_SETTINGS if q else SETTINGS),
-            "kinds": ["benign"] if q else list(KINDS),
-            "steps": [3, 6] if q else [4, 8],
-            "seeds": 3 if q else 5,
-            "batch_size": 4,
-            "eval_limit": 16 if q else 40,
-            "utility_limit": 8 if q else 16,
-            "max_new_tokens": 32,
-            "calibration_limit": 32 if q else None,
-            "lora_lr": LORA_LR_FACTOR * self.lr,
-        }
-        values = self.model_dump()
-        values.update({k: v for k, v in fill.items() if values.get(k) is None})
-        values["steps"] = sorted(set(values["steps"]))
-        return ProtectConfig.model_validate(values)
 
     @property
     def selection(self) -> str:
@@ -183,15 +192,11 @@ class ProtectConfig(ModelRunConfig):
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
-        e = self.effective()
-        bad = [s for s in e.settings or [] if s not in SETTINGS] or ([] if e.settings else [""])
-        if bad:
-            raise UserError(f"unknown setting {bad[0]!r}: use some of {', '.join(SETTINGS)}")
-        bad = [k for k in e.kinds or [] if k not in KINDS] or ([] if e.kinds else [""])
-        if bad:
-            raise UserError(f"unknown data kind {bad[0]!r}: use benign, attack or both")
-        if any(s in CONTROLS for s in e.settings or []):
-            measure.check_seeds(e.seeds or 0, quick=self.quick)
+        e = self
+        if not e.settings:
+            raise UserError(f"no protection setting given: use some of {', '.join(SETTINGS)}")
+        if not e.kinds:
+            raise UserError("no data kind given: use benign, attack or both")
         if not e.steps:
             raise UserError("no step count given: pass e.g. --steps 5,10,20")
         if self.units is not None and not Path(self.units).is_file():
@@ -202,7 +207,7 @@ class ProtectConfig(ModelRunConfig):
 
     def train_config(self, setting: str | None) -> TrainConfig:
         """The training settings of one setting's run (to the largest step count)."""
-        e = self.effective()
+        e = self
         keep = ("model", "out", "dtype", "seed", "device", "batch_size", "schedule", "weight_decay", "max_grad_norm")
         return TrainConfig.build(
             dict(
@@ -276,7 +281,7 @@ def load_protect_data(cfg: ProtectConfig) -> ProtectData:
     """Read and split every set (before the model loads, so bad data fails fast): the task data into a training
     part and a held-out utility part; the harmful prompts into the attack's pool and the held-out evaluation
     prompts; evaluation prompts that also occur in any training set are dropped (and counted)."""
-    e = cfg.effective()
+    e = cfg
     cols = cfg.columns or None
     task = _training(load_prompts(cfg.data, columns=cols, limit=cfg.limit, name="task"), "task data", cfg.data)
     if len(task) < 2:
@@ -318,7 +323,7 @@ def protect_units(lm: LoadedModel, cfg: ProtectConfig, *, progress: bool = False
     """Find the units on ``lm`` before any training (or read ``cfg.units`` and its scores), select every frozen
     set in memory, and draw the random controls (same count in every stratum, one draw per seed). Returns the
     frozen sets per setting (one per seed for a control), their summary, and the units found here (or None)."""
-    e = cfg.effective()
+    e = cfg
     settings = e.settings or []
     specs = {"freeze-scu": "SCU", "freeze-scu-cu": cfg.selection, "freeze-scu-all-cu": "SCU,CU"}
     needed = {s for s in settings if s in specs} | {CONTROLS[s] for s in settings if s in CONTROLS}
@@ -395,7 +400,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     """
     t0 = time.time()
     cfg.check()
-    e = cfg.effective()
+    e = cfg
     set_seed(cfg.seed)
     data = load_protect_data(cfg)
     get_judge(cfg.judge)  # a bad judge spec fails before the model loads
@@ -456,6 +461,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
     labels = {s: cfg.label(s) + _share(units_summary["frozen"].get(s), s) for s in e.settings or []}
     dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"})
+    dump["lora_lr"] = e.lora_lr or LORA_LR_FACTOR * e.lr  # the rate in force
     results: dict[str, Any] = {
         "model": model_info,
         "settings": {**dump, "selection": cfg.selection, "labels": labels},

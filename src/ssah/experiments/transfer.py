@@ -26,9 +26,22 @@ from ssah.categorize import (
     Categorization,
     expected_random_jaccard,
 )
-from ssah.config import ModelRunConfig
+from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
+from ssah.fields import (
+    CategoryRule,
+    Columns,
+    Count,
+    Granularity,
+    MaxLength,
+    Metric,
+    Normalizations,
+    Rankings,
+    Shares,
+    System,
+    Tokens,
+)
 from ssah.measure import (
     Proportion,
     check_unit_search,
@@ -48,45 +61,42 @@ PAPER_CLAIM = "over half of the SCU became CU and part of the CU became UCU (pap
 KEY_PAIRS: tuple[str, ...] = ("SCU->CU", "CU->UCU")
 CONTROL_METHOD = "the unchanged model on disjoint calibration halves A -> B: what moves by data noise alone"
 MATCHED_METHOD = "half A on the model before fine-tuning -> half B on the model after: the fine-tune plus that noise"
-QUICK_LIMIT = 48
-QUICK_STEPS = 8
-DEFAULT_STEPS = 20
 
 
 class TransferConfig(ModelRunConfig):
     """Everything `ssah transfer` needs: the fine-tuned model (or how to make one) and the categorisation."""
 
-    out: str = "runs/transfer"
-    dtype: str = "float32"
-    finetuned: str | None = None
+    out: Out = "runs/transfer"
+    dtype: Dtype = "float32"
+    finetuned: str | None = Field(
+        None, description="The fine-tuned model (folder, ...); without it a copy is fine-tuned in memory."
+    )
     # in-memory fine-tuning when ``finetuned`` is not given
-    data: str = "builtin:task"
-    steps: int | None = None  # default 20, quick 8
-    lr: float = 2e-5
-    train_batch_size: int = 8
+    data: str = Field(
+        "builtin:task", description="Fine-tuning data when --finetuned is absent (builtin:NAME, a preset or a file)."
+    )
+    steps: Count = Field(20, description="Fine-tuning steps when --finetuned is absent.")
+    lr: float = Field(2e-5, gt=0, description="Fine-tuning learning rate when --finetuned is absent.")
+    train_batch_size: Count = Field(8, description="Fine-tuning batch size.")
     # categorisation, as in `ssah units`
-    safety: str = "builtin:safety"
-    utility: str = "builtin:utility"
-    columns: dict[str, str] = Field(default_factory=dict)
-    limit: int | None = None  # default: all examples; quick 48
-    metric: str = "fluctuation"
-    rule: str = "ssah"
-    shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = DEFAULT_NORMALIZATION
-    ranking: str = "global"
-    granularity: str = "neuron"
-    tokens: str = "prompt+response"
-    batch_size: int = 8
-    max_length: int = 512
-    system: str | None = None
-    control: bool = True
-    quick: bool = False
-
-    def effective_steps(self) -> int:
-        return self.steps if self.steps is not None else (QUICK_STEPS if self.quick else DEFAULT_STEPS)
-
-    def effective_limit(self) -> int | None:
-        return self.limit if self.limit is not None else (QUICK_LIMIT if self.quick else None)
+    safety: str = Field("builtin:safety", description="Safety calibration set.")
+    utility: str = Field("builtin:utility", description="Utility calibration set.")
+    columns: Columns = Field(default_factory=dict)
+    limit: Count | None = Field(None, description="Use only the first N examples of each calibration set.")
+    metric: Metric = "fluctuation"
+    rule: CategoryRule = "ssah"
+    shares: Shares = Field(default_factory=dict)
+    normalization: Normalizations = DEFAULT_NORMALIZATION
+    ranking: Rankings = "global"
+    granularity: Granularity = "neuron"
+    tokens: Tokens = "prompt+response"
+    batch_size: Count = Field(8, description="Examples per scoring forward pass.")
+    max_length: MaxLength = 512
+    system: System = None
+    control: bool = Field(
+        True,
+        description="Categorise disjoint data halves too (the noise control; without it the verdict is inconclusive).",
+    )
 
     def unit_search(self) -> SimpleNamespace:
         """The settings :func:`ssah.measure.find_units` reads (each half is categorised on its own)."""
@@ -96,17 +106,15 @@ class TransferConfig(ModelRunConfig):
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
         same = {"model", "out", "dtype", "data", "columns", "system", "lr", "max_length", "seed", "progress"}
         return TrainConfig.build(
-            dict(**self.model_dump(include=same), max_steps=self.effective_steps(), batch_size=self.train_batch_size)
+            dict(**self.model_dump(include=same), max_steps=self.steps, batch_size=self.train_batch_size)
         )
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
         check_unit_search(self)
-        if self.batch_size < 1 or self.max_length < 8:
-            raise UserError("--batch-size must be at least 1 and --max-length at least 8")
         if self.finetuned is None:
             self.train_config()  # a UserError on a bad training setting
-        limit = self.effective_limit()
+        limit = self.limit
         if self.control and limit is not None and limit < 2:
             raise UserError("the data-noise control splits each calibration set in two: use --limit 2 or more")
         check_output_folder(self.out, self.overwrite)
@@ -181,7 +189,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
-    limit, cols = cfg.effective_limit(), cfg.columns or None
+    limit, cols = cfg.limit, cfg.columns or None
     safety = load_prompts(cfg.safety, columns=cols, limit=limit, name="safety")
     utility = load_prompts(cfg.utility, columns=cols, limit=limit, name="utility")
     for data in [d for d in (safety, utility) if cfg.control and len(d) < 2]:
@@ -247,7 +255,6 @@ def run_transfer(cfg: TransferConfig) -> Path:
         "stability": stability_summary(base_a, base_b) if base_a is not None else None,
         "paper": {"claim": PAPER_CLAIM, "tests": tests, "verdict": tests["SCU->CU"]["verdict"]}
         | {"scu_to_cu": transfer["pairs"]["SCU->CU"], "cu_to_ucu": transfer["pairs"]["CU->UCU"]},
-        "quick": cfg.quick,
         "seed": cfg.seed,
         "seconds": {"load_models": round(t_load, 3), "fine_tune": training["seconds"] if training else 0.0}
         | {"categorize": round(cat_seconds, 3), "total": 0.0},

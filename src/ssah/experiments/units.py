@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -13,9 +13,23 @@ from ssah.categorize import (
     CATEGORIES,
     DEFAULT_NORMALIZATION,
 )
-from ssah.config import ModelRunConfig
+from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
+from ssah.fields import (
+    AutoBatch,
+    CategoryRule,
+    Columns,
+    Count,
+    Granularity,
+    MaxLength,
+    Metric,
+    Normalizations,
+    Rankings,
+    Shares,
+    System,
+    Tokens,
+)
 from ssah.measure import FoundUnits, check_unit_search, find_units
 from ssah.models import LoadedModel, load_model
 from ssah.plan import auto_scoring_batch_size, wants_auto_batch
@@ -27,22 +41,24 @@ class UnitsConfig(ModelRunConfig):
     """Everything `ssah units` needs."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
-    out: str = "runs/units"
-    safety: str = "builtin:safety"
-    utility: str = "builtin:utility"
-    columns: dict[str, str] = Field(default_factory=dict)
-    limit: int | None = None
-    metric: str = "fluctuation"
-    rule: str = "ssah"
-    shares: dict[str, float] = Field(default_factory=dict)
-    normalization: str = DEFAULT_NORMALIZATION
-    ranking: str = "global"
-    granularity: str = "neuron"
-    tokens: str = "prompt+response"
-    batch_size: int | Literal["auto"] = 8  # "auto" (the default on GPUs): largest that fits, see ssah.plan
-    max_length: int = 512
-    system: str | None = None
-    stability: bool = False
+    out: Out = "runs/units"
+    safety: str = Field("builtin:safety", description="Safety calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
+    utility: str = Field(
+        "builtin:utility", description="Utility calibration set: builtin:NAME or a CSV/JSON/JSONL file."
+    )
+    columns: Columns = Field(default_factory=dict)
+    limit: Count | None = Field(None, description="Use only the first N examples of each set.")
+    metric: Metric = "fluctuation"
+    rule: CategoryRule = "ssah"
+    shares: Shares = Field(default_factory=dict)
+    normalization: Normalizations = DEFAULT_NORMALIZATION
+    ranking: Rankings = "global"
+    granularity: Granularity = "neuron"
+    tokens: Tokens = "prompt+response"
+    batch_size: AutoBatch = 8
+    max_length: MaxLength = 512
+    system: System = None
+    stability: bool = Field(False, description="Also report SCU overlap between two disjoint data halves.")
 
     def check(self) -> None:
         """Cheap validation, done before any data or model is loaded (the output folder included)."""

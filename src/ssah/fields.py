@@ -1,0 +1,118 @@
+"""Config field types several recipes share: the type, its constraint, how a string is read, and its help,
+declared once. A recipe's config writes ``metric: Metric = "fluctuation"``; the CLI flag, the YAML key and the
+Python keyword all come from that one line (see :mod:`ssah.config`).
+
+Strings are accepted where a structured value is meant (``shares: scu=0.013,ru=0.15``, ``categories: SCU,RU``),
+so the same text works as a ``--flag``, in YAML and as a ``key=value`` override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
+
+from ssah.categorize import Normalization, Ranking, Rule
+from ssah.data.chat import TokenRegion
+from ssah.interventions import AblationMode
+from ssah.scoring import Metric as MetricName
+from ssah.units import Granularity as GranularityName
+
+
+def split_commas(value: Any) -> Any:
+    """``"a,b"`` or ``["a,b", "c"]`` -> ``["a", "b", "c"]`` (blank items dropped); other values unchanged."""
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, list | tuple):
+        out: list[Any] = []
+        for item in value:
+            parts = item.replace(";", ",").split(",") if isinstance(item, str) else [item]
+            out += [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
+        return out
+    return value
+
+
+def _pairs(parse: Callable[[list[str]], dict[str, Any]]) -> Callable[[Any], Any]:
+    """A before-validator reading ``"a=1,b=2"`` (or a list of ``a=1`` items) with ``parse``; mappings pass."""
+
+    def read(value: Any) -> Any:
+        if isinstance(value, str | list | tuple):
+            return parse(split_commas(value))
+        return value
+
+    return read
+
+
+def _shares(items: list[str]) -> dict[str, Any]:
+    from ssah.categorize import parse_shares
+
+    return parse_shares(",".join(items))
+
+
+def _columns(items: list[str]) -> dict[str, Any]:
+    from ssah.data import parse_column_mapping
+
+    return parse_column_mapping(items)
+
+
+CommaList = Annotated[list[str], BeforeValidator(split_commas)]
+Count = Annotated[int, Field(ge=1)]  # a number of steps, examples, tokens or seeds (0 is a user error)
+Seeds = Annotated[int, Field(ge=3, description="Random-control seeds (one draw each; at least 3).")]
+Metric = Annotated[MetricName, Field(description="Unit score: fluctuation | wanda | snip | taylor | magnitude")]
+CategoryRule = Annotated[Rule, Field(description="Categorisation rule: ssah | pruning-sets | wei-set-difference")]
+Shares = Annotated[
+    dict[str, float],
+    BeforeValidator(_pairs(_shares)),
+    Field(description="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148 (default: the rule's)."),
+]
+Normalizations = Annotated[
+    Normalization,
+    Field(
+        description="Score normalisation: mean (over all units) | module-mean | zscore | rank (these three per "
+        "layer-kind module) | global-rank | none"
+    ),
+]
+Rankings = Annotated[Ranking, Field(description="Rank units globally or per module: global | per-module")]
+Granularity = Annotated[GranularityName, Field(description="Units are single channels or heads: neuron | head")]
+Tokens = Annotated[TokenRegion, Field(description="Tokens counted: prompt+response | response | prompt | all")]
+Strata = Annotated[
+    Literal["layer-kind", "layer", "kind", "none"],
+    Field(description="Random controls keep the count per: layer-kind | layer | kind | none (uniform)."),
+]
+Ablation = Annotated[
+    AblationMode, Field(description="zero | mean (FLAP-style: a removed channel reads its calibration mean).")
+]
+Schedule = Annotated[
+    Literal["linear", "cosine", "constant"], Field(description="LR schedule: linear | cosine | constant")
+]
+Columns = Annotated[
+    dict[str, str],
+    BeforeValidator(_pairs(_columns)),
+    Field(description="Map a column, e.g. prompt=goal (repeatable).", json_schema_extra={"flag": "--column"}),
+]
+JudgeSpec = Annotated[
+    str, Field(description="Refusal judge: keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")
+]
+System = Annotated[str | None, Field(description="System prompt (default: the template's).")]
+MaxLength = Annotated[int, Field(ge=8, description="Truncate examples to this many tokens.")]
+
+
+def _auto_batch(value: Any) -> Any:
+    """``auto`` or a whole number of at least 1 (as text from the CLI, or a number)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"pass a positive number or auto, not {value!r}")
+    return int(text)
+
+
+AutoBatch = Annotated[
+    int | Literal["auto"],
+    BeforeValidator(_auto_batch),
+    Field(
+        description="Examples per batch, or auto: the largest that fits (from `ssah info --plan`, halved on "
+        "out-of-memory, remembered in the cache); auto is the default on GPUs."
+    ),
+]
