@@ -206,7 +206,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path, capsys, user_error) -> 
 
 
 def test_usage_errors_exit_2(user_error) -> None:
-    user_error(["units", "tiny-random-llama", "--batch-size", "many"], "--batch-size")
+    user_error(["units", "tiny-random-llama", "--batch-size", "many"], "'batch_size'")
     user_error(["no-such-command"], "no-such-command")
 
 

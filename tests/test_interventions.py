@@ -574,7 +574,7 @@ def test_train_model_passes_gqa_and_reports_the_unit_slices(mode: str, gqa: str)
     else:  # any: the shared row trains with the set, for channel 21 too
         assert report["outside_channels"] == 1 and moved
         assert res.trainable["params"] == report["parameters"]
-    with pytest.raises(UserError, match="'gqa'"):
+    with pytest.raises(UserError, match="unknown gqa 'most'"):
         TrainConfig.build({"model": "tiny-random-llama", "gqa": "most"})
 
 
@@ -598,4 +598,4 @@ def test_cli_train_gqa_option_reaches_results(tmp_path, capsys, user_error) -> N
     res = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert res["unit_slices"]["gqa"] == "strict" and res["settings"]["gqa"] == "strict"
     assert res["unit_slices"]["units"] == res["freeze"]["units"] > 0
-    user_error([*common, "--gqa", "half", "--out", str(tmp_path / "bad"), *fast], "'gqa'")
+    user_error([*common, "--gqa", "half", "--out", str(tmp_path / "bad"), *fast], "unknown gqa 'half'")

@@ -13,19 +13,18 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from ssah.config import Dtype, ModelRunConfig, Out
+from ssah.config import Dtype, ModelRunConfig, Out, shipped_configs
 from ssah.errors import UserError
+from ssah.fields import CommaList
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
 from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json, write_report
-from ssah.config import shipped_configs
-from ssah.fields import CommaList
 
 
 class DemoConfig(ModelRunConfig):

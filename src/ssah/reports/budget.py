@@ -97,6 +97,6 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         f"**{results['paper']['verdict']}** ({results['paper']['reason']}). The paper gives no safety numbers for "
         "this; refusal and over-refusal are the reviewers' question.",
         "",
-        f"Took {results['seconds']['total']:.1f} s{' in quick mode' if st['quick'] else ''}.",
+        f"Took {results['seconds']['total']:.1f} s.",
     ]
     return "\n".join(lines) + "\n"

@@ -136,6 +136,6 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "; ".join(f"{p}: {a} attention, {m} MLP" for p, a, m in kinds) + ".",
         "",
         f"Took {s['total']:.1f} s (model loads {s['load_models']:.1f} s, fine-tuning {s['fine_tune']:.1f} s, "
-        f"categorisations {s['categorize']:.1f} s){' in quick mode' if results.get('quick') else ''}.",
+        f"categorisations {s['categorize']:.1f} s).",
     ]
     return "\n".join(lines) + "\n"
