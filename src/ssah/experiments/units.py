@@ -16,7 +16,17 @@ from ssah.categorize import (
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
-from ssah.measure import FoundUnits, check_unit_search, find_units
+from ssah.measure import (
+    ControlDistribution,
+    FoundUnits,
+    Proportion,
+    check_unit_search,
+    compare,
+    find_units,
+    random_control,
+    stability_summary,
+    verdict,
+)
 from ssah.models import LoadedModel, load_model
 from ssah.plan import auto_scoring_batch_size, wants_auto_batch
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
@@ -43,6 +53,13 @@ class UnitsConfig(ModelRunConfig):
     max_length: int = 512
     system: str | None = None
     stability: bool = False
+    compare_safety: str | None = Field(
+        None,
+        description="Also find SCU with these other safety calibration sets (comma-separated specs, e.g. "
+        "advbench-safety,harmbench-safety) and report how much the SCU sets overlap, against stratified random sets "
+        "of the same count.",
+    )
+    compare_seeds: int = Field(5, description="Random-control seeds of the --compare-safety overlap (at least 3).")
 
     def check(self) -> None:
         """Cheap validation, done before any data or model is loaded (the output folder included)."""
@@ -56,6 +73,55 @@ class UnitsConfig(ModelRunConfig):
             raise UserError("batch_size must be at least 1 and max_length at least 8")
         if self.limit is not None and self.limit < 2 and self.stability:
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
+        specs = safety_specs(self)
+        if specs and self.compare_seeds < 3:
+            raise UserError(f"--compare-seeds {self.compare_seeds}: the overlap control needs at least 3 seeds")
+        if len(set(specs)) != len(specs):
+            raise UserError(f"--compare-safety names a set twice ({', '.join(specs)}): name each set once")
+
+
+def safety_specs(cfg: Any) -> list[str]:
+    """The safety sets compared by ``--compare-safety``: ``cfg.safety`` first, then each named one (empty when
+    none is named)."""
+    extra = [s.strip() for s in str(cfg.compare_safety or "").split(",") if s.strip()]
+    return [cfg.safety, *extra] if extra else []
+
+
+def overlap_across_safety_sets(found: dict[str, Any], *, seeds: int, seed: int = 0) -> dict[str, Any]:
+    """How stable SCU is across calibration sets: for every pair (a, b) of categorisations (name -> the
+    categorisation, in order), the share of a's SCU that are SCU with b, against the same share for random sets
+    with a's count in every (layer, kind) cell (``seeds`` draws: a distribution), decided by the one verdict rule
+    (expected higher). The unstratified chance level of ``stability_summary`` is kept beside it."""
+    names = list(found)
+    pairs = []
+    for i, a_name in enumerate(names):
+        for b_name in names[i + 1 :]:
+            a, b = found[a_name]["SCU"], found[b_name]["SCU"]
+            entry: dict[str, Any] = {"a": a_name, "b": b_name, "scu": [len(a), len(b)]}
+            st = stability_summary(found[a_name], found[b_name])["SCU"]
+            entry |= {k: st[k] for k in ("jaccard", "chance") if k in st}
+            if len(a) and len(b):
+                hit = Proportion(len(a & b), len(a))
+                draws = tuple(Proportion(len(random_control(a, seed + s).units & b), len(a)) for s in range(seeds))
+                control = ControlDistribution(draws)
+                c = compare(hit, control)
+                entry |= {
+                    "found_again": hit.to_dict(),
+                    "stratified_control": control.to_dict(),
+                    "unstratified_chance": st["found_again_by_chance"],
+                    "comparison": c.to_dict(),
+                    "verdict": verdict(c, "higher").to_dict(),
+                }
+            else:
+                entry["verdict"] = {"verdict": "inconclusive", "reason": "one of the sets has no SCU"}
+            pairs.append(entry)
+    return {
+        "method": "SCU found with each safety set (same model, utility set and settings); a's SCU found again "
+        "among b's SCU vs random units with a's count in every (layer, kind) cell",
+        "control": f"stratified random units (same count per layer and kind), {seeds} seeds",
+        "seeds": seeds,
+        "pairs": pairs,
+    }
 
 
 def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg: UnitsConfig) -> FoundUnits:
@@ -74,6 +140,11 @@ def run_units(cfg: UnitsConfig) -> Path:
     for data in (safety, utility):
         if cfg.stability and len(data) < 2:
             raise UserError(f"--stability needs at least 2 examples in the {data.name} set, it has {len(data)}")
+    # the other safety sets of --compare-safety, loaded before the model so that a bad spec fails at once
+    others = {
+        spec: load_prompts(spec, columns=cfg.columns or None, limit=cfg.limit, name="safety")
+        for spec in safety_specs(cfg)[1:]
+    }
     lm = load_model(cfg.model, **cfg.load_options())
     if wants_auto_batch(cfg, lm.model):
         size = auto_scoring_batch_size(
@@ -86,6 +157,18 @@ def run_units(cfg: UnitsConfig) -> Path:
     outcome = categorize_model(lm, safety, utility, cfg)
     cats, s_scores, u_scores, stability = outcome.categorization, outcome.safety, outcome.utility, outcome.stability
     score_seconds = time.time() - t_score
+    calibration = None
+    if safety_specs(cfg):
+        t_cmp = time.time()
+        found = {cfg.safety: cats}
+        plain = cfg.model_copy(update={"stability": False})
+        sets = [{"spec": cfg.safety, "source": safety.source, "examples": len(safety), "scu": len(cats["SCU"])}]
+        for spec in safety_specs(cfg)[1:]:
+            other = others[spec]
+            found[spec] = categorize_model(lm, other, utility, plain).categorization
+            sets.append({"spec": spec, "source": other.source, "examples": len(other), "scu": len(found[spec]["SCU"])})
+        calibration = {"sets": sets, **overlap_across_safety_sets(found, seeds=cfg.compare_seeds, seed=cfg.seed)}
+        calibration["seconds"] = round(time.time() - t_cmp, 3)
 
     summary = cats.summary()
     results: dict[str, Any] = {
@@ -113,6 +196,7 @@ def run_units(cfg: UnitsConfig) -> Path:
         "by_layer": summary["by_layer"],
         "by_kind": {c: {k: sum(row[c][k] for row in summary["by_layer"]) for k in ("attn", "mlp")} for c in CATEGORIES},
         "stability": stability,
+        "calibration_sets": calibration,
         "seconds": {
             "load_model": round(lm.load_seconds, 3),
             "scoring": round(score_seconds, 3),
