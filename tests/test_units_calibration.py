@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssah.data import load_prompts
 from ssah.errors import UserError
-from ssah.experiments.units import UnitsConfig, overlap_across_safety_sets, run_units, safety_specs
+from ssah.experiments.units import UnitsConfig, evenly_spaced, overlap_across_safety_sets, run_units, safety_specs
 from ssah.reports.units import render
 from ssah.units import UnitSet, UnitSpace
 
@@ -73,8 +74,14 @@ def test_compare_safety_specs_and_bad_settings(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, compare_safety="builtin:harmful, builtin:safety")
     with pytest.raises(UserError, match="twice"):
         cfg.check()
-    with pytest.raises(UserError, match="at least 3 seeds"):
-        _cfg(tmp_path, compare_safety="builtin:harmful", compare_seeds=2).check()
+
+
+def test_compared_sets_are_cut_to_the_main_sets_size_evenly() -> None:
+    data = load_prompts("builtin:harmful")  # 150, sorted by category (15 each)
+    cut = evenly_spaced(data, 30)
+    assert len(cut) == 30 and [ex.prompt for ex in cut] == [data[5 * i].prompt for i in range(30)]
+    assert {ex.category for ex in cut} == {ex.category for ex in data}
+    assert evenly_spaced(data, 500) is data
 
 
 def test_units_run_compares_safety_sets_and_reports_them(tmp_path: Path) -> None:

@@ -56,10 +56,9 @@ class UnitsConfig(ModelRunConfig):
     compare_safety: str | None = Field(
         None,
         description="Also find SCU with these other safety calibration sets (comma-separated specs, e.g. "
-        "advbench-safety,harmbench-safety) and report how much the SCU sets overlap, against stratified random sets "
-        "of the same count.",
+        "advbench-safety,harmbench-safety; each cut to the --safety set's size by evenly spaced examples) and report "
+        "how much the SCU sets overlap, against stratified random sets of the same count.",
     )
-    compare_seeds: int = Field(5, description="Random-control seeds of the --compare-safety overlap (at least 3).")
 
     def check(self) -> None:
         """Cheap validation, done before any data or model is loaded (the output folder included)."""
@@ -74,10 +73,20 @@ class UnitsConfig(ModelRunConfig):
         if self.limit is not None and self.limit < 2 and self.stability:
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
         specs = safety_specs(self)
-        if specs and self.compare_seeds < 3:
-            raise UserError(f"--compare-seeds {self.compare_seeds}: the overlap control needs at least 3 seeds")
         if len(set(specs)) != len(specs):
             raise UserError(f"--compare-safety names a set twice ({', '.join(specs)}): name each set once")
+
+
+def evenly_spaced(data: PromptSet, n: int) -> PromptSet:
+    """At most ``n`` examples of ``data``, evenly spaced through it (deterministic): the compared safety sets rest
+    on as many examples as the main one, and a benchmark sorted by category keeps all its categories."""
+    if len(data) <= n:
+        return data
+    picked = tuple(data[(i * len(data)) // n] for i in range(n))
+    return PromptSet(data.name, f"{data.source} (every {len(data) / n:.2f}th, {n} examples)", picked)
+
+
+COMPARE_SEEDS = 5  # random-control draws of the --compare-safety overlap (no model pass: cheap)
 
 
 def safety_specs(cfg: Any) -> list[str]:
@@ -157,17 +166,18 @@ def run_units(cfg: UnitsConfig) -> Path:
     outcome = categorize_model(lm, safety, utility, cfg)
     cats, s_scores, u_scores, stability = outcome.categorization, outcome.safety, outcome.utility, outcome.stability
     score_seconds = time.time() - t_score
-    calibration = None
+    calibration, compared = None, []
     if safety_specs(cfg):
         t_cmp = time.time()
         found = {cfg.safety: cats}
         plain = cfg.model_copy(update={"stability": False})
         sets = [{"spec": cfg.safety, "source": safety.source, "examples": len(safety), "scu": len(cats["SCU"])}]
         for spec in safety_specs(cfg)[1:]:
-            other = others[spec]
+            other = evenly_spaced(others[spec], len(safety))
+            compared.append(other)
             found[spec] = categorize_model(lm, other, utility, plain).categorization
             sets.append({"spec": spec, "source": other.source, "examples": len(other), "scu": len(found[spec]["SCU"])})
-        calibration = {"sets": sets, **overlap_across_safety_sets(found, seeds=cfg.compare_seeds, seed=cfg.seed)}
+        calibration = {"sets": sets, **overlap_across_safety_sets(found, seeds=COMPARE_SEEDS, seed=cfg.seed)}
         calibration["seconds"] = round(time.time() - t_cmp, 3)
 
     summary = cats.summary()
@@ -204,6 +214,8 @@ def run_units(cfg: UnitsConfig) -> Path:
         },
     }
     data = {ps.name: {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)} for ps in (safety, utility)}
+    for i, ps in enumerate(compared, 1):  # the --compare-safety sets, as used
+        data[f"safety-compare-{i}"] = {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
     model = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         s_scores.save(run.file("scores/safety.safetensors"))
