@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ssah.config import ModelRunConfig
-from ssah.errors import UserError
+from ssah.data.presets import preset_path
+from ssah.errors import DataError, UserError
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
 from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json, write_report
@@ -100,6 +101,31 @@ def _on(
     return options
 
 
+# SCU stability across safety calibration sets (issue 18): the units stage also finds SCU with these public-benchmark
+# safety sets (each cut to the built-in set's size) when the shared benchmark data is present.
+COMPARE_SAFETY = ("advbench-safety", "harmbench-safety")
+
+
+def available_safety_sets(names: tuple[str, ...] = COMPARE_SAFETY) -> list[str]:
+    """The presets of ``names`` whose data files are present (none without the shared benchmark data)."""
+    found = []
+    for name in names:
+        try:
+            preset_path(name)
+        except DataError:
+            continue
+        found.append(name)
+    return found
+
+
+def _units_options(ctx: DemoContext) -> dict[str, Any]:
+    """The units stage: the aligned model with stability across data halves and, where the public data is
+    present, across safety calibration sets."""
+    options = _on("aligned", dtype=True, stability=True)(ctx)
+    sets = available_safety_sets()
+    return options | ({"compare_safety": ",".join(sets)} if sets else {})
+
+
 SMALL_EVAL = {"limit": 24, "max_new_tokens": 32}
 STAGES: tuple[Stage, ...] = (
     Stage("align", "Aligning the model (safety SFT)", (), "align", _on("base", dtype=True),
@@ -108,8 +134,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval-aligned", "Evaluating the aligned model", ("align",), "eval", _on("aligned", dtype=True), SMALL_EVAL),
     Stage("probe", "Probing the reasoning direction, aligned vs unaligned", ("align",), "probe",
           _on("aligned", compare=True, quick=True)),
-    Stage("units", "Scoring and categorising units of the aligned model", ("align",), "units",
-          _on("aligned", dtype=True, stability=True)),
+    Stage("units", "Scoring and categorising units of the aligned model", ("align",), "units", _units_options),
     Stage("ablate", "Ablating each unit category, with random controls", ("align", "units"), "ablate",
           _on("aligned", units=True, quick=True)),
     Stage("transfer", "Attribute transfer after a short benign fine-tune", ("align",), "transfer",

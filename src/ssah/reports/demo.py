@@ -31,6 +31,20 @@ def _seeds(n: Any) -> str:
     return f", {n} seeds" if n else ""
 
 
+STRATA = {
+    "layer-kind": "same count per (layer, kind)",
+    "layer": "same count per layer",
+    "kind": "same count per kind (attention / MLP)",
+    "none": "same count, unstratified",
+}
+
+
+def _random(what: str, st: dict[str, Any]) -> str:
+    """A random control named with its strata and seeds, from a stage's settings."""
+    strata = st.get("control_strata", "layer-kind")
+    return f"{what}, {STRATA.get(strata, f'strata {strata}')}{_seeds(st.get('seeds'))}"
+
+
 def judge_cell(spec: str | None, measured: dict[str, Any] | None = None) -> str | None:
     """The judge of a row's ASR / refusal numbers and its shipped agreement with human labels (None: no judge)."""
     if not spec:
@@ -115,7 +129,7 @@ def row_calibration(r: dict[str, Any]) -> Row | None:
         "effect": "SCU are stable across safety calibration sets (built-in vs AdvBench- vs HarmBench-based)",
         "published": "SCU identified with AdvBench calibration data; not checked across sets (reviewers asked)",
         "ours": "SCU of one set found again with the other: " + "; ".join(parts),
-        "control": f"random units, same count per (layer, kind){_seeds(cal.get('seeds'))}",
+        "control": _random("random units", {"seeds": cal.get("seeds")}),
         "verdict": all_of([p["verdict"]["verdict"] for p in cal["pairs"]]),
         "judge": None,
     }
@@ -131,7 +145,7 @@ def row_ablate(r: dict[str, Any]) -> Row:
         "effect": "ablating the few SCU breaks refusal (Table 1)",
         "published": "ASR +56 / +71 points after ablating SCU (Llama-2-7B-Chat / Llama-3-8B-Instruct)",
         "ours": f"SCU-ablated ASR {_pct(c['effect'])} vs random {_pct(c['control'])}: {_ci(c)}{extra}",
-        "control": f"random units, same count per (layer, kind){_seeds(st.get('seeds'))}",
+        "control": _random("random units", st),
         "verdict": v["verdict"],
         "judge": judge_cell(st.get("judge")),
     }
@@ -180,7 +194,7 @@ def row_protect(r: dict[str, Any]) -> Row:
         "effect": "freezing SCU (+ top CU) while fine-tuning keeps safety (Tables 2-3)",
         "published": "Alpaca: ASR 5.3% full vs 2.96% frozen SCU + 6% (Llama-2-7B-Chat; no random control)",
         "ours": "; ".join(parts) or "n/a",
-        "control": f"random frozen units, same count per (layer, kind){_seeds(st.get('seeds'))}; full fine-tune",
+        "control": _random("random frozen units", st) + "; full fine-tune",
         "verdict": all_of(verdicts),
         "judge": judge_cell(st.get("judge")),
     }
@@ -206,7 +220,7 @@ def row_budget(r: dict[str, Any]) -> Row:
         "effect": "redundant units are an alignment budget: RU-only SFT keeps more utility than full SFT (Table 4)",
         "published": "RU-only SFT: GSM8K 13.4 vs 8.8 for full SFT (Llama-2-7B)",
         "ours": ours,
-        "control": f"full SFT (utility); random units of RU's count per (layer, kind){_seeds(st.get('seeds'))}",
+        "control": "full SFT (utility); " + _random("random units of RU's count", st),
         "verdict": r["paper"]["verdict"],
         "judge": judge_cell(st.get("judge")),
     }
