@@ -103,3 +103,21 @@ def test_bad_compare_spec_fails_before_the_model_is_loaded(tmp_path: Path) -> No
     with pytest.raises(Exception, match="nope"):
         run_units(_cfg(tmp_path, compare_safety="builtin:nope"))
     assert not (tmp_path / "units").exists()
+
+
+def test_scu_with_another_safety_set_equals_a_full_categorisation_with_it(tiny_llama) -> None:
+    """Only the safety pass is rerun for a compared set: the result is the categorisation `find_units` makes."""
+    from ssah.experiments.units import categorize_model, categorize_with_safety_set
+    from ssah.models import load_model
+
+    lm = load_model("tiny-random-llama")
+    cfg = UnitsConfig.build({"model": "tiny-random-llama", "limit": 5, "max_length": 64, "progress": False})
+    safety, other, utility = (
+        load_prompts(n, limit=5) for n in ("builtin:safety", "builtin:harmful", "builtin:utility")
+    )
+    found = categorize_model(lm, safety, utility, cfg)
+    fast = categorize_with_safety_set(lm, other, found, cfg)
+    full = categorize_model(lm, other, utility, cfg).categorization
+    for c in ("SCU", "UCU", "CU", "RU"):
+        assert torch.equal(fast[c].mask, full[c].mask), c
+    assert not torch.equal(fast["SCU"].mask, found.categorization["SCU"].mask)  # the safety set matters

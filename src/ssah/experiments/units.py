@@ -139,6 +139,47 @@ def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg
     return find_units(lm, safety, utility, cfg)
 
 
+def categorize_with_safety_set(lm: LoadedModel, safety: PromptSet, found: FoundUnits, cfg: UnitsConfig) -> Any:
+    """The categorisation with another safety set and ``found``'s utility scores, as ``find_units`` would make it
+    with that safety set (same settings): only the safety pass is run, since the utility scores do not change."""
+    from ssah.categorize import categorize
+    from ssah.scoring import collect_statistics, compute_scores, gradient_mode
+
+    stats = collect_statistics(
+        lm.model,
+        lm.tokenizer,
+        safety,
+        region=cfg.tokens,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        system=cfg.system,
+        gradients=gradient_mode(cfg.metric),
+        progress=cfg.progress,
+        desc=safety.source,
+    )
+    if stats.tokens == 0:
+        raise UserError(f"no {cfg.tokens} tokens were counted in {safety.source}: raise --max-length")
+    scores = compute_scores(
+        lm.model,
+        stats,
+        cfg.metric,
+        found.safety.space,  # the neuron-level space of the scores
+        dataset=safety.source,
+        region=cfg.tokens,
+        adapter=get_adapter(lm.model),
+    )
+    return categorize(
+        scores,
+        found.utility,
+        rule=cfg.rule,
+        shares=cfg.shares,
+        normalization=cfg.normalization,
+        ranking=cfg.ranking,
+        granularity=cfg.granularity,  # type: ignore[arg-type]
+        space=found.categorization.space,
+    )
+
+
 def run_units(cfg: UnitsConfig) -> Path:
     """Run the recipe and write the run folder; returns its path."""
     t0 = time.time()
@@ -170,12 +211,11 @@ def run_units(cfg: UnitsConfig) -> Path:
     if safety_specs(cfg):
         t_cmp = time.time()
         found = {cfg.safety: cats}
-        plain = cfg.model_copy(update={"stability": False})
         sets = [{"spec": cfg.safety, "source": safety.source, "examples": len(safety), "scu": len(cats["SCU"])}]
         for spec in safety_specs(cfg)[1:]:
             other = evenly_spaced(others[spec], len(safety))
             compared.append(other)
-            found[spec] = categorize_model(lm, other, utility, plain).categorization
+            found[spec] = categorize_with_safety_set(lm, other, outcome, cfg)
             sets.append({"spec": spec, "source": other.source, "examples": len(other), "scu": len(found[spec]["SCU"])})
         calibration = {"sets": sets, **overlap_across_safety_sets(found, seeds=COMPARE_SEEDS, seed=cfg.seed)}
         calibration["seconds"] = round(time.time() - t_cmp, 3)
