@@ -122,7 +122,7 @@ def row_calibration(r: dict[str, Any]) -> Row | None:
         return None
     parts = [
         f"{p['a']} -> {p['b']}: {proportion(p.get('found_again'), ci_digits=0)} vs "
-        f"{proportion(p.get('stratified_control'), ci_digits=0)} ({p['verdict']['verdict']})"
+        f"{proportion(p.get('stratified_control'), ci_digits=1)} ({p['verdict']['verdict']})"
         for p in cal["pairs"]
     ]
     return {

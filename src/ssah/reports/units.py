@@ -66,7 +66,7 @@ def calibration_section(cal: dict[str, Any] | None) -> list[str]:
             f"{p['a']} -> {p['b']}",
             p.get("jaccard", "-"),
             proportion(p.get("found_again"), counts=True),
-            proportion(p.get("stratified_control"), seeds=True),
+            proportion(p.get("stratified_control"), ci_digits=1, seeds=True),
             difference(p.get("comparison"), unit=" points") or "-",
             verdict_word(p["verdict"]["verdict"]),
         ]
