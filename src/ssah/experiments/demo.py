@@ -3,8 +3,11 @@
 Stages (each an ordinary experiment writing its own run folder under the demo folder):
 align -> eval of both models -> probe -> units -> ablation -> attribute transfer -> protected fine-tuning ->
 alignment budget. A stage whose folder already holds ``results.json`` is reused, so an interrupted demo continues
-where it stopped; ``stages`` runs a subset. The demo folder gets ``results.json`` (timings and the headline numbers
-next to the published ones), ``report.md`` and a self-contained ``report.html``.
+where it stopped; ``stages`` runs a subset. The demo folder gets ``results.json`` (timings and the science table:
+each result of the paper next to ours, with its interval, control, verdict and judge), ``report.md`` and a
+self-contained ``report.html``; ``ssah report DEMO --readme README.md`` copies the science table into a README.
+The units stage also finds SCU with AdvBench- and HarmBench-based safety sets when the public data is present
+(SCU stability across calibration sets).
 """
 
 from __future__ import annotations

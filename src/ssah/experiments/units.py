@@ -1,4 +1,8 @@
-"""`ssah units`: score every unit on a safety and a utility set and split them into SCU / UCU / CU / RU."""
+"""`ssah units`: score every unit on a safety and a utility set and split them into SCU / UCU / CU / RU.
+
+``stability`` also categorises disjoint halves of the data; ``compare_safety`` also finds SCU with other safety
+calibration sets (e.g. ``advbench-safety``, ``harmbench-safety``) and tests their overlap against stratified random
+sets of the same count."""
 
 from __future__ import annotations
 
