@@ -91,6 +91,7 @@ def test_units_run_compares_safety_sets_and_reports_them(tmp_path: Path) -> None
     cal = res["calibration_sets"]
     assert [s["spec"] for s in cal["sets"]] == ["builtin:safety", "builtin:harmful"]
     assert all(s["examples"] == 6 for s in cal["sets"])
+    assert "every 25.00th, 6 examples" in cal["sets"][1]["source"]  # 6 of 150, spread over the whole set
     (pair,) = cal["pairs"]
     assert (pair["a"], pair["b"]) == ("builtin:safety", "builtin:harmful")
     assert pair["verdict"]["verdict"] in {"reproduced", "not reproduced", "inconclusive"}

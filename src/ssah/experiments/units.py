@@ -60,7 +60,8 @@ class UnitsConfig(ModelRunConfig):
     compare_safety: str | None = Field(
         None,
         description="Also find SCU with these other safety calibration sets (comma-separated specs, e.g. "
-        "advbench-safety,harmbench-safety; each cut to the --safety set's size by evenly spaced examples) and report "
+        "advbench-safety,harmbench-safety; each cut to the --safety set's size (after --limit) by evenly spaced "
+        "examples) and report "
         "how much the SCU sets overlap, against stratified random sets of the same count.",
     )
 
@@ -196,7 +197,7 @@ def run_units(cfg: UnitsConfig) -> Path:
             raise UserError(f"--stability needs at least 2 examples in the {data.name} set, it has {len(data)}")
     # the other safety sets of --compare-safety, loaded before the model so that a bad spec fails at once
     others = {
-        spec: load_prompts(spec, columns=cfg.columns or None, limit=cfg.limit, name="safety")
+        spec: load_prompts(spec, columns=cfg.columns or None, name="safety")  # cut evenly to the --safety size
         for spec in safety_specs(cfg)[1:]
     }
     lm = load_model(cfg.model, **cfg.load_options())
