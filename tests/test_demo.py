@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.experiments.demo import STAGE_NAMES
+from ssah.experiments.demo import STAGE_NAMES, available_safety_sets
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,17 @@ def test_demo_runs_every_stage_and_writes_one_report(demo_run: Path) -> None:
         assert (demo_run / name / "results.json").is_file() and (demo_run / name / "report.md").is_file()
     assert res["headlines"], "the report compares with the published effects"
     effects = [h["effect"] for h in res["headlines"]]
-    # align, the over-refusal price, SCU stability, probe, ablate, transfer, protect, budget; none unreadable
-    assert len(effects) == 8 and not [e for e in effects if "see its section" in e], effects
+    # align, the over-refusal price, SCU stability (halves; and calibration sets where the public data is present),
+    # ablate, transfer, protect, budget, probe; none unreadable
+    compared = bool(available_safety_sets())
+    assert len(effects) == 8 + compared and not [e for e in effects if "see its section" in e], effects
+    assert all(h["control"] for h in res["headlines"]), "every row names its control"
+    judged = [h["effect"].split(":")[0] for h in res["headlines"] if h["judge"]]
+    assert any("Table 1" in e for e in judged) and not any("attribute transfer" in e for e in judged)
+    if compared:
+        cal = json.loads((demo_run / "units" / "results.json").read_text())["calibration_sets"]
+        assert [s["spec"] for s in cal["sets"]] == ["builtin:safety", "advbench-safety", "harmbench-safety"]
+        assert any("calibration sets" in e for e in effects)
     tax = next(h for h in res["headlines"] if "safety tax" in h["effect"])
     assert tax["verdict"] is None and "over-refusal" in tax["ours"]
     verdicts = {h["effect"]: h["verdict"] for h in res["headlines"]}
@@ -129,3 +138,15 @@ def test_ssah_report_rebuilds_every_stage(stage: str, demo_run: Path, tmp_path: 
     page = (run / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "missing image" not in page
     assert page.count("data:image/png;base64,") == len(plots)
+
+
+def test_readme_table_from_the_demo_is_the_reports_table(demo_run: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- ssah:results:start -->\n<!-- ssah:results:end -->\n")
+    assert main(["report", str(demo_run), "--readme", str(readme)]) == 0
+    first = readme.read_bytes()
+    assert main(["report", str(demo_run), "--readme", str(readme)]) == 0
+    assert readme.read_bytes() == first
+    table = [line for line in first.decode().splitlines() if line.startswith("| ")]
+    report = (demo_run / "report.md").read_text()
+    assert table and all(line in report for line in table)  # the same table as the demo report's

@@ -26,6 +26,8 @@ from ssah.errors import DataError
 # preset -> (examples, has responses, distinct categories (None = no category column))
 EXPECTED: dict[str, tuple[int, bool, int | None]] = {
     "advbench": (520, False, None),
+    "advbench-safety": (520, True, None),
+    "harmbench-safety": (200, True, 6),
     "harmbench": (400, False, 7),
     "harmbench-val": (80, False, 7),
     "harmbench-test": (320, False, 7),

@@ -17,7 +17,10 @@ import typer
 from ssah.cliutil import app
 from ssah.errors import UserError
 from ssah.recipes import Renderer, get_recipe
-from ssah.runs import write_report
+from ssah.runs import atomic_write_text, write_report
+
+README_START = "<!-- ssah:results:start -->"
+README_END = "<!-- ssah:results:end -->"
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -67,12 +70,75 @@ def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
         ) from exc
 
 
+def demo_command(results: dict[str, Any]) -> str:
+    """The `ssah demo` command line that makes a run with these settings (model, seed, quick or full)."""
+    full = "" if results.get("quick", True) else " --full"
+    return f"ssah demo --model {results['model']} --seed {results['seed']}{full}"
+
+
+def readme_block(run_dir: str | Path) -> str:
+    """The README's results block for a demo run: one line naming the run, the verdict rule and the science table,
+    between the two markers. Built from the run folder alone, so the same run gives the same bytes."""
+    from ssah.reports.demo import VERDICT_RULE, headlines, science_table
+
+    run_dir = Path(run_dir)
+    command, results = load_run(run_dir)
+    if command != "demo":
+        raise UserError(
+            f"{run_dir} is a `{command}` run, not a demo run: --readme takes a folder written by `ssah demo`"
+        )
+    man = _read_json(run_dir / "manifest.json", "the manifest")
+    rows = headlines(run_dir) or results.get("headlines") or []
+    if not rows:
+        raise UserError(f"{run_dir} holds no finished stage to tabulate: run `ssah demo` to the end first")
+    revision = str(man.get("git_revision") or "unknown")[:12]
+    run_line = (
+        f"Measured by `{demo_command(results)}` ({'quick' if results.get('quick', True) else 'full'} settings, "
+        f"model `{results['model']}`, seed {results['seed']}) on {str(man.get('started', 'an unknown date'))[:10]}, "
+        f"ssah revision `{revision}`; this table was written by `ssah report RUN_DIR --readme README.md`."
+    )
+    return "\n".join([README_START, "", run_line, "", VERDICT_RULE, "", science_table(rows), "", README_END])
+
+
+def write_readme_table(run_dir: str | Path, readme: str | Path) -> Path:
+    """Replace the block between the results markers of ``readme`` with the demo run's science table; a
+    ``UserError`` (file untouched) when the markers are missing or the run is not a finished demo run."""
+    readme = Path(readme)
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {readme} ({type(exc).__name__}): pass the README file to update") from None
+    starts, ends = text.count(README_START), text.count(README_END)
+    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
+        raise UserError(
+            f"{readme} needs one line {README_START} and, after it, one line {README_END} (found {starts} and "
+            f"{ends}): add them where the results table goes"
+        )
+    block = readme_block(run_dir)
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    new = head + block + tail
+    if new != text:
+        atomic_write_text(readme, new)
+    return readme
+
+
 @app.command("report")
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by an ssah command (has manifest.json).")],
     open_: Annotated[bool, typer.Option("--open/--no-open", help="Open report.html in the web browser.")] = False,
+    readme: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead of rebuilding the report, write this demo run's science table into FILE between the lines "
+            f"{README_START} and {README_END} (nothing else in FILE changes)."
+        ),
+    ] = None,
 ) -> None:
     """Rebuild a run folder's plots, report.md and self-contained report.html from its results.json."""
+    if readme is not None:
+        typer.echo(str(write_readme_table(run_dir, readme)))
+        return
     md_path, html_path = rebuild_report(run_dir)
     typer.echo(str(md_path))
     typer.echo(str(html_path))

@@ -9,12 +9,13 @@ benchmark instead of a file path. ``hf:<name or path>[:split]`` loads a Hugging 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssah.data.prompt_sets import PromptSet, read_rows, to_examples
+from ssah.data.prompt_sets import PromptSet, builtin_path, read_rows, to_examples
 from ssah.data.shared import shared_data_dir
 from ssah.errors import DataError
 
@@ -80,6 +81,34 @@ def _gsm8k_sft_rows(rows: list[Row]) -> list[Row]:
         }
         for row in rows
     ]
+
+
+def generic_refusals() -> list[str]:
+    """The built-in safety set's short generic refusal sentences ("I must decline.", "I can't assist with that
+    request.", ...): the first sentence of each ``builtin:safety`` reply when it names no topic (8 words at most,
+    ending on that / this / request / refuse / decline / one), in file order without repeats. They pair public
+    harmful prompts with refusals for a safety calibration set (refusals only, never an answer)."""
+    out: list[str] = []
+    for row in read_rows(builtin_path("safety")):
+        first = re.split(r"(?<=[.!])\s+", str(row["response"]).strip())[0]
+        if first not in out and len(first.split()) <= 8 and _GENERIC.search(first):
+            out.append(first)
+    return out
+
+
+_GENERIC = re.compile(r"\b(that|this|request|refuse|decline|one)\.$")
+
+
+def _with_refusals(prompt: str, keep: Callable[[Row], bool] = lambda r: True) -> Callable[[list[Row]], list[Row]]:
+    """Rows kept by ``keep``, each given a ``response``: the generic built-in refusals in turn (row i gets refusal
+    i mod their count), so the set is harmful prompt + refusal like ``builtin:safety``, deterministic."""
+
+    def rows(table: list[Row]) -> list[Row]:
+        refusals = generic_refusals()
+        kept = [r for r in table if keep(r) and str(r.get(prompt) or "").strip()]
+        return [{**r, "response": refusals[i % len(refusals)]} for i, r in enumerate(kept)]
+
+    return rows
 
 
 @dataclass(frozen=True)
@@ -155,6 +184,22 @@ _PRESETS: dict[str, Preset] = {
         ("strongreject", "strongreject_dataset.csv"),
         {"prompt": "forbidden_prompt", "category": "category"},
         count=313,
+    ),
+    "advbench-safety": Preset(
+        "safety calibration set from AdvBench: the 520 harmful behaviours, each paired with one of the built-in "
+        "generic refusals in turn (harmful prompt + refusal, like builtin:safety)",
+        ("advbench", "harmful_behaviors.csv"),
+        {"prompt": "goal", "response": "response"},
+        _with_refusals("goal"),
+        520,
+    ),
+    "harmbench-safety": Preset(
+        "safety calibration set from HarmBench: the 200 standard text behaviours (no context, no copyright), each "
+        "paired with one of the built-in generic refusals in turn, category from SemanticCategory",
+        ("harmbench", "harmbench_behaviors_text_all.csv"),
+        {"prompt": "Behavior", "response": "response", "category": "SemanticCategory"},
+        _with_refusals("Behavior", lambda r: str(r.get("FunctionalCategory", "")).strip() == "standard"),
+        200,
     ),
     "alignment-attribution": Preset(
         "safety-short SFT set (Wei et al. 2024): 1015 AdvBench prompts with Llama-2-chat refusals",

@@ -3,8 +3,11 @@
 Stages (each an ordinary experiment writing its own run folder under the demo folder):
 align -> eval of both models -> probe -> units -> ablation -> attribute transfer -> protected fine-tuning ->
 alignment budget. A stage whose folder already holds ``results.json`` is reused, so an interrupted demo continues
-where it stopped; ``stages`` runs a subset. The demo folder gets ``results.json`` (timings and the headline numbers
-next to the published ones), ``report.md`` and a self-contained ``report.html``.
+where it stopped; ``stages`` runs a subset. The demo folder gets ``results.json`` (timings and the science table:
+each result of the paper next to ours, with its interval, control, verdict and judge), ``report.md`` and a
+self-contained ``report.html``; ``ssah report DEMO --readme README.md`` copies the science table into a README.
+The units stage also finds SCU with AdvBench- and HarmBench-based safety sets when the public data is present
+(SCU stability across calibration sets).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 from pydantic import Field
 
 from ssah.config import Dtype, ModelRunConfig, Out, shipped_configs
-from ssah.errors import UserError
+from ssah.data.presets import preset_path
+from ssah.errors import DataError, UserError
 from ssah.fields import CommaList
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
@@ -110,14 +114,38 @@ def _on(
     return options
 
 
+# SCU stability across safety calibration sets (issue 18): the units stage also finds SCU with these public-benchmark
+# safety sets (each cut to the built-in set's size) when the shared benchmark data is present.
+COMPARE_SAFETY = ("advbench-safety", "harmbench-safety")
+
+
+def available_safety_sets(names: tuple[str, ...] = COMPARE_SAFETY) -> list[str]:
+    """The presets of ``names`` whose data files are present (none without the shared benchmark data)."""
+    found = []
+    for name in names:
+        try:
+            preset_path(name)
+        except DataError:
+            continue
+        found.append(name)
+    return found
+
+
+def _units_options(ctx: DemoContext) -> dict[str, Any]:
+    """The units stage: the aligned model with stability across data halves and, where the public data is
+    present, across safety calibration sets."""
+    options = _on("aligned", dtype=True, stability=True)(ctx)
+    sets = available_safety_sets()
+    return options | ({"compare_safety": ",".join(sets)} if sets else {})
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("align", "Aligning the model (safety SFT)", (), "align", _on("base", dtype=True)),
     Stage("eval-base", "Evaluating the unaligned model", (), "eval", _on("base", dtype=True)),
     Stage("eval-aligned", "Evaluating the aligned model", ("align",), "eval", _on("aligned", dtype=True)),
     Stage("probe", "Probing the reasoning direction, aligned vs unaligned", ("align",), "probe",
           _on("aligned", compare=True)),
-    Stage("units", "Scoring and categorising units of the aligned model", ("align",), "units",
-          _on("aligned", dtype=True, stability=True)),
+    Stage("units", "Scoring and categorising units of the aligned model", ("align",), "units", _units_options),
     Stage("ablate", "Ablating each unit category, with random controls", ("align", "units"), "ablate",
           _on("aligned", units=True)),
     Stage("transfer", "Attribute transfer after a short benign fine-tune", ("align",), "transfer",

@@ -1,4 +1,8 @@
-"""`ssah units`: score every unit on a safety and a utility set and split them into SCU / UCU / CU / RU."""
+"""`ssah units`: score every unit on a safety and a utility set and split them into SCU / UCU / CU / RU.
+
+``stability`` also categorises disjoint halves of the data; ``compare_safety`` also finds SCU with other safety
+calibration sets (e.g. ``advbench-safety``, ``harmbench-safety``) and tests their overlap against stratified random
+sets of the same count."""
 
 from __future__ import annotations
 
@@ -30,7 +34,17 @@ from ssah.fields import (
     System,
     Tokens,
 )
-from ssah.measure import FoundUnits, check_unit_search, find_units
+from ssah.measure import (
+    ControlDistribution,
+    FoundUnits,
+    Proportion,
+    check_unit_search,
+    compare,
+    find_units,
+    random_control,
+    stability_summary,
+    verdict,
+)
 from ssah.models import LoadedModel, load_model
 from ssah.plan import auto_scoring_batch_size, wants_auto_batch
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
@@ -59,6 +73,13 @@ class UnitsConfig(ModelRunConfig):
     max_length: MaxLength = 512
     system: System = None
     stability: bool = Field(False, description="Also report SCU overlap between two disjoint data halves.")
+    compare_safety: str | None = Field(
+        None,
+        description="Also find SCU with these other safety calibration sets (comma-separated specs, e.g. "
+        "advbench-safety,harmbench-safety; each cut to the --safety set's size (after --limit) by evenly spaced "
+        "examples) and report "
+        "how much the SCU sets overlap, against stratified random sets of the same count.",
+    )
 
     def check(self) -> None:
         """Cheap validation, done before any data or model is loaded (the output folder included)."""
@@ -72,12 +93,112 @@ class UnitsConfig(ModelRunConfig):
             raise UserError("batch_size must be at least 1 and max_length at least 8")
         if self.limit is not None and self.limit < 2 and self.stability:
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
+        specs = safety_specs(self)
+        if len(set(specs)) != len(specs):
+            raise UserError(f"--compare-safety names a set twice ({', '.join(specs)}): name each set once")
+
+
+def evenly_spaced(data: PromptSet, n: int) -> PromptSet:
+    """At most ``n`` examples of ``data``, evenly spaced through it (deterministic): the compared safety sets rest
+    on as many examples as the main one, and a benchmark sorted by category keeps all its categories."""
+    if len(data) <= n:
+        return data
+    picked = tuple(data[(i * len(data)) // n] for i in range(n))
+    return PromptSet(data.name, f"{data.source} (every {len(data) / n:.2f}th, {n} examples)", picked)
+
+
+COMPARE_SEEDS = 5  # random-control draws of the --compare-safety overlap (no model pass: cheap)
+
+
+def safety_specs(cfg: Any) -> list[str]:
+    """The safety sets compared by ``--compare-safety``: ``cfg.safety`` first, then each named one (empty when
+    none is named)."""
+    extra = [s.strip() for s in str(cfg.compare_safety or "").split(",") if s.strip()]
+    return [cfg.safety, *extra] if extra else []
+
+
+def overlap_across_safety_sets(found: dict[str, Any], *, seeds: int, seed: int = 0) -> dict[str, Any]:
+    """How stable SCU is across calibration sets: for every pair (a, b) of categorisations (name -> the
+    categorisation, in order), the share of a's SCU that are SCU with b, against the same share for random sets
+    with a's count in every (layer, kind) cell (``seeds`` draws: a distribution), decided by the one verdict rule
+    (expected higher). The unstratified chance level of ``stability_summary`` is kept beside it."""
+    names = list(found)
+    pairs = []
+    for i, a_name in enumerate(names):
+        for b_name in names[i + 1 :]:
+            a, b = found[a_name]["SCU"], found[b_name]["SCU"]
+            entry: dict[str, Any] = {"a": a_name, "b": b_name, "scu": [len(a), len(b)]}
+            st = stability_summary(found[a_name], found[b_name])["SCU"]
+            entry |= {k: st[k] for k in ("jaccard", "chance") if k in st}
+            if len(a) and len(b):
+                hit = Proportion(len(a & b), len(a))
+                draws = tuple(Proportion(len(random_control(a, seed + s).units & b), len(a)) for s in range(seeds))
+                control = ControlDistribution(draws)
+                c = compare(hit, control)
+                entry |= {
+                    "found_again": hit.to_dict(),
+                    "stratified_control": control.to_dict(),
+                    "unstratified_chance": st["found_again_by_chance"],
+                    "comparison": c.to_dict(),
+                    "verdict": verdict(c, "higher").to_dict(),
+                }
+            else:
+                entry["verdict"] = {"verdict": "inconclusive", "reason": "one of the sets has no SCU"}
+            pairs.append(entry)
+    return {
+        "method": "SCU found with each safety set (same model, utility set and settings); a's SCU found again "
+        "among b's SCU vs random units with a's count in every (layer, kind) cell",
+        "control": f"stratified random units (same count per layer and kind), {seeds} seeds",
+        "seeds": seeds,
+        "pairs": pairs,
+    }
 
 
 def categorize_model(lm: LoadedModel, safety: PromptSet, utility: PromptSet, cfg: UnitsConfig) -> FoundUnits:
     """Score and categorise a loaded model's units with ``cfg``'s settings (no files written)."""
     cfg.check_settings()
     return find_units(lm, safety, utility, cfg)
+
+
+def categorize_with_safety_set(lm: LoadedModel, safety: PromptSet, found: FoundUnits, cfg: UnitsConfig) -> Any:
+    """The categorisation with another safety set and ``found``'s utility scores, as ``find_units`` would make it
+    with that safety set (same settings): only the safety pass is run, since the utility scores do not change."""
+    from ssah.categorize import categorize
+    from ssah.scoring import collect_statistics, compute_scores, gradient_mode
+
+    stats = collect_statistics(
+        lm.model,
+        lm.tokenizer,
+        safety,
+        region=cfg.tokens,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        system=cfg.system,
+        gradients=gradient_mode(cfg.metric),
+        progress=cfg.progress,
+        desc=safety.source,
+    )
+    if stats.tokens == 0:
+        raise UserError(f"no {cfg.tokens} tokens were counted in {safety.source}: raise --max-length")
+    scores = compute_scores(
+        lm.model,
+        stats,
+        cfg.metric,
+        found.safety.space,  # the neuron-level space of the scores
+        dataset=safety.source,
+        region=cfg.tokens,
+        adapter=get_adapter(lm.model),
+    )
+    return categorize(
+        scores,
+        found.utility,
+        rule=cfg.rule,
+        shares=cfg.shares,
+        normalization=cfg.normalization,
+        ranking=cfg.ranking,
+        granularity=cfg.granularity,  # type: ignore[arg-type]
+        space=found.categorization.space,
+    )
 
 
 def run_units(cfg: UnitsConfig) -> Path:
@@ -90,6 +211,11 @@ def run_units(cfg: UnitsConfig) -> Path:
     for data in (safety, utility):
         if cfg.stability and len(data) < 2:
             raise UserError(f"--stability needs at least 2 examples in the {data.name} set, it has {len(data)}")
+    # the other safety sets of --compare-safety, loaded before the model so that a bad spec fails at once
+    others = {
+        spec: load_prompts(spec, columns=cfg.columns or None, name="safety")  # cut evenly to the --safety size
+        for spec in safety_specs(cfg)[1:]
+    }
     lm = load_model(cfg.model, **cfg.load_options())
     if wants_auto_batch(cfg, lm.model):
         size = auto_scoring_batch_size(
@@ -102,6 +228,18 @@ def run_units(cfg: UnitsConfig) -> Path:
     outcome = categorize_model(lm, safety, utility, cfg)
     cats, s_scores, u_scores, stability = outcome.categorization, outcome.safety, outcome.utility, outcome.stability
     score_seconds = time.time() - t_score
+    calibration, compared = None, []
+    if safety_specs(cfg):
+        t_cmp = time.time()
+        found = {cfg.safety: cats}
+        sets = [{"spec": cfg.safety, "source": safety.source, "examples": len(safety), "scu": len(cats["SCU"])}]
+        for spec in safety_specs(cfg)[1:]:
+            other = evenly_spaced(others[spec], len(safety))
+            compared.append(other)
+            found[spec] = categorize_with_safety_set(lm, other, outcome, cfg)
+            sets.append({"spec": spec, "source": other.source, "examples": len(other), "scu": len(found[spec]["SCU"])})
+        calibration = {"sets": sets, **overlap_across_safety_sets(found, seeds=COMPARE_SEEDS, seed=cfg.seed)}
+        calibration["seconds"] = round(time.time() - t_cmp, 3)
 
     summary = cats.summary()
     results: dict[str, Any] = {
@@ -129,6 +267,7 @@ def run_units(cfg: UnitsConfig) -> Path:
         "by_layer": summary["by_layer"],
         "by_kind": {c: {k: sum(row[c][k] for row in summary["by_layer"]) for k in ("attn", "mlp")} for c in CATEGORIES},
         "stability": stability,
+        "calibration_sets": calibration,
         "seconds": {
             "load_model": round(lm.load_seconds, 3),
             "scoring": round(score_seconds, 3),
@@ -136,6 +275,8 @@ def run_units(cfg: UnitsConfig) -> Path:
         },
     }
     data = {ps.name: {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)} for ps in (safety, utility)}
+    for i, ps in enumerate(compared, 1):  # the --compare-safety sets, as used
+        data[f"safety-compare-{i}"] = {"source": ps.source, "sha256": ps.fingerprint(), "examples": len(ps)}
     model = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         s_scores.save(run.file("scores/safety.safetensors"))

@@ -1,4 +1,5 @@
-"""The `ssah units` report: the categories, where they sit by layer, and their stability across data halves."""
+"""The `ssah units` report: the categories, where they sit by layer, and their stability across data halves and
+across safety calibration sets."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ssah.categorize import CATEGORIES
-from ssah.reports.common import markdown_table, plot_units_by_layer
+from ssah.reports.common import difference, markdown_table, plot_units_by_layer, proportion, verdict_word
 
 
 def render(results: dict[str, Any], run_dir: Path) -> str:
@@ -44,8 +45,44 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
             ),
             "",
         ]
+    lines += calibration_section(results.get("calibration_sets"))
     lines.append(
         f"Took {results['seconds']['total']:.1f} s (model load {results['seconds']['load_model']:.1f} s, "
         f"scoring {results['seconds']['scoring']:.1f} s)."
     )
     return "\n".join(lines) + "\n"
+
+
+def calibration_section(cal: dict[str, Any] | None) -> list[str]:
+    """The SCU overlap between safety calibration sets (``--compare-safety``): one row per pair with the share
+    found again, the stratified random control, the difference and the verdict."""
+    if not cal:
+        return []
+    sets = markdown_table(
+        ["safety set", "examples", "SCU"], [[s["spec"], s["examples"], s["scu"]] for s in cal["sets"]]
+    )
+    rows = [
+        [
+            f"{p['a']} -> {p['b']}",
+            p.get("jaccard", "-"),
+            proportion(p.get("found_again"), counts=True),
+            proportion(p.get("stratified_control"), ci_digits=1, seeds=True),
+            difference(p.get("comparison"), unit=" points") or "-",
+            verdict_word(p["verdict"]["verdict"]),
+        ]
+        for p in cal["pairs"]
+    ]
+    return [
+        "## Stability across safety calibration sets",
+        "",
+        f"{cal['method']}; control: {cal['control']}. Verdict: *reproduced* (stable beyond chance) when the 95% "
+        "interval of the difference excludes zero upwards.",
+        "",
+        sets,
+        "",
+        markdown_table(
+            ["SCU of a found again with b", "Jaccard", "found again", "random (stratified)", "difference", "verdict"],
+            rows,
+        ),
+        "",
+    ]
