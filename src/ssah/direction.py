@@ -34,6 +34,7 @@ cannot be orthogonalised exactly (a norm's per-coordinate gain rotates what it w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -401,16 +402,19 @@ def select_direction(
         "harmless_refusal_score": float(refusal_scores(base_harmless, refusal, compliance).mean()),
     }
     n_layers, n_pos = directions.shape[0], directions.shape[1]
-    limit = max(1, int(max_layer_share * n_layers))
+    limit = max(1, math.ceil(max_layer_share * n_layers - 1e-9))  # layers l < share * depth
     # a zero difference (block 0's input at template tokens is the same embedding for every prompt) is no direction
     cands = [
         (layer, i)
-        for layer in range(0, limit, max(1, layer_step))
+        for layer in sorted(range(limit - 1, -1, -max(1, layer_step)))  # the deepest allowed layer always
         for i in range(n_pos)
         if float(directions[layer, i].norm()) > 0
     ]
     if not cands:
-        raise UserError("every candidate direction is zero: harmful and harmless prompts are not told apart")
+        raise UserError(
+            "every candidate direction is zero (harmful and harmless prompts are not told apart at these layers): "
+            "pass a larger --max-layer-share or --layer-step 1"
+        )
     rows: list[dict[str, Any]] = []
     for layer, i in tqdm(cands, desc="direction candidates", disable=not progress, unit="cand"):
         r = directions[layer, i]
