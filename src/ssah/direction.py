@@ -520,3 +520,27 @@ def load_direction(folder: Any, *, fingerprint: str | None = None) -> SavedDirec
             f"{meta.get('fingerprint')}, this one {fingerprint}): run `ssah direction` on this model"
         )
     return SavedDirection(r, int(meta["layer"]), int(meta["position"]), meta["fingerprint"], meta["model_name"])
+
+
+def fit_direction(
+    model: Any,
+    tokenizer: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    system: str | None = None,
+    batch_size: int = 16,
+    layer_step: int = 1,
+    progress: bool = False,
+) -> Selection:
+    """Difference-in-means candidates from the even-indexed prompts of each set, selected on the odd-indexed
+    ones (disjoint halves, both spread over the set): the one-call version for recipes that add the direction
+    as a condition beside their own (e.g. `ssah ablate`)."""
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise UserError("fitting the refusal direction needs at least 2 harmful and 2 harmless prompts")
+    h, b = list(harmful), list(harmless)
+    dirs = candidate_directions(model, tokenizer, h[0::2], b[0::2], system=system, batch_size=batch_size)
+    return select_direction(
+        model, tokenizer, dirs, h[1::2], b[1::2], system=system, batch_size=batch_size, layer_step=layer_step,
+        progress=progress,
+    )  # fmt: skip

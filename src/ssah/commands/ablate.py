@@ -89,6 +89,10 @@ def ablate(
     compare_calibration: Annotated[
         bool, typer.Option(help="Also ablate SCU found with prompt-only calibration (no refusal text).")
     ] = True,
+    direction: Annotated[
+        bool, typer.Option(help="Also ablate the refusal direction (Arditi et al.) and random directions.")
+    ] = True,
+    kl: Annotated[bool, typer.Option(help="KL(original || ablated) on harmless prompts for every condition.")] = True,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
