@@ -114,3 +114,19 @@ def test_empty_sets_are_user_errors():
     model, tok = build_tiny_model("llama")
     with pytest.raises(UserError, match="harmless"):
         candidate_directions(model, tok, HARMFUL, [])
+
+
+def test_write_share_finds_units_aligned_with_the_direction():
+    from ssah.direction import write_share
+    from ssah.interventions import space_of
+    from ssah.units import UnitSet
+
+    model, _tok = build_tiny_model("llama", seed=8)
+    space = space_of(model)
+    units = UnitSet.from_units(space, [(0, "mlp", 3), (1, "attn", 5)], "two")
+    r = model.model.layers[0].mlp.down_proj.weight[:, 3].detach().clone()  # what unit (0, mlp, 3) writes
+    share = write_share(model, units, r)
+    assert share["share_of_channels"] == 2 / space.total
+    assert share["share_of_direction_write"] > 10 * share["share_of_channels"]
+    everything = write_share(model, UnitSet.full(space), r)
+    assert everything["share_of_direction_write"] == pytest.approx(1.0)

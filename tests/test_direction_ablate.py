@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ssah.cli import main
 
 FAST = ["--quick", "--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "8", "--no-progress"]
@@ -28,6 +30,9 @@ def test_ablate_adds_direction_and_kl(tmp_path) -> None:
     lo, _hi = v["comparison"]["ci95"]
     assert (v["verdict"] == "reproduced") == (lo > 0)
     assert "layer" in res["units"]["direction"]
+    shares = res["units"]["direction"]["write_share"]
+    assert sum(x["share_of_channels"] for x in shares.values()) == pytest.approx(1.0)
+    assert sum(x["share_of_direction_write"] for x in shares.values()) == pytest.approx(1.0)
     report = (out / "report.md").read_text()
     assert "KL (harmless)" in report and "refusal direction vs random directions" in report
     assert res["weights"]["unchanged"] and res["weights"]["hooks_left"] == 0

@@ -544,3 +544,27 @@ def fit_direction(
         model, tokenizer, dirs, h[1::2], b[1::2], system=system, batch_size=batch_size, layer_step=layer_step,
         progress=progress,
     )  # fmt: skip
+
+
+def write_share(model: nn.Module, units: Any, direction: torch.Tensor) -> dict[str, float]:
+    """How much of what the units can write lies along the direction: the sum over the units' reader slices of
+    ``(w_j . r_hat)^2`` as a share of the same sum over all units, beside the units' share of all channels
+    (a set no more aligned with the direction than any other has the two equal). Attention and MLP readers of
+    every layer; for post-norm families (Gemma 2/3) before the norm, so only indicative there."""
+    adapter = get_adapter(model)
+    r_hat = _unit(direction)
+    masks = units.channel_masks()
+    inside = total = 0.0
+    n_in = n_all = 0
+    with torch.no_grad():
+        for g in adapter.groups():
+            mod: Any = model.get_submodule(g.reader_module)
+            w = mod.weight.detach().to(torch.float64)
+            cols = w if isinstance(mod, Conv1D) else w.t()  # [channels, hidden]
+            proj = (cols @ r_hat.to(cols.device)) ** 2
+            mask = masks[g.key].to(proj.device)
+            inside += float(proj[mask].sum())
+            total += float(proj.sum())
+            n_in += int(mask.sum())
+            n_all += int(mask.numel())
+    return {"share_of_channels": n_in / n_all, "share_of_direction_write": inside / total if total > 0 else 0.0}

@@ -30,7 +30,7 @@ from ssah.categorize import (
 )
 from ssah.config import ModelRunConfig
 from ssah.data import PromptSet, load_prompts
-from ssah.direction import ablated_direction, fit_direction, random_direction
+from ssah.direction import ablated_direction, fit_direction, random_direction, write_share
 from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, kl_reference, load_eval_sets
 from ssah.generate import GenerationConfig
@@ -433,6 +433,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
                             system=cfg.system, layer_step=2 if cfg.quick else 1)  # fmt: skip
         seconds["direction"] = time.time() - t
         units_info["direction"] = {k: v for k, v in sel.summary().items() if k != "candidates"}
+        units_info["direction"]["write_share"] = {c: write_share(lm.model, cats[c], sel.direction) for c in CATEGORIES}
         name = "refusal direction"
         conditions.append(
             Condition(name, "direction", None, context=lambda: ablated_direction(lm.model, sel.direction))
@@ -580,6 +581,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     lines = [
         _verdict_line(f"SCU ablation vs {control}, {NAMES[k]}", x, "random") for k, x in v["scu_vs_random"].items()
     ]
+    for cat, ws in results["units"].get("direction", {}).get("write_share", {}).items():
+        lines.append(
+            f"- {cat}: {100 * ws['share_of_channels']:.2f}% of the channels carry "
+            f"{100 * ws['share_of_direction_write']:.2f}% of what the units can write along the refusal direction"
+        )
     if "direction_vs_random" in v:
         lines.append(
             _verdict_line("refusal direction vs random directions, ASR", v["direction_vs_random"]["asr"], "random")
