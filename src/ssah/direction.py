@@ -531,6 +531,7 @@ def fit_direction(
     system: str | None = None,
     batch_size: int = 16,
     layer_step: int = 1,
+    positions: int | None = None,
     progress: bool = False,
 ) -> Selection:
     """Difference-in-means candidates from the even-indexed prompts of each set, selected on the odd-indexed
@@ -539,7 +540,9 @@ def fit_direction(
     if len(harmful) < 2 or len(harmless) < 2:
         raise UserError("fitting the refusal direction needs at least 2 harmful and 2 harmless prompts")
     h, b = list(harmful), list(harmless)
-    dirs = candidate_directions(model, tokenizer, h[0::2], b[0::2], system=system, batch_size=batch_size)
+    dirs = candidate_directions(
+        model, tokenizer, h[0::2], b[0::2], positions=positions, system=system, batch_size=batch_size
+    )
     return select_direction(
         model, tokenizer, dirs, h[1::2], b[1::2], system=system, batch_size=batch_size, layer_step=layer_step,
         progress=progress,

@@ -427,10 +427,17 @@ def run_ablate(cfg: AblateConfig) -> Path:
         conditions.append(Condition(c, "category", cats[c]))
         if c in r["random_for"]:
             conditions += controls(cats[c], c, "random")
-    if cfg.direction:
+    if cfg.direction:  # quick: candidates at the last token of every 3rd layer (selection is most of the cost)
         t = time.time()
-        sel = fit_direction(lm.model, lm.tokenizer, [e.prompt for e in safety], [e.prompt for e in utility],
-                            system=cfg.system, layer_step=2 if cfg.quick else 1)  # fmt: skip
+        sel = fit_direction(
+            lm.model,
+            lm.tokenizer,
+            [e.prompt for e in safety],
+            [e.prompt for e in utility],
+            system=cfg.system,
+            layer_step=3 if cfg.quick else 1,
+            positions=1 if cfg.quick else None,
+        )
         seconds["direction"] = time.time() - t
         units_info["direction"] = {k: v for k, v in sel.summary().items() if k != "candidates"}
         units_info["direction"]["write_share"] = {c: write_share(lm.model, cats[c], sel.direction) for c in CATEGORIES}
