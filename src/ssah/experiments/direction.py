@@ -446,15 +446,19 @@ def _plot(results: dict[str, Any], folder: Path) -> None:
             k["mean"], a["rate"],
             xerr=[[k["mean"] - k["ci95"][0]], [k["ci95"][1] - k["mean"]]],
             yerr=[[a["rate"] - a["ci95"][0]], [a["ci95"][1] - a["rate"]]],
-            fmt="o", color=colors.get(row["group"], "#1f77b4"), capsize=3,
-            label=None if row["group"] == "random" and row["seed"] != first_seed else row["name"],
+            fmt="s" if row["group"] == "orthogonalized" else "o", color=colors.get(row["group"], "#1f77b4"),
+            capsize=3, fillstyle="none" if row["group"] == "orthogonalized" else "full",
+            markersize=6 if row["group"] == "ablation" else 9,
+            label=None if row["group"] == "random" and row["seed"] != first_seed else
+            "random directions" if row["group"] == "random" else row["name"],
         )  # fmt: skip
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("KL(original || edited) on harmless prompts (reply mean)")
     ax.set_ylabel("ASR")
     ax.set_ylim(-0.02, 1.05)
     ax.legend(fontsize=7)
-    ax.set_title(f"{Path(results['model']['name']).name}: refusal direction")
+    name = Path(results["model"]["name"])
+    ax.set_title(f"{name.parent.name + '/' if name.name == 'model' else ''}{name.name}: refusal direction")
     fig.tight_layout()
     fig.savefig(folder / "asr_vs_kl.png", dpi=110)
     plt.close(fig)
