@@ -532,6 +532,7 @@ def fit_direction(
     batch_size: int = 16,
     layer_step: int = 1,
     positions: int | None = None,
+    kl_max: float = KL_MAX,
     progress: bool = False,
 ) -> Selection:
     """Difference-in-means candidates from the even-indexed prompts of each set, selected on the odd-indexed
@@ -545,7 +546,7 @@ def fit_direction(
     )
     return select_direction(
         model, tokenizer, dirs, h[1::2], b[1::2], system=system, batch_size=batch_size, layer_step=layer_step,
-        progress=progress,
+        kl_max=kl_max, progress=progress,
     )  # fmt: skip
 
 

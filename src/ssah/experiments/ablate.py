@@ -119,6 +119,7 @@ class AblateConfig(ModelRunConfig):
     kl: bool = True  # KL(original || ablated) on harmless prompts for every condition (ssah.evaluate)
     kl_harmless: str = "builtin:benign"
     kl_tokens: int = 16
+    direction_kl_max: float = 0.1  # the paper's KL filter of the direction's selection
 
     @field_validator("dose", mode="before")
     @classmethod
@@ -437,6 +438,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
             system=cfg.system,
             layer_step=3 if cfg.quick else 1,
             positions=1 if cfg.quick else None,
+            kl_max=cfg.direction_kl_max,
         )
         seconds["direction"] = time.time() - t
         units_info["direction"] = {k: v for k, v in sel.summary().items() if k != "candidates"}
@@ -499,7 +501,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
         comp = measure.compare(measure.Proportion.from_dict(row["asr"]), _measured(agg["asr"]))
         dose.append({**p, "top": row, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
     own = {"quick", "categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
-    own |= {"direction", "kl", "kl_harmless", "kl_tokens"}
+    own |= {"direction", "kl", "kl_harmless", "kl_tokens", "direction_kl_max"}
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
         | {"units_total": space.total},
