@@ -31,7 +31,11 @@ def test_direction_on_aligned_smollm2(aligned_smollm2: Path, tmp_path: Path) -> 
     lm = load_model(str(aligned_smollm2), dtype="float32", device="cpu")
     harmful = [e.prompt for e in load_prompts("builtin:harmful")]
     harmless = [e.prompt for e in load_prompts("builtin:benign")]
-    sel: Selection = fit_direction(lm.model, lm.tokenizer, harmful[0:48:3], harmless[0:48:3], layer_step=4)
+    # on this 135M model every candidate that bypasses refusal has a first-token KL above the paper's 0.1 filter
+    # (measured: README), so the filter is lifted here to test the mechanism
+    sel: Selection = fit_direction(
+        lm.model, lm.tokenizer, harmful[0:48:3], harmless[0:48:3], layer_step=4, positions=1, kl_max=2.0
+    )
     test = harmful[1::10]
     refusal, compliance = opener_token_ids(lm.tokenizer)
 
