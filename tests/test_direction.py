@@ -130,3 +130,29 @@ def test_write_share_finds_units_aligned_with_the_direction():
     assert share["share_of_direction_write"] > 10 * share["share_of_channels"]
     everything = write_share(model, UnitSet.full(space), r)
     assert everything["share_of_direction_write"] == pytest.approx(1.0)
+
+
+def test_fit_direction_uses_disjoint_capped_halves(monkeypatch):
+    import ssah.direction as d
+
+    model, tok = build_tiny_model("llama", seed=9)
+    seen = {}
+    real_cands, real_select = d.candidate_directions, d.select_direction
+
+    def cands(m, t, h, b, **kw):
+        seen["train"] = (list(h), list(b))
+        return real_cands(m, t, h, b, **kw)
+
+    def select(m, t, dirs, h, b, **kw):
+        seen["val"] = (list(h), list(b))
+        return real_select(m, t, dirs, h, b, **kw)
+
+    monkeypatch.setattr(d, "candidate_directions", cands)
+    monkeypatch.setattr(d, "select_direction", select)
+    harmful = [f"{p} ({i})" for i, p in enumerate(HARMFUL * 5)]
+    harmless = [f"{p} ({i})" for i, p in enumerate(HARMLESS * 5)]
+    sel = d.fit_direction(model, tok, harmful, harmless, per_split=3, positions=2, kl_max=10.0)
+    for i in range(2):
+        assert len(seen["train"][i]) <= 3 and len(seen["val"][i]) <= 3
+        assert not set(seen["train"][i]) & set(seen["val"][i])
+    assert sel.layer in (0, 1)

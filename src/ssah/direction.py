@@ -533,14 +533,17 @@ def fit_direction(
     layer_step: int = 1,
     positions: int | None = None,
     kl_max: float = KL_MAX,
+    per_split: int | None = None,
     progress: bool = False,
 ) -> Selection:
     """Difference-in-means candidates from the even-indexed prompts of each set, selected on the odd-indexed
-    ones (disjoint halves, both spread over the set): the one-call version for recipes that add the direction
-    as a condition beside their own (e.g. `ssah ablate`)."""
+    ones (disjoint halves, both spread over the set; at most ``per_split`` prompts each): the one-call version
+    for recipes that add the direction as a condition beside their own (e.g. `ssah ablate`)."""
     if len(harmful) < 2 or len(harmless) < 2:
         raise UserError("fitting the refusal direction needs at least 2 harmful and 2 harmless prompts")
     h, b = list(harmful), list(harmless)
+    if per_split is not None:  # at most per_split prompts in each half, spread over the set
+        h, b = (x[:: max(1, len(x) // (2 * per_split))][: 2 * per_split] for x in (h, b))
     dirs = candidate_directions(
         model, tokenizer, h[0::2], b[0::2], positions=positions, system=system, batch_size=batch_size
     )

@@ -428,7 +428,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
         conditions.append(Condition(c, "category", cats[c]))
         if c in r["random_for"]:
             conditions += controls(cats[c], c, "random")
-    if cfg.direction:  # quick: candidates at the last token of every 3rd layer (selection is most of the cost)
+    if cfg.direction:  # quick: the last token of every 3rd layer, 12 prompts per split (selection is the cost)
         t = time.time()
         sel = fit_direction(
             lm.model,
@@ -439,6 +439,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
             layer_step=3 if cfg.quick else 1,
             positions=1 if cfg.quick else None,
             kl_max=cfg.direction_kl_max,
+            per_split=12 if cfg.quick else None,
         )
         seconds["direction"] = time.time() - t
         units_info["direction"] = {k: v for k, v in sel.summary().items() if k != "candidates"}
