@@ -64,6 +64,11 @@ MAX_LAYER_SHARE = 0.8  # the paper discards directions from the last 20% of laye
 
 
 # ----------------------------------------------------------------------------------------------- geometry
+def _hf(model: nn.Module) -> Any:
+    """The model as a transformers model (``get_input_embeddings`` and friends), for the type checker."""
+    return model
+
+
 def _unit(r: torch.Tensor) -> torch.Tensor:
     r = r.detach().to(torch.float64)
     norm = r.norm()
@@ -170,7 +175,7 @@ def _writer_params(model: nn.Module, adapter: ArchAdapter) -> list[tuple[str, nn
     -> 1; biases [hidden] -> 0."""
     out: list[tuple[str, nn.Parameter, int]] = []
     names = {id(p): n for n, p in model.named_parameters()}
-    emb = model.get_input_embeddings()
+    emb = _hf(model).get_input_embeddings()
     out.append((names[id(emb.weight)], emb.weight, 1))
     for path in _POSITION_EMBEDDINGS:
         try:
@@ -209,8 +214,8 @@ def orthogonal_weights(model: nn.Module, direction: torch.Tensor) -> dict[str, t
 
 def tied_embeddings(model: nn.Module) -> bool:
     """Whether the output head shares its weight with the input embeddings."""
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
+    head = _hf(model).get_output_embeddings()
+    return head is not None and head.weight is _hf(model).get_input_embeddings().weight
 
 
 @contextmanager
@@ -220,7 +225,7 @@ def orthogonalized(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
     Tied embeddings are untied for the block (the output head keeps the original weight, as an exported model
     with ``tie_word_embeddings=False`` does); everything is restored bit for bit on exit."""
     edited = orthogonal_weights(model, direction)
-    emb = model.get_input_embeddings()
+    emb = _hf(model).get_input_embeddings()
     emb_name = next(n for n, p in model.named_parameters() if p is emb.weight)
     tied = tied_embeddings(model)
     saved = {n: model.get_parameter(n).detach().clone() for n in edited if not (tied and n == emb_name)}
@@ -317,7 +322,7 @@ def candidate_directions(
         raise UserError("the refusal direction needs harmful and harmless prompts: pass non-empty sets of both")
     if positions is None:
         positions = max(1, min(DEFAULT_POSITIONS, post_instruction_tokens(tokenizer, system)))
-    kw = {"positions": positions, "system": system, "batch_size": batch_size}
+    kw: dict[str, Any] = {"positions": positions, "system": system, "batch_size": batch_size}
     return mean_activations(model, tokenizer, harmful, **kw) - mean_activations(model, tokenizer, harmless, **kw)
 
 
@@ -394,7 +399,7 @@ def select_direction(
     if not harmful_val or not harmless_val:
         raise UserError("selecting the direction needs held-out harmful and harmless prompts: pass larger sets")
     refusal, compliance = opener_token_ids(tokenizer, system=system)
-    kw = {"system": system, "batch_size": batch_size}
+    kw: dict[str, Any] = {"system": system, "batch_size": batch_size}
     base_harmless = last_logprobs(model, tokenizer, harmless_val, **kw)
     base_harmful = last_logprobs(model, tokenizer, harmful_val, **kw)
     baseline = {

@@ -679,7 +679,7 @@ def _teacher_forced_logprobs(
 def kl_reference(
     model: Any,
     tokenizer: Any,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSet | Sequence[str] | None,
     *,
     reply_tokens: int = 16,
     system: str | None = None,
@@ -692,7 +692,7 @@ def kl_reference(
     from ssah.data.chat import bos_to_add, encode_prompts, format_chat
     from ssah.generate import eos_token_ids, left_pad
 
-    texts_in = [ex.prompt for ex in prompts] if isinstance(prompts, PromptSet) else list(prompts)
+    texts_in = [ex.prompt for ex in prompts] if isinstance(prompts, PromptSet) else list(prompts or [])
     if not texts_in:
         raise UserError("KL on harmless prompts needs at least one harmless prompt: pass a non-empty --harmless set")
     if reply_tokens < 1 or batch_size < 1:

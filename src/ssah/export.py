@@ -58,7 +58,8 @@ def with_reader_biases(model: nn.Module) -> nn.Module:
             f"{family} models have no config flag for an output-projection bias, so a mean ablation cannot be "
             "folded into a plain Hugging Face folder: export with --mode zero"
         )
-    config = model.config.__class__.from_dict(model.config.to_dict())
+    old: Any = model.config
+    config = old.__class__.from_dict(old.to_dict())
     for flag in flags:
         setattr(config, flag, True)
     dtype = next(model.parameters()).dtype
@@ -148,7 +149,7 @@ def export_model(
     lm = load_model(
         model_spec, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
-    model = lm.model
+    model: Any = lm.model
     if unit_path is not None:
         assert set_name is not None
         meta = read_unit_file_metadata(unit_path)

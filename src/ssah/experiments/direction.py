@@ -258,7 +258,7 @@ def run_direction(cfg: DirectionConfig) -> Path:
     by = {x["group"]: x for x in rows if x["group"] not in ("random", "addition-random")}
     rnd_abl = _aggregate([x for x in rows if x["group"] == "random"])
     rnd_add = _aggregate([x for x in rows if x["group"] == "addition-random"])
-    table = [
+    table: list[dict[str, Any]] = [
         {
             "condition": "baseline",
             "row": by["baseline"] | {"harmless_refusal": by["baseline-harmless"]["harmless_refusal"]},
