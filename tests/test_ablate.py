@@ -89,7 +89,8 @@ def test_run_folder_and_table(ablate_run: Path) -> None:
     assert res["units"]["source"] == "computed"
     # quick: random controls for SCU only (a full run adds one per category)
     names = [t["condition"] for t in res["table"]]
-    assert names == ["baseline", "SCU", "random (as SCU)", "UCU", "CU", "RU", "SCU (calibration: prompt)"]
+    assert names == ["baseline", "SCU", "random (as SCU)", "UCU", "CU", "RU", "refusal direction",
+                     "random (as refusal direction)", "SCU (calibration: prompt)"]  # fmt: skip
     for row in res["conditions"]:  # every count in the one Proportion shape
         assert ("overrefusal" in row) == (row["group"] not in ("dose", "dose-random"))
         for key in ("asr", "coherent_compliance"):
@@ -185,6 +186,7 @@ def test_unit_file_zero_ablation_full_seeds(ablate_run: Path, tmp_path: Path, ca
         "--dose",
         "0.02",
         "--no-compare-calibration",
+        "--no-direction",
         "--ablation",
         "zero",
         "--control-strata",

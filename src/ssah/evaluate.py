@@ -42,6 +42,8 @@ __all__ = [
     "RECOVERY_JUDGE",
     "EvalData",
     "Interval",
+    "KLReference",
+    "KLResult",
     "OverRefusalResult",
     "PrefillResult",
     "SafetyResult",
@@ -51,6 +53,9 @@ __all__ = [
     "evaluate_prefill",
     "evaluate_safety",
     "gsm8k_exact_match",
+    "kl_divergence",
+    "kl_reference",
+    "kl_summary",
     "lm_eval_bridge",
     "load_eval_sets",
     "multiple_choice_accuracy",
@@ -577,3 +582,138 @@ def lm_eval_bridge(
     if not out:
         return {}
     return {key: out[key] for key in ("results", "versions", "n-samples") if key in out}
+
+
+# ----------------------------------------------------------------------------------------------- KL on harmless
+
+
+@dataclass
+class KLReference:
+    """The unedited model's next-token log-probabilities on harmless prompts, computed once and reused for every
+    condition: at the first reply position and along its own greedy reply (teacher-forced)."""
+
+    prompts: list[str]
+    sequences: list[list[int]]  # prompt tokens + the original model's greedy reply tokens
+    starts: list[int]  # position of the last prompt token (it predicts the first reply token)
+    logprobs: list[torch.Tensor]  # per prompt float32 [reply tokens, vocab] on CPU
+    reply_tokens: int
+    batch_size: int
+
+
+@dataclass
+class KLResult:
+    """Per prompt: KL(original || edited) at the first reply position and its mean over the reply's positions."""
+
+    first: list[float]
+    reply: list[float]
+    tokens: int  # positions compared in all
+    seconds: float = 0.0
+
+    def to_dict(self, *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+        """Means over prompts with 95% bootstrap percentile intervals (KL is skewed, so not a t interval)."""
+        return {
+            "first": kl_summary(self.first, resamples=resamples, seed=seed),
+            "reply": kl_summary(self.reply, resamples=resamples, seed=seed),
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def kl_summary(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean of per-prompt values with a 95% bootstrap percentile interval over prompts (seeded, reproducible)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise UserError("no KL values to summarise: pass a non-empty harmless set")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"mean": float(x.mean()), "ci95": [float(lo), float(hi)], "n": int(x.size), "interval": "bootstrap"}
+
+
+def _teacher_forced_logprobs(
+    model: Any, sequences: Sequence[list[int]], starts: Sequence[int], pad: int, batch_size: int
+) -> list[torch.Tensor]:
+    """Log-probabilities at positions ``start .. len - 2`` of each sequence (those predicting the reply tokens),
+    left-padded batches with position ids from the mask (padding changes nothing)."""
+    from ssah.generate import left_pad
+
+    device = model_device(model)
+    out: list[torch.Tensor] = []
+    with frozen_eval(model, inference=True):
+        for k in range(0, len(sequences), batch_size):
+            chunk = list(sequences[k : k + batch_size])
+            ids, mask = left_pad(chunk, pad, device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+            width = ids.shape[1]
+            for row, seq in enumerate(chunk):
+                offset = width - len(seq)
+                a, b = offset + starts[k + row], offset + len(seq) - 1
+                out.append(torch.log_softmax(logits[row, a:b].float(), dim=-1).cpu())
+    return out
+
+
+def kl_reference(
+    model: Any,
+    tokenizer: Any,
+    prompts: PromptSet | Sequence[str] | None,
+    *,
+    reply_tokens: int = 16,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> KLReference:
+    """Compute the reference once on the unedited model: its greedy reply of up to ``reply_tokens`` tokens to
+    each harmless prompt, and its log-probabilities at the first reply position and along that reply."""
+    import transformers
+
+    from ssah.data.chat import bos_to_add, encode_prompts, format_chat
+    from ssah.generate import eos_token_ids, left_pad
+
+    texts_in = [ex.prompt for ex in prompts] if isinstance(prompts, PromptSet) else list(prompts or [])
+    if not texts_in:
+        raise UserError("KL on harmless prompts needs at least one harmless prompt: pass a non-empty --harmless set")
+    if reply_tokens < 1 or batch_size < 1:
+        raise UserError("KL needs reply_tokens >= 1 and batch_size >= 1: pass positive values")
+    texts = [format_chat(tokenizer, p, system=system) for p in texts_in]
+    encoded = encode_prompts(
+        tokenizer, texts, context=context_length(model), reserve=reply_tokens, bos_id=bos_to_add(tokenizer)
+    )
+    eos = eos_token_ids(model, tokenizer)
+    pad = pad_id(tokenizer, eos)
+    device = model_device(model)
+    hf = transformers.GenerationConfig(
+        max_new_tokens=reply_tokens, do_sample=False, eos_token_id=eos or None, pad_token_id=pad
+    )
+    sequences: list[list[int]] = []
+    with frozen_eval(model, inference=True):
+        for k in range(0, len(encoded), batch_size):
+            chunk = encoded[k : k + batch_size]
+            ids, mask = left_pad(chunk, pad, device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)
+            for row, prompt_ids in enumerate(chunk):
+                reply = [int(t) for t in gen[row, ids.shape[1] :]]
+                cut = next((i + 1 for i, t in enumerate(reply) if t in eos), len(reply))
+                sequences.append(list(prompt_ids) + reply[:cut])
+    starts = [len(e) - 1 for e in encoded]
+    logprobs = _teacher_forced_logprobs(model, sequences, starts, pad, batch_size)
+    return KLReference(texts_in, sequences, starts, logprobs, reply_tokens, batch_size)
+
+
+def kl_divergence(model: Any, tokenizer: Any, reference: KLReference) -> KLResult:
+    """KL(original || edited) of the next-token distributions of the model as it is now (ablated, edited) on
+    the reference's harmless prompts and replies: one forward pass per prompt (batched), no generation."""
+    import time
+
+    t0 = time.time()
+    edited = _teacher_forced_logprobs(
+        model, reference.sequences, reference.starts, pad_id(tokenizer), reference.batch_size
+    )
+    first, reply, tokens = [], [], 0
+    for ref, new in zip(reference.logprobs, edited, strict=True):
+        kl = (ref.exp() * (ref - new)).sum(-1).clamp(min=0.0)  # float rounding can dip just below zero
+        first.append(float(kl[0]))
+        reply.append(float(kl.mean()))
+        tokens += int(kl.numel())
+    return KLResult(first, reply, tokens, time.time() - t0)

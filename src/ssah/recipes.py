@@ -117,6 +117,13 @@ RECIPES: dict[str, Recipe] = {
             "ProtectConfig",
             "run_protect",
         ),
+        _recipe(
+            "direction",
+            "The refusal direction (Arditi et al.): ablate, add, orthogonalise; ASR, KL, refusals.",
+            f"{_E}.direction",
+            "DirectionConfig",
+            "run_direction",
+        ),
         _recipe("budget", "Are redundant units a good alignment budget?", f"{_E}.budget", "BudgetConfig", "run_budget"),
         _recipe("demo", "The whole method on one model, with one report.", f"{_E}.demo", "DemoConfig", "run_demo"),
         _recipe(

@@ -221,7 +221,19 @@ def judge_train(path: Path) -> None:
     typer.echo(f"wrote {path} in {report['seconds']:.1f} s")
 
 
+def direction(path: Path) -> None:
+    from ssah.reports.direction import verdict_lines
+
+    res = json.loads((path / "results.json").read_text())
+    sel = res["selection"]
+    typer.echo(f"direction: layer {sel['layer']}, position {sel['position']} (passed filter: {sel['passed_filter']})")
+    for line in verdict_lines(res):
+        typer.echo(line)
+    typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")
+
+
 SUMMARIES: dict[str, Callable[[Path], None]] = {
+    "direction": direction,
     "units": units,
     "eval": eval_,
     "train": train,

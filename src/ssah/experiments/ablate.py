@@ -30,8 +30,9 @@ from ssah.categorize import (
 )
 from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
+from ssah.direction import ablated_direction, fit_direction, random_direction, write_share
 from ssah.errors import UnitFileError, UserError
-from ssah.evaluate import EvalData, load_eval_sets
+from ssah.evaluate import EvalData, kl_reference, load_eval_sets
 from ssah.fields import (
     Ablation,
     CategoryRule,
@@ -142,6 +143,23 @@ class AblateConfig(ModelRunConfig):
     compare_calibration: bool = Field(
         True, description="Also ablate SCU found with prompt-only calibration (no refusal text)."
     )
+    direction: bool = Field(
+        True,
+        description="Also ablate the refusal direction (ssah.direction) at every layer, against random directions.",
+    )
+    kl: bool = Field(True, description="KL(original || ablated) on harmless prompts for every condition.")
+    kl_harmless: str = Field("builtin:benign", description="Harmless prompts for the KL measurement.")
+    kl_tokens: Count = Field(16, description="Tokens of the original model's greedy reply the KL is averaged over.")
+    direction_kl_max: float = Field(
+        0.1, gt=0, description="KL filter of the direction's selection (Arditi et al.'s 0.1)."
+    )
+    direction_layer_step: Count = Field(1, description="Direction candidates at every Nth layer (selection cost).")
+    direction_positions: Count | None = Field(
+        None, description="Direction candidates at the last N post-instruction positions (default: all, at most 5)."
+    )
+    direction_per_split: Count | None = Field(
+        None, description="Prompts per side in each split of the direction's selection (default: all)."
+    )
 
     @field_validator("dose", mode="before")
     @classmethod
@@ -198,6 +216,7 @@ class Condition:
     seed: int | None = None
     per_stratum: dict[str, int] | None = None  # a random control's count in each stratum
     overrefusal: bool = True  # dose points skip the safe prompts (the curve plots ASR, compliance and utility)
+    context: Any = None  # a zero-argument context manager factory (the refusal direction) instead of units
 
 
 @contextmanager
@@ -223,19 +242,25 @@ def measure_conditions(
     mode: str = "mean",
     means: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
+    kl_ref: Any = None,
 ) -> list[dict[str, Any]]:
-    """Measure the model under each condition in turn (ablated by :func:`ablated`, restored after it)."""
+    """Measure the model under each condition in turn (ablated by :func:`ablated`, restored after it); with
+    ``kl_ref`` (``evaluate.kl_reference``) also KL on harmless prompts."""
     from tqdm.auto import tqdm
+
+    from ssah.evaluate import kl_divergence
 
     rows = []
     for c in tqdm(conditions, desc="conditions", disable=not progress, unit="cond"):
-        with ablated(lm.model, c.units, mode, means):
+        with c.context() if c.context is not None else ablated(lm.model, c.units, mode, means):
             res = measure.measure_condition(
                 lm.model, lm.tokenizer, data, judge=judge, config=config, overrefusal=c.overrefusal
             )
-        own = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in ("units", "overrefusal")}
+            kl = None if kl_ref is None else kl_divergence(lm.model, lm.tokenizer, kl_ref).to_dict()
+        skip = ("units", "overrefusal", "context")
+        own = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in skip}
         n, share = (0, 0.0) if c.units is None else (len(c.units), c.units.fraction)
-        rows.append({**own, "units": n, "fraction": share, **res.to_dict()})
+        rows.append({**own, "units": n, "fraction": share, **res.to_dict(), **({"kl": kl} if kl else {})})
     return rows
 
 
@@ -259,6 +284,9 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ppl = [r["perplexity"] for r in rows if "perplexity" in r]
     if len(ppl) == len(rows):
         out["perplexity"] = {"mean": sum(ppl) / len(ppl), "min": min(ppl), "max": max(ppl), "values": ppl}
+    if all("kl" in r for r in rows):
+        kls = [r["kl"]["reply"]["mean"] for r in rows]
+        out["kl"] = {"reply": {"mean": sum(kls) / len(kls), "min": min(kls), "max": max(kls)}}
     return out
 
 
@@ -278,12 +306,12 @@ def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = next(r for r in rows if r["group"] == "baseline")
     table: list[dict[str, Any]] = []
     for r in rows:
-        if r["group"] not in ("baseline", "category", "calibration"):
+        if r["group"] not in ("baseline", "category", "calibration", "direction"):
             continue
         change = _changes(r, base) if r is not base else {}
         table.append({"condition": r["name"], "group": r["group"], "row": r, "change": change})
-        reps = [x for x in rows if x["group"] == "random" and x["target"] == r["name"]]
-        if r["group"] == "category" and reps:
+        reps = [x for x in rows if x["group"] in ("random", "direction-random") and x["target"] == r["name"]]
+        if r["group"] in ("category", "direction") and reps:
             agg, name = _aggregate(reps), f"random (as {r['name']})"
             chg = _changes(agg, base)
             table.append({"condition": name, "group": "random", "target": r["name"], "row": agg, "change": chg})
@@ -306,6 +334,11 @@ def _verdicts(table: list[dict[str, Any]]) -> dict[str, Any]:
         if cat in by and key in base and key in by[cat]["row"]:
             comp = measure.compare(_measured(by[cat]["row"][key]), _measured(base[key]))
             out["vs_baseline"].setdefault(cat, {})[key] = measure.verdict(comp, direction).to_dict()  # type: ignore[arg-type]
+    d = next((t for t in table if t["group"] == "direction"), None)
+    drnd = next((t for t in table if t["group"] == "random" and d and t["target"] == d["condition"]), None)
+    if d is not None and drnd is not None:
+        comp = measure.compare(_measured(d["row"]["asr"]), _measured(drnd["row"]["asr"]))
+        out["direction_vs_random"] = {"asr": measure.verdict(comp, "higher").to_dict()}
     if "RU" in by and "asr" in base:
         out["ru_target"] = _ru_target(by["RU"])
     return out
@@ -436,6 +469,12 @@ def run_ablate(cfg: AblateConfig) -> Path:
     space = cats.space
     order = torch.argsort(-measure.safety_ranking(cats, s_scores, u_scores), stable=True)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    kl_ref = None
+    if cfg.kl:
+        t = time.time()
+        kl_ref = kl_reference(lm.model, lm.tokenizer, _spread(load_prompts(cfg.kl_harmless), cfg.limit),
+                              reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size)  # fmt: skip
+        seconds["kl_reference"] = time.time() - t
 
     def controls(units: UnitSet, target: str, group: str, overrefusal: bool = True) -> list[Condition]:
         out = []
@@ -449,6 +488,29 @@ def run_ablate(cfg: AblateConfig) -> Path:
         conditions.append(Condition(c, "category", cats[c]))
         if c in cfg.controlled:
             conditions += controls(cats[c], c, "random")
+    if cfg.direction:
+        t = time.time()
+        sel = fit_direction(
+            lm.model,
+            lm.tokenizer,
+            [e.prompt for e in safety],
+            [e.prompt for e in utility],
+            system=cfg.system,
+            layer_step=cfg.direction_layer_step,
+            positions=cfg.direction_positions,
+            kl_max=cfg.direction_kl_max,
+            per_split=cfg.direction_per_split,
+        )
+        seconds["direction"] = time.time() - t
+        units_info["direction"] = {k: v for k, v in sel.summary().items() if k != "candidates"}
+        units_info["direction"]["write_share"] = {c: write_share(lm.model, cats[c], sel.direction) for c in CATEGORIES}
+        name = "refusal direction"
+        conditions.append(
+            Condition(name, "direction", None, context=lambda: ablated_direction(lm.model, sel.direction))
+        )
+        for s in seeds:
+            ctx = lambda r=random_direction(sel.direction, s): ablated_direction(lm.model, r)  # noqa: E731
+            conditions.append(Condition(f"random direction seed {s}", "direction-random", None, name, s, context=ctx))
     calibration: dict[str, Any] = {"main": units_info["calibration"]}
     t = time.time()
     if cfg.compare_calibration:
@@ -465,7 +527,15 @@ def run_ablate(cfg: AblateConfig) -> Path:
 
     t = time.time()
     rows = measure_conditions(
-        lm, conditions, data, judge=judge, config=gen, mode=cfg.ablation, means=means, progress=cfg.progress
+        lm,
+        conditions,
+        data,
+        judge=judge,
+        config=gen,
+        mode=cfg.ablation,
+        means=means,
+        progress=cfg.progress,
+        kl_ref=kl_ref,
     )
     seconds["evaluation"] = time.time() - t
     after, hooks_left = measure.weights_digest(lm.model), hooks() - hooks_before
@@ -483,6 +553,8 @@ def run_ablate(cfg: AblateConfig) -> Path:
     dose = _dose(points, rows)
     own = {"categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
     own |= {"limit", "max_new_tokens", "seeds", "calibration_limit", "dose"}
+    own |= {"direction", "kl", "kl_harmless", "kl_tokens", "direction_kl_max", "direction_layer_step"}
+    own |= {"direction_positions", "direction_per_split"}
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
         | {"units_total": space.total},

@@ -19,7 +19,7 @@ from ssah.reports.common import (
 
 NAMES = {"asr": "ASR", "coherent_compliance": "coherent compliance", "overrefusal": "over-refusal"}
 NAMES |= {"perplexity": "perplexity", "accuracy": "accuracy", "exact_match": "exact match"}
-TABLE_COLUMNS = "condition|units ablated|ASR|dASR|coherent compliance|dCC|over-refusal|perplexity"
+TABLE_COLUMNS = "condition|units ablated|ASR|dASR|coherent compliance|dCC|over-refusal|perplexity|KL (harmless)"
 DOSE_COLUMNS = "dose|units|SCU in top|ASR (top k)|ASR (random)|dASR|verdict|perplexity (top k)|perplexity (random)"
 
 
@@ -46,6 +46,15 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     v, st = results["verdicts"], results["settings"]
     control = f"random units ({st['control_strata']}-stratified, {len(st['seed_list'])} seeds)"
     lines = [verdict_line(f"SCU ablation vs {control}, {NAMES[k]}", x, "random") for k, x in v["scu_vs_random"].items()]
+    for cat, ws in results["units"].get("direction", {}).get("write_share", {}).items():
+        lines.append(
+            f"- {cat}: {100 * ws['share_of_channels']:.2f}% of the channels carry "
+            f"{100 * ws['share_of_direction_write']:.2f}% of what the units can write along the refusal direction"
+        )
+    if "direction_vs_random" in v:
+        lines.append(
+            verdict_line("refusal direction vs random directions, ASR", v["direction_vs_random"]["asr"], "random")
+        )
     if not lines:
         lines.append("- No SCU-vs-random comparison was run (SCU or its random control was not among the conditions).")
     for cat, by in v["vs_baseline"].items():
@@ -65,7 +74,11 @@ def condition_cells(t: dict[str, Any]) -> list[str]:
     """One Table 1 row as text cells (``TABLE_COLUMNS``; the report and the CLI print the same)."""
     e, c = t["row"], t["change"]
     rates = [x for k in ("asr", "coherent_compliance") for x in (_cell(e, k), _diff(c.get(k)))]
-    return [t["condition"], f"{e['units']} ({100 * e['fraction']:.2f}%)", *rates, _cell(e, "overrefusal"), _ppl(e, c)]
+    kl = e.get("kl", {}).get("reply")
+    lo, hi = (kl or {}).get("ci95") or ((kl or {}).get("min"), (kl or {}).get("max"))
+    klc = "-" if kl is None else f"{kl['mean']:.3g} [{lo:.3g}, {hi:.3g}]"
+    units = f"{e['units']} ({100 * e['fraction']:.2f}%)"
+    return [t["condition"], units, *rates, _cell(e, "overrefusal"), _ppl(e, c), klc]
 
 
 def _dose_cells(p: dict[str, Any]) -> list[Any]:

@@ -1,0 +1,305 @@
+"""`ssah direction`: the refusal-direction baseline (Arditi et al. 2024) on the prompts ssah measures neurons on.
+
+The harmful and harmless sets are each split three ways (seeded shuffle, disjoint): *train* prompts give the
+difference-in-means candidates, *validation* prompts choose one (``ssah.direction.select_direction``: bypass,
+induce and KL scores), *test* prompts measure it. On the test split every condition is measured by
+``measure.measure_condition`` (ASR, coherent compliance, over-refusal on the benign set) and by
+``evaluate.kl_divergence`` (KL on the harmless test prompts against one reference): the baseline, the direction
+ablated at every layer, random directions of the same norm ablated the same way (one per seed), the orthogonalised
+weights, and activation addition at the chosen layer (refusal of harmless prompts) against random additions of the
+same norm at the same layer. Verdicts come from ``measure.verdict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from ssah import measure
+from ssah.config import ModelRunConfig, Out
+from ssah.data import PromptSet, load_prompts
+from ssah.direction import (
+    KL_MAX,
+    MAX_LAYER_SHARE,
+    ablated_direction,
+    added_direction,
+    candidate_directions,
+    last_logprobs,
+    orthogonalized,
+    random_direction,
+    save_direction,
+    select_direction,
+)
+from ssah.errors import UserError
+from ssah.evaluate import EvalData, kl_divergence, kl_reference
+from ssah.fields import Count, JudgeSpec, Seeds, System
+from ssah.generate import GenerationConfig
+from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.models import load_model
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
+
+RATES = ("asr", "coherent_compliance", "overrefusal", "harmless_refusal")
+NAMES = {
+    "asr": "ASR",
+    "coherent_compliance": "coherent compliance",
+    "overrefusal": "over-refusal",
+    "harmless_refusal": "refusal of harmless",
+}
+
+
+class DirectionConfig(ModelRunConfig):
+    """Everything `ssah direction` needs (full-run sizes by default; ``--config quick`` for a small run)."""
+
+    out: Out = "runs/direction"
+    harmful: str = Field("builtin:harmful", description="Harmful prompts: builtin:NAME, a preset or a file.")
+    harmless: str = Field(
+        "builtin:benign",
+        description="Harmless prompts (direction, induce score, KL): builtin:NAME, preset, file.",
+    )
+    benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal (or none).")
+    judge: JudgeSpec = "keyword:ssah"
+    train: Count = Field(40, description="Prompts of each set for the difference in means.")
+    val: Count = Field(24, description="Prompts of each set to choose the direction on.")
+    limit: Count = Field(32, description="Test prompts of each set.")
+    max_new_tokens: Count = Field(64, description="Tokens per reply.")
+    seeds: Seeds = 5
+    layer_step: Count = Field(1, description="Score every N-th layer's candidates.")
+    positions: Count | None = Field(
+        None, description="Post-instruction positions (default: the template's, at most 5)."
+    )
+    kl_max: float = Field(KL_MAX, gt=0, description="KL filter of the selection (the paper's 0.1).")
+    max_layer_share: float = Field(
+        MAX_LAYER_SHARE, gt=0, le=1, description="Candidates from layers below this share of depth (the paper's 0.8)."
+    )
+    kl_tokens: Count = Field(16, description="Tokens of the original's greedy reply teacher-forced for KL.")
+    batch_size: Count = Field(16, description="Prompts per batch.")
+    system: System = None
+
+    def generation(self) -> GenerationConfig:
+        g = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            system=self.system,
+        )
+        g.check()
+        return g
+
+    def check(self) -> None:
+        """Validate everything that needs neither data nor model (nothing is written before this passes)."""
+        self.generation()
+        kind = self.judge.split(":", 1)[0]
+        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
+            get_judge(self.judge)
+        check_output_folder(self.out, self.overwrite)
+
+
+def split3(ps: PromptSet, sizes: tuple[int, int, int], seed: int) -> tuple[PromptSet, PromptSet, PromptSet]:
+    """Three disjoint parts of ``ps`` (train, validation, test) of the given sizes after a seeded shuffle (the
+    built-in sets are ordered by category); a one-line error when the set is too small."""
+    need = sum(sizes)
+    if len(ps) < need:
+        raise UserError(
+            f"the {ps.name} set {ps.source} has {len(ps)} prompts but train + validation + test need {need}: "
+            "pass a larger set or smaller --train / --val / --limit"
+        )
+    order = np.random.default_rng(seed).permutation(len(ps))
+    parts, at = [], 0
+    for what, n in zip(("train", "val", "test"), sizes, strict=True):
+        picks = tuple(ps.examples[int(i)] for i in order[at : at + n])
+        parts.append(PromptSet(f"{ps.name}[{what}]", ps.source, picks))
+        at += n
+    return parts[0], parts[1], parts[2]
+
+
+def _spread(ps: PromptSet, n: int) -> PromptSet:
+    if n >= len(ps):
+        return ps
+    return PromptSet(ps.name, ps.source, tuple(ps.examples[int(i * len(ps) / n)] for i in range(n)))
+
+
+def _prompts(ps: PromptSet) -> list[str]:
+    return [ex.prompt for ex in ps]
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Random controls over their seeds: each rate a ControlDistribution, KL the mean of the seeds' means."""
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+    for key in RATES:
+        if all(key in r for r in rows):
+            draws = tuple(measure.Proportion.from_dict(r[key]) for r in rows)
+            out[key] = measure.ControlDistribution(draws).to_dict()
+    for part in ("first", "reply"):
+        means = [r["kl"][part]["mean"] for r in rows]
+        out.setdefault("kl", {})[part] = {"mean": float(np.mean(means)), "min": min(means), "max": max(means)}
+    return out
+
+
+def _measured(v: dict[str, Any]) -> measure.Proportion | measure.ControlDistribution:
+    if "draws" in v:
+        return measure.ControlDistribution(tuple(measure.Proportion.from_dict(d) for d in v["draws"]))
+    return measure.Proportion.from_dict(v)
+
+
+def _verdict(effect: dict[str, Any], control: dict[str, Any], key: str, expected: str) -> dict[str, Any] | None:
+    if key not in effect or key not in control:
+        return None
+    comp = measure.compare(_measured(effect[key]), _measured(control[key]))
+    return measure.verdict(comp, expected).to_dict()  # type: ignore[arg-type]
+
+
+def run_direction(cfg: DirectionConfig) -> Path:
+    """Choose the refusal direction on the validation split and measure its interventions on the test split."""
+    t0 = time.time()
+    cfg.check()
+    set_seed(cfg.seed)
+    sizes = (cfg.train, cfg.val, cfg.limit)
+    harmful = load_prompts(cfg.harmful, name="harmful")
+    harmless = load_prompts(cfg.harmless, name="harmless")
+    if len(harmless) == 0 or len(harmful) == 0:
+        raise UserError("the direction needs harmful and harmless prompts: pass non-empty --harmful / --harmless")
+    h_train, h_val, h_test = split3(harmful, sizes, cfg.seed)
+    b_train, b_val, b_test = split3(harmless, sizes, cfg.seed + 1)
+    benign = None if cfg.benign.strip().lower() in ("", "none") else _spread(load_prompts(cfg.benign), cfg.limit)
+    lm = load_model(cfg.model, **cfg.load_options())
+    model, tok = lm.model, lm.tokenizer
+    judge = get_judge(cfg.judge, model=model, tokenizer=tok)
+    gen = cfg.generation()
+    before = measure.weights_digest(model)
+    seconds: dict[str, float] = {}
+
+    t = time.time()
+    directions = candidate_directions(
+        model, tok, _prompts(h_train), _prompts(b_train), positions=cfg.positions, system=cfg.system,
+        batch_size=cfg.batch_size,
+    )  # fmt: skip
+    seconds["directions"] = time.time() - t
+    t = time.time()
+    sel = select_direction(
+        model, tok, directions, _prompts(h_val), _prompts(b_val), system=cfg.system, batch_size=cfg.batch_size,
+        kl_max=cfg.kl_max, max_layer_share=cfg.max_layer_share, layer_step=cfg.layer_step, progress=cfg.progress,
+    )  # fmt: skip
+    seconds["selection"] = time.time() - t
+
+    t = time.time()
+    reference = kl_reference(
+        model, tok, b_test, reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size
+    )
+    seconds["kl_reference"] = time.time() - t
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    on_harmful = EvalData(harmful=h_test, benign=benign)
+    on_harmless = EvalData(benign=b_test)
+    Cond = tuple[str, str, int | None, Callable[[], contextlib.AbstractContextManager[Any]], EvalData]
+    conditions: list[Cond] = [
+        ("baseline", "baseline", None, contextlib.nullcontext, on_harmful),
+        ("baseline (harmless)", "baseline-harmless", None, contextlib.nullcontext, on_harmless),
+        ("direction ablation", "ablation", None, lambda: ablated_direction(model, sel.direction), on_harmful),
+        ("orthogonalised weights", "orthogonalized", None, lambda: orthogonalized(model, sel.direction), on_harmful),
+    ]
+    for s in seeds:
+        rnd = random_direction(sel.direction, s)
+        conditions.append((f"random ablation seed {s}", "random", s, _bind(ablated_direction, model, rnd), on_harmful))
+    conditions.append(
+        ("direction addition", "addition", None, lambda: added_direction(model, sel.direction, sel.layer), on_harmless)
+    )
+    for s in seeds:
+        rnd = random_direction(sel.direction, 10_000 + s)
+        add = _bind(added_direction, model, rnd, sel.layer)
+        conditions.append((f"random addition seed {s}", "addition-random", s, add, on_harmless))
+
+    from tqdm.auto import tqdm
+
+    rows: list[dict[str, Any]] = []
+    kl_seconds = 0.0
+    t = time.time()
+    for name, group, seed, ctx, data in tqdm(conditions, desc="conditions", disable=not cfg.progress):
+        with ctx():
+            res = measure.measure_condition(model, tok, data, judge=judge, config=gen)
+            kl = kl_divergence(model, tok, reference)
+        kl_seconds += kl.seconds
+        row: dict[str, Any] = {"name": name, "group": group, "seed": seed, "seconds": round(res.seconds, 3)}
+        if data is on_harmful:
+            row |= {k: v.to_dict() for k, v in res.rates().items()}
+        elif res.overrefusal is not None:
+            row["harmless_refusal"] = res.overrefusal.to_dict()
+        row["kl"] = kl.to_dict(seed=cfg.seed)
+        rows.append(row)
+    seconds["evaluation"] = time.time() - t
+    seconds["kl"] = kl_seconds
+
+    # exactness of the orthogonalised weights against the hooks, on the harmless test prompts
+    with ablated_direction(model, sel.direction):
+        hooked = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.batch_size)
+    with orthogonalized(model, sel.direction):
+        edited = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.batch_size)
+    exact = float((hooked - edited).abs().max())
+    after = measure.weights_digest(model)
+    if after != before:
+        raise RuntimeError("an intervention was not undone: the model's weights changed")  # a bug, not input
+
+    by = {x["group"]: x for x in rows if x["group"] not in ("random", "addition-random")}
+    rnd_abl = _aggregate([x for x in rows if x["group"] == "random"])
+    rnd_add = _aggregate([x for x in rows if x["group"] == "addition-random"])
+    table: list[dict[str, Any]] = [
+        {
+            "condition": "baseline",
+            "row": by["baseline"] | {"harmless_refusal": by["baseline-harmless"]["harmless_refusal"]},
+        },
+        {"condition": "direction ablation", "row": by["ablation"]},
+        {"condition": f"random direction ablation ({len(seeds)} seeds)", "row": rnd_abl},
+        {"condition": "orthogonalised weights", "row": by["orthogonalized"]},
+        {"condition": f"direction addition (layer {sel.layer})", "row": by["addition"]},
+        {"condition": f"random direction addition ({len(seeds)} seeds)", "row": rnd_add},
+    ]
+    base = table[0]["row"]
+    verdicts = {
+        "ablation_vs_random_asr": _verdict(by["ablation"], rnd_abl, "asr", "higher"),
+        "ablation_vs_random_coherent": _verdict(by["ablation"], rnd_abl, "coherent_compliance", "higher"),
+        "ablation_vs_baseline_asr": _verdict(by["ablation"], base, "asr", "higher"),
+        "addition_vs_random_refusal": _verdict(by["addition"], rnd_add, "harmless_refusal", "higher"),
+        "addition_vs_baseline_refusal": _verdict(by["addition"], base, "harmless_refusal", "higher"),
+    }
+    results: dict[str, Any] = {
+        "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")},
+        "settings": {
+            **cfg.model_dump(include={"train", "val", "limit", "max_new_tokens", "seeds", "layer_step"}),
+            **cfg.model_dump(include={"judge", "kl_max", "max_layer_share", "kl_tokens", "positions"}),
+            "seed_list": seeds,
+            "generation": dataclasses.asdict(gen),
+            "data": {
+                ps.name: {"source": ps.source, "examples": len(ps)}
+                for ps in (h_train, h_val, h_test, b_train, b_val, b_test, *([benign] if benign else []))
+            },
+        },
+        "selection": sel.summary(),
+        "conditions": rows,
+        "table": table,
+        "verdicts": {k: v for k, v in verdicts.items() if v is not None},
+        "orthogonalization": {"max_abs_logprob_difference_vs_hooks": exact},
+        "weights": {"sha256_before": before, "unchanged": after == before},
+        "seconds": {"load_model": round(lm.load_seconds, 3), **{k: round(v, 3) for k, v in seconds.items()}},
+    }
+    with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
+        save_direction(run.path, sel, fingerprint=lm.fingerprint, model_name=lm.name, directions=directions)
+        results["seconds"]["total"] = round(time.time() - t0, 3)
+        used = {ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (harmful, harmless)}
+        model_info = {k: results["model"][k] for k in ("name", "source", "fingerprint")}
+        mf = manifest(command="direction", seed=cfg.seed, started=t0, device=model.device, data=used, model=model_info)
+        write_run(run, "direction", config=cfg, results=results, manifest=mf)
+    return run.out
+
+
+def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A zero-argument context factory (lambdas in a loop would all see the last seed)."""
+
+    def make() -> Iterator[Any]:
+        return fn(*args)  # type: ignore[no-any-return]
+
+    return make  # type: ignore[return-value]
