@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -571,7 +572,8 @@ def write_share(model: nn.Module, units: Any, direction: torch.Tensor) -> dict[s
     with torch.no_grad():
         for g in adapter.groups():
             mod: Any = model.get_submodule(g.reader_module)
-            w = mod.weight.detach().to(torch.float64)
+            with align_module_device(mod):  # offloaded (device-map) weights are loaded for the read
+                w = mod.weight.detach().to(torch.float64)
             cols = w if isinstance(mod, Conv1D) else w.t()  # [channels, hidden]
             proj = (cols @ r_hat.to(cols.device)) ** 2
             mask = masks[g.key].to(proj.device)
