@@ -220,15 +220,27 @@ def align(
         str, typer.Option(help="Run folder to write; the aligned model goes to OUT/model.")
     ] = "runs/aligned",
     harmful: Annotated[str, typer.Option(help="Harmful requests with refusal responses.")] = "builtin:safety",
-    benign: Annotated[str, typer.Option(help="Benign instructions with answers.")] = "builtin:utility",
-    benign_ratio: Annotated[float, typer.Option(help="Share of benign examples in the SFT mix.")] = 0.5,
+    borderline: Annotated[
+        str, typer.Option(help="Borderline-safe requests (sound unsafe, are not) with helpful answers.")
+    ] = "builtin:borderline_sft",
+    benign: Annotated[str, typer.Option(help="Ordinary instructions with answers.")] = "builtin:utility",
+    borderline_ratio: Annotated[float, typer.Option(help="Share of borderline-safe examples in the SFT mix.")] = 0.3,
+    benign_ratio: Annotated[float, typer.Option(help="Share of ordinary examples in the SFT mix.")] = 0.3,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-5,
     freeze_embeddings: Annotated[bool, typer.Option(help="Keep the embeddings fixed.")] = True,
     eval_harmful: Annotated[str, typer.Option(help="Held-out harmful prompts.")] = "builtin:harmful",
-    eval_benign: Annotated[str, typer.Option(help="Held-out benign prompts.")] = "builtin:benign",
-    eval_limit: Annotated[int, typer.Option(help="Prompts per held-out set.")] = 50,
+    eval_borderline: Annotated[str, typer.Option(help="Held-out borderline-safe prompts.")] = "builtin:borderline",
+    eval_benign: Annotated[
+        str, typer.Option(help="Held-out ordinary prompts (with checkable answers).")
+    ] = "builtin:benign",
+    eval_extra_safe: Annotated[
+        str | None, typer.Option(help="Another safe set for over-refusal, e.g. xstest (default: none).")
+    ] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="Prompts per held-out set, a stratified sample (default: all).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per evaluation reply.")] = 48,
     judge: Annotated[str, typer.Option(help="Refusal judge.")] = "keyword:ssah",
     cache: Annotated[bool, typer.Option(help="Reuse / store the aligned model in $SSAH_CACHE/aligned.")] = True,
@@ -248,7 +260,11 @@ def align(
     path = run_align(cfg)
     res = json.loads((path / "results.json").read_text())
     b, a = res["before"], res["after"]
-    for key, what in (("refusal", "refusal on held-out harmful"), ("overrefusal", "over-refusal on held-out benign")):
+    for key, what in (
+        ("refusal", "refusal on held-out harmful"),
+        ("borderline_overrefusal", "over-refusal on held-out borderline-safe"),
+        ("overrefusal", "over-refusal on held-out benign"),
+    ):
         typer.echo(f"{what}: {100 * b[key]['rate']:.1f}% -> {100 * a[key]['rate']:.1f}%")
     typer.echo(f"wrote {path} (aligned model in {path / 'model'}) in {res['seconds']:.1f} s")
 

@@ -12,6 +12,7 @@ retrain it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -185,10 +186,12 @@ def _log_perplexities(model: Any, tokenizer: Any, data: PromptSet, system: str |
     ]
 
 
-def evaluate_model(model: Any, tokenizer: Any, cfg: AlignConfig, sets: HeldOut) -> dict[str, Any]:
+def evaluate_model(
+    model: Any, tokenizer: Any, cfg: AlignConfig, sets: HeldOut, samples: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """One generation pass over every held-out prompt, judged by ``cfg.judge``: refusal of harmful prompts,
     over-refusal of each safe set, benign answers correct; plus per-example perplexity of the benign references.
-    Proportions in the one shape (counts and Wilson interval)."""
+    Proportions in the one shape (counts and Wilson interval). Each reply is appended to ``samples`` if given."""
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=16, system=cfg.system)
     safe = sets.safe()
     all_safe = PromptSet("safe", "align", tuple(ex for ps in safe for ex in ps))
@@ -206,10 +209,14 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: AlignConfig, sets: HeldOut) 
     for key, ps in zip(("overrefusal", "borderline_overrefusal", "extra_overrefusal"), safe, strict=False):
         part = replies[start : start + len(ps)]
         start += len(ps)
+        for smp in part:
+            smp.set = ps.name
         out[key] = Proportion.of([s.refused for s in part]).to_dict()
         if key == "overrefusal":
             checked = [answered(s.output, ex.answer) for ex, s in zip(ps, part, strict=True) if ex.answer]
             out["benign_accuracy"] = Proportion.of(checked).to_dict() if checked else None
+    if samples is not None:
+        samples.extend(dataclasses.asdict(x) for x in m.samples)
     logs = _log_perplexities(model, tokenizer, sets.benign, cfg.system) if sets.benign.has_responses else []
     out["log_perplexity"] = logs
     out["perplexity"] = math.exp(sum(logs) / len(logs)) if logs else None
@@ -397,11 +404,12 @@ def run_align(cfg: AlignConfig) -> Path:
     )
     base_fp = lm.fingerprint
     key = cfg.training_key(base_fp, mix.fingerprint())
-    before = evaluate_model(lm.model, lm.tokenizer, cfg, sets)
+    replies: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    before = evaluate_model(lm.model, lm.tokenizer, cfg, sets, replies["before"])
     t_align = time.time()
     lm, train_summary = _train_or_reuse(cfg, lm, mix, key)
     train_summary["align_seconds"] = round(time.time() - t_align, 3)
-    after = evaluate_model(lm.model, lm.tokenizer, cfg, sets)
+    after = evaluate_model(lm.model, lm.tokenizer, cfg, sets, replies["after"])
     results = {
         "model": {"base": cfg.model, "base_fingerprint": base_fp, "aligned_fingerprint": model_fingerprint(lm.model)},
         "training": train_summary,
@@ -425,6 +433,10 @@ def run_align(cfg: AlignConfig) -> Path:
             lm.tokenizer.save_pretrained(run.path / "model")
         run.write_yaml("config.yaml", cfg.model_dump())
         run.write_json("results.json", results)
+        run.write_text(
+            "samples.jsonl",
+            "".join(json.dumps({"model": k, **x}) + "\n" for k, rows in replies.items() for x in rows),
+        )
         markdown = render(results, run.path)
         write_report_files(run.path, markdown, report_title(markdown, "align"))
         run.write_json(
@@ -535,7 +547,8 @@ def align_report(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Judge `{results['judge']}`; {a['refusal']['n']} harmful, {n_b} borderline-safe and {a['overrefusal']['n']} "
-        f"ordinary held-out prompts, none of them in the training mix. The aligned model is in `model/`. "
+        "ordinary held-out prompts, none of them in the training mix; every reply and verdict is in "
+        "`samples.jsonl`. The aligned model is in `model/`. "
         f"Took {results['seconds']:.1f} s"
         + (f" (training {t['align_seconds']:.1f} s)" if t.get("align_seconds") is not None else "")
         + ". "
