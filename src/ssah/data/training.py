@@ -148,7 +148,7 @@ def _mix_sizes(available: Sequence[int], shares: Sequence[float], total: int | N
 
 
 # The default shares of the ``ssah align`` recipe (tuned on SmolLM2-135M-Instruct; see the built-in data README).
-BORDERLINE_RATIO = 0.3
+BORDERLINE_RATIO = 0.4
 BENIGN_RATIO = 0.3
 
 

@@ -76,9 +76,9 @@ class AlignConfig(ModelRunConfig):
         BORDERLINE_RATIO, ge=0, le=1, description="Share of borderline-safe examples in the SFT mix."
     )
     benign_ratio: float = Field(BENIGN_RATIO, ge=0, le=1, description="Share of ordinary examples in the SFT mix.")
-    steps: int = 20
+    steps: int = 30
     batch_size: int = 8
-    lr: float = 3e-5
+    lr: float = 5e-5
     weight_decay: float = 0.0
     warmup: int = 0
     schedule: str = "constant"
