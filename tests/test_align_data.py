@@ -129,7 +129,7 @@ def test_mix_errors() -> None:
         alignment_mix(borderline_ratio=1.5)
     with pytest.raises(DataError, match="at most 1"):
         alignment_mix(borderline_ratio=0.6, benign_ratio=0.6)
-    with pytest.raises(DataError, match="needs 400 / 300 / 300 examples"):
+    with pytest.raises(DataError, match="needs 300 / 400 / 300 examples"):
         alignment_mix(n=1000)
     with pytest.raises(DataError, match="at least 1 example"):
         alignment_mix(n=0)
