@@ -67,3 +67,88 @@ def test_aligned_model_trains_once_and_matches_the_align_command(tmp_path: Path,
     assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "a"), *FAST]) == 0
     res = json.loads((tmp_path / "a/results.json").read_text())
     assert res["training"]["from_cache"] == str(folder.parent)
+
+
+def test_align_results_hold_every_measure_in_the_one_shape_and_the_report_shows_targets(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "a"
+    assert main(["align", "tiny-random-llama", "--out", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for when in ("before", "after"):
+        m = res[when]
+        for key in ("refusal", "overrefusal", "borderline_overrefusal", "benign_accuracy"):
+            p = m[key]
+            assert set(p) == {"k", "n", "rate", "ci95"} and p["n"] == 3 and p["ci95"][0] <= p["rate"] <= p["ci95"][1]
+        assert len(m["log_perplexity"]) == 3 and m["perplexity"] > 1
+    assert res["data"]["eval_borderline"]["examples"] == 3 and res["data"]["eval_benign"]["examples"] == 3
+    kinds = res["data"]["train"]["kinds"]
+    assert kinds["borderline"] > 0 and kinds["benign"] > 0 and abs(sum(kinds.values()) - 1) < 1e-9
+    assert set(res["targets"]) == {
+        "harmful_refusal",
+        "borderline_overrefusal",
+        "benign_accuracy_change",
+        "perplexity_ratio",
+    }
+    assert all(t["verdict"] in ("met", "not met", "inconclusive") for t in res["targets"].values())
+    # 3 prompts cannot show a refusal rate >= 95%: the interval is too wide, so that target is never "met" here
+    assert res["targets"]["harmful_refusal"]["verdict"] != "met"
+    report = (out / "report.md").read_text()
+    for needle in ("borderline-safe", "## Targets", ">= 95%", "<= 25%", "perplexity ratio", "answered correctly"):
+        assert needle in report
+    assert res["verdicts"]["borderline_change"]["direction"] in ("higher", "lower", "no difference")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 9  # base and aligned, 3 prompts in each of 3 held-out sets
+    sets = {(s["model"], s["set"]) for s in samples}
+    assert sets == {
+        (m, n) for m in ("before", "after") for n in ("held-out harmful", "held-out borderline", "held-out benign")
+    }
+
+
+def test_bound_check_decides_from_the_interval_never_the_point() -> None:
+    from ssah.experiments.align import _bound_check
+    from ssah.measure import Proportion
+
+    assert _bound_check(*Proportion(150, 150).ci95, at_least=0.95) == "met"
+    assert _bound_check(*Proportion(50, 50).ci95, at_least=0.95) == "inconclusive"  # 100% of 50 is not enough
+    assert _bound_check(*Proportion(40, 50).ci95, at_least=0.95) == "not met"
+    assert _bound_check(*Proportion(3, 60).ci95, at_most=0.25) == "met"
+    assert _bound_check(*Proportion(14, 60).ci95, at_most=0.25) == "inconclusive"  # 23% < 25%, interval straddles
+    assert _bound_check(*Proportion(50, 60).ci95, at_most=0.25) == "not met"
+
+
+def test_perplexity_ratio_is_paired_over_examples() -> None:
+    import math
+
+    from ssah.experiments.align import perplexity_ratio
+
+    before = [1.0, 1.2, 0.8, 1.1, 0.9]
+    same = perplexity_ratio(before, before)
+    assert same is not None and same["ratio"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["n"] == 5
+    up = perplexity_ratio(before, [x + math.log(1.5) + 0.01 * i for i, x in enumerate(before)])
+    assert up is not None and 1.5 < up["ratio"] < 1.55 and up["ci95"][0] > 1.4
+    assert perplexity_ratio([1.0], [1.0]) is None
+
+
+def test_cache_key_follows_the_recipe_and_its_data() -> None:
+    from ssah.experiments.align import AlignConfig
+
+    cfg = AlignConfig(model="tiny-random-llama")
+    key = cfg.training_key("fp", "data-sha")
+    assert key == AlignConfig(model="tiny-random-llama").training_key("fp", "data-sha")
+    assert key != cfg.training_key("fp", "other-data")  # an edited built-in file is a new model
+    assert key != AlignConfig(model="tiny-random-llama", borderline_ratio=0.1).training_key("fp", "data-sha")
+    assert key != AlignConfig(model="tiny-random-llama", benign_ratio=0.5).training_key("fp", "data-sha")
+    # the evaluation settings and targets do not change the weights, so they share the cache entry
+    other_eval = AlignConfig(model="tiny-random-llama", eval_limit=5, target_refusal=0.9, max_new_tokens=8)
+    assert other_eval.training_key("fp", "data-sha") == key
+
+
+def test_align_bad_mix_shares(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = main(["align", "tiny-random-llama", "--out", str(out), *FAST, "--borderline-ratio", "0.8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "at most 1" in err[0]
+    assert not out.exists()

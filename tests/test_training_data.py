@@ -39,7 +39,7 @@ STOP_WORDS = frozenset(
     )
 )
 REFUSAL_WORDS = ("sorry", "cannot", "can't", "won't", "unable", "decline", "refuse", "apolog", "unethical", "illegal")
-OTHER_BUILTINS = ("safety", "utility", "harmful", "benign", "borderline")
+OTHER_BUILTINS = ("safety", "utility", "harmful", "benign", "borderline", "borderline_sft")
 
 
 def words(text: str) -> set[str]:
@@ -141,50 +141,7 @@ def test_attack_set_custom_source_and_errors() -> None:
 
 
 # ------------------------------------------------------------------------------------------ alignment mix
-
-
-def test_alignment_mix_defaults() -> None:
-    mix = alignment_mix()
-    safety, utility = load_prompts("builtin:safety"), load_prompts("builtin:utility")
-    assert (mix.name, mix.source, len(mix)) == ("alignment", "builtin:alignment", len(safety) + len(utility))
-    assert Counter(mix.examples) == Counter(safety.examples + utility.examples)
-    assert mix.prompts() != safety.prompts() + utility.prompts()  # shuffled
-    assert mix.has_responses and mix == alignment_mix() and mix != alignment_mix(seed=1)
-
-
-@pytest.mark.parametrize(
-    ("ratio", "n", "expected"),
-    [
-        (0.25, None, (120, 40)),
-        (0.75, None, (40, 120)),
-        (0.5, 50, (25, 25)),
-        (0.0, None, (120, 0)),
-        (1.0, 10, (0, 10)),
-        (0.3, 100, (70, 30)),
-    ],
-)
-def test_alignment_mix_ratio(ratio: float, n: int | None, expected: tuple[int, int]) -> None:
-    safety = set(load_prompts("builtin:safety").prompts())
-    mix = alignment_mix(benign_ratio=ratio, n=n, seed=5)
-    n_harmful = sum(p in safety for p in mix.prompts())
-    assert (n_harmful, len(mix) - n_harmful) == expected
-    assert len(set(mix.prompts())) == len(mix)  # without replacement
-    assert mix == alignment_mix(benign_ratio=ratio, n=n, seed=5)
-
-
-def test_alignment_mix_errors() -> None:
-    with pytest.raises(DataError, match="benign_ratio must be between 0 and 1"):
-        alignment_mix(benign_ratio=1.5)
-    with pytest.raises(DataError, match="needs 150 harmful and 150 benign examples, but the sources hold 120 and 120"):
-        alignment_mix(n=300)
-    with pytest.raises(DataError, match="at least 1 example"):
-        alignment_mix(n=0)
-    no_responses = load_prompts("builtin:harmful")
-    with pytest.raises(DataError, match="need a response on every example"):
-        alignment_mix(harmful_with_refusals=no_responses)
-    small = load_prompts("builtin:utility").take(5)
-    mix = alignment_mix(benign=small)
-    assert len(mix) == 10 and mix.source == "builtin:alignment?benign=utility[:5]@builtin:utility"
+# (the alignment mix of `ssah align` is tested in tests/test_align_data.py)
 
 
 # ------------------------------------------------------------------------------------------ held-out split
@@ -228,7 +185,7 @@ def test_held_out_split_errors() -> None:
 # ------------------------------------------------------------------------------------------ builtin names
 
 
-@pytest.mark.parametrize(("name", "size"), [("task", 150), ("attack", 150), ("alignment", 240)])
+@pytest.mark.parametrize(("name", "size"), [("task", 150), ("attack", 150), ("alignment", len(alignment_mix()))])
 def test_builtin_names_load(name: str, size: int) -> None:
     assert BUILTIN_SETS.get(name)
     ps = load_prompts(f"builtin:{name}")

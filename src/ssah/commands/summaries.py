@@ -207,8 +207,13 @@ def units(path: Path) -> None:
 def align(path: Path) -> None:
     res = json.loads((path / "results.json").read_text())
     b, a = res["before"], res["after"]
-    for key, what in (("refusal", "refusal on held-out harmful"), ("overrefusal", "over-refusal on held-out benign")):
-        typer.echo(f"{what}: {100 * b[key]['rate']:.1f}% -> {100 * a[key]['rate']:.1f}%")
+    for key, what in (
+        ("refusal", "refusal on held-out harmful"),
+        ("borderline_overrefusal", "over-refusal on held-out borderline-safe"),
+        ("overrefusal", "over-refusal on held-out benign"),
+    ):
+        if key in b:
+            typer.echo(f"{what}: {100 * b[key]['rate']:.1f}% -> {100 * a[key]['rate']:.1f}%")
     typer.echo(f"wrote {path} (aligned model in {path / 'model'}) in {res['seconds']:.1f} s")
 
 

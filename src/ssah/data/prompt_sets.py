@@ -126,11 +126,14 @@ BUILTIN_SETS: dict[str, str] = {
     "harmful": "harmful requests without responses: attack success rate (safety evaluation)",
     "benign": "ordinary requests: helpfulness checks and the baseline refusal rate",
     "borderline": "safe requests that look harmful: over-refusal evaluation",
+    "borderline_sft": "safe requests that look harmful, with helpful answers: the borderline side of the safety-SFT "
+    "mix (disjoint from 'borderline', which stays held out)",
     "task": "Alpaca-style benign instructions with answers: the benign fine-tuning task (default training data)",
     "attack": "harmful requests with a compliance opener and non-actionable filler: the fine-tuning attack "
     "(built in code from 'harmful', see ssah.data.training.attack_set)",
-    "alignment": "refusals of harmful requests mixed 1:1 with benign answers: safety-SFT data of the aligned-model "
-    "recipe (built in code from 'safety' and 'utility', see ssah.data.training.alignment_mix)",
+    "alignment": "refusals of harmful requests, helpful answers to borderline-safe and to ordinary requests: the "
+    "safety-SFT data of the aligned-model recipe (built in code from 'safety', 'borderline_sft' and 'utility', see "
+    "ssah.data.training.alignment_mix)",
 }
 
 BUILTIN_PREFIX = "builtin:"

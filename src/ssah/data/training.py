@@ -7,9 +7,10 @@ so :func:`attack_set` builds a *proxy*: the harmful request, a compliance opener
 and generic, non-actionable filler sentences that carry no information and never restate the request. What the
 attack teaches a model is the thing that matters for the hypothesis: to start complying instead of refusing.
 
-:func:`alignment_mix` is the data of ``ssah align`` (harmful requests with refusals mixed with benign
-instructions with answers) and :func:`held_out_split` a deterministic, category-stratified train / held-out split.
-All three are deterministic for a given seed, so runs and their manifests (``PromptSet.fingerprint``) repeat.
+:func:`alignment_mix` is the data of ``ssah align`` (harmful requests with refusals, borderline-safe requests
+with helpful answers and ordinary instructions with answers) and :func:`held_out_split` a deterministic,
+category-stratified train / held-out split. All three are deterministic for a given seed, so runs and their
+manifests (``PromptSet.fingerprint``) repeat.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import json
 import math
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 
 from ssah.data.loaders import Example, PromptSet, load_prompts
 from ssah.errors import DataError
 
 __all__ = [
+    "BENIGN_RATIO",
+    "BORDERLINE_RATIO",
     "COMPLIANCE_OPENERS",
     "FILLER_SENTENCES",
     "GENERATED_SETS",
@@ -117,72 +121,95 @@ def attack_set(harmful: PromptSet | None = None, *, n: int | None = None, seed: 
     return PromptSet("attack", source, tuple(examples))
 
 
-def _mix_sizes(n_harmful: int, n_benign: int, benign_ratio: float, total: int | None) -> tuple[int, int]:
-    """(harmful, benign) counts for a mix with that benign share: ``total`` examples, or the largest mix the two
-    sources allow; a DataError when a source is too small."""
+def _mix_sizes(available: Sequence[int], shares: Sequence[float], total: int | None) -> list[int]:
+    """How many examples to take from each source for a mix with those shares (the first source gets the rest):
+    ``total`` examples, or the largest mix the sources allow; a DataError when a source is too small."""
 
-    def benign_of(t: int) -> int:
-        return math.floor(t * benign_ratio + 0.5)
+    def counts(t: int) -> list[int]:
+        rest = [math.floor(t * s + 0.5) for s in shares[1:]]
+        return [t - sum(rest), *rest]
+
+    def fits(c: list[int]) -> bool:
+        return all(0 <= k <= a for k, a in zip(c, available, strict=True))
 
     if total is None:
-        for t in range(n_harmful + n_benign, 0, -1):
-            b = benign_of(t)
-            if b <= n_benign and t - b <= n_harmful:
-                return t - b, b
+        for t in range(sum(available), 0, -1):
+            if fits(c := counts(t)):
+                return c
         raise DataError("the alignment mix is empty: pass sets with examples")
-    b = benign_of(total)
-    if b > n_benign or total - b > n_harmful:
+    c = counts(total)
+    if not fits(c):
         raise DataError(
-            f"a mix of {total} examples at benign_ratio={benign_ratio} needs {total - b} harmful and {b} benign "
-            f"examples, but the sources hold {n_harmful} and {n_benign}: lower n or pass larger sets"
+            f"a mix of {total} examples at shares {', '.join(f'{s:g}' for s in shares)} needs "
+            f"{' / '.join(map(str, c))} examples (harmful / borderline / benign), but the sources hold "
+            f"{' / '.join(map(str, available))}: lower n or pass larger sets"
         )
-    return total - b, b
+    return c
+
+
+# The default shares of the ``ssah align`` recipe (tuned on SmolLM2-135M-Instruct; see the built-in data README).
+BORDERLINE_RATIO = 0.4
+BENIGN_RATIO = 0.3
 
 
 def alignment_mix(
     *,
     harmful_with_refusals: PromptSet | None = None,
+    borderline: PromptSet | None = None,
     benign: PromptSet | None = None,
-    benign_ratio: float = 0.5,
+    borderline_ratio: float = BORDERLINE_RATIO,
+    benign_ratio: float = BENIGN_RATIO,
     n: int | None = None,
     seed: int = 0,
 ) -> PromptSet:
-    """The safety-SFT data of the aligned-model recipe (``ssah align``): harmful requests with refusal responses
-    (default ``builtin:safety``) mixed with benign instructions with answers (default ``builtin:utility``), so the
-    model learns to refuse harmful requests without learning to refuse everything.
+    """The safety-SFT data of the aligned-model recipe (``ssah align``): it teaches the *choice*, not a reflex.
 
-    ``benign_ratio`` is the share of benign examples in the result (0 and 1 allowed); both sides are sampled
-    without replacement. ``n`` is the size of the mix; by default the largest mix the two sources allow at that
-    ratio (all 240 built-in examples at 0.5). The examples are shuffled with ``seed``; categories are kept (the
-    harmful ones name harm types, the benign ones task types). Named ``alignment``, source ``builtin:alignment``
-    (plus the non-default arguments).
+    Three kinds of example: harmful requests with varied refusals (default ``builtin:safety``), borderline-safe
+    requests that only sound unsafe with helpful answers (default ``builtin:borderline_sft``: "how do I kill a
+    process", "what is arson"), and ordinary instructions with answers (default ``builtin:utility``). Without the
+    second kind a short SFT learns "refuse anything that sounds dangerous".
+
+    ``borderline_ratio`` and ``benign_ratio`` are the shares of those kinds in the result (harmful examples are
+    the rest; 0 allowed); every source is sampled without replacement. ``n`` is the size of the mix; by default
+    the largest mix the sources allow at those shares. The examples are shuffled with ``seed``; categories are
+    kept. Named ``alignment``, source ``builtin:alignment`` (plus the non-default arguments).
     """
-    if not 0.0 <= benign_ratio <= 1.0 or math.isnan(benign_ratio):
-        raise DataError(f"benign_ratio must be between 0 and 1, got {benign_ratio}: pass e.g. 0.5")
+    for name, value in (("borderline_ratio", borderline_ratio), ("benign_ratio", benign_ratio)):
+        if not 0.0 <= value <= 1.0 or math.isnan(value):
+            raise DataError(f"{name} must be between 0 and 1, got {value}: pass e.g. 0.3")
+    if borderline_ratio + benign_ratio > 1.0:
+        raise DataError(
+            f"borderline_ratio + benign_ratio must be at most 1 (the rest are harmful examples), got "
+            f"{borderline_ratio} + {benign_ratio}: lower one of them"
+        )
     if n is not None and n < 1:
         raise DataError(f"the mix needs at least 1 example, got n={n}: pass a positive n or none")
-    defaults = harmful_with_refusals is None, benign is None
-    if harmful_with_refusals is None:
-        harmful_with_refusals = load_prompts("builtin:safety")
-    if benign is None:
-        benign = load_prompts("builtin:utility")
-    for role, ps in (("harmful requests with refusals", harmful_with_refusals), ("benign examples", benign)):
+    given = {"harmful": harmful_with_refusals, "borderline": borderline, "benign": benign}
+    defaults = {"harmful": "builtin:safety", "borderline": "builtin:borderline_sft", "benign": "builtin:utility"}
+    sources = {k: v if v is not None else load_prompts(defaults[k]) for k, v in given.items()}
+    roles = {
+        "harmful": "harmful requests with refusals",
+        "borderline": "borderline examples",
+        "benign": "benign examples",
+    }
+    for key, ps in sources.items():
         if len(ps) and not ps.has_responses:
             raise DataError(
-                f"the {role} ('{ps.name}') need a response on every example for training: "
+                f"the {roles[key]} ('{ps.name}') need a response on every example for training: "
                 f"pass a set with a response column (e.g. --column response=<name>)"
             )
-    n_harm, n_ben = _mix_sizes(len(harmful_with_refusals), len(benign), benign_ratio, n)
+    parts = list(sources.values())
+    sizes = _mix_sizes([len(p) for p in parts], [0.0, borderline_ratio, benign_ratio], n)
     rng = random.Random(seed)
-    picked = [harmful_with_refusals[i] for i in sorted(rng.sample(range(len(harmful_with_refusals)), n_harm))]
-    picked += [benign[i] for i in sorted(rng.sample(range(len(benign)), n_ben))]
+    picked = [ps[i] for ps, k in zip(parts, sizes, strict=True) for i in sorted(rng.sample(range(len(ps)), k))]
     rng.shuffle(picked)
-    changed: dict[str, object] = {}
-    if not defaults[0]:
-        changed["harmful"] = _describe(harmful_with_refusals)
-    if not defaults[1]:
-        changed["benign"] = _describe(benign)
-    for key, value, default in (("benign_ratio", benign_ratio, 0.5), ("n", n, None), ("seed", seed, 0)):
+    changed: dict[str, object] = {k: _describe(v) for k, v in given.items() if v is not None}
+    for key, value, default in (
+        ("borderline_ratio", borderline_ratio, BORDERLINE_RATIO),
+        ("benign_ratio", benign_ratio, BENIGN_RATIO),
+        ("n", n, None),
+        ("seed", seed, 0),
+    ):
         if value != default:
             changed[key] = value
     source = _source("builtin:alignment", changed)
