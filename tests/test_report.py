@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.reports.html import markdown_to_html, report_title, slugify, write_report_files
+from ssah.reports.html import markdown_to_html, report_title, slugify
+from ssah.runs import write_report
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -92,8 +93,8 @@ def test_titles_and_slugs() -> None:
     assert slugify("Über 95% — ok?") == "uber-95-ok" and slugify("!!!") == "section"
 
 
-def test_write_report_files(tmp_path: Path) -> None:
-    md_path, html_path = write_report_files(_folder(tmp_path), REPORT, "Run")
+def test_write_report_writes_markdown_and_self_contained_html(tmp_path: Path) -> None:
+    md_path, html_path = write_report(_folder(tmp_path), "units", {}, render=lambda results, folder: REPORT)
     assert md_path.read_text() == REPORT and html_path.name == "report.html"
     assert "data:image/png;base64," in html_path.read_text()
     assert not list(tmp_path.glob(".*tmp*"))

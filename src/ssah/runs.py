@@ -420,10 +420,14 @@ def write_report(
     """Draw a run's plots and write its ``report.md`` and self-contained ``report.html`` into ``folder``, by the
     registered renderer of ``command`` (or ``render``) from the results alone; returns both paths."""
     from ssah.recipes import get_recipe
-    from ssah.reports.html import report_title, write_report_files
+    from ssah.reports.html import markdown_to_html, report_title
 
-    markdown = (render or get_recipe(command).renderer())(results, Path(folder))
-    return write_report_files(Path(folder), markdown, report_title(markdown, command))
+    folder = Path(folder)
+    markdown = (render or get_recipe(command).renderer())(results, folder)
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    atomic_write_text(md_path, markdown)
+    atomic_write_text(html_path, markdown_to_html(markdown, folder, report_title(markdown, command)))
+    return md_path, html_path
 
 
 def write_run(

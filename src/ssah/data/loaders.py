@@ -2,7 +2,7 @@
 
 A spec names a built-in file, a benchmark preset (:mod:`ssah.data.presets`), a Hugging Face dataset, a set built
 in code (:mod:`ssah.data.training`) or a data file (:mod:`ssah.data.prompt_sets`); this module sits above all of
-them and none of them imports it, except ``ssah.data.training`` (see ``generated_set`` below).
+them and none of them imports it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ssah.data.presets import PRESETS, load_hf, load_preset
-from ssah.data.prompt_sets import BUILTIN_PREFIX, Example, PromptSet, check_mapping, load_file
+from ssah.data.prompt_sets import BUILTIN_PREFIX, PromptSet, check_mapping, load_file
+from ssah.data.training import generated_set
 from ssah.errors import DataError
 
-# Example is imported for ssah.data.training, which still takes it from here (see generated_set below)
-__all__ = ["Example", "PromptSet", "load_prompts"]
+__all__ = ["PromptSet", "load_prompts"]
 
 # Built-in sets built in code rather than read from a file (ssah.data.training.generated_set).
 _GENERATED_SETS = ("attack", "alignment")
@@ -55,8 +55,6 @@ def load_prompts(
         # The one import cycle left in ssah.data: ssah.data.training (owned elsewhere) imports load_prompts from
         # here for its built-in files. Once it imports them from ssah.data.prompt_sets (load_file), this import
         # moves to the top of the module.
-        from ssah.data.training import generated_set
-
         built = generated_set(generated)
         if limit is not None:
             built = PromptSet(built.name, built.source, built.examples[:limit])

@@ -21,7 +21,8 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 
-from ssah.data.loaders import Example, PromptSet, load_prompts
+from ssah.data.presets import preset_path
+from ssah.data.prompt_sets import Example, PromptSet, load_file
 from ssah.errors import DataError
 
 __all__ = [
@@ -99,7 +100,7 @@ def attack_set(harmful: PromptSet | None = None, *, n: int | None = None, seed: 
     """
     default_source = harmful is None
     if harmful is None:
-        harmful = load_prompts("builtin:harmful")
+        harmful = load_file("builtin:harmful")
     if len(harmful) == 0:
         raise DataError(f"'{harmful.name}' has no harmful requests: pass a set with at least one prompt")
     if n is not None and not 1 <= n <= len(harmful):
@@ -186,7 +187,7 @@ def alignment_mix(
         raise DataError(f"the mix needs at least 1 example, got n={n}: pass a positive n or none")
     given = {"harmful": harmful_with_refusals, "borderline": borderline, "benign": benign}
     defaults = {"harmful": "builtin:safety", "borderline": "builtin:borderline_sft", "benign": "builtin:utility"}
-    sources = {k: v if v is not None else load_prompts(defaults[k]) for k, v in given.items()}
+    sources = {k: v if v is not None else load_file(defaults[k]) for k, v in given.items()}
     roles = {
         "harmful": "harmful requests with refusals",
         "borderline": "borderline examples",
@@ -264,8 +265,6 @@ def aoa_system_prompt() -> str:
     """The system message of the identity-shift (AOA) attack, which the ``aoa-identity-shift`` preset leaves out
     of its examples (``Example`` has no system field): pass it as the system prompt when training or evaluating
     that attack, as Qi et al. do. Read from the shared data (a DataError when it is absent)."""
-    from ssah.data.presets import preset_path  # lazy: presets imports the loaders this module builds on
-
     path = preset_path("aoa-identity-shift")
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():

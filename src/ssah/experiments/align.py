@@ -37,8 +37,7 @@ from ssah.judges import get_judge, judge_line
 from ssah.measure import Proportion, compare, measure_condition, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.reports.common import markdown_table
-from ssah.reports.html import report_title, write_report_files
-from ssah.runs import RunDir, check_output_folder, manifest, set_seed
+from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainResult, train_model
 
 TRAINING_KEYS = (
@@ -432,25 +431,14 @@ def run_align(cfg: AlignConfig) -> Path:
         else:
             lm.model.save_pretrained(run.path / "model", safe_serialization=True)
             lm.tokenizer.save_pretrained(run.path / "model")
-        run.write_yaml("config.yaml", cfg.model_dump())
-        run.write_json("results.json", results)
         run.write_text(
             "samples.jsonl",
             "".join(json.dumps({"model": k, **x}) + "\n" for k, rows in replies.items() for x in rows),
         )
-        markdown = render(results, run.path)
-        write_report_files(run.path, markdown, report_title(markdown, "align"))
-        run.write_json(
-            "manifest.json",
-            manifest(
-                command="align",
-                seed=cfg.seed,
-                started=t0,
-                device=lm.model.device,
-                model={"name": cfg.model, "fingerprint": base_fp},
-                data=results["data"],
-            ),
-        )
+        model_info = {"name": cfg.model, "fingerprint": base_fp}
+        mf = manifest(command="align", seed=cfg.seed, started=t0, device=lm.model.device, model=model_info,
+                      data=results["data"])  # fmt: skip
+        write_run(run, "align", config=cfg, results=results, manifest=mf)
     return run.out
 
 

@@ -18,9 +18,7 @@ from urllib.parse import unquote, urlsplit
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from ssah.runs import atomic_write_text
-
-__all__ = ["IMAGE_TYPES", "markdown_to_html", "report_title", "slugify", "write_report_files"]
+__all__ = ["IMAGE_TYPES", "markdown_to_html", "report_title", "slugify"]
 
 IMAGE_TYPES: dict[str, str] = {
     ".png": "image/png",
@@ -214,13 +212,3 @@ def _toc_html(toc: list[tuple[int, str, str]]) -> str:
     out += ["</ul></li>"] * depth
     out += ["</ul>", "</nav>"]
     return "\n".join(out)
-
-
-def write_report_files(folder: Path, markdown: str, title: str) -> tuple[Path, Path]:
-    """Write ``report.md`` and the self-contained ``report.html`` into ``folder`` (each atomically); returns both."""
-    folder = Path(folder)
-    md_path, html_path = folder / "report.md", folder / "report.html"
-    page = markdown_to_html(markdown, folder, title)
-    atomic_write_text(md_path, markdown)
-    atomic_write_text(html_path, page)
-    return md_path, html_path
