@@ -24,7 +24,6 @@ from ssah import measure
 from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
-    DEFAULT_NORMALIZATION,
     Categorization,
     load_categorization,
 )
@@ -35,19 +34,15 @@ from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, kl_reference, load_eval_sets
 from ssah.fields import (
     Ablation,
-    CategoryRule,
     Count,
     Granularity,
     JudgeSpec,
     MaxLength,
-    Metric,
-    Normalizations,
-    Rankings,
     Seeds,
-    Shares,
     Strata,
     System,
     Tokens,
+    UnitCategoryFields,
     split_commas,
 )
 from ssah.generate import GenerationConfig
@@ -92,7 +87,7 @@ def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
     return sorted(set(out))
 
 
-class AblateConfig(ModelRunConfig):
+class AblateConfig(UnitCategoryFields, ModelRunConfig):
     """Everything `ssah ablate` needs (full-run sizes by default; ``--config quick`` for a small run)."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
@@ -108,11 +103,6 @@ class AblateConfig(ModelRunConfig):
     calibration_limit: Count | None = Field(
         None, description="Use N examples (spread over the set) of each calibration set (default: all)."
     )
-    metric: Metric = "fluctuation"
-    rule: CategoryRule = "ssah"
-    shares: Shares = Field(default_factory=dict)
-    normalization: Normalizations = DEFAULT_NORMALIZATION
-    ranking: Rankings = "global"
     granularity: Granularity = "neuron"
     tokens: Tokens = "prompt+response"
     max_length: MaxLength = 512

@@ -371,13 +371,7 @@ def aligned_model(
         raise UserError("aligned_model needs the cache: set cache=True")
     set_seed(cfg.seed)
     mix = _training_mix(cfg)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())  # no placement options: align refuses them
     key = cfg.training_key(lm.fingerprint, mix.fingerprint())
     folder = cache_dir() / "aligned" / key / "model"
     if not (folder / "config.json").is_file():
@@ -394,13 +388,7 @@ def run_align(cfg: AlignConfig) -> Path:
     set_seed(cfg.seed)
     mix = _training_mix(cfg)
     sets = load_held_out(cfg, mix)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())  # no placement options: align refuses them
     base_fp = lm.fingerprint
     key = cfg.training_key(base_fp, mix.fingerprint())
     replies: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
