@@ -97,6 +97,11 @@ def test_align_results_hold_every_measure_in_the_one_shape_and_the_report_shows_
     report = (out / "report.md").read_text()
     for needle in ("borderline-safe", "## Targets", ">= 95%", "<= 25%", "perplexity ratio", "answered correctly"):
         assert needle in report
+    # the report lives in ssah.reports.align: `ssah report` rebuilds the same report.md from results.json alone
+    (out / "report.md").unlink()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report and (out / "report.html").is_file()
     assert res["verdicts"]["borderline_change"]["direction"] in ("higher", "lower", "no difference")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 9  # base and aligned, 3 prompts in each of 3 held-out sets

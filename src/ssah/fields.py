@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
-from ssah.categorize import Normalization, Ranking, Rule
+from ssah.categorize import DEFAULT_NORMALIZATION, Normalization, Ranking, Rule
 from ssah.data.chat import TokenRegion
 from ssah.interventions import AblationMode
 from ssah.scoring import Metric as MetricName
@@ -116,3 +116,15 @@ AutoBatch = Annotated[
         "out-of-memory, remembered in the cache); auto is the default on GPUs."
     ),
 ]
+
+
+class UnitCategoryFields(BaseModel):
+    """The options that say how units are scored and categorised, shared by every recipe that finds units (units,
+    ablate, transfer, budget, protect). A recipe's config lists it before its own base class
+    (``class UnitsConfig(UnitCategoryFields, ModelRunConfig)``), so these fields follow the model options."""
+
+    metric: Metric = "fluctuation"
+    rule: CategoryRule = "ssah"
+    shares: Shares = Field(default_factory=dict)
+    normalization: Normalizations = DEFAULT_NORMALIZATION
+    ranking: Rankings = "global"

@@ -372,6 +372,25 @@ def stability_summary(a: Any, b: Any) -> dict[str, Any]:
     return out
 
 
+def unit_statistics(lm: Any, data: Any, cfg: UnitSearch, *, desc: str) -> Any:
+    """One scoring pass over ``data`` with a unit search's settings (token region, batch size, length, system
+    prompt, and the gradients ``cfg.metric`` needs): the statistics every unit score is computed from."""
+    from ssah.scoring import collect_statistics, gradient_mode
+
+    return collect_statistics(
+        lm.model,
+        lm.tokenizer,
+        data,
+        region=cfg.tokens,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        system=cfg.system,
+        gradients=gradient_mode(cfg.metric),
+        progress=cfg.progress,
+        desc=desc,
+    )
+
+
 def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnits:
     """Score a loaded model's units on the safety and utility sets and categorise them (no files written).
 
@@ -380,7 +399,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
     """
     from ssah.arch import get_adapter
     from ssah.categorize import categorize
-    from ssah.scoring import collect_statistics, compute_scores, gradient_mode
+    from ssah.scoring import compute_scores
 
     for data in (safety, utility):
         if cfg.tokens == "response" and not data.has_responses:
@@ -396,18 +415,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
     for data in (safety, utility):
         parts = data.split(2) if cfg.stability else [data]
         stats = [
-            collect_statistics(
-                lm.model,
-                lm.tokenizer,
-                p,
-                region=cfg.tokens,  # type: ignore[arg-type]
-                batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                system=cfg.system,
-                gradients=gradient_mode(cfg.metric),
-                progress=cfg.progress,
-                desc=f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name,
-            )
+            unit_statistics(lm, p, cfg, desc=f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name)
             for i, p in enumerate(parts)
         ]
         halves.append(stats)

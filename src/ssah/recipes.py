@@ -101,7 +101,6 @@ RECIPES: dict[str, Recipe] = {
             f"{_E}.align",
             "AlignConfig",
             "run_align",
-            report=f"{_E}.align",  # align's report stays beside its run while helper `align` reworks both
         ),
         _recipe(
             "transfer",

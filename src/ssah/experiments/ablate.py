@@ -24,7 +24,6 @@ from ssah import measure
 from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
-    DEFAULT_NORMALIZATION,
     Categorization,
     load_categorization,
 )
@@ -35,19 +34,15 @@ from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, kl_reference, load_eval_sets
 from ssah.fields import (
     Ablation,
-    CategoryRule,
     Count,
     Granularity,
     JudgeSpec,
     MaxLength,
-    Metric,
-    Normalizations,
-    Rankings,
     Seeds,
-    Shares,
     Strata,
     System,
     Tokens,
+    UnitCategoryFields,
     split_commas,
 )
 from ssah.generate import GenerationConfig
@@ -92,7 +87,7 @@ def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
     return sorted(set(out))
 
 
-class AblateConfig(ModelRunConfig):
+class AblateConfig(UnitCategoryFields, ModelRunConfig):
     """Everything `ssah ablate` needs (full-run sizes by default; ``--config quick`` for a small run)."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
@@ -108,11 +103,6 @@ class AblateConfig(ModelRunConfig):
     calibration_limit: Count | None = Field(
         None, description="Use N examples (spread over the set) of each calibration set (default: all)."
     )
-    metric: Metric = "fluctuation"
-    rule: CategoryRule = "ssah"
-    shares: Shares = Field(default_factory=dict)
-    normalization: Normalizations = DEFAULT_NORMALIZATION
-    ranking: Rankings = "global"
     granularity: Granularity = "neuron"
     tokens: Tokens = "prompt+response"
     max_length: MaxLength = 512
@@ -449,6 +439,94 @@ def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
     return data, safety, utility
 
 
+# the settings of AblateConfig that ablate's results record under "settings"
+_SETTINGS = {"categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
+_SETTINGS |= {"limit", "max_new_tokens", "seeds", "calibration_limit", "dose"}
+_SETTINGS |= {"direction", "kl", "kl_harmless", "kl_tokens", "direction_kl_max", "direction_layer_step"}
+_SETTINGS |= {"direction_positions", "direction_per_split"}
+
+
+def _controls(
+    cfg: AblateConfig, seeds: list[int], units: UnitSet, target: str, group: str, overrefusal: bool = True
+) -> list[Condition]:
+    """Random controls matched to ``units`` (one per seed, stratified by ``cfg.control_strata``)."""
+    out = []
+    for s in seeds:
+        c = measure.random_control(units, s, strata=cfg.control_strata)
+        out.append(Condition(f"random~{target} seed {s}", group, c.units, target, s, c.counts, overrefusal))
+    return out
+
+
+def _direction_conditions(
+    cfg: AblateConfig,
+    lm: LoadedModel,
+    cats: Categorization,
+    safety: PromptSet,
+    utility: PromptSet,
+    seeds: list[int],
+) -> tuple[list[Condition], dict[str, Any]]:
+    """Fit the refusal direction on the calibration prompts: its ablation, random-direction controls, and its
+    summary (with each category's write share)."""
+    sel = fit_direction(
+        lm.model,
+        lm.tokenizer,
+        [e.prompt for e in safety],
+        [e.prompt for e in utility],
+        system=cfg.system,
+        layer_step=cfg.direction_layer_step,
+        positions=cfg.direction_positions,
+        kl_max=cfg.direction_kl_max,
+        per_split=cfg.direction_per_split,
+    )
+    info = {k: v for k, v in sel.summary().items() if k != "candidates"}
+    info["write_share"] = {c: write_share(lm.model, cats[c], sel.direction) for c in CATEGORIES}
+    name = "refusal direction"
+    conditions = [Condition(name, "direction", None, context=lambda: ablated_direction(lm.model, sel.direction))]
+    for s in seeds:
+        ctx = lambda r=random_direction(sel.direction, s): ablated_direction(lm.model, r)  # noqa: E731
+        conditions.append(Condition(f"random direction seed {s}", "direction-random", None, name, s, context=ctx))
+    return conditions, info
+
+
+def _build_conditions(
+    cfg: AblateConfig,
+    lm: LoadedModel,
+    cats: Categorization,
+    order: torch.Tensor,
+    units_info: dict[str, Any],
+    calibration_sets: tuple[PromptSet, PromptSet],
+    seconds: dict[str, float],
+) -> tuple[list[Condition], dict[str, Any], list[dict[str, Any]]]:
+    """Every condition in measurement order (baseline, categories with controls, direction, other calibration,
+    dose points with controls), the calibration summary and the dose points; timings go into ``seconds``."""
+    safety, utility = calibration_sets
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    conditions = [Condition("baseline", "baseline", None)]
+    for c in cfg.categories:
+        conditions.append(Condition(c, "category", cats[c]))
+        if c in cfg.controlled:
+            conditions += _controls(cfg, seeds, cats[c], c, "random")
+    if cfg.direction:
+        t = time.time()
+        direction, units_info["direction"] = _direction_conditions(cfg, lm, cats, safety, utility, seeds)
+        seconds["direction"] = time.time() - t
+        conditions += direction
+    calibration: dict[str, Any] = {"main": units_info["calibration"]}
+    t = time.time()
+    if cfg.compare_calibration:
+        other_scu, other_region = _other_calibration_scu(cfg, lm, cats, units_info, safety, utility)
+        conditions.append(Condition(f"SCU (calibration: {other_region})", "calibration", other_scu))
+        calibration |= {"other": other_region, "scu_jaccard": cats["SCU"].jaccard(other_scu)}
+        calibration["scu_sizes"] = [len(cats["SCU"]), len(other_scu)]
+    seconds["other_calibration"] = time.time() - t
+    points = _dose_points(cfg.dose, order, cats)
+    for p in points:
+        top = UnitSet.from_indices(cats.space, order[: p["count"]], f"top {p['label']}")
+        conditions.append(Condition(f"top {p['label']}", "dose", top, p["label"], overrefusal=False))
+        conditions += _controls(cfg, seeds, top, p["label"], "dose-random", overrefusal=False)
+    return conditions, calibration, points
+
+
 def run_ablate(cfg: AblateConfig) -> Path:
     """Load the model once, ablate every condition in memory, write the run folder; returns its path."""
     t0 = time.time()
@@ -466,64 +544,14 @@ def run_ablate(cfg: AblateConfig) -> Path:
     cats, s_scores, u_scores, stats, units_info = _units(cfg, lm, safety, utility)
     seconds["units"] = time.time() - t
     means = channel_means(stats) if cfg.ablation == "mean" else None
-    space = cats.space
     order = torch.argsort(-measure.safety_ranking(cats, s_scores, u_scores), stable=True)
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
     kl_ref = None
     if cfg.kl:
         t = time.time()
         kl_ref = kl_reference(lm.model, lm.tokenizer, _spread(load_prompts(cfg.kl_harmless), cfg.limit),
                               reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size)  # fmt: skip
         seconds["kl_reference"] = time.time() - t
-
-    def controls(units: UnitSet, target: str, group: str, overrefusal: bool = True) -> list[Condition]:
-        out = []
-        for s in seeds:
-            c = measure.random_control(units, s, strata=cfg.control_strata)
-            out.append(Condition(f"random~{target} seed {s}", group, c.units, target, s, c.counts, overrefusal))
-        return out
-
-    conditions = [Condition("baseline", "baseline", None)]
-    for c in cfg.categories:
-        conditions.append(Condition(c, "category", cats[c]))
-        if c in cfg.controlled:
-            conditions += controls(cats[c], c, "random")
-    if cfg.direction:
-        t = time.time()
-        sel = fit_direction(
-            lm.model,
-            lm.tokenizer,
-            [e.prompt for e in safety],
-            [e.prompt for e in utility],
-            system=cfg.system,
-            layer_step=cfg.direction_layer_step,
-            positions=cfg.direction_positions,
-            kl_max=cfg.direction_kl_max,
-            per_split=cfg.direction_per_split,
-        )
-        seconds["direction"] = time.time() - t
-        units_info["direction"] = {k: v for k, v in sel.summary().items() if k != "candidates"}
-        units_info["direction"]["write_share"] = {c: write_share(lm.model, cats[c], sel.direction) for c in CATEGORIES}
-        name = "refusal direction"
-        conditions.append(
-            Condition(name, "direction", None, context=lambda: ablated_direction(lm.model, sel.direction))
-        )
-        for s in seeds:
-            ctx = lambda r=random_direction(sel.direction, s): ablated_direction(lm.model, r)  # noqa: E731
-            conditions.append(Condition(f"random direction seed {s}", "direction-random", None, name, s, context=ctx))
-    calibration: dict[str, Any] = {"main": units_info["calibration"]}
-    t = time.time()
-    if cfg.compare_calibration:
-        other_scu, other_region = _other_calibration_scu(cfg, lm, cats, units_info, safety, utility)
-        conditions.append(Condition(f"SCU (calibration: {other_region})", "calibration", other_scu))
-        calibration |= {"other": other_region, "scu_jaccard": cats["SCU"].jaccard(other_scu)}
-        calibration["scu_sizes"] = [len(cats["SCU"]), len(other_scu)]
-    seconds["other_calibration"] = time.time() - t
-    points = _dose_points(cfg.dose, order, cats)
-    for p in points:
-        top = UnitSet.from_indices(space, order[: p["count"]], f"top {p['label']}")
-        conditions.append(Condition(f"top {p['label']}", "dose", top, p["label"], overrefusal=False))
-        conditions += controls(top, p["label"], "dose-random", overrefusal=False)
+    conditions, calibration, points = _build_conditions(cfg, lm, cats, order, units_info, (safety, utility), seconds)
 
     t = time.time()
     rows = measure_conditions(
@@ -550,26 +578,21 @@ def run_ablate(cfg: AblateConfig) -> Path:
             k: measure.compare(_measured(by["SCU"][k]), _measured(other_row[k])).to_dict()
             for k in ("asr", "coherent_compliance")
         }
-    dose = _dose(points, rows)
-    own = {"categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
-    own |= {"limit", "max_new_tokens", "seeds", "calibration_limit", "dose"}
-    own |= {"direction", "kl", "kl_harmless", "kl_tokens", "direction_kl_max", "direction_layer_step"}
-    own |= {"direction_positions", "direction_per_split"}
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
-        | {"units_total": space.total},
+        | {"units_total": cats.space.total},
         "units": {**units_info, **cats.summary()},
         "settings": {
-            **cfg.model_dump(include=own),
+            **cfg.model_dump(include=_SETTINGS),
             "random_for": cfg.controlled,
-            "seed_list": seeds,
+            "seed_list": [cfg.seed + i for i in range(cfg.seeds)],
             "generation": dataclasses.asdict(gen),
             "eval_data": data.describe(),
             "calibration_data": {ps.name: {"source": ps.source, "examples": len(ps)} for ps in (safety, utility)},
         },
         "conditions": rows,
         "table": table,
-        "dose": dose,
+        "dose": _dose(points, rows),
         "verdicts": _verdicts(table),
         "calibration": calibration,
         "weights": dict(sha256_before=before, sha256_after=after, unchanged=before == after, hooks_left=hooks_left),

@@ -33,10 +33,9 @@ from ssah.errors import UserError
 from ssah.evaluate import EvalData, perplexity
 from ssah.fields import Count, JudgeSpec, MaxLength, Schedule, System
 from ssah.generate import GenerationConfig
-from ssah.judges import get_judge, judge_line
+from ssah.judges import get_judge
 from ssah.measure import Proportion, compare, measure_condition, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
-from ssah.reports.common import markdown_table
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainResult, train_model
 
@@ -372,13 +371,7 @@ def aligned_model(
         raise UserError("aligned_model needs the cache: set cache=True")
     set_seed(cfg.seed)
     mix = _training_mix(cfg)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())  # no placement options: align refuses them
     key = cfg.training_key(lm.fingerprint, mix.fingerprint())
     folder = cache_dir() / "aligned" / key / "model"
     if not (folder / "config.json").is_file():
@@ -395,13 +388,7 @@ def run_align(cfg: AlignConfig) -> Path:
     set_seed(cfg.seed)
     mix = _training_mix(cfg)
     sets = load_held_out(cfg, mix)
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, **cfg.load_options())  # no placement options: align refuses them
     base_fp = lm.fingerprint
     key = cfg.training_key(base_fp, mix.fingerprint())
     replies: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
@@ -440,108 +427,3 @@ def run_align(cfg: AlignConfig) -> Path:
                       data=results["data"])  # fmt: skip
         write_run(run, "align", config=cfg, results=results, manifest=mf)
     return run.out
-
-
-def render(results: dict[str, Any], run_dir: Path) -> str:
-    """The Markdown report of an align run from its results alone (it has no plots to draw into ``run_dir``)."""
-    return align_report(results)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def align_report(results: dict[str, Any]) -> str:
-    """A readable Markdown report of an alignment run: each measure base vs aligned with its interval, and the
-    verdict against each target."""
-    b, a, t = results["before"], results["after"], results["training"]
-
-    def cell(d: dict[str, Any] | None) -> str:
-        return "-" if d is None else str(Proportion.from_dict(d))
-
-    rows = [
-        ["refusal of held-out harmful prompts", cell(b["refusal"]), cell(a["refusal"])],
-        [
-            "over-refusal of held-out borderline-safe prompts",
-            cell(b.get("borderline_overrefusal")),
-            cell(a.get("borderline_overrefusal")),
-        ],
-        ["over-refusal of held-out ordinary prompts", cell(b["overrefusal"]), cell(a["overrefusal"])],
-    ]
-    if b.get("extra_overrefusal") is not None:
-        rows.append(["over-refusal of the extra safe set", cell(b["extra_overrefusal"]), cell(a["extra_overrefusal"])])
-    if b.get("benign_accuracy") is not None:
-        rows.append(["ordinary prompts answered correctly", cell(b["benign_accuracy"]), cell(a["benign_accuracy"])])
-    rows.append(["coherent compliance on harmful", cell(b["coherent_compliance"]), cell(a["coherent_compliance"])])
-    if b.get("perplexity") is not None:
-        rows.append(
-            ["perplexity of reference answers (geometric mean)", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}"]
-        )
-    v = results["verdicts"]
-    up, over = v["refusal_up"], v["overrefusal_change"]
-    lo, hi = up["comparison"]["ci95"]
-    olo, ohi = over["ci95"]
-    cache = f" (reused from the cache {t['from_cache']})" if t.get("from_cache") else ""
-    lines = [
-        f"# Safety alignment of {results['model']['base']}",
-        "",
-        f"{t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, "
-        f"{100 * t['trainable']['share']:.1f}% of parameters trained{cache}.",
-    ]
-    kinds = results["data"]["train"].get("kinds")
-    if kinds:
-        lines.append(
-            f"Training mix: {results['data']['train']['examples']} examples, {_pct(kinds['harmful'])} harmful requests "
-            f"with refusals, {_pct(kinds['borderline'])} borderline-safe requests with helpful answers, "
-            f"{_pct(kinds['benign'])} ordinary instructions with answers; loss on the reply tokens only."
-        )
-    lines += [
-        "",
-        markdown_table(["measure (95% Wilson interval)", "base", "aligned"], rows),
-        "",
-        f"Refusal went up by {100 * up['comparison']['difference']:+.1f} points (95% interval "
-        f"{100 * lo:+.1f} to {100 * hi:+.1f}): **{up['verdict']}**. Over-refusal of ordinary prompts changed by "
-        f"{100 * over['difference']:+.1f} points ({100 * olo:+.1f} to {100 * ohi:+.1f}): {over['direction']}.",
-    ]
-    bc = v.get("borderline_change")
-    if bc:
-        blo, bhi = bc["ci95"]
-        lines.append(
-            f"Over-refusal of borderline-safe prompts changed by {100 * bc['difference']:+.1f} points "
-            f"({100 * blo:+.1f} to {100 * bhi:+.1f}): {bc['direction']}."
-        )
-    targets = results.get("targets") or {}
-    if targets:
-        names = {
-            "harmful_refusal": "refusal of held-out harmful",
-            "borderline_overrefusal": "over-refusal of held-out borderline-safe",
-            "benign_accuracy_change": "change in ordinary answers correct",
-            "perplexity_ratio": "perplexity ratio",
-        }
-        trows = []
-        for key, tgt in targets.items():
-            lo_, hi_ = tgt["ci95"]
-            fmt = (lambda x: f"{x:.3f}") if key == "perplexity_ratio" else _pct
-            trows.append([names.get(key, key), tgt["target"], f"{fmt(lo_)} to {fmt(hi_)}", f"**{tgt['verdict']}**"])
-        lines += [
-            "",
-            "## Targets",
-            "",
-            markdown_table(["measure", "target", "aligned: 95% interval", "verdict"], trows),
-            "",
-            "A target is *met* when the whole 95% interval is on its side, *not met* when the whole interval is on "
-            "the other side, *inconclusive* otherwise (more held-out prompts would decide it).",
-        ]
-    n_b = a.get("borderline_overrefusal", {}).get("n", 0)
-    lines += [
-        "",
-        f"Judge `{results['judge']}`; {a['refusal']['n']} harmful, {n_b} borderline-safe and {a['overrefusal']['n']} "
-        "ordinary held-out prompts, none of them in the training mix; every reply and verdict is in "
-        "`samples.jsonl`. The aligned model is in `model/`. "
-        f"Took {results['seconds']:.1f} s"
-        + (f" (training {t['align_seconds']:.1f} s)" if t.get("align_seconds") is not None else "")
-        + ". "
-        + judge_line(results["judge"]),
-        "",
-    ]
-    return "\n".join(lines)

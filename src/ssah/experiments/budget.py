@@ -19,28 +19,23 @@ from typing import Any
 from pydantic import Field
 
 from ssah.arch import get_adapter
-from ssah.categorize import DEFAULT_NORMALIZATION
 from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.fields import (
-    CategoryRule,
     Columns,
     CommaList,
     Count,
     JudgeSpec,
     MaxLength,
-    Metric,
-    Normalizations,
-    Rankings,
     Schedule,
     Seeds,
-    Shares,
     Strata,
     System,
     Tokens,
+    UnitCategoryFields,
 )
 from ssah.generate import GenerationConfig
 from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
@@ -77,7 +72,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 PAPER_CLAIM = "RU-only alignment SFT keeps more utility than full SFT (paper Table 4: GSM8K 13.4 vs 8.8)"
 
 
-class BudgetConfig(ModelRunConfig):
+class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     """Everything `ssah budget` needs."""
 
     out: Out = "runs/budget"
@@ -114,11 +109,6 @@ class BudgetConfig(ModelRunConfig):
     safety: str = Field("builtin:safety", description="Safety calibration set (finding RU).")
     utility: str = Field("builtin:utility", description="Utility calibration set (finding RU).")
     limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
-    metric: Metric = "fluctuation"
-    rule: CategoryRule = "ssah"
-    shares: Shares = Field(default_factory=dict)
-    normalization: Normalizations = DEFAULT_NORMALIZATION
-    ranking: Rankings = "global"
     tokens: Tokens = "prompt+response"
     score_batch_size: Count = Field(8, description="Examples per scoring forward pass (finding RU).")
     # evaluation

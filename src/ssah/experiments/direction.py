@@ -28,6 +28,7 @@ from ssah.data import PromptSet, load_prompts
 from ssah.direction import (
     KL_MAX,
     MAX_LAYER_SHARE,
+    Selection,
     ablated_direction,
     added_direction,
     candidate_directions,
@@ -38,7 +39,7 @@ from ssah.direction import (
     select_direction,
 )
 from ssah.errors import UserError
-from ssah.evaluate import EvalData, kl_divergence, kl_reference
+from ssah.evaluate import EvalData, KLReference, kl_divergence, kl_reference
 from ssah.fields import Count, JudgeSpec, Seeds, System
 from ssah.generate import GenerationConfig
 from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
@@ -155,11 +156,30 @@ def _verdict(effect: dict[str, Any], control: dict[str, Any], key: str, expected
     return measure.verdict(comp, expected).to_dict()  # type: ignore[arg-type]
 
 
-def run_direction(cfg: DirectionConfig) -> Path:
-    """Choose the refusal direction on the validation split and measure its interventions on the test split."""
-    t0 = time.time()
-    cfg.check()
-    set_seed(cfg.seed)
+Cond = tuple[str, str, int | None, Callable[[], contextlib.AbstractContextManager[Any]], EvalData]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Splits:
+    """The prompt sets of one run: the full sets (for the manifest), their three-way splits and the benign set."""
+
+    harmful: PromptSet
+    harmless: PromptSet
+    h_train: PromptSet
+    h_val: PromptSet
+    h_test: PromptSet
+    b_train: PromptSet
+    b_val: PromptSet
+    b_test: PromptSet
+    benign: PromptSet | None
+
+    def parts(self) -> tuple[PromptSet, ...]:
+        sets = (self.h_train, self.h_val, self.h_test, self.b_train, self.b_val, self.b_test)
+        return (*sets, *([self.benign] if self.benign else []))
+
+
+def _load_splits(cfg: DirectionConfig) -> _Splits:
+    """Load the harmful / harmless / benign sets and split the first two (one-line error when one is empty)."""
     sizes = (cfg.train, cfg.val, cfg.limit)
     harmful = load_prompts(cfg.harmful, name="harmful")
     harmless = load_prompts(cfg.harmless, name="harmless")
@@ -168,35 +188,13 @@ def run_direction(cfg: DirectionConfig) -> Path:
     h_train, h_val, h_test = split3(harmful, sizes, cfg.seed)
     b_train, b_val, b_test = split3(harmless, sizes, cfg.seed + 1)
     benign = None if cfg.benign.strip().lower() in ("", "none") else _spread(load_prompts(cfg.benign), cfg.limit)
-    lm = load_model(cfg.model, **cfg.load_options())
-    model, tok = lm.model, lm.tokenizer
-    judge = get_judge(cfg.judge, model=model, tokenizer=tok)
-    gen = cfg.generation()
-    before = measure.weights_digest(model)
-    seconds: dict[str, float] = {}
+    return _Splits(harmful, harmless, h_train, h_val, h_test, b_train, b_val, b_test, benign)
 
-    t = time.time()
-    directions = candidate_directions(
-        model, tok, _prompts(h_train), _prompts(b_train), positions=cfg.positions, system=cfg.system,
-        batch_size=cfg.batch_size,
-    )  # fmt: skip
-    seconds["directions"] = time.time() - t
-    t = time.time()
-    sel = select_direction(
-        model, tok, directions, _prompts(h_val), _prompts(b_val), system=cfg.system, batch_size=cfg.batch_size,
-        kl_max=cfg.kl_max, max_layer_share=cfg.max_layer_share, layer_step=cfg.layer_step, progress=cfg.progress,
-    )  # fmt: skip
-    seconds["selection"] = time.time() - t
 
-    t = time.time()
-    reference = kl_reference(
-        model, tok, b_test, reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size
-    )
-    seconds["kl_reference"] = time.time() - t
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    on_harmful = EvalData(harmful=h_test, benign=benign)
-    on_harmless = EvalData(benign=b_test)
-    Cond = tuple[str, str, int | None, Callable[[], contextlib.AbstractContextManager[Any]], EvalData]
+def _conditions(
+    model: Any, sel: Selection, seeds: list[int], on_harmful: EvalData, on_harmless: EvalData
+) -> list[Cond]:
+    """Every measured condition: baselines, ablation, orthogonalised weights, addition and their random controls."""
     conditions: list[Cond] = [
         ("baseline", "baseline", None, contextlib.nullcontext, on_harmful),
         ("baseline (harmless)", "baseline-harmless", None, contextlib.nullcontext, on_harmless),
@@ -213,12 +211,25 @@ def run_direction(cfg: DirectionConfig) -> Path:
         rnd = random_direction(sel.direction, 10_000 + s)
         add = _bind(added_direction, model, rnd, sel.layer)
         conditions.append((f"random addition seed {s}", "addition-random", s, add, on_harmless))
+    return conditions
 
+
+def _measure_conditions(
+    model: Any,
+    tok: Any,
+    conditions: list[Cond],
+    *,
+    on_harmful: EvalData,
+    judge: Any,
+    gen: GenerationConfig,
+    reference: KLReference,
+    cfg: DirectionConfig,
+) -> tuple[list[dict[str, Any]], float]:
+    """One row per condition (rates on harmful data, harmless refusal otherwise, KL always) and the KL seconds."""
     from tqdm.auto import tqdm
 
     rows: list[dict[str, Any]] = []
     kl_seconds = 0.0
-    t = time.time()
     for name, group, seed, ctx, data in tqdm(conditions, desc="conditions", disable=not cfg.progress):
         with ctx():
             res = measure.measure_condition(model, tok, data, judge=judge, config=gen)
@@ -231,19 +242,22 @@ def run_direction(cfg: DirectionConfig) -> Path:
             row["harmless_refusal"] = res.overrefusal.to_dict()
         row["kl"] = kl.to_dict(seed=cfg.seed)
         rows.append(row)
-    seconds["evaluation"] = time.time() - t
-    seconds["kl"] = kl_seconds
+    return rows, kl_seconds
 
-    # exactness of the orthogonalised weights against the hooks, on the harmless test prompts
+
+def _orthogonalization_gap(model: Any, tok: Any, sel: Selection, b_test: PromptSet, cfg: DirectionConfig) -> float:
+    """Largest absolute log-prob difference between the orthogonalised weights and the ablation hooks."""
     with ablated_direction(model, sel.direction):
         hooked = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.batch_size)
     with orthogonalized(model, sel.direction):
         edited = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.batch_size)
-    exact = float((hooked - edited).abs().max())
-    after = measure.weights_digest(model)
-    if after != before:
-        raise RuntimeError("an intervention was not undone: the model's weights changed")  # a bug, not input
+    return float((hooked - edited).abs().max())
 
+
+def _table_and_verdicts(
+    rows: list[dict[str, Any]], layer: int, n_seeds: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The summary table (random controls aggregated over seeds) and the verdicts that could be computed."""
     by = {x["group"]: x for x in rows if x["group"] not in ("random", "addition-random")}
     rnd_abl = _aggregate([x for x in rows if x["group"] == "random"])
     rnd_add = _aggregate([x for x in rows if x["group"] == "addition-random"])
@@ -253,10 +267,10 @@ def run_direction(cfg: DirectionConfig) -> Path:
             "row": by["baseline"] | {"harmless_refusal": by["baseline-harmless"]["harmless_refusal"]},
         },
         {"condition": "direction ablation", "row": by["ablation"]},
-        {"condition": f"random direction ablation ({len(seeds)} seeds)", "row": rnd_abl},
+        {"condition": f"random direction ablation ({n_seeds} seeds)", "row": rnd_abl},
         {"condition": "orthogonalised weights", "row": by["orthogonalized"]},
-        {"condition": f"direction addition (layer {sel.layer})", "row": by["addition"]},
-        {"condition": f"random direction addition ({len(seeds)} seeds)", "row": rnd_add},
+        {"condition": f"direction addition (layer {layer})", "row": by["addition"]},
+        {"condition": f"random direction addition ({n_seeds} seeds)", "row": rnd_add},
     ]
     base = table[0]["row"]
     verdicts = {
@@ -266,6 +280,57 @@ def run_direction(cfg: DirectionConfig) -> Path:
         "addition_vs_random_refusal": _verdict(by["addition"], rnd_add, "harmless_refusal", "higher"),
         "addition_vs_baseline_refusal": _verdict(by["addition"], base, "harmless_refusal", "higher"),
     }
+    return table, {k: v for k, v in verdicts.items() if v is not None}
+
+
+def run_direction(cfg: DirectionConfig) -> Path:
+    """Choose the refusal direction on the validation split and measure its interventions on the test split."""
+    t0 = time.time()
+    cfg.check()
+    set_seed(cfg.seed)
+    sp = _load_splits(cfg)
+    lm = load_model(cfg.model, **cfg.load_options())
+    model, tok = lm.model, lm.tokenizer
+    judge = get_judge(cfg.judge, model=model, tokenizer=tok)
+    gen = cfg.generation()
+    before = measure.weights_digest(model)
+    seconds: dict[str, float] = {}
+
+    t = time.time()
+    directions = candidate_directions(
+        model, tok, _prompts(sp.h_train), _prompts(sp.b_train), positions=cfg.positions, system=cfg.system,
+        batch_size=cfg.batch_size,
+    )  # fmt: skip
+    seconds["directions"] = time.time() - t
+    t = time.time()
+    sel = select_direction(
+        model, tok, directions, _prompts(sp.h_val), _prompts(sp.b_val), system=cfg.system, batch_size=cfg.batch_size,
+        kl_max=cfg.kl_max, max_layer_share=cfg.max_layer_share, layer_step=cfg.layer_step, progress=cfg.progress,
+    )  # fmt: skip
+    seconds["selection"] = time.time() - t
+
+    t = time.time()
+    reference = kl_reference(
+        model, tok, sp.b_test, reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size
+    )
+    seconds["kl_reference"] = time.time() - t
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    on_harmful = EvalData(harmful=sp.h_test, benign=sp.benign)
+    conditions = _conditions(model, sel, seeds, on_harmful, EvalData(benign=sp.b_test))
+    t = time.time()
+    rows, kl_seconds = _measure_conditions(
+        model, tok, conditions, on_harmful=on_harmful, judge=judge, gen=gen, reference=reference, cfg=cfg
+    )
+    seconds["evaluation"] = time.time() - t
+    seconds["kl"] = kl_seconds
+
+    # exactness of the orthogonalised weights against the hooks, on the harmless test prompts
+    exact = _orthogonalization_gap(model, tok, sel, sp.b_test, cfg)
+    after = measure.weights_digest(model)
+    if after != before:
+        raise RuntimeError("an intervention was not undone: the model's weights changed")  # a bug, not input
+
+    table, verdicts = _table_and_verdicts(rows, sel.layer, len(seeds))
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")},
         "settings": {
@@ -273,15 +338,12 @@ def run_direction(cfg: DirectionConfig) -> Path:
             **cfg.model_dump(include={"judge", "kl_max", "max_layer_share", "kl_tokens", "positions"}),
             "seed_list": seeds,
             "generation": dataclasses.asdict(gen),
-            "data": {
-                ps.name: {"source": ps.source, "examples": len(ps)}
-                for ps in (h_train, h_val, h_test, b_train, b_val, b_test, *([benign] if benign else []))
-            },
+            "data": {ps.name: {"source": ps.source, "examples": len(ps)} for ps in sp.parts()},
         },
         "selection": sel.summary(),
         "conditions": rows,
         "table": table,
-        "verdicts": {k: v for k, v in verdicts.items() if v is not None},
+        "verdicts": verdicts,
         "orthogonalization": {"max_abs_logprob_difference_vs_hooks": exact},
         "weights": {"sha256_before": before, "unchanged": after == before},
         "seconds": {"load_model": round(lm.load_seconds, 3), **{k: round(v, 3) for k, v in seconds.items()}},
@@ -289,7 +351,7 @@ def run_direction(cfg: DirectionConfig) -> Path:
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         save_direction(run.path, sel, fingerprint=lm.fingerprint, model_name=lm.name, directions=directions)
         results["seconds"]["total"] = round(time.time() - t0, 3)
-        used = {ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (harmful, harmless)}
+        used = {ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (sp.harmful, sp.harmless)}
         model_info = {k: results["model"][k] for k in ("name", "source", "fingerprint")}
         mf = manifest(command="direction", seed=cfg.seed, started=t0, device=model.device, data=used, model=model_info)
         write_run(run, "direction", config=cfg, results=results, manifest=mf)

@@ -31,7 +31,6 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ssah import measure
-from ssah.categorize import DEFAULT_NORMALIZATION
 from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.data.tasks import MathItem
@@ -39,19 +38,15 @@ from ssah.data.training import attack_set, held_out_split
 from ssah.errors import DataError, UserError
 from ssah.evaluate import EvalData
 from ssah.fields import (
-    CategoryRule,
     Columns,
     Count,
     JudgeSpec,
     MaxLength,
-    Metric,
-    Normalizations,
-    Rankings,
     Schedule,
     Seeds,
-    Shares,
     Strata,
     System,
+    UnitCategoryFields,
     split_commas,
 )
 from ssah.generate import GenerationConfig
@@ -102,7 +97,7 @@ PAPER: dict[str, Any] = {
 
 
 # -- configuration --------------------------------------------------------------------------------------------
-class ProtectConfig(ModelRunConfig):
+class ProtectConfig(UnitCategoryFields, ModelRunConfig):
     """Everything `ssah protect` needs (full-run sizes by default; ``--config quick`` for a small run). The learning
     rate is 5e-5 (constant): on the aligned SmolLM2, 6 attack steps at 2e-5 left ASR at 0%, at 5e-5 they took it to
     100%."""
@@ -159,11 +154,6 @@ class ProtectConfig(ModelRunConfig):
     safety: str = Field("builtin:safety", description="Safety calibration set (when units are computed).")
     utility: str = Field("builtin:utility", description="Utility calibration set (when units are computed).")
     calibration_limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
-    shares: Shares = Field(default_factory=dict)
-    metric: Metric = "fluctuation"
-    rule: CategoryRule = "ssah"
-    normalization: Normalizations = DEFAULT_NORMALIZATION
-    ranking: Rankings = "global"
     # evaluation
     harmful: str = Field("builtin:harmful", description="Held-out harmful prompts for ASR.")
     benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal.")

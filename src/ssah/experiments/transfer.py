@@ -22,7 +22,6 @@ from transformers import PreTrainedModel
 from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
-    DEFAULT_NORMALIZATION,
     Categorization,
     expected_random_jaccard,
 )
@@ -30,17 +29,13 @@ from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.fields import (
-    CategoryRule,
     Columns,
     Count,
     Granularity,
     MaxLength,
-    Metric,
-    Normalizations,
-    Rankings,
-    Shares,
     System,
     Tokens,
+    UnitCategoryFields,
 )
 from ssah.measure import (
     Proportion,
@@ -63,7 +58,7 @@ CONTROL_METHOD = "the unchanged model on disjoint calibration halves A -> B: wha
 MATCHED_METHOD = "half A on the model before fine-tuning -> half B on the model after: the fine-tune plus that noise"
 
 
-class TransferConfig(ModelRunConfig):
+class TransferConfig(UnitCategoryFields, ModelRunConfig):
     """Everything `ssah transfer` needs: the fine-tuned model (or how to make one) and the categorisation."""
 
     out: Out = "runs/transfer"
@@ -83,11 +78,6 @@ class TransferConfig(ModelRunConfig):
     utility: str = Field("builtin:utility", description="Utility calibration set.")
     columns: Columns = Field(default_factory=dict)
     limit: Count | None = Field(None, description="Use only the first N examples of each calibration set.")
-    metric: Metric = "fluctuation"
-    rule: CategoryRule = "ssah"
-    shares: Shares = Field(default_factory=dict)
-    normalization: Normalizations = DEFAULT_NORMALIZATION
-    ranking: Rankings = "global"
     granularity: Granularity = "neuron"
     tokens: Tokens = "prompt+response"
     batch_size: Count = Field(8, description="Examples per scoring forward pass.")

@@ -15,24 +15,19 @@ from pydantic import Field
 from ssah.arch import get_adapter
 from ssah.categorize import (
     CATEGORIES,
-    DEFAULT_NORMALIZATION,
 )
 from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.fields import (
     AutoBatch,
-    CategoryRule,
     Columns,
     Count,
     Granularity,
     MaxLength,
-    Metric,
-    Normalizations,
-    Rankings,
-    Shares,
     System,
     Tokens,
+    UnitCategoryFields,
 )
 from ssah.measure import (
     ControlDistribution,
@@ -43,6 +38,7 @@ from ssah.measure import (
     find_units,
     random_control,
     stability_summary,
+    unit_statistics,
     verdict,
 )
 from ssah.models import LoadedModel, load_model
@@ -51,7 +47,7 @@ from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.units import UnitSpace
 
 
-class UnitsConfig(ModelRunConfig):
+class UnitsConfig(UnitCategoryFields, ModelRunConfig):
     """Everything `ssah units` needs."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
@@ -62,11 +58,6 @@ class UnitsConfig(ModelRunConfig):
     )
     columns: Columns = Field(default_factory=dict)
     limit: Count | None = Field(None, description="Use only the first N examples of each set.")
-    metric: Metric = "fluctuation"
-    rule: CategoryRule = "ssah"
-    shares: Shares = Field(default_factory=dict)
-    normalization: Normalizations = DEFAULT_NORMALIZATION
-    ranking: Rankings = "global"
     granularity: Granularity = "neuron"
     tokens: Tokens = "prompt+response"
     batch_size: AutoBatch = 8
@@ -164,20 +155,9 @@ def categorize_with_safety_set(lm: LoadedModel, safety: PromptSet, found: FoundU
     """The categorisation with another safety set and ``found``'s utility scores, as ``find_units`` would make it
     with that safety set (same settings): only the safety pass is run, since the utility scores do not change."""
     from ssah.categorize import categorize
-    from ssah.scoring import collect_statistics, compute_scores, gradient_mode
+    from ssah.scoring import compute_scores
 
-    stats = collect_statistics(
-        lm.model,
-        lm.tokenizer,
-        safety,
-        region=cfg.tokens,  # type: ignore[arg-type]
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        system=cfg.system,
-        gradients=gradient_mode(cfg.metric),
-        progress=cfg.progress,
-        desc=safety.source,
-    )
+    stats = unit_statistics(lm, safety, cfg, desc=safety.source)
     if stats.tokens == 0:
         raise UserError(f"no {cfg.tokens} tokens were counted in {safety.source}: raise --max-length")
     scores = compute_scores(
