@@ -35,6 +35,7 @@ def test_ablate_adds_direction_and_kl(tmp_path) -> None:
     assert sum(x["share_of_direction_write"] for x in shares.values()) == pytest.approx(1.0)
     report = (out / "report.md").read_text()
     assert "KL (harmless)" in report and "refusal direction vs random directions" in report
+    assert "plots/asr_vs_kl.png" in report and (out / "plots" / "asr_vs_kl.png").is_file()
     assert res["weights"]["unchanged"] and res["weights"]["hooks_left"] == 0
 
 

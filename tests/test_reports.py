@@ -150,3 +150,28 @@ def test_every_recipe_writes_through_write_run() -> None:
             continue
         assert "write_run(" in text, path.stem
         assert '"results.json"' not in text and '"report.md"' not in text, path.stem
+
+
+def test_asr_against_kl_points_and_plot(tmp_path: Path) -> None:
+    """Every condition with a KL measurement is a point (ASR, KL); dose points too; none without KL."""
+    from ssah.reports.ablate import _kl_points, _plot_kl
+
+    def row(asr: float, kl: float | None) -> dict:
+        r = {"asr": {"rate": asr}}
+        return r | ({"kl": {"reply": {"mean": kl}}} if kl is not None else {})
+
+    results = {
+        "model": {"name": "m"},
+        "table": [
+            {"condition": "baseline", "group": "baseline", "row": row(0.0, 0.0)},
+            {"condition": "SCU", "group": "category", "row": row(1.0, 0.7)},
+            {"condition": "RU", "group": "category", "row": row(0.1, None)},
+        ],
+        "dose": [{"label": "1%", "top": row(0.5, 0.2)}],
+    }
+    assert _kl_points(results) == [("baseline", 0.0, 0.0, "baseline"), ("SCU", 0.7, 1.0, "category"),
+                                   ("top 1%", 0.2, 0.5, "dose")]  # fmt: skip
+    _plot_kl(results, tmp_path)
+    assert (tmp_path / "asr_vs_kl.png").stat().st_size > 0
+    _plot_kl({"model": {"name": "m"}, "table": [results["table"][2]], "dose": []}, tmp_path / "none")
+    assert not (tmp_path / "none").exists()

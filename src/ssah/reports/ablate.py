@@ -116,6 +116,17 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "",
         "![ablation bars](plots/ablation_bars.png)",
         "",
+        *(
+            [
+                "![ASR against KL](plots/asr_vs_kl.png)",
+                "",
+                "ASR against KL on harmless prompts for every condition "
+                "(the trade-off: what removing refusal costs elsewhere); the dose curve's top-k points are joined.",
+                "",
+            ]
+            if _kl_points(results)
+            else []
+        ),
         "## Verdicts",
         "",
         *summary_lines(results),
@@ -162,9 +173,43 @@ def _span(entry: dict[str, Any], key: str) -> tuple[float, float, float]:
     return v["rate"], v["ci95"][0], v["ci95"][1]
 
 
+def _kl_points(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
+    """(label, KL on harmless replies, ASR, group) of every table row and dose point that has a KL measurement."""
+    rows = [(t["condition"], t["row"], t["group"]) for t in results["table"]]
+    rows += [(f"top {p['label']}", p["top"], "dose") for p in results.get("dose", [])]
+    return [(name, r["kl"]["reply"]["mean"], r["asr"]["rate"], g) for name, r, g in rows if "kl" in r and "asr" in r]
+
+
+def _plot_kl(results: dict[str, Any], folder: Path) -> None:
+    """``asr_vs_kl.png``: each condition's ASR (y) against its KL on harmless replies (x); dose points joined."""
+    points = _kl_points(results)
+    if not points:
+        return
+    fig, axes = subplots(1, 1, figsize=(6.4, 4.8), squeeze=False)
+    ax = axes[0][0]
+    for name, kl, asr, group in points:
+        color = {"baseline": "#2ca02c", "random": "#bbbbbb", "direction-random": "#bbbbbb", "dose": "#999999"}.get(
+            group
+        ) or CATEGORY_COLORS.get(name.split(" ")[0], "#ff7f0e")
+        ax.scatter([max(kl, 1e-4)], [asr], color=color, zorder=3)
+        if group != "dose":
+            ax.annotate(name, (max(kl, 1e-4), asr), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    dose = sorted((kl, asr) for _, kl, asr, g in points if g == "dose")
+    if dose:
+        ax.plot([max(k, 1e-4) for k, _ in dose], [a for _, a in dose], color="#999999", label="top-k units (dose)")
+        ax.legend(fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(original || ablated) on harmless replies, nats per token")
+    ax.set_ylabel("ASR")
+    ax.set_ylim(-0.02, 1.05)
+    fig.suptitle(f"{Path(results['model']['name']).name}: ASR against KL")
+    save(fig, folder / "asr_vs_kl.png")
+
+
 def _plots(results: dict[str, Any], folder: Path) -> None:
     """``ablation_bars.png`` (each Table 1 condition with 95% whiskers) and ``dose_curve.png`` (top k by safety
     rank against stratified random, bands = 95% intervals)."""
+    _plot_kl(results, folder)
     name, table, dose = Path(results["model"]["name"]).name, results["table"], results["dose"]
     colors = [
         {"baseline": "#2ca02c", "random": "#bbbbbb"}.get(t["group"])
