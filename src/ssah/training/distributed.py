@@ -12,7 +12,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -21,8 +21,13 @@ from ssah.arch import get_adapter
 from ssah.errors import UserError
 from ssah.interventions import like_param, local_tensor
 
-if TYPE_CHECKING:
-    from ssah.training.config import TrainConfig
+
+class _ShardingChoice(Protocol):
+    """What :func:`fsdp_requested` reads of a training config (a protocol, so this module needs no config import:
+    the config module builds on the checkpoints module, which builds on this one)."""
+
+    fsdp: bool
+
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ def make_accelerator(mixed_precision: str, cpu: bool) -> Any:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def fsdp_requested(cfg: TrainConfig) -> bool:
+def fsdp_requested(cfg: _ShardingChoice) -> bool:
     """Whether to shard with FSDP2: ``cfg.fsdp``, or a launch by ``accelerate launch --use_fsdp --fsdp_version 2``
     (or an accelerate config with FSDP2), which accelerate 1.15 itself ignores on CPUs."""
     if cfg.fsdp:
