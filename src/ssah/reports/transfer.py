@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ssah.experiments.transfer import KEY_PAIRS
 from ssah.reports.common import CATEGORY_COLORS, markdown_table, plot_by_layer, proportion, save, subplots, verdict_line
 
 PANELS: tuple[tuple[str, str, str, str], ...] = (
@@ -46,7 +45,7 @@ def plot_transition(results: dict[str, Any], path: Path) -> Path:
 def _pairs_to_plot(results: dict[str, Any], most: int = 4) -> list[str]:
     by_layer = results["moved_by_layer"]
     counts = results["transition"]["pairs"]
-    pairs = [p for p in KEY_PAIRS if p in by_layer]
+    pairs = [p for p in results["paper"]["tests"] if p in by_layer]  # the named moves, in the recipe's order
     rest = sorted((p for p in by_layer if p not in pairs and counts[p]["k"] > 0), key=lambda p: -counts[p]["k"])
     return pairs + rest[: max(0, most - len(pairs))]
 
