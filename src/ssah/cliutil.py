@@ -100,13 +100,15 @@ def _plain(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
-def _option(name: str, field: FieldInfo) -> tuple[Any, typer.models.OptionInfo]:
+def _option(
+    name: str, field: FieldInfo, default: Any = None, panel: str | None = None
+) -> tuple[Any, typer.models.OptionInfo]:
     """The CLI type and Typer option of one config field; structured values are passed as text, which the
-    field's validators read (``--shares scu=0.01``, ``--dose 1%,5%``, ``--lora r=8``)."""
+    field's validators read (``--shares scu=0.01``, ``--dose 1%,5%``, ``--lora r=8``). ``name`` is the dotted key
+    (``eval.limit`` -> ``--eval-limit``); ``default`` the value shown, when not the field's own (a section's)."""
     kinds = _plain(field.annotation)
     kind = kinds[0] if len(kinds) == 1 else str
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    flag = str(extra.get("flag") or f"--{name.replace('_', '-')}")
+    flag = _flag(name, field)
     if kind is bool:
         cli: Any = bool
         flag = flag if "/" in flag else f"{flag}/--no-{flag.removeprefix('--')}"
@@ -116,7 +118,7 @@ def _option(name: str, field: FieldInfo) -> tuple[Any, typer.models.OptionInfo]:
         cli = list[str]
     else:
         cli = str
-    default = field.get_default(call_default_factory=True)
+    default = field.get_default(call_default_factory=True) if default is None else default
     shown = default if not isinstance(default, bool) else (flag.split("/")[0] if default else flag.split("/")[1])
     show = (
         json.dumps(shown)
@@ -124,7 +126,41 @@ def _option(name: str, field: FieldInfo) -> tuple[Any, typer.models.OptionInfo]:
         else (str(shown) if shown not in (None, "", {}, []) else None)
     )
     help_ = field.description or ""
-    return cli | None, typer.Option(flag, help=help_, show_default=show or False)
+    return cli | None, typer.Option(flag, help=help_, show_default=show or False, rich_help_panel=panel)
+
+
+def _flag(name: str, field: FieldInfo) -> str:
+    """``--flag-name`` of a (dotted) key, or the field's own ``flag``; a section's key is its prefix."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    *section, leaf = name.split(".")
+    flag = str(extra.get("flag") or f"--{leaf.replace('_', '-')}")
+    return "/".join(f"--{'-'.join(section)}-{f.removeprefix('--')}" for f in flag.split("/")) if section else flag
+
+
+def _fields(cls: Any) -> list[tuple[str, str, FieldInfo, Any, str | None]]:
+    """(parameter name, dotted key, field, default shown, help panel) of every generated option: each plain field,
+    and each field of a section (``eval`` -> ``eval.limit`` as parameter ``eval__limit``, shown in its own panel,
+    its default from the recipe's default instance). Two fields with one flag are a programming error."""
+    from ssah.config import sections
+
+    nested = sections(cls)
+    skip = set(cls.cli_arguments) | set(cls.cli_skip())
+    out: list[tuple[str, str, FieldInfo, Any, str | None]] = []
+    for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
+        if name not in nested:
+            out.append((name, name, field, None, None))
+            continue
+        section = field.get_default(call_default_factory=True)
+        panel = f"{nested[name][1].title or name.capitalize()} ({name}.KEY)"
+        for sub, subfield in nested[name][1].model_fields.items():
+            out.append((f"{name}__{sub}", f"{name}.{sub}", subfield, getattr(section, sub, None), panel))
+    flags = [_flag(key, f).split("/")[0] for _, key, f, _, _ in out]
+    twice = sorted({f for f in flags if flags.count(f) > 1})
+    if twice:
+        raise RuntimeError(f"{cls.__name__}: two config fields give the flag {twice[0]}: rename one")  # a bug
+    return out
 
 
 def recipe_command(recipe: Any) -> Callable[..., None]:
@@ -134,7 +170,6 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
     cls = recipe.config_class()
     shipped = shipped_configs().get(recipe.name, {})
     positional = cls.cli_arguments
-    skip = set(positional) | set(cls.cli_skip())
     params = []
     kw = inspect.Parameter.KEYWORD_ONLY
     what = " ".join(f"[{p.upper()}{'...' if _is_list(cls, p) else ''}]" for p in positional)
@@ -147,10 +182,9 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
             annotation=Annotated[list[str] | None, typer.Argument(help=args_help, metavar="ARGS")],
         )
     )
-    for name, field in cls.model_fields.items():
-        if name not in skip:
-            cli, opt = _option(name, field)
-            params.append(inspect.Parameter(name, kw, default=None, annotation=Annotated[cli, opt]))
+    for param, key, field, default, panel in _fields(cls):
+        cli, opt = _option(key, field, default, panel)
+        params.append(inspect.Parameter(param, kw, default=None, annotation=Annotated[cli, opt]))
     names = ", ".join(shipped) or "none shipped"
     params.append(
         inspect.Parameter(
@@ -180,7 +214,11 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
             if config is not None:
                 raise UserError("give --quick or --config, not both (--quick is --config quick)")
             config = "quick"
-        flags = {k: v for k, v in values.items() if v is not None and v != []}
+        flags: dict[str, Any] = {}
+        for k, v in values.items():
+            if v is not None and v != []:
+                *parent, leaf = k.split("__")  # a section's field (eval__limit) goes under its key (eval.limit)
+                (flags.setdefault(parent[0], {}) if parent else flags)[leaf] = v
         given = [a for a in args if "=" not in a]
         if positional and given:
             many = _is_list(cls, positional[0])

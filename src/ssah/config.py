@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from ssah.errors import UserError
 
@@ -41,9 +42,24 @@ class BaseConfig(BaseModel):
         """Fields the generated command leaves out (they stay settable in YAML and as key=value)."""
         return frozenset()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _over_nested_defaults(cls, values: Any) -> Any:
+        """A partial mapping for a nested config is merged over that field's default, so ``eval.limit=64`` keeps
+        the recipe's other evaluation defaults (its default instance) rather than the section class's."""
+        if not isinstance(values, Mapping):
+            return values
+        out = dict(values)
+        for name, field in cls.model_fields.items():
+            if isinstance(out.get(name), Mapping) and nested_config(field.annotation) is not None:
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, BaseModel):
+                    out[name] = merge(default.model_dump(exclude_unset=True), out[name])
+        return out
+
     @classmethod
     def build(cls: type[C], values: dict[str, Any]) -> C:
-        """Validate values into a config, turning pydantic's report into a one-line error naming the key."""
+        """Validate values into a config, turning pydantic's report into a one-line error naming the (dotted) key."""
         _check_types(cls, values)
         try:
             return cls.model_validate(values)
@@ -52,8 +68,7 @@ class BaseConfig(BaseModel):
             err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
             where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"  # no list index
             if err["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(str(err["loc"][-1]), list(cls.model_fields), n=1)
-                hint = f"did you mean {close[0]!r}? " if close and len(err["loc"]) == 1 else ""
+                hint = _did_you_mean(cls, [str(p) for p in err["loc"]])
                 raise UserError(f"unknown config key {where!r}: {hint}see the command's --help for the keys") from None
             if err["type"] == "literal_error":
                 expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
@@ -79,6 +94,54 @@ class BaseConfig(BaseModel):
             values = load_config(recipe, config)
         values = merge(merge(values, dict(flags or {})), parse_overrides(overrides))
         return cls.build(values)
+
+
+class Section(BaseConfig):
+    """Options nested under one key of a recipe's config (``eval.limit``): YAML writes ``eval: {limit: 16}``, an
+    override ``eval.limit=16``, the CLI ``--eval-limit 16`` (in a help panel named ``title``). A recipe whose
+    defaults differ gives a default instance (``eval: EvalSection = EvalSection(limit=32)``); values set in a
+    config, a flag or an override are merged over it key by key."""
+
+    title: ClassVar[str] = ""
+
+
+def nested_config(annotation: Any) -> type[BaseConfig] | None:
+    """The config class a field holds (``LoraSettings | None`` -> LoraSettings), or None for a plain value."""
+    if typing.get_origin(annotation) is Annotated:
+        return nested_config(typing.get_args(annotation)[0])
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseConfig) else None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [c for a in typing.get_args(annotation) if (c := nested_config(a)) is not None]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def sections(cls: type[BaseConfig]) -> dict[str, tuple[FieldInfo, type[Section]]]:
+    """The :class:`Section` fields of a config: name -> (field, section class)."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        sub = nested_config(field.annotation)
+        if sub is not None and issubclass(sub, Section):
+            out[name] = (field, sub)
+    return out
+
+
+def _did_you_mean(cls: type[BaseConfig], loc: list[str]) -> str:
+    """A hint for an unknown (dotted) key: the closest key where it was written, or the section that holds it
+    (``limit`` -> ``eval.limit``)."""
+    owner: type[BaseConfig] | None = cls
+    for part in loc[:-1]:
+        owner = nested_config(owner.model_fields[part].annotation) if owner and part in owner.model_fields else None
+    if owner is None:
+        return ""
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    names = [prefix + n for n in owner.model_fields]
+    if not loc[:-1]:
+        names += [f"{s}.{n}" for s, (_, sub) in sections(owner).items() for n in sub.model_fields]
+    inside = [n for n in names if n.rsplit(".", 1)[-1] == loc[-1]]
+    close = inside or difflib.get_close_matches(prefix + loc[-1], names, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,17 +314,21 @@ def _numeric_kinds(annotation: Any) -> set[type]:
     return set()
 
 
-def _check_types(cls: type[BaseConfig], values: dict[str, Any]) -> None:
+def _check_types(cls: type[BaseConfig], values: Mapping[str, Any], prefix: str = "") -> None:
     """What pydantic's lax mode lets through: ``true`` where a number is expected (``seed: true`` would become 1),
-    and seeds outside what every RNG takes (NumPy's is 32-bit)."""
-    for name, field in cls.model_fields.items():
-        if name not in values:
+    and seeds outside what every RNG takes (NumPy's is 32-bit); nested configs are checked under their dotted key."""
+    for key, field in cls.model_fields.items():
+        if key not in values:
             continue
-        value = values[name]
+        value, name = values[key], prefix + key
+        sub = nested_config(field.annotation)
+        if sub is not None and isinstance(value, Mapping):
+            _check_types(sub, value, f"{name}.")
+            continue
         kinds = _numeric_kinds(field.annotation)
         if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise UserError(f"bad config value for {name!r}: expected a number, got {value}; write a number")
-        seed = name == "seed" or name.endswith("_seed")
+        seed = key == "seed" or key.endswith("_seed")
         if seed and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < SEED_LIMIT:
             raise UserError(f"bad config value for {name!r}: {value} is not in 0 .. 2**32-1; pass such a seed")
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Field
 
 from ssah.categorize import DEFAULT_NORMALIZATION, Normalization, Ranking, Rule
+from ssah.config import Section
 from ssah.data.chat import TokenRegion
 from ssah.interventions import AblationMode
 from ssah.scoring import Metric as MetricName
@@ -128,3 +129,32 @@ class UnitCategoryFields(BaseModel):
     shares: Shares = Field(default_factory=dict)
     normalization: Normalizations = DEFAULT_NORMALIZATION
     ranking: Rankings = "global"
+
+
+class EvalSection(Section):
+    """How a model's replies are measured, declared once for every recipe that evaluates (``eval.limit`` ...;
+    ``ssah eval`` has these at top level). A recipe with other defaults gives a default instance:
+    ``eval: EvalSection = EvalSection(limit=32)``."""
+
+    title = "Evaluation"
+    harmful: str = Field(
+        "builtin:harmful", description="Harmful prompts (ASR): builtin:NAME, a preset (advbench, ...), a file, or none."
+    )
+    benign: str = Field(
+        "builtin:borderline",
+        description="Safe prompts, refusing one is over-refusal: builtin:borderline, builtin:benign, xstest, a file, "
+        "or none.",
+    )
+    limit: Count | None = Field(None, description="Prompts (items) per evaluation set (default: all).")
+    max_new_tokens: Count = Field(64, description="Tokens generated per reply.")
+    batch_size: Count = Field(16, description="Prompts per batch (generation and the evaluation's forward passes).")
+    judge: JudgeSpec = "keyword:ssah"
+
+
+class UtilityEvalSection(EvalSection):
+    """An evaluation that also measures utility (perplexity, multiple choice, exact match)."""
+
+    utility: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
+        default_factory=lambda: ["perplexity"],
+        description="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable).",
+    )

@@ -33,7 +33,7 @@ from ssah.evaluate import (
     multiple_choice_accuracy,
     perplexity,
 )
-from ssah.fields import AutoBatch, Columns, Count, JudgeSpec, System
+from ssah.fields import AutoBatch, Columns, System, UtilityEvalSection
 from ssah.generate import GenerationConfig, generation_batch_size
 from ssah.judges import (
     JUDGE_KINDS,
@@ -50,29 +50,16 @@ from ssah.plan import wants_auto_batch
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json, write_run
 
 
-class EvalConfig(ModelRunConfig):
-    """Everything `ssah eval` needs; a data option set to "none" skips that block."""
+class EvalConfig(UtilityEvalSection, ModelRunConfig):
+    """Everything `ssah eval` needs: the evaluation options (``UtilityEvalSection``, at top level here) and the
+    model's; a data option set to "none" skips that block."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: Out = "runs/eval"
-    harmful: str = Field(
-        "builtin:harmful",
-        description="Harmful prompts: builtin:NAME, a preset (advbench, harmbench, ...), a file, or none.",
-    )
-    benign: str = Field(
-        "builtin:borderline", description="Safe prompts for over-refusal: builtin:borderline, xstest, a file, or none."
-    )
-    utility: list[str] = Field(
-        default_factory=lambda: ["perplexity"],
-        description="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable).",
-    )
+    batch_size: AutoBatch = 16  # eval alone can choose its batch size (auto on GPUs)
     prefill: str = Field(DEFAULT_PREFILL, description="Compliance opener for the prefill attack ('' to skip).")
-    judge: JudgeSpec = "keyword:ssah"
     first_token: bool = Field(True, description="Also report the first-token refusal score's agreement.")
     columns: Columns = Field(default_factory=dict)
-    limit: Count | None = Field(None, description="Use only the first N items of each set.")
-    max_new_tokens: Count = Field(64, description="Tokens generated per reply.")
-    batch_size: AutoBatch = 16
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
