@@ -33,7 +33,7 @@ from ssah.models import load_model
 from ssah.reports.ablate import render
 from ssah.units import UnitSet, UnitSpace
 
-FAST = ["--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "6", "--no-progress"]
+FAST = ["--eval-limit", "3", "--eval-max-new-tokens", "4", "--calibration-limit", "6", "--no-progress"]
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -78,7 +78,7 @@ def test_run_folder_and_table(ablate_run: Path) -> None:
     st = res["settings"]
     # config.yaml holds the resolved config: the shipped quick values under the flags given
     recorded = yaml.safe_load((out / "config.yaml").read_text())
-    assert (recorded["seeds"], recorded["random_for"], recorded["dose"], recorded["limit"]) == (
+    assert (recorded["seeds"], recorded["random_for"], recorded["dose"], recorded["eval"]["limit"]) == (
         3,
         ["SCU"],
         [0.01, 0.05],
@@ -286,7 +286,7 @@ def test_parse_dose() -> None:
         (["--ablation", "half"], "unknown ablation 'half'"),
         (["--control-strata", "head"], "unknown control strata 'head'"),
         (["--units", "missing.safetensors"], "not found"),
-        (["--judge", "keyword:nope"], "nope"),
+        (["--eval-judge", "keyword:nope"], "nope"),
     ],
 )
 def test_bad_input_writes_nothing(tmp_path: Path, user_error, extra: list[str], message: str) -> None:

@@ -11,10 +11,12 @@ import yaml
 
 import ssah.commands.summaries
 from ssah.cli import main
-from ssah.config import BaseConfig, load_config, parse_overrides, shipped_configs
+from ssah.cliutil import _fields, _flag
+from ssah.config import BaseConfig, load_config, parse_overrides, sections, shipped_configs
 from ssah.errors import UserError
 from ssah.experiments.ablate import AblateConfig
 from ssah.experiments.protect import ProtectConfig
+from ssah.fields import EvalSection
 from ssah.recipes import RECIPES, get_recipe
 
 TINY = "tiny-random-llama"
@@ -42,34 +44,41 @@ BAD: dict[str, tuple[list[str], str]] = {
     "unknown key in a file": (["units", "--config", "FILE:{seedz: 3}"], "'seedz'"),
     "wrong type in a file": (["units", TINY, "--config", "FILE:{limit: [1, 2]}"], "'limit'"),
     "missing model": (["units", "limit=4"], "'model'"),
+    # sections (eval.KEY): the error names the full dotted key
+    "unknown section key": (["ablate", TINY, "eval.limt=3"], "key 'eval.limt': did you mean 'eval.limit'?"),
+    "a section's key at top level": (["ablate", TINY, "limit=3"], "'limit': did you mean 'eval.limit'?"),
+    "section wrong type": (["ablate", TINY, "eval.limit=many"], "bad config value for 'eval.limit'"),
+    "section given whole": (["ablate", TINY, "eval=5"], "'eval'"),
+    "section override without =": (["ablate", TINY, "eval.limit", "64"], "'eval.limit' is not key=value"),
+    "unknown judge in a section": (["ablate", TINY, "--quick", "eval.judge=nope"], "nope"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_config_input_is_one_line_naming_the_key(case: str, tmp_path: Path, capsys) -> None:
+def test_bad_config_input_is_one_line_naming_the_key(case: str, tmp_path: Path, user_error) -> None:
     args, needle = BAD[case]
+    args = [_yaml(tmp_path / "c.yaml", yaml.safe_load(a[5:])) if a.startswith("FILE:") else a for a in args]
     work = tmp_path / "work"
     work.mkdir()
-    args = [_yaml(tmp_path / "c.yaml", yaml.safe_load(a[5:])) if a.startswith("FILE:") else a for a in args]
-    out = work / "out"
-    code = main([*args, "--out", str(out), "--no-progress"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
-    assert needle in lines[0], lines[0]
-    assert not any(work.iterdir())
+    user_error([*args, "--out", str(work / "out"), "--no-progress"], needle, watch=work)
 
 
 def test_precedence_defaults_config_flags_overrides(tmp_path: Path) -> None:
     """class defaults < shipped or YAML config < flags < key=value overrides; nested keys merge key by key."""
     base = {"model": TINY}
-    assert AblateConfig.resolve("ablate", None, base).limit == 32  # the field's default (a full run)
+    assert AblateConfig.resolve("ablate", None, base).eval.limit == 32  # the recipe's default (a full run)
     quick = AblateConfig.resolve("ablate", "quick", base)
-    assert (quick.limit, quick.seeds, quick.random_for) == (16, 3, ["SCU"])
+    assert (quick.eval.limit, quick.eval.max_new_tokens, quick.seeds, quick.random_for) == (16, 32, 3, ["SCU"])
     assert AblateConfig.resolve("ablate", "ablate/quick", base) == quick  # the name as `ssah configs` lists it
-    flagged = AblateConfig.resolve("ablate", "quick", {**base, "limit": 10})
-    assert (flagged.limit, flagged.seeds) == (10, 3)
-    over = AblateConfig.resolve("ablate", "quick", {**base, "limit": 10}, ["limit=7", "dose=[0.01, 0.02]"])
-    assert (over.limit, over.seeds, over.dose) == (7, 3, [0.01, 0.02])
+    flagged = AblateConfig.resolve("ablate", "quick", {**base, "eval": {"limit": 10}})
+    assert (flagged.eval.limit, flagged.eval.max_new_tokens, flagged.seeds) == (10, 32, 3)
+    flags = {**base, "eval": {"limit": 10}}
+    over = AblateConfig.resolve("ablate", "quick", flags, ["eval.limit=7", "dose=[0.01, 0.02]"])
+    assert (over.eval.limit, over.eval.max_new_tokens, over.seeds, over.dose) == (7, 32, 3, [0.01, 0.02])
+    # a partial section keeps the recipe's other defaults (its default instance), not the section class's
+    only = AblateConfig.resolve("ablate", None, base, ["eval.max_new_tokens=8"])
+    assert (only.eval.limit, only.eval.batch_size, only.eval.utility) == (32, 32, ["perplexity:builtin:task"])
+    assert AblateConfig(model=TINY, eval={"limit": 4}).eval.max_new_tokens == 64  # and from Python
     path = _yaml(tmp_path / "p.yaml", {"model": TINY, "lora": {"r": 4, "alpha": 8}, "steps": "2,1"})
     p = ProtectConfig.resolve("protect", path, {}, ["lora.alpha=32"])
     assert (p.lora.r, p.lora.alpha, p.steps) == (4, 32.0, [1, 2])
@@ -85,12 +94,15 @@ def test_cli_precedence_and_quick_shorthand(tmp_path: Path, monkeypatch, capsys)
 
     monkeypatch.setattr("ssah.experiments.ablate.run_ablate", fake_run)
     monkeypatch.setattr(ssah.commands.summaries, "SUMMARIES", {})
-    file = _yaml(tmp_path / "a.yaml", {"model": TINY, "limit": 20, "seeds": 4, "max_new_tokens": 8})
-    assert main(["ablate", "--config", file, "--limit", "10", "--seeds", "6", "seeds=7"]) == 0, capsys.readouterr()
-    assert (seen[-1].model, seen[-1].limit, seen[-1].seeds, seen[-1].max_new_tokens) == (TINY, 10, 7, 8)
+    file = _yaml(tmp_path / "a.yaml", {"model": TINY, "eval": {"limit": 20, "max_new_tokens": 8}, "seeds": 4})
+    args = ["ablate", "--config", file, "--eval-limit", "10", "--seeds", "6", "seeds=7"]
+    assert main(args) == 0, capsys.readouterr()
+    assert (seen[-1].model, seen[-1].eval.limit, seen[-1].seeds, seen[-1].eval.max_new_tokens) == (TINY, 10, 7, 8)
+    assert main([*args, "eval.limit=5"]) == 0  # key=value over the flag
+    assert (seen[-1].eval.limit, seen[-1].eval.max_new_tokens, seen[-1].eval.batch_size) == (5, 8, 32)
     assert main(["ablate", TINY, "--quick"]) == 0
     assert main(["ablate", TINY, "--config", "quick"]) == 0
-    assert seen[-1] == seen[-2] and seen[-1].limit == 16
+    assert seen[-1] == seen[-2] and seen[-1].eval.limit == 16
     assert main(["ablate", TINY, "--categories", "SCU,RU", "--dose", "1%", "categories=[UCU]"]) == 0
     assert seen[-1].categories == ["UCU"] and seen[-1].dose == [0.01]
 
@@ -105,7 +117,11 @@ def test_every_shipped_config_validates_against_its_recipe(recipe: str, name: st
     cfg = cls.resolve(recipe, name, required)
     for key, value in values.items():  # every key reaches the config (no silently ignored setting)
         got = getattr(cfg, key)
-        assert (got.model_dump() if isinstance(got, BaseConfig) else got) == value or value is None or key == "dose"
+        if isinstance(got, BaseConfig) and isinstance(value, dict):  # a section: every key the file sets
+            assert set(value) <= set(type(got).model_fields), f"{recipe}/{name}: {key}"
+            got, value = got.model_dump(include=set(value)), {k: v for k, v in value.items() if v is not None}
+            got = {k: v for k, v in got.items() if k in value}
+        assert got == value or value is None or key == "dose"
 
 
 def test_configs_command_lists_and_prints(capsys) -> None:
@@ -127,11 +143,14 @@ def test_every_field_is_a_flag_with_its_help(name: str, capsys, monkeypatch) -> 
     monkeypatch.setenv("COLUMNS", "400")  # rich shortens long flag names to fit the terminal
     assert main([*name.split(), "--help"]) == 0
     text = capsys.readouterr().out
-    for field_name, field in cls.model_fields.items():
+    nested = sections(cls)
+    fields = [(k, f) for k, f in cls.model_fields.items() if k not in nested]
+    fields += [(f"{k}.{n}", f) for k, (_, sub) in nested.items() for n, f in sub.model_fields.items()]
+    for field_name, field in fields:
         if field_name in cls.cli_arguments or field_name in cls.cli_skip():
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        flag = str(extra.get("flag") or "--" + field_name.replace("_", "-")).split("/")[0]
+        flag = str(extra.get("flag") or "--" + field_name.replace("_", "-").replace(".", "-")).split("/")[0]
         assert flag in text, f"{name}: {flag}"
         if name != "train":  # TrainConfig (ssah.train) is described by its own module
             assert field.description, f"{name}.{field_name} has no help"
@@ -147,3 +166,38 @@ def test_overrides_are_read_as_yaml() -> None:
     }
     with pytest.raises(UserError, match="'seeds' is not key=value"):
         parse_overrides(["seeds"])
+
+
+def test_section_flag_and_override_reach_the_same_field(tmp_path: Path, monkeypatch) -> None:
+    """``--eval-limit 9`` and ``eval.limit=9`` set the one field ``cfg.eval.limit`` (and nothing else)."""
+    seen: list[AblateConfig] = []
+    monkeypatch.setattr("ssah.experiments.ablate.run_ablate", lambda cfg: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(ssah.commands.summaries, "SUMMARIES", {})
+    assert main(["ablate", TINY, "--eval-limit", "9"]) == 0
+    assert main(["ablate", TINY, "eval.limit=9"]) == 0
+    assert seen[0] == seen[1] and seen[0].eval.limit == 9
+    assert seen[0].model_dump(exclude={"eval"}) == AblateConfig(model=TINY).model_dump(exclude={"eval"})
+    assert seen[0].eval.model_dump(exclude={"limit"}) == AblateConfig(model=TINY).eval.model_dump(exclude={"limit"})
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_generated_flags_are_unique_and_sections_have_a_panel(name: str, capsys, monkeypatch) -> None:
+    """No two config fields share a flag; a section's flags are listed in a panel of their own."""
+    cls = get_recipe(name).config_class()
+    flags = [_flag(key, field).split("/")[0] for _, key, field, _, _ in _fields(cls)]
+    assert len(flags) == len(set(flags))
+    if sections(cls):
+        monkeypatch.setenv("COLUMNS", "200")
+        assert main([*name.split(), "--help"]) == 0
+        text = capsys.readouterr().out
+        for key, (_, sub) in sections(cls).items():
+            assert f"{sub.title} ({key}.KEY)" in text
+
+
+def test_two_fields_with_one_flag_are_refused() -> None:
+    class Clash(BaseConfig):
+        eval_limit: int = 1
+        eval: EvalSection = EvalSection()
+
+    with pytest.raises(RuntimeError, match="--eval-limit"):
+        _fields(Clash)

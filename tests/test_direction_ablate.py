@@ -9,7 +9,7 @@ import pytest
 
 from ssah.cli import main
 
-FAST = ["--quick", "--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "8", "--no-progress"]
+FAST = ["--quick", "--eval-limit", "3", "--eval-max-new-tokens", "4", "--calibration-limit", "8", "--no-progress"]
 SMALL = ["--categories", "SCU", "--no-compare-calibration", "--dose", "1%"]
 
 

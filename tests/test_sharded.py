@@ -206,7 +206,7 @@ def _drop_volatile(obj):
 
 
 def test_ablate_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
-    fast = ["--quick", "--limit", "3", "--max-new-tokens", "4", "--calibration-limit", "6", "--dose", "5%"]
+    fast = ["--quick", "--eval-limit", "3", "--eval-max-new-tokens", "4", "--calibration-limit", "6", "--dose", "5%"]
     map_file = tmp_path / "map.json"
     map_file.write_text(json.dumps(SPLIT))
     assert main(["ablate", "tiny-random-llama", "--out", str(tmp_path / "one"), "--no-progress", *fast]) == 0

@@ -9,7 +9,7 @@ so the same text works as a ``--flag``, in YAML and as a ``key=value`` override.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field
 
@@ -19,6 +19,9 @@ from ssah.data.chat import TokenRegion
 from ssah.interventions import AblationMode
 from ssah.scoring import Metric as MetricName
 from ssah.units import Granularity as GranularityName
+
+if TYPE_CHECKING:
+    from ssah.generate import GenerationConfig
 
 
 def split_commas(value: Any) -> Any:
@@ -149,6 +152,23 @@ class EvalSection(Section):
     max_new_tokens: Count = Field(64, description="Tokens generated per reply.")
     batch_size: Count = Field(16, description="Prompts per batch (generation and the evaluation's forward passes).")
     judge: JudgeSpec = "keyword:ssah"
+
+    def greedy(self, *, seed: int = 0, system: str | None = None) -> GenerationConfig:
+        """Greedy decoding with this section's reply length and batch size."""
+        from ssah.generate import GenerationConfig
+
+        g = GenerationConfig(max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size, system=system)
+        g.check()
+        return g
+
+    def check_judge(self) -> None:
+        """Fail now, before any data or model is loaded, on a judge spec that can never work (the error lists the
+        valid judges, or the keyword presets)."""
+        from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+
+        kind = self.judge.split(":", 1)[0]
+        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
+            get_judge(self.judge)
 
 
 class UtilityEvalSection(EvalSection):

@@ -36,18 +36,18 @@ from ssah.fields import (
     Ablation,
     Count,
     Granularity,
-    JudgeSpec,
     MaxLength,
     Seeds,
     Strata,
     System,
     Tokens,
     UnitCategoryFields,
+    UtilityEvalSection,
     split_commas,
 )
 from ssah.generate import GenerationConfig
 from ssah.interventions import ablate, channel_means
-from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.judges import get_judge
 from ssah.models import LoadedModel, load_model
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.scoring import Scores
@@ -109,17 +109,9 @@ class AblateConfig(UnitCategoryFields, ModelRunConfig):
     stability: bool = Field(False, description="Also categorise each half of the calibration data.")
     ablation: Ablation = "mean"
     control_strata: Strata = "layer-kind"
-    harmful: str = Field("builtin:harmful", description="Harmful prompts: builtin:NAME, a preset, or a file.")
-    benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal (or none).")
-    utility_eval: list[str] = Field(
-        default_factory=lambda: ["perplexity:builtin:task"],
-        description="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable; as in ssah eval).",
-    )
-    judge: JudgeSpec = "keyword:ssah"
-    limit: Count = Field(32, description="Harmful and safe prompts per condition (spread over each set).")
-    max_new_tokens: Count = Field(64, description="Tokens per reply.")
-    batch_size: Count = Field(32, description="Prompts per generation batch.")
+    batch_size: Count = Field(32, description="Examples per scoring forward pass (when computing units).")
     system: System = None
+    eval: UtilityEvalSection = UtilityEvalSection(limit=32, batch_size=32, utility=["perplexity:builtin:task"])
     seeds: Seeds = 5
     dose: list[float] = Field(
         default_factory=lambda: list(DEFAULT_DOSE), description="Dose shares of all units, e.g. 0.25%,0.5%,1%."
@@ -167,14 +159,6 @@ class AblateConfig(UnitCategoryFields, ModelRunConfig):
         """The categories that get random controls."""
         return list(self.categories) if self.random_for is None else list(self.random_for)
 
-    def generation(self) -> GenerationConfig:
-        """Greedy decoding with the resolved reply length."""
-        g = GenerationConfig(
-            max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=self.batch_size, system=self.system
-        )
-        g.check()
-        return g
-
     def check(self) -> None:
         """Validate everything that needs neither data nor model (nothing is written before this passes)."""
         if not self.categories:
@@ -183,10 +167,8 @@ class AblateConfig(UnitCategoryFields, ModelRunConfig):
             if name not in CATEGORIES:
                 raise UserError(f"unknown category {name!r}: use one or more of {', '.join(CATEGORIES)}")
         measure.check_unit_search(self)
-        self.generation()
-        kind = self.judge.split(":", 1)[0]
-        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
-            get_judge(self.judge)  # raises the error that lists the valid judges (or the keyword presets)
+        self.eval.greedy()
+        self.eval.check_judge()
         if self.units is not None and not Path(self.units).is_file():
             raise UserError(f"unit file {self.units} not found: pass the units.safetensors written by `ssah units`")
         check_output_folder(self.out, self.overwrite)
@@ -428,11 +410,11 @@ def _dose(points: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict
 
 def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
     """The evaluation sets and the two calibration sets, each spread over its file to the run's limit."""
-    data = load_eval_sets(cfg.harmful, cfg.benign, cfg.utility_eval)
+    data = load_eval_sets(cfg.eval.harmful, cfg.eval.benign, cfg.eval.utility)
     if data.harmful is None:
-        raise UserError("ablate measures safety on harmful prompts: --harmful cannot be none")
+        raise UserError("ablate measures safety on harmful prompts: --eval-harmful cannot be none")
     for name in ("harmful", "benign", "perplexity"):
-        setattr(data, name, _spread(getattr(data, name), cfg.limit))
+        setattr(data, name, _spread(getattr(data, name), cfg.eval.limit))
     safety = _spread(load_prompts(cfg.safety, name="safety"), cfg.calibration_limit)
     utility = _spread(load_prompts(cfg.utility, name="utility"), cfg.calibration_limit)
     assert safety is not None and utility is not None
@@ -440,8 +422,7 @@ def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
 
 
 # the settings of AblateConfig that ablate's results record under "settings"
-_SETTINGS = {"categories", "ablation", "control_strata", "judge", "compare_calibration", "utility_eval"}
-_SETTINGS |= {"limit", "max_new_tokens", "seeds", "calibration_limit", "dose"}
+_SETTINGS = {"categories", "ablation", "control_strata", "compare_calibration", "seeds", "calibration_limit", "dose"}
 _SETTINGS |= {"direction", "kl", "kl_harmless", "kl_tokens", "direction_kl_max", "direction_layer_step"}
 _SETTINGS |= {"direction_positions", "direction_per_split"}
 
@@ -534,8 +515,8 @@ def run_ablate(cfg: AblateConfig) -> Path:
     set_seed(cfg.seed)
     data, safety, utility = _load_data(cfg)
     lm = load_model(cfg.model, **cfg.load_options())
-    judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
-    gen = cfg.generation()
+    judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
+    gen = cfg.eval.greedy(seed=cfg.seed, system=cfg.system)
     hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.model.modules())  # noqa: E731
     before, hooks_before = measure.weights_digest(lm.model), hooks()
     seconds: dict[str, float] = {}
@@ -548,8 +529,9 @@ def run_ablate(cfg: AblateConfig) -> Path:
     kl_ref = None
     if cfg.kl:
         t = time.time()
-        kl_ref = kl_reference(lm.model, lm.tokenizer, _spread(load_prompts(cfg.kl_harmless), cfg.limit),
-                              reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size)  # fmt: skip
+        harmless, ev = _spread(load_prompts(cfg.kl_harmless), cfg.eval.limit), cfg.eval
+        kl_ref = kl_reference(lm.model, lm.tokenizer, harmless, reply_tokens=cfg.kl_tokens, system=cfg.system,
+                              batch_size=ev.batch_size)  # fmt: skip
         seconds["kl_reference"] = time.time() - t
     conditions, calibration, points = _build_conditions(cfg, lm, cats, order, units_info, (safety, utility), seconds)
 
@@ -584,6 +566,8 @@ def run_ablate(cfg: AblateConfig) -> Path:
         "units": {**units_info, **cats.summary()},
         "settings": {
             **cfg.model_dump(include=_SETTINGS),
+            **cfg.eval.model_dump(include={"judge", "limit", "max_new_tokens"}),
+            "utility_eval": cfg.eval.utility,
             "random_for": cfg.controlled,
             "seed_list": [cfg.seed + i for i in range(cfg.seeds)],
             "generation": dataclasses.asdict(gen),

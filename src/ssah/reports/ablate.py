@@ -103,7 +103,8 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         f"{ev.get('benign', {}).get('examples', 0)} safe prompts for over-refusal, greedy replies of "
         f"{st['generation']['max_new_tokens']} new tokens; utility {', '.join(st['utility_eval'])}. Random controls: "
         f"the same count as the ablated set in every `{st['control_strata']}` stratum, one draw per seed "
-        f"{st['seed_list']}." + (" Small sets (under 32 prompts): numbers are indicative." if st["limit"] < 32 else ""),
+        f"{st['seed_list']}."
+        + (" Small sets (under 32 prompts): numbers are indicative." if (st["limit"] or 32) < 32 else ""),
         "",
         judge_line(st["judge"]),
         "",
