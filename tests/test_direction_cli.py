@@ -16,7 +16,7 @@ from ssah.models import load_model
 from ssah.recipes import get_recipe
 from ssah.reports.direction import render
 
-FAST = ["--quick", "--train", "6", "--val", "4", "--limit", "4", "--max-new-tokens", "4", "--kl-tokens", "3"]
+FAST = ["--quick", "--train", "6", "--val", "4", "--eval-limit", "4", "--eval-max-new-tokens", "4", "--kl-tokens", "3"]
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -75,7 +75,7 @@ def test_recipe_imports_no_other_recipe() -> None:
         (["--harmless", "EMPTY"], "no rows"),
         (["--seeds", "2"], "'seeds'"),
         (["--train", "500"], "train + validation + test need"),
-        (["--judge", "keyword:nope"], "nope"),
+        (["--eval-judge", "keyword:nope"], "nope"),
         (["--max-layer-share", "0"], "max_layer_share"),
     ],
 )

@@ -40,9 +40,9 @@ from ssah.direction import (
 )
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, KLReference, kl_divergence, kl_reference
-from ssah.fields import Count, JudgeSpec, Seeds, System
+from ssah.fields import Count, EvalSection, Seeds, System
 from ssah.generate import GenerationConfig
-from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.judges import get_judge
 from ssah.models import load_model
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
@@ -59,17 +59,12 @@ class DirectionConfig(ModelRunConfig):
     """Everything `ssah direction` needs (full-run sizes by default; ``--config quick`` for a small run)."""
 
     out: Out = "runs/direction"
-    harmful: str = Field("builtin:harmful", description="Harmful prompts: builtin:NAME, a preset or a file.")
     harmless: str = Field(
         "builtin:benign",
         description="Harmless prompts (direction, induce score, KL): builtin:NAME, preset, file.",
     )
-    benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal (or none).")
-    judge: JudgeSpec = "keyword:ssah"
-    train: Count = Field(40, description="Prompts of each set for the difference in means.")
-    val: Count = Field(24, description="Prompts of each set to choose the direction on.")
-    limit: Count = Field(32, description="Test prompts of each set.")
-    max_new_tokens: Count = Field(64, description="Tokens per reply.")
+    train: Count = Field(40, description="Prompts of eval.harmful and harmless for the difference in means.")
+    val: Count = Field(24, description="Prompts of eval.harmful and harmless to choose the direction on.")
     seeds: Seeds = 5
     layer_step: Count = Field(1, description="Score every N-th layer's candidates.")
     positions: Count | None = Field(
@@ -80,25 +75,16 @@ class DirectionConfig(ModelRunConfig):
         MAX_LAYER_SHARE, gt=0, le=1, description="Candidates from layers below this share of depth (the paper's 0.8)."
     )
     kl_tokens: Count = Field(16, description="Tokens of the original's greedy reply teacher-forced for KL.")
-    batch_size: Count = Field(16, description="Prompts per batch.")
     system: System = None
-
-    def generation(self) -> GenerationConfig:
-        g = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            system=self.system,
-        )
-        g.check()
-        return g
+    # eval.harmful and harmless are each split into train / val / test (eval.limit) prompts
+    eval: EvalSection = EvalSection(limit=32)
 
     def check(self) -> None:
         """Validate everything that needs neither data nor model (nothing is written before this passes)."""
-        self.generation()
-        kind = self.judge.split(":", 1)[0]
-        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
-            get_judge(self.judge)
+        if self.eval.limit is None:
+            raise UserError("the direction's test split needs a size: give eval.limit (test prompts of each set)")
+        self.eval.greedy()
+        self.eval.check_judge()
         check_output_folder(self.out, self.overwrite)
 
 
@@ -180,14 +166,15 @@ class _Splits:
 
 def _load_splits(cfg: DirectionConfig) -> _Splits:
     """Load the harmful / harmless / benign sets and split the first two (one-line error when one is empty)."""
-    sizes = (cfg.train, cfg.val, cfg.limit)
-    harmful = load_prompts(cfg.harmful, name="harmful")
+    ev = cfg.eval
+    sizes = (cfg.train, cfg.val, ev.limit or 0)
+    harmful = load_prompts(ev.harmful, name="harmful")
     harmless = load_prompts(cfg.harmless, name="harmless")
     if len(harmless) == 0 or len(harmful) == 0:
         raise UserError("the direction needs harmful and harmless prompts: pass non-empty --harmful / --harmless")
     h_train, h_val, h_test = split3(harmful, sizes, cfg.seed)
     b_train, b_val, b_test = split3(harmless, sizes, cfg.seed + 1)
-    benign = None if cfg.benign.strip().lower() in ("", "none") else _spread(load_prompts(cfg.benign), cfg.limit)
+    benign = None if ev.benign.strip().lower() in ("", "none") else _spread(load_prompts(ev.benign), ev.limit or 0)
     return _Splits(harmful, harmless, h_train, h_val, h_test, b_train, b_val, b_test, benign)
 
 
@@ -248,9 +235,9 @@ def _measure_conditions(
 def _orthogonalization_gap(model: Any, tok: Any, sel: Selection, b_test: PromptSet, cfg: DirectionConfig) -> float:
     """Largest absolute log-prob difference between the orthogonalised weights and the ablation hooks."""
     with ablated_direction(model, sel.direction):
-        hooked = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.batch_size)
+        hooked = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.eval.batch_size)
     with orthogonalized(model, sel.direction):
-        edited = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.batch_size)
+        edited = last_logprobs(model, tok, _prompts(b_test), system=cfg.system, batch_size=cfg.eval.batch_size)
     return float((hooked - edited).abs().max())
 
 
@@ -291,27 +278,28 @@ def run_direction(cfg: DirectionConfig) -> Path:
     sp = _load_splits(cfg)
     lm = load_model(cfg.model, **cfg.load_options())
     model, tok = lm.model, lm.tokenizer
-    judge = get_judge(cfg.judge, model=model, tokenizer=tok)
-    gen = cfg.generation()
+    judge = get_judge(cfg.eval.judge, model=model, tokenizer=tok)
+    gen = cfg.eval.greedy(seed=cfg.seed, system=cfg.system)
     before = measure.weights_digest(model)
     seconds: dict[str, float] = {}
 
     t = time.time()
     directions = candidate_directions(
         model, tok, _prompts(sp.h_train), _prompts(sp.b_train), positions=cfg.positions, system=cfg.system,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.eval.batch_size,
     )  # fmt: skip
     seconds["directions"] = time.time() - t
     t = time.time()
     sel = select_direction(
-        model, tok, directions, _prompts(sp.h_val), _prompts(sp.b_val), system=cfg.system, batch_size=cfg.batch_size,
-        kl_max=cfg.kl_max, max_layer_share=cfg.max_layer_share, layer_step=cfg.layer_step, progress=cfg.progress,
+        model, tok, directions, _prompts(sp.h_val), _prompts(sp.b_val), system=cfg.system,
+        batch_size=cfg.eval.batch_size, kl_max=cfg.kl_max, max_layer_share=cfg.max_layer_share,
+        layer_step=cfg.layer_step, progress=cfg.progress,
     )  # fmt: skip
     seconds["selection"] = time.time() - t
 
     t = time.time()
     reference = kl_reference(
-        model, tok, sp.b_test, reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.batch_size
+        model, tok, sp.b_test, reply_tokens=cfg.kl_tokens, system=cfg.system, batch_size=cfg.eval.batch_size
     )
     seconds["kl_reference"] = time.time() - t
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
@@ -334,8 +322,9 @@ def run_direction(cfg: DirectionConfig) -> Path:
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")},
         "settings": {
-            **cfg.model_dump(include={"train", "val", "limit", "max_new_tokens", "seeds", "layer_step"}),
-            **cfg.model_dump(include={"judge", "kl_max", "max_layer_share", "kl_tokens", "positions"}),
+            **cfg.model_dump(include={"train", "val", "seeds", "layer_step", "kl_max", "max_layer_share", "kl_tokens"}),
+            **cfg.eval.model_dump(include={"limit", "max_new_tokens", "judge"}),
+            "positions": cfg.positions,
             "seed_list": seeds,
             "generation": dataclasses.asdict(gen),
             "data": {ps.name: {"source": ps.source, "examples": len(ps)} for ps in sp.parts()},
