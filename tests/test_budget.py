@@ -12,7 +12,7 @@ import pytest
 from ssah.cli import main
 from ssah.measure import ControlDistribution, Proportion, compare, verdict
 
-FAST = ["--quick", "--steps", "2", "--eval-limit", "3", "--max-new-tokens", "3", "--limit", "8", "--no-progress"]
+FAST = ["--quick", "--steps", "2", "--eval-limit", "3", "--eval-max-new-tokens", "3", "--limit", "8", "--no-progress"]
 
 
 def recipe_imports(path: str) -> set[str]:
@@ -117,8 +117,7 @@ def test_budget_share_matches_the_trained_units_exactly(tmp_path: Path) -> None:
         out=str(tmp_path / "b"),
         conditions=["ru"],
         steps=1,
-        eval_limit=2,
-        max_new_tokens=2,
+        eval={"limit": 2, "max_new_tokens": 2},
         limit=6,
         progress=False,
     )
@@ -177,7 +176,7 @@ def test_every_run_starts_from_the_base_weights(tmp_path: Path, monkeypatch) -> 
         (["--units", "nofile"], "unit spec"),
         (["--units", "/nonexistent/units.safetensors:RU"], "units.safetensors"),
         (["--data", "builtin:harmful"], "response"),
-        (["--judge", "keyword:nope"], "nope"),
+        (["--eval-judge", "keyword:nope"], "nope"),
     ],
 )
 def test_budget_bad_input(extra: list[str], needle: str, tmp_path: Path, user_error) -> None:

@@ -36,7 +36,7 @@ def test_transfer_quick_on_the_aligned_model_gives_a_valid_matrix(aligned_smollm
 
 def test_budget_quick_full_sft_raises_refusal(tmp_path: Path) -> None:
     out = tmp_path / "budget"
-    short = ["--eval-limit", "12", "--max-new-tokens", "24"]
+    short = ["--eval-limit", "12", "--eval-max-new-tokens", "24"]
     assert main(["budget", "smollm2-135m-instruct", "--quick", *short, "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = res["conditions"]

@@ -28,7 +28,6 @@ from ssah.fields import (
     Columns,
     CommaList,
     Count,
-    JudgeSpec,
     MaxLength,
     Schedule,
     Seeds,
@@ -36,9 +35,9 @@ from ssah.fields import (
     System,
     Tokens,
     UnitCategoryFields,
+    UtilityEvalSection,
 )
-from ssah.generate import GenerationConfig
-from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+from ssah.judges import get_judge
 from ssah.measure import (
     ControlDistribution,
     Proportion,
@@ -111,13 +110,10 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
     tokens: Tokens = "prompt+response"
     score_batch_size: Count = Field(8, description="Examples per scoring forward pass (finding RU).")
-    # evaluation
-    eval_harmful: str = Field("builtin:harmful", description="Held-out harmful prompts.")
-    eval_benign: str = Field("builtin:benign", description="Held-out benign prompts (answers checked).")
-    eval_utility: str = Field("builtin:task", description="Held-out answers for perplexity.")
-    eval_limit: Count = Field(50, description="Prompts per held-out set.")
-    max_new_tokens: Count = Field(48, description="Tokens generated per reply.")
-    judge: JudgeSpec = "keyword:ssah"
+    # evaluation on held-out sets: eval.benign answers are checked, eval.utility is a perplexity set
+    eval: UtilityEvalSection = UtilityEvalSection(
+        benign="builtin:benign", utility=["builtin:task"], limit=50, max_new_tokens=48
+    )
 
     def unit_search(self) -> SimpleNamespace:
         """The settings :func:`ssah.measure.find_units` reads (RU are found at neuron granularity)."""
@@ -138,9 +134,6 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
             )
         )
 
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=16, system=self.system)
-
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
         if not self.conditions:
@@ -154,10 +147,8 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
             parse_unit_spec(self.units)
         else:
             check_unit_search(self)
-        self.generation().check()
-        kind = self.judge.split(":", 1)[0]
-        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
-            get_judge(self.judge)  # fails now, with the list of valid judges, on a spec that can never work
+        self.eval.greedy()
+        self.eval.check_judge()
         check_output_folder(self.out, self.overwrite)
 
 
@@ -173,7 +164,7 @@ def load_training_data(cfg: BudgetConfig) -> PromptSet:
 
 def load_eval_data(cfg: BudgetConfig, train: PromptSet) -> EvalData:
     """The held-out sets; none may share a prompt with the training data."""
-    data = load_eval_sets(cfg.eval_harmful, cfg.eval_benign, [cfg.eval_utility], limit=cfg.eval_limit)
+    data = load_eval_sets(cfg.eval.harmful, cfg.eval.benign, cfg.eval.utility, limit=cfg.eval.limit)
     seen = set(train.prompts())
     for what, ps in (("harmful", data.harmful), ("benign", data.benign), ("utility", data.perplexity)):
         if ps is None:
@@ -196,7 +187,9 @@ def answered(output: str, answer: str) -> bool:
 
 def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetConfig) -> dict[str, Any]:
     """One condition's measurement: the core's counts plus refusal and benign answers correct, as Proportions."""
-    res = measure_condition(model, tokenizer, data, judge=judge, config=cfg.generation(), progress=cfg.progress)
+    res = measure_condition(
+        model, tokenizer, data, judge=judge, config=cfg.eval.greedy(system=cfg.system), progress=cfg.progress
+    )
     assert res.asr is not None and data.benign is not None
     out = res.to_dict()
     out["refusal"] = Proportion(res.asr.n - res.asr.k, res.asr.n).to_dict()
@@ -251,7 +244,7 @@ def run_budget(cfg: BudgetConfig) -> Path:
     opts: dict[str, Any] = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, **opts)
     model, tok = lm.model, lm.tokenizer
-    judge = get_judge(cfg.judge, model=model, tokenizer=tok)
+    judge = get_judge(cfg.eval.judge, model=model, tokenizer=tok)
     units, units_info, controls = None, None, []
     if {"ru", "random"} & set(cfg.conditions):
         units, units_info = get_units(lm, cfg)
@@ -282,9 +275,10 @@ def run_budget(cfg: BudgetConfig) -> Path:
         "model": fp | {"family": lm.family, "layers": get_adapter(model).num_layers},
         "data": {"train": train_info, **eval_data.describe()},
         "units": units_info,
-        "settings": cfg.model_dump(include={"steps", "max_new_tokens", "eval_limit"})
+        "settings": {"steps": cfg.steps, "max_new_tokens": cfg.eval.max_new_tokens, "eval_limit": cfg.eval.limit}
         | {"lr_full": cfg.lr, "freeze_embeddings_full": cfg.freeze_embeddings, "seeds": len(controls)}
-        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "judge", "control_strata", "seed"}),
+        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "control_strata", "seed"})
+        | {"judge": cfg.eval.judge},
         "conditions": rows,
         "verdicts": decide(rows),
         "paper": {"claim": PAPER_CLAIM},
