@@ -30,9 +30,8 @@ TINY = "tiny-random-llama"
 SMALL = {
     "steps": [1, 2],
     "batch_size": 2,
-    "eval_limit": 3,
+    "eval": {"limit": 3, "max_new_tokens": 2},
     "utility_limit": 3,
-    "max_new_tokens": 2,
     "calibration_limit": 8,
     "lr": 1e-3,
     "seeds": 3,  # the least random-control seeds a run may have
@@ -49,7 +48,7 @@ SMALL_CLI = [
     "3",
     "--utility-limit",
     "3",
-    "--max-new-tokens",
+    "--eval-max-new-tokens",
     "2",
     "--calibration-limit",
     "8",
@@ -264,7 +263,7 @@ def test_protect_imports_no_other_recipe() -> None:
 def test_held_out_prompts_are_not_training_prompts(tmp_path: Path) -> None:
     from ssah.experiments.protect import load_protect_data
 
-    data = load_protect_data(ProtectConfig(model=TINY, out=str(tmp_path / "x"), eval_limit=200))
+    data = load_protect_data(ProtectConfig(model=TINY, out=str(tmp_path / "x"), eval={"limit": 200}))
     trained = {ex.prompt for ps in data.train.values() for ex in ps}
     for ps in (data.harmful, data.benign, data.utility):
         assert not trained & set(ps.prompts())
@@ -344,7 +343,7 @@ def test_units_file_of_this_model_is_used(tmp_path: Path) -> None:
         (["--steps", "0"], "steps"),
         (["--kinds", "nasty"], "unknown kinds 'nasty'"),
         (["--lr", "0"], "'lr'"),
-        (["--eval-limit", "0"], "eval_limit"),
+        (["--eval-limit", "0"], "eval.limit"),
         (["--seeds", "0"], "seeds"),
         (["--seeds", "2"], "'seeds': Input should be greater than or equal to 3"),
         (["--control-strata", "bogus"], "control strata"),

@@ -40,7 +40,7 @@ from ssah.evaluate import EvalData
 from ssah.fields import (
     Columns,
     Count,
-    JudgeSpec,
+    EvalSection,
     MaxLength,
     Schedule,
     Seeds,
@@ -49,7 +49,6 @@ from ssah.fields import (
     UnitCategoryFields,
     split_commas,
 )
-from ssah.generate import GenerationConfig
 from ssah.interventions import unit_param_masks
 from ssah.judges import get_judge
 from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
@@ -155,13 +154,8 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
     utility: str = Field("builtin:utility", description="Utility calibration set (when units are computed).")
     calibration_limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
     # evaluation
-    harmful: str = Field("builtin:harmful", description="Held-out harmful prompts for ASR.")
-    benign: str = Field("builtin:borderline", description="Safe prompts for over-refusal.")
-    eval_limit: Count = Field(40, description="Prompts per evaluation set.")
     utility_limit: Count = Field(16, description="Held-out task examples for utility.")
-    max_new_tokens: Count = Field(32, description="Tokens generated per evaluation reply.")
-    eval_batch_size: Count = Field(32, description="Prompts per generation batch.")
-    judge: JudgeSpec = "keyword:ssah"
+    eval: EvalSection = EvalSection(limit=40, max_new_tokens=32, batch_size=32)
 
     _lists = field_validator("settings", "kinds", "steps", mode="before")(split_commas)
 
@@ -277,19 +271,20 @@ def load_protect_data(cfg: ProtectConfig) -> ProtectData:
     if len(task) < 2:
         raise DataError(f"the task data {cfg.data} needs at least 2 examples (one to train on, one held out)")
     task_train, task_held = held_out_split(task, fraction=cfg.task_holdout, seed=cfg.seed)
-    harmful = _not_empty(load_prompts(cfg.harmful, limit=None, name="harmful"), "harmful evaluation set", cfg.harmful)
+    ev = cfg.eval
+    harmful = _not_empty(load_prompts(ev.harmful, limit=None, name="harmful"), "harmful evaluation set", ev.harmful)
     train: dict[str, PromptSet] = {}
     if "benign" in (e.kinds or []):
         train["benign"] = task_train
     if "attack" in (e.kinds or []):
         if cfg.attack.strip().lower() == "builtin:attack":
             if len(harmful) < 2:
-                raise DataError(f"{cfg.harmful} needs at least 2 prompts to split into attack and held-out parts")
+                raise DataError(f"{ev.harmful} needs at least 2 prompts to split into attack and held-out parts")
             pool, harmful = held_out_split(harmful, fraction=EVAL_FRACTION, seed=cfg.seed)
             if cfg.attack_size is not None and cfg.attack_size > len(pool):
                 raise DataError(
                     f"attack-size {cfg.attack_size} exceeds the {len(pool)} harmful requests left for the attack "
-                    f"(the other half of {cfg.harmful} is held out for evaluation): pass a smaller --attack-size"
+                    f"(the other half of {ev.harmful} is held out for evaluation): pass a smaller --attack-size"
                 )
             train["attack"] = attack_set(pool, n=cfg.attack_size, seed=cfg.seed)
         else:
@@ -297,9 +292,9 @@ def load_protect_data(cfg: ProtectConfig) -> ProtectData:
             train["attack"] = _training(att, "attack set", cfg.attack)
     seen = {ex.prompt.strip() for ps in train.values() for ex in ps}
     removed: dict[str, int] = {}
-    harmful, removed["harmful"] = _held_out(harmful, seen, e.eval_limit, "held-out harmful set", cfg.harmful)
-    benign = _not_empty(load_prompts(cfg.benign, limit=None, name="benign"), "safe (over-refusal) set", cfg.benign)
-    benign, removed["benign"] = _held_out(benign, seen, e.eval_limit, "safe set", cfg.benign)
+    harmful, removed["harmful"] = _held_out(harmful, seen, ev.limit, "held-out harmful set", ev.harmful)
+    benign = _not_empty(load_prompts(ev.benign, limit=None, name="benign"), "safe (over-refusal) set", ev.benign)
+    benign, removed["benign"] = _held_out(benign, seen, ev.limit, "safe set", ev.benign)
     utility, removed["utility"] = _held_out(task_held, seen, e.utility_limit, "held-out task part", cfg.data)
     math_items = [MathItem(ex.prompt, ex.answer) for ex in utility if ex.answer]
     return ProtectData(train, harmful, benign, utility, math_items, removed)
@@ -393,15 +388,15 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     e = cfg
     set_seed(cfg.seed)
     data = load_protect_data(cfg)
-    get_judge(cfg.judge)  # a bad judge spec fails before the model loads
+    get_judge(cfg.eval.judge)  # a bad judge spec fails before the model loads
     opts = {k: getattr(cfg, k) for k in ("dtype", "device", "allow_pickle", "trust_remote_code")}
     lm = load_model(cfg.model, **opts)
-    judge = get_judge(cfg.judge, model=lm.model, tokenizer=lm.tokenizer)
+    judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
     t_units = time.time()
     frozen_sets, units_summary, found = protect_units(lm, cfg, progress=cfg.progress)
     units_seconds = time.time() - t_units
     digest = measure.weights_digest(lm.model)
-    gen = GenerationConfig(max_new_tokens=e.max_new_tokens or 32, batch_size=cfg.eval_batch_size, system=cfg.system)
+    gen = cfg.eval.greedy(system=cfg.system)
     initial = measure.measure_condition(lm.model, lm.tokenizer, data.eval, judge=judge, config=gen)
     samples = _sample_records(initial.samples, kind="initial", setting="initial", draw=None, steps=0)
     runs: list[dict[str, Any]] = []
@@ -454,7 +449,12 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     dump["lora_lr"] = e.lora_lr or LORA_LR_FACTOR * e.lr  # the rate in force
     results: dict[str, Any] = {
         "model": model_info,
-        "settings": {**dump, "selection": cfg.selection, "labels": labels},
+        "settings": {
+            **dump,
+            **e.eval.model_dump(include={"judge", "max_new_tokens"}),
+            "selection": cfg.selection,
+            "labels": labels,
+        },
         "units": units_summary,
         "data": data.describe(),
         "initial": initial.to_dict(),
