@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from ssah.cli import main
 
-FAST = ["--steps", "2", "--eval-limit", "3", "--max-new-tokens", "3", "--no-progress"]
+FAST = ["--steps", "2", "--eval-limit", "3", "--eval-max-new-tokens", "3", "--no-progress"]
 
 
 def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -146,7 +146,7 @@ def test_cache_key_follows_the_recipe_and_its_data() -> None:
     assert key != AlignConfig(model="tiny-random-llama", borderline_ratio=0.1).training_key("fp", "data-sha")
     assert key != AlignConfig(model="tiny-random-llama", benign_ratio=0.5).training_key("fp", "data-sha")
     # the evaluation settings and targets do not change the weights, so they share the cache entry
-    other_eval = AlignConfig(model="tiny-random-llama", eval_limit=5, target_refusal=0.9, max_new_tokens=8)
+    other_eval = AlignConfig(model="tiny-random-llama", eval={"limit": 5, "max_new_tokens": 8}, target_refusal=0.9)
     assert other_eval.training_key("fp", "data-sha") == key
 
 

@@ -157,7 +157,7 @@ def test_held_out_sets_never_meet_the_training_mix() -> None:
 
 
 def test_eval_limit_takes_a_stratified_deterministic_sample() -> None:
-    cfg = AlignConfig(model="tiny-random-llama", eval_limit=20)
+    cfg = AlignConfig(model="tiny-random-llama", eval={"limit": 20})
     sets = load_held_out(cfg, _training_mix(cfg))
     assert len(sets.harmful) == 20 and len(sets.borderline) == 20
     assert len(Counter(ex.category for ex in sets.harmful)) == 10  # every harm category, not just the first ones
@@ -165,7 +165,7 @@ def test_eval_limit_takes_a_stratified_deterministic_sample() -> None:
 
 
 def test_a_training_prompt_in_an_eval_set_is_refused() -> None:
-    cfg = AlignConfig(model="tiny-random-llama", eval_borderline="builtin:borderline_sft")
+    cfg = AlignConfig(model="tiny-random-llama", eval={"borderline": "builtin:borderline_sft"})
     with pytest.raises(UserError, match="also training prompts"):
         load_held_out(cfg, _training_mix(cfg))
     fake = PromptSet("x", "x", tuple(load_prompts("builtin:harmful").examples[:3]))

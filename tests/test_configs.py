@@ -51,6 +51,7 @@ BAD: dict[str, tuple[list[str], str]] = {
     "section constraint": (["direction", TINY, "eval.limit=0"], "'eval.limit': Input should be greater than"),
     "section bool for a number": (["budget", TINY, "eval.max_new_tokens=true"], "'eval.max_new_tokens'"),
     "section flag wrong type": (["protect", TINY, "--eval-limit", "x"], "'--eval-limit'"),
+    "section in a file": (["align", TINY, "--config", "FILE:{eval: {limits: 3}}"], "'eval.limits'"),
     "section given whole": (["ablate", TINY, "eval=5"], "'eval'"),
     "section override without =": (["ablate", TINY, "eval.limit", "64"], "'eval.limit' is not key=value"),
     "unknown judge in a section": (["ablate", TINY, "--quick", "eval.judge=nope"], "nope"),
