@@ -68,8 +68,8 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     steps = sorted(int(x) for x in args.at.split(","))
-    common = {"model": args.model, "eval_limit": args.eval_limit, "eval_extra_safe": args.extra_safe}
-    common |= {"max_new_tokens": args.max_new_tokens, "progress": False, "cache": False}
+    held_out = {"limit": args.eval_limit, "extra_safe": args.extra_safe, "max_new_tokens": args.max_new_tokens}
+    common = {"model": args.model, "eval": held_out, "progress": False, "cache": False}
     base_cfg = AlignConfig(**common)
     lm = load_model(args.model, dtype="float32", device="cpu")
     sets = load_held_out(base_cfg, training_mix(base_cfg))
