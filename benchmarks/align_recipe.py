@@ -6,7 +6,7 @@ schedule the model after k steps is the model a k-step run makes, so one run giv
 is a count with its 95% interval on held-out sets that the training mix never contains: harmful refusal,
 borderline-safe and ordinary over-refusal, ordinary answers correct and the perplexity ratio of reference answers.
 
-    python benchmarks/align_recipe.py --variant "borderline_ratio=0.3,benign_ratio=0.3,lr=3e-5" \\
+    python benchmarks/align_recipe.py --variant "borderline_ratio=0.3,benign_ratio=0.3,train.lr=3e-5" \\
         --variant "borderline_ratio=0.4,benign_ratio=0.2" --at 10,20,30 --eval-limit 60 [--extra-safe xstest]
 
 Writes one JSON line per (variant, step) to stdout and ``--out`` (default align_recipe.jsonl).
@@ -24,18 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``key=value,key=value`` -> settings (numbers parsed)."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, _, value = item.partition("=")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-    return out
+    """``key=value,train.lr=3e-5`` -> settings, as ``key=value`` overrides are read (dotted keys for a section)."""
+    from ssah.config import parse_overrides
+
+    return parse_overrides([x.strip() for x in text.split(",") if x.strip()])
 
 
 def summary(cfg: Any, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +53,7 @@ def main() -> None:
 
     import torch
 
+    from ssah.config import merge
     from ssah.experiments.align import AlignConfig, evaluate_model, load_held_out, safety_sft
     from ssah.experiments.align import _training_mix as training_mix
     from ssah.measure import restored_weights
@@ -78,7 +71,7 @@ def main() -> None:
     rows = [{"variant": "base", "step": 0, "seconds": round(time.time() - t0, 1), **summary(base_cfg, before, before)}]
     print(json.dumps(rows[-1]), flush=True)
     for text in args.variant or [""]:
-        cfg = AlignConfig(**common, **parse_variant(text), steps=steps[-1])
+        cfg = AlignConfig(**merge(common, parse_variant(text)), steps=steps[-1])
         mix = training_mix(cfg)
         load_held_out(cfg, mix)  # the same held-out sets, checked against this mix too
         clock = {"start": time.time(), "eval": 0.0}

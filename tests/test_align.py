@@ -36,7 +36,7 @@ def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monk
     assert (
         again["training"]["from_cache"] and again["model"]["aligned_fingerprint"] == res["model"]["aligned_fingerprint"]
     )
-    assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "c"), "--lr", "1e-4", *FAST]) == 0
+    assert main(["align", "tiny-random-llama", "--out", str(tmp_path / "c"), "--train-lr", "1e-4", *FAST]) == 0
     other = json.loads((tmp_path / "c/results.json").read_text())
     assert other["training"]["from_cache"] is None  # another setting is another cache entry
 
@@ -44,7 +44,7 @@ def test_align_writes_a_loadable_model_and_reuses_the_cache(tmp_path: Path, monk
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--lr", "0"], "'lr': Input should be greater than 0"),
+        (["--train-lr", "0"], "'train.lr': Input should be greater than 0"),
         (["--steps", "0"], "steps"),
         (["--eval-harmful", "builtin:safety"], "held-out"),
     ],

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 import ssah
 from ssah.errors import UserError
-from ssah.training import LoraSettings, TrainConfig, parse_lora
+from ssah.training import LoraSettings, TrainConfig, TrainSection, parse_lora
 
 SRC = Path(ssah.__file__).parent
 
@@ -37,7 +37,8 @@ def test_train_config_validates_itself() -> None:
     with pytest.raises(UserError, match="unit spec"):
         TrainConfig(**base, freeze="u.safetensors")
     assert TrainConfig(**base, lora="off").mode == "all" and TrainConfig(**base, lora="8").mode == "lora"
-    own = TrainConfig.__annotations__  # the fields TrainConfig declares (ModelRunConfig's are not ours)
+    # the fields TrainConfig declares and the optimiser's it shares with recipes (ModelRunConfig's are not ours)
+    own = {**TrainConfig.__annotations__, **TrainSection.__annotations__}
     assert len(own) > 20 and all(TrainConfig.model_fields[name].description for name in own)  # the CLI's help
 
 

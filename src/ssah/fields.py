@@ -148,7 +148,7 @@ class EvalSection(Section):
         description="Safe prompts, refusing one is over-refusal: builtin:borderline, builtin:benign, xstest, a file, "
         "or none.",
     )
-    limit: Count | None = Field(None, description="Prompts (items) per evaluation set (default: all).")
+    limit: Count | None = Field(None, description="Prompts (items) per evaluation set (null: all).")
     max_new_tokens: Count = Field(64, description="Tokens generated per reply.")
     batch_size: Count = Field(16, description="Prompts per batch (generation and the evaluation's forward passes).")
     judge: JudgeSpec = "keyword:ssah"

@@ -31,12 +31,12 @@ from ssah.data import PromptSet, load_prompts
 from ssah.data.training import BENIGN_RATIO, BORDERLINE_RATIO, alignment_mix, held_out_split
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, perplexity
-from ssah.fields import Count, EvalSection, MaxLength, Schedule, System
+from ssah.fields import Count, EvalSection, MaxLength, System
 from ssah.judges import get_judge
 from ssah.measure import Proportion, compare, measure_condition, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
-from ssah.training import TrainConfig, TrainResult, train_model
+from ssah.training import TrainConfig, TrainResult, TrainSection, train_model
 
 TRAINING_KEYS = (
     "harmful",
@@ -86,13 +86,7 @@ class AlignConfig(ModelRunConfig):
     )
     benign_ratio: float = Field(BENIGN_RATIO, ge=0, le=1, description="Share of ordinary examples in the SFT mix.")
     steps: Count = Field(30, description="Optimizer steps.")
-    batch_size: Count = Field(8, description="Examples per step.")
-    lr: float = Field(5e-5, gt=0, description="Learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup: int = Field(0, ge=0, description="Warmup steps.")
-    schedule: Schedule = "constant"
-    max_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm (default: no clipping).")
-    freeze_embeddings: bool = Field(True, description="Keep the embeddings fixed.")
+    train: TrainSection = TrainSection(lr=5e-5, schedule="constant", max_grad_norm=None, freeze_embeddings=True)
     max_length: MaxLength = 512
     system: System = None
     # held-out evaluation (eval.limit: a category-stratified sample of each set; eval.benign answers are checked)
@@ -114,7 +108,8 @@ class AlignConfig(ModelRunConfig):
     def training_key(self, fingerprint: str, data: str | None = None) -> str:
         """Identity of the trained weights: the base model, every setting that changes them and the digest of the
         training data (so an edited built-in file is a new model, not a stale cache entry)."""
-        settings = {k: getattr(self, k) for k in TRAINING_KEYS}
+        values = self.model_dump() | self.train.model_dump()  # flat, so a key is the same as before sections
+        settings = {k: values[k] for k in TRAINING_KEYS}
         blob = json.dumps({"model": fingerprint, "data": data, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -322,13 +317,7 @@ def safety_sft(cfg: AlignConfig, model: Any, tokenizer: Any, mix: PromptSet, **k
         out=cfg.out,
         dtype=cfg.dtype,
         max_steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup=cfg.warmup,
-        schedule=cfg.schedule,
-        max_grad_norm=cfg.max_grad_norm,
-        freeze_embeddings=cfg.freeze_embeddings,
+        **cfg.train.model_dump(),
         max_length=cfg.max_length,
         system=cfg.system,
         seed=cfg.seed,
@@ -382,8 +371,6 @@ def aligned_model(
 def run_align(cfg: AlignConfig) -> Path:
     """Train (or reuse the cached) aligned model, evaluate base and aligned, write the run folder."""
     t0 = time.time()
-    if cfg.steps < 1 or cfg.lr <= 0:
-        raise UserError("align needs steps >= 1 and a positive learning rate: fix --steps / --lr")
     check_output_folder(cfg.out, cfg.overwrite)
     set_seed(cfg.seed)
     mix = _training_mix(cfg)

@@ -8,7 +8,8 @@ end). With several processes (``torchrun`` or ``accelerate launch``) the model i
 
 Modules, one job each:
 
-- :mod:`~ssah.training.config`: :class:`TrainConfig`, :class:`LoraSettings` (-> ``peft.LoraConfig``);
+- :mod:`~ssah.training.config`: :class:`TrainConfig` (its :class:`TrainSection` is what recipes nest under
+  ``train``), :class:`LoraSettings` (-> ``peft.LoraConfig``);
 - :mod:`~ssah.training.unit_specs`: ``UNITS_FILE:SCU,CU@6%`` -> the unit set to freeze or train;
 - :mod:`~ssah.training.data_plan`: which examples each rank sees in each step (a function of the seed);
 - :mod:`~ssah.training.loss`: response-only cross-entropy;
@@ -23,7 +24,7 @@ Modules, one job each:
 """
 
 from ssah.training.checkpoints import checkpoint_dirs, partial_dir
-from ssah.training.config import LoraSettings, TrainConfig, parse_lora
+from ssah.training.config import LoraSettings, TrainConfig, TrainSection, parse_lora
 from ssah.training.data_plan import DataPlan
 from ssah.training.distributed import fsdp_requested
 from ssah.training.loop import train_model
@@ -42,6 +43,7 @@ __all__ = [
     "LoraSettings",
     "TrainConfig",
     "TrainResult",
+    "TrainSection",
     "checkpoint_dirs",
     "fsdp_requested",
     "load_ranked_categories",

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ssah.config import BaseConfig, ModelRunConfig
+from ssah.config import BaseConfig, ModelRunConfig, Section
 from ssah.errors import UserError
 from ssah.interventions import GqaMode
 from ssah.runs import check_output_folder
@@ -69,7 +69,25 @@ def parse_lora(text: str) -> LoraSettings:
     return LoraSettings.build(values)
 
 
-class TrainConfig(ModelRunConfig):
+class TrainSection(Section):
+    """How a model is fine-tuned (AdamW through :func:`ssah.training.train_model`), declared once: `ssah train` has
+    these options at top level; every recipe that fine-tunes in memory (align, budget, protect, transfer) has them
+    under ``train``, with its own defaults (``train: TrainSection = TrainSection(lr=5e-5)``). How many steps is the
+    recipe's own option (one count, or several in protect)."""
+
+    title = "Training"
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch and process.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup: int = Field(0, ge=0, description="Linear warmup, in optimizer steps (transformers' convention).")
+    schedule: Schedule = Field(
+        "linear", description="Learning-rate schedule after warmup (transformers.get_scheduler)."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (none: no clipping).")
+    freeze_embeddings: bool = Field(False, description="Keep the input embeddings (and a tied head) fixed.")
+
+
+class TrainConfig(TrainSection, ModelRunConfig):
     """Everything `ssah train` needs (and what :func:`ssah.training.train_model` reads).
 
     Without ``epochs`` and ``max_steps`` a run takes one epoch; with ``max_steps`` only it cycles through the data
@@ -90,18 +108,9 @@ class TrainConfig(ModelRunConfig):
     )
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged at the end): r=8,alpha=16,...")
     allow_other_weights: bool = Field(False, description="Accept a unit file computed on other weights (same layout).")
-    freeze_embeddings: bool = Field(False, description="Keep the input embeddings (and a tied head) fixed.")
     epochs: int | None = Field(None, ge=1, description="Passes over the data (default 1 without max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch and process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup: int = Field(0, ge=0, description="Linear warmup, in optimizer steps (transformers' convention).")
-    schedule: Schedule = Field(
-        "linear", description="Learning-rate schedule after warmup (transformers.get_scheduler)."
-    )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (none: no clipping).")
     bf16: bool = Field(False, description="bf16 autocast (mixed precision) through accelerate.")
     max_length: int = Field(512, ge=8, description="Truncate examples to this many tokens.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
