@@ -29,7 +29,6 @@ from ssah.fields import (
     CommaList,
     Count,
     MaxLength,
-    Schedule,
     Seeds,
     Strata,
     System,
@@ -51,7 +50,7 @@ from ssah.measure import (
 )
 from ssah.models import load_model
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
-from ssah.training import TrainConfig, parse_unit_spec, resolve_unit_spec, train_model
+from ssah.training import TrainConfig, TrainSection, parse_unit_spec, resolve_unit_spec, train_model
 from ssah.units import UnitSet, save_unit_sets
 
 CONDITIONS: tuple[str, ...] = ("full", "ru", "random")
@@ -95,13 +94,11 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     control_strata: Strata = "layer-kind"
     # training, as `ssah align`
     steps: Count = Field(20, description="SFT steps per condition.")
-    batch_size: Count = Field(8, description="Examples per SFT step.")
-    lr: float = Field(3e-5, gt=0, description="Learning rate of full SFT.")
+    # full SFT's; the units-only conditions take lr_units and never freeze embeddings (they train units only)
+    train: TrainSection = TrainSection(lr=3e-5, schedule="constant", max_grad_norm=None, freeze_embeddings=True)
     lr_units: float = Field(
         DEFAULT_LR_UNITS, gt=0, description="Learning rate of the units-only conditions (RU and random)."
     )
-    schedule: Schedule = "constant"
-    freeze_embeddings: bool = Field(True, description="Keep the embeddings fixed in full SFT.")
     max_length: MaxLength = 512
     system: System = None
     # finding RU on the base model, as `ssah units`
@@ -122,17 +119,10 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
 
     def train_config(self, condition: str) -> TrainConfig:
         """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
-        full = condition == "full"
-        same = {"model", "out", "dtype", "batch_size", "schedule", "max_length", "system", "seed", "progress"}
-        return TrainConfig.build(
-            dict(
-                **self.model_dump(include=same),
-                max_steps=self.steps,
-                lr=self.lr if full else self.lr_units,
-                max_grad_norm=None,
-                freeze_embeddings=self.freeze_embeddings and full,
-            )
-        )
+        full, t = condition == "full", self.train
+        same = self.model_dump(include={"model", "out", "dtype", "max_length", "system", "seed", "progress"})
+        units_only = {} if full else {"lr": self.lr_units, "freeze_embeddings": False}
+        return TrainConfig.build({**same, **t.model_dump(), "max_steps": self.steps, **units_only})
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
@@ -276,8 +266,9 @@ def run_budget(cfg: BudgetConfig) -> Path:
         "data": {"train": train_info, **eval_data.describe()},
         "units": units_info,
         "settings": {"steps": cfg.steps, "max_new_tokens": cfg.eval.max_new_tokens, "eval_limit": cfg.eval.limit}
-        | {"lr_full": cfg.lr, "freeze_embeddings_full": cfg.freeze_embeddings, "seeds": len(controls)}
-        | cfg.model_dump(include={"batch_size", "lr_units", "schedule", "control_strata", "seed"})
+        | {"lr_full": cfg.train.lr, "freeze_embeddings_full": cfg.train.freeze_embeddings, "seeds": len(controls)}
+        | cfg.train.model_dump(include={"batch_size", "schedule"})
+        | cfg.model_dump(include={"lr_units", "control_strata", "seed"})
         | {"judge": cfg.eval.judge},
         "conditions": rows,
         "verdicts": decide(rows),
