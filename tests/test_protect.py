@@ -29,11 +29,10 @@ TINY = "tiny-random-llama"
 # the smallest run that still exercises everything: 2 step counts, 3 prompts per set, 2 new tokens
 SMALL = {
     "steps": [1, 2],
-    "batch_size": 2,
     "eval": {"limit": 3, "max_new_tokens": 2},
     "utility_limit": 3,
     "calibration_limit": 8,
-    "lr": 1e-3,
+    "train": {"batch_size": 2, "lr": 1e-3},
     "seeds": 3,  # the least random-control seeds a run may have
     "kinds": ["benign", "attack"],
     "settings": list(SETTINGS),
@@ -42,7 +41,7 @@ SMALL = {
 SMALL_CLI = [
     "--steps",
     "1,2",
-    "--batch-size",
+    "--train-batch-size",
     "2",
     "--eval-limit",
     "3",
@@ -52,7 +51,7 @@ SMALL_CLI = [
     "2",
     "--calibration-limit",
     "8",
-    "--lr",
+    "--train-lr",
     "1e-3",
     "--quick",
     "--no-progress",
@@ -342,7 +341,7 @@ def test_units_file_of_this_model_is_used(tmp_path: Path) -> None:
         (["--settings", "full,bogus"], "unknown setting"),
         (["--steps", "0"], "steps"),
         (["--kinds", "nasty"], "unknown kinds 'nasty'"),
-        (["--lr", "0"], "'lr'"),
+        (["--train-lr", "0"], "'train.lr'"),
         (["--eval-limit", "0"], "eval.limit"),
         (["--seeds", "0"], "seeds"),
         (["--seeds", "2"], "'seeds': Input should be greater than or equal to 3"),

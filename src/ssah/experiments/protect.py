@@ -42,7 +42,6 @@ from ssah.fields import (
     Count,
     EvalSection,
     MaxLength,
-    Schedule,
     Seeds,
     Strata,
     System,
@@ -54,7 +53,7 @@ from ssah.judges import get_judge
 from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
-from ssah.training import LoraSettings, TrainConfig, load_ranked_categories, parse_lora, train_model
+from ssah.training import LoraSettings, TrainConfig, TrainSection, load_ranked_categories, parse_lora, train_model
 from ssah.units import UnitSet
 
 log = logging.getLogger(__name__)
@@ -134,15 +133,11 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
         default_factory=lambda: LoraSettings(r=8),
         description="LoRA setting: r=8[,alpha=16,dropout=0.05,targets=q_proj+v_proj].",
     )
-    lora_lr: float | None = Field(None, gt=0, description="LoRA's learning rate (default 10x --lr).")
+    lora_lr: float | None = Field(None, gt=0, description="LoRA's learning rate (default 10x train.lr).")
     steps: list[Count] = Field(
         default_factory=lambda: [4, 8], description="Step counts to measure at, e.g. 5,10,20 (one run each)."
     )
-    lr: float = Field(5e-5, gt=0, description="Learning rate (AdamW).")
-    batch_size: Count = Field(4, description="Training examples per step.")
-    schedule: Schedule = "constant"
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    train: TrainSection = TrainSection(lr=5e-5, batch_size=4, schedule="constant")
     max_length: MaxLength = 512
     system: System = None
     # units: a unit file of this model (with scores/ beside it), or found here
@@ -191,16 +186,10 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
 
     def train_config(self, setting: str | None) -> TrainConfig:
         """The training settings of one setting's run (to the largest step count)."""
-        e = self
-        keep = ("model", "out", "dtype", "seed", "device", "batch_size", "schedule", "weight_decay", "max_grad_norm")
+        same = self.model_dump(include={"model", "out", "dtype", "seed", "device", "max_length", "system"})
+        lora = {"lr": self.lora_lr or LORA_LR_FACTOR * self.train.lr, "lora": self.lora} if setting == "lora" else {}
         return TrainConfig.build(
-            dict(
-                **{k: getattr(e, k) for k in (*keep, "max_length", "system")},
-                max_steps=max(e.steps or [1]),
-                lr=(e.lora_lr or LORA_LR_FACTOR * e.lr) if setting == "lora" else e.lr,
-                lora=e.lora if setting == "lora" else None,
-                progress=False,
-            )
+            {**same, **self.train.model_dump(), "max_steps": max(self.steps or [1]), **lora, "progress": False}
         )
 
     def label(self, setting: str) -> str:
@@ -213,7 +202,7 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
             "freeze-scu-all-cu": "freeze SCU + all CU",
             "random": f"freeze random units (as many as {cu}, {per})",
             "random-all-cu": f"freeze random units (as many as SCU + all CU, {per})",
-            "lora": f"LoRA r={self.lora.r} (lr {self.lora_lr or LORA_LR_FACTOR * self.lr:g})",
+            "lora": f"LoRA r={self.lora.r} (lr {self.lora_lr or LORA_LR_FACTOR * self.train.lr:g})",
         }.get(setting, setting)
 
 
@@ -445,8 +434,8 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
 
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
     labels = {s: cfg.label(s) + _share(units_summary["frozen"].get(s), s) for s in e.settings or []}
-    dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"})
-    dump["lora_lr"] = e.lora_lr or LORA_LR_FACTOR * e.lr  # the rate in force
+    dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"}) | e.train.model_dump(mode="json")
+    dump["lora_lr"] = e.lora_lr or LORA_LR_FACTOR * e.train.lr  # the rate in force
     results: dict[str, Any] = {
         "model": model_info,
         "settings": {
