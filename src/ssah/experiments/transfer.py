@@ -48,7 +48,7 @@ from ssah.measure import (
 )
 from ssah.models import LoadedModel, load_model, model_fingerprint
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
-from ssah.training import TrainConfig, train_model
+from ssah.training import TrainConfig, TrainSection, train_model
 from ssah.units import UnitSpace
 
 PAPER_CLAIM = "over half of the SCU became CU and part of the CU became UCU (paper §4.2, Fig. 5)"
@@ -71,8 +71,7 @@ class TransferConfig(UnitCategoryFields, ModelRunConfig):
         "builtin:task", description="Fine-tuning data when --finetuned is absent (builtin:NAME, a preset or a file)."
     )
     steps: Count = Field(20, description="Fine-tuning steps when --finetuned is absent.")
-    lr: float = Field(2e-5, gt=0, description="Fine-tuning learning rate when --finetuned is absent.")
-    train_batch_size: Count = Field(8, description="Fine-tuning batch size.")
+    train: TrainSection = TrainSection()
     # categorisation, as in `ssah units`
     safety: str = Field("builtin:safety", description="Safety calibration set.")
     utility: str = Field("builtin:utility", description="Utility calibration set.")
@@ -94,10 +93,8 @@ class TransferConfig(UnitCategoryFields, ModelRunConfig):
 
     def train_config(self) -> TrainConfig:
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
-        same = {"model", "out", "dtype", "data", "columns", "system", "lr", "max_length", "seed", "progress"}
-        return TrainConfig.build(
-            dict(**self.model_dump(include=same), max_steps=self.steps, batch_size=self.train_batch_size)
-        )
+        same = {"model", "out", "dtype", "data", "columns", "system", "max_length", "seed", "progress"}
+        return TrainConfig.build({**self.model_dump(include=same), **self.train.model_dump(), "max_steps": self.steps})
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
@@ -215,7 +212,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
             result.model.eval()
             ft = LoadedModel(cast(PreTrainedModel, result.model), base.tokenizer, f"{base.name} (fine-tuned)", "memory")
             data_id = {"source": train_data.source, "examples": len(train_data), "sha256": train_data.fingerprint()}
-            training = {**result.summary(), "lr": cfg.lr, "batch_size": cfg.train_batch_size, "data": data_id}
+            training = {**result.summary(), "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "data": data_id}
         fp_after = model_fingerprint(ft.model)
         after = categorize(ft, (safety, utility))
         ft_b = categorize(ft, halves[1]) if halves else None
