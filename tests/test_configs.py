@@ -205,3 +205,19 @@ def test_two_fields_with_one_flag_are_refused() -> None:
 
     with pytest.raises(RuntimeError, match="--eval-limit"):
         _fields(Clash)
+
+
+def test_section_flags_show_and_set_the_recipe_defaults(tmp_path: Path, monkeypatch) -> None:
+    """A section's flag shows the recipe's default (its default instance, None included) and a bool section field
+    gets its --no- form; both reach the nested field."""
+    from ssah.experiments.align import AlignConfig
+
+    shown = {key: default for _, key, _, default, _ in _fields(AlignConfig)}
+    assert shown["train.max_grad_norm"] is None and shown["train.lr"] == 5e-5 and shown["eval.max_new_tokens"] == 48
+    assert {key: d for _, key, _, d, _ in _fields(AblateConfig)}["eval.limit"] == 32
+    seen: list[AlignConfig] = []
+    monkeypatch.setattr("ssah.experiments.align.run_align", lambda cfg: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(ssah.commands.summaries, "SUMMARIES", {})
+    assert main(["align", TINY, "--no-train-freeze-embeddings", "--train-lr", "1e-4", "train.warmup=2"]) == 0
+    t = seen[-1].train
+    assert (t.freeze_embeddings, t.lr, t.warmup, t.schedule, t.max_grad_norm) == (False, 1e-4, 2, "constant", None)

@@ -100,8 +100,11 @@ def _plain(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
+_OWN = object()  # "the field's own default" (a section's default instance may hold None)
+
+
 def _option(
-    name: str, field: FieldInfo, default: Any = None, panel: str | None = None
+    name: str, field: FieldInfo, default: Any = _OWN, panel: str | None = None
 ) -> tuple[Any, typer.models.OptionInfo]:
     """The CLI type and Typer option of one config field; structured values are passed as text, which the
     field's validators read (``--shares scu=0.01``, ``--dose 1%,5%``, ``--lora r=8``). ``name`` is the dotted key
@@ -118,7 +121,7 @@ def _option(
         cli = list[str]
     else:
         cli = str
-    default = field.get_default(call_default_factory=True) if default is None else default
+    default = field.get_default(call_default_factory=True) if default is _OWN else default
     shown = default if not isinstance(default, bool) else (flag.split("/")[0] if default else flag.split("/")[1])
     show = (
         json.dumps(shown)
@@ -150,12 +153,12 @@ def _fields(cls: Any) -> list[tuple[str, str, FieldInfo, Any, str | None]]:
         if name in skip:
             continue
         if name not in nested:
-            out.append((name, name, field, None, None))
+            out.append((name, name, field, _OWN, None))
             continue
         section = field.get_default(call_default_factory=True)
         panel = f"{nested[name][1].title or name.capitalize()} ({name}.KEY)"
         for sub, subfield in nested[name][1].model_fields.items():
-            out.append((f"{name}__{sub}", f"{name}.{sub}", subfield, getattr(section, sub, None), panel))
+            out.append((f"{name}__{sub}", f"{name}.{sub}", subfield, getattr(section, sub, _OWN), panel))
     flags = [_flag(key, f).split("/")[0] for _, key, f, _, _ in out]
     twice = sorted({f for f in flags if flags.count(f) > 1})
     if twice:
