@@ -56,7 +56,7 @@ class EvalConfig(UtilityEvalSection, ModelRunConfig):
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: Out = "runs/eval"
-    batch_size: AutoBatch = 16  # eval alone can choose its batch size (auto on GPUs)
+    batch_size: AutoBatch = 16  # type: ignore[assignment]  # eval alone may choose it: auto (the default on GPUs)
     prefill: str = Field(DEFAULT_PREFILL, description="Compliance opener for the prefill attack ('' to skip).")
     first_token: bool = Field(True, description="Also report the first-token refusal score's agreement.")
     columns: Columns = Field(default_factory=dict)
