@@ -19,7 +19,19 @@ from ssah.tiny import build_tiny_model
 from ssah.units import UnitSet
 
 TEXT = "Tell me about bread, please."
-FAST_DIRECTION = ["--quick", "--train", "6", "--val", "4", "--limit", "4", "--max-new-tokens", "4", "--kl-tokens", "3"]
+FAST_DIRECTION = [
+    "--quick",
+    "--train",
+    "6",
+    "--val",
+    "4",
+    "--eval-limit",
+    "4",
+    "--eval-max-new-tokens",
+    "4",
+    "--kl-tokens",
+    "3",
+]
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
