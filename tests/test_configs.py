@@ -221,3 +221,11 @@ def test_section_flags_show_and_set_the_recipe_defaults(tmp_path: Path, monkeypa
     assert main(["align", TINY, "--no-train-freeze-embeddings", "--train-lr", "1e-4", "train.warmup=2"]) == 0
     t = seen[-1].train
     assert (t.freeze_embeddings, t.lr, t.warmup, t.schedule, t.max_grad_norm) == (False, 1e-4, 2, "constant", None)
+
+
+def test_eval_section_decodes_under_the_run_settings() -> None:
+    """``cfg.eval.greedy(cfg)``: the section's reply length and batch, the recipe's seed and system prompt."""
+    cfg = AblateConfig(model=TINY, seed=5, system="Be brief.", eval={"max_new_tokens": 7})
+    g = cfg.eval.greedy(cfg)
+    assert (g.max_new_tokens, g.batch_size, g.seed, g.system, g.do_sample) == (7, 32, 5, "Be brief.", False)
+    assert EvalSection().greedy().system is None

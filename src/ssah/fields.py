@@ -153,10 +153,12 @@ class EvalSection(Section):
     batch_size: Count = Field(16, description="Prompts per batch (generation and the evaluation's forward passes).")
     judge: JudgeSpec = "keyword:ssah"
 
-    def greedy(self, *, seed: int = 0, system: str | None = None) -> GenerationConfig:
-        """Greedy decoding with this section's reply length and batch size."""
+    def greedy(self, run: BaseModel | None = None) -> GenerationConfig:
+        """Greedy decoding with this section's reply length and batch size, under the settings of ``run`` (the
+        recipe's config: its seed and system prompt), so that no recipe hands them over one by one."""
         from ssah.generate import GenerationConfig
 
+        seed, system = getattr(run, "seed", 0), getattr(run, "system", None)
         g = GenerationConfig(max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size, system=system)
         g.check()
         return g

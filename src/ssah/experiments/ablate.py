@@ -167,7 +167,7 @@ class AblateConfig(UnitCategoryFields, ModelRunConfig):
             if name not in CATEGORIES:
                 raise UserError(f"unknown category {name!r}: use one or more of {', '.join(CATEGORIES)}")
         measure.check_unit_search(self)
-        self.eval.greedy()
+        self.eval.greedy(self)
         self.eval.check_judge()
         if self.units is not None and not Path(self.units).is_file():
             raise UserError(f"unit file {self.units} not found: pass the units.safetensors written by `ssah units`")
@@ -516,7 +516,7 @@ def run_ablate(cfg: AblateConfig) -> Path:
     data, safety, utility = _load_data(cfg)
     lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
-    gen = cfg.eval.greedy(seed=cfg.seed, system=cfg.system)
+    gen = cfg.eval.greedy(cfg)
     hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.model.modules())  # noqa: E731
     before, hooks_before = measure.weights_digest(lm.model), hooks()
     seconds: dict[str, float] = {}

@@ -186,7 +186,7 @@ def evaluate_model(
     """One generation pass over every held-out prompt, judged by ``cfg.eval.judge``: refusal of harmful prompts,
     over-refusal of each safe set, benign answers correct; plus per-example perplexity of the benign references.
     Proportions in the one shape (counts and Wilson interval). Each reply is appended to ``samples`` if given."""
-    gen = cfg.eval.greedy(system=cfg.system)
+    gen = cfg.eval.greedy(cfg)
     safe = sets.safe()
     all_safe = PromptSet("safe", "align", tuple(ex for ps in safe for ex in ps))
     m = measure_condition(

@@ -137,7 +137,7 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
             parse_unit_spec(self.units)
         else:
             check_unit_search(self)
-        self.eval.greedy()
+        self.eval.greedy(self)
         self.eval.check_judge()
         check_output_folder(self.out, self.overwrite)
 
@@ -177,9 +177,7 @@ def answered(output: str, answer: str) -> bool:
 
 def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetConfig) -> dict[str, Any]:
     """One condition's measurement: the core's counts plus refusal and benign answers correct, as Proportions."""
-    res = measure_condition(
-        model, tokenizer, data, judge=judge, config=cfg.eval.greedy(system=cfg.system), progress=cfg.progress
-    )
+    res = measure_condition(model, tokenizer, data, judge=judge, config=cfg.eval.greedy(cfg), progress=cfg.progress)
     assert res.asr is not None and data.benign is not None
     out = res.to_dict()
     out["refusal"] = Proportion(res.asr.n - res.asr.k, res.asr.n).to_dict()

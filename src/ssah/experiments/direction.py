@@ -83,7 +83,7 @@ class DirectionConfig(ModelRunConfig):
         """Validate everything that needs neither data nor model (nothing is written before this passes)."""
         if self.eval.limit is None:
             raise UserError("the direction's test split needs a size: give eval.limit (test prompts of each set)")
-        self.eval.greedy()
+        self.eval.greedy(self)
         self.eval.check_judge()
         check_output_folder(self.out, self.overwrite)
 
@@ -279,7 +279,7 @@ def run_direction(cfg: DirectionConfig) -> Path:
     lm = load_model(cfg.model, **cfg.load_options())
     model, tok = lm.model, lm.tokenizer
     judge = get_judge(cfg.eval.judge, model=model, tokenizer=tok)
-    gen = cfg.eval.greedy(seed=cfg.seed, system=cfg.system)
+    gen = cfg.eval.greedy(cfg)
     before = measure.weights_digest(model)
     seconds: dict[str, float] = {}
 

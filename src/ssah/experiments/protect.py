@@ -385,7 +385,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     frozen_sets, units_summary, found = protect_units(lm, cfg, progress=cfg.progress)
     units_seconds = time.time() - t_units
     digest = measure.weights_digest(lm.model)
-    gen = cfg.eval.greedy(system=cfg.system)
+    gen = cfg.eval.greedy(cfg)
     initial = measure.measure_condition(lm.model, lm.tokenizer, data.eval, judge=judge, config=gen)
     samples = _sample_records(initial.samples, kind="initial", setting="initial", draw=None, steps=0)
     runs: list[dict[str, Any]] = []
