@@ -90,13 +90,15 @@ def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, user_er
     [
         (["--stages", "align,nope"], "unknown demo stage 'nope'"),
         (["--model", "tiny-random-qwen2"], "holds a demo started with model=tiny-random-llama"),
+        (["--no-bf16"], "not bf16=False"),
     ],
 )
 def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     out.mkdir()
-    (out / "demo.json").write_text(json.dumps({"model": "tiny-random-llama", "quick": True, "stages": {}}))
+    state = {"model": "tiny-random-llama", "quick": True, "bf16": True, "stages": {}}
+    (out / "demo.json").write_text(json.dumps(state))
     user_error(["demo", "--model", "tiny-random-llama", "--out", str(out), *args], needle)
 
 

@@ -194,6 +194,11 @@ class ModelRunConfig(BaseConfig):
     trust_remote_code: bool = Field(False, description="Allow the model's own Python code.")
     overwrite: bool = Field(False, description="Replace an existing run folder.")
     progress: bool = Field(True, description="Show progress bars.")
+    bf16: bool = Field(
+        False,
+        description="Mixed precision: bf16 autocast for text generation and fine-tuning (weights and optimizer "
+        "state stay fp32; unit scores, KL, perplexity and probe statistics are computed in fp32).",
+    )
     # Big models (accelerate's dispatch; see ssah.models.load_model)
     device_map: str | dict[str, int | str] | None = Field(
         None,

@@ -170,7 +170,11 @@ class AblateConfig(UnitCategoryFields, ModelRunConfig):
     def generation(self) -> GenerationConfig:
         """Greedy decoding with the resolved reply length."""
         g = GenerationConfig(
-            max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=self.batch_size, system=self.system
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            system=self.system,
+            bf16=self.bf16,
         )
         g.check()
         return g

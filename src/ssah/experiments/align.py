@@ -116,6 +116,8 @@ class AlignConfig(ModelRunConfig):
         """Identity of the trained weights: the base model, every setting that changes them and the digest of the
         training data (so an edited built-in file is a new model, not a stale cache entry)."""
         settings = {k: getattr(self, k) for k in TRAINING_KEYS}
+        if self.bf16:  # mixed-precision training is other weights (fp32 keys stay as they were)
+            settings["bf16"] = True
         blob = json.dumps({"model": fingerprint, "data": data, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -191,7 +193,7 @@ def evaluate_model(
     """One generation pass over every held-out prompt, judged by ``cfg.judge``: refusal of harmful prompts,
     over-refusal of each safe set, benign answers correct; plus per-example perplexity of the benign references.
     Proportions in the one shape (counts and Wilson interval). Each reply is appended to ``samples`` if given."""
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=16, system=cfg.system)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=16, system=cfg.system, bf16=cfg.bf16)
     safe = sets.safe()
     all_safe = PromptSet("safe", "align", tuple(ex for ps in safe for ex in ps))
     m = measure_condition(
@@ -333,6 +335,7 @@ def safety_sft(cfg: AlignConfig, model: Any, tokenizer: Any, mix: PromptSet, **k
         system=cfg.system,
         seed=cfg.seed,
         progress=cfg.progress,
+        bf16=cfg.bf16,
     )
     return train_model(model, tokenizer, mix, tcfg, progress=cfg.progress, **kw)
 

@@ -127,7 +127,7 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     def train_config(self, condition: str) -> TrainConfig:
         """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
         full = condition == "full"
-        same = {"model", "out", "dtype", "batch_size", "schedule", "max_length", "system", "seed", "progress"}
+        same = {"model", "out", "dtype", "batch_size", "schedule", "max_length", "system", "seed", "progress", "bf16"}
         return TrainConfig.build(
             dict(
                 **self.model_dump(include=same),
@@ -139,7 +139,7 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
         )
 
     def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=16, system=self.system)
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=16, system=self.system, bf16=self.bf16)
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""

@@ -26,6 +26,7 @@ from ssah.config import Dtype, ModelRunConfig, Out, shipped_configs
 from ssah.data.presets import preset_path
 from ssah.errors import DataError, UserError
 from ssah.fields import CommaList
+from ssah.models import cpu_lacks_bf16
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
 from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json, write_report
@@ -46,6 +47,11 @@ class DemoConfig(ModelRunConfig):
         json_schema_extra={"flag": "--quick/--full"},
     )
     stages: CommaList | None = Field(None, description="Comma-separated subset of stages, e.g. align,units,ablate.")
+    bf16: bool = Field(
+        True,
+        description="bf16 autocast for generation and fine-tuning in every stage (statistics stay fp32); about "
+        "2.5x faster on CPUs with AVX512-BF16 or AMX and on GPUs. --no-bf16: everything in fp32.",
+    )
 
 
 @dataclass
@@ -77,6 +83,7 @@ class DemoContext:
             "allow_pickle": c.allow_pickle,
             "trust_remote_code": c.trust_remote_code,
             "progress": c.progress,
+            "bf16": c.bf16,
             "overwrite": True,  # only reached when the stage folder holds no finished run
         }
 
@@ -206,7 +213,8 @@ def _check_continuation(out: Path, state: dict[str, Any], cfg: DemoConfig) -> No
     if not state:
         return
     theirs = {"model": state.get("model"), "quick": state.get("quick"), "seed": state.get("seed", cfg.seed)}
-    ours = {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}
+    theirs["bf16"] = state.get("bf16", False)  # demos from before the option ran in fp32
+    ours = {k: getattr(cfg, k) for k in ("model", "quick", "seed", "bf16")}
     for key in theirs:
         if theirs[key] != ours[key]:
             started = ", ".join(f"{k}={v}" for k, v in theirs.items())
@@ -234,6 +242,8 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> Path:
     t0 = time.time()
     out = Path(cfg.out)
     selected = check_stages(cfg.stages)
+    if cfg.bf16 and cpu_lacks_bf16(cfg.device):
+        echo("note: this CPU has no bf16 instructions, so bf16 autocast is slower than fp32 here: pass --no-bf16")
     _check_folder(out, cfg.overwrite)
     lock = FolderLock(out).acquire()
     try:
@@ -257,7 +267,7 @@ def _run_locked(cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, ec
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial-*"):  # staging folders of a stage that was killed (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
-    state |= {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}
+    state |= {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed, "bf16": cfg.bf16}
     stages_state: dict[str, Any] = state.setdefault("stages", {})
     atomic_write_text(state_path, to_json(state))
     ctx = DemoContext(cfg, out)
@@ -301,6 +311,7 @@ def demo_results(out: Path, state: dict[str, Any], *, session_seconds: float) ->
         "model": state.get("model"),
         "quick": state.get("quick"),
         "seed": state.get("seed"),
+        "bf16": state.get("bf16", False),
         "stages": stages,
         "headlines": headlines(out),
         "seconds": {"stages_total": round(total, 1), "this_session": round(session_seconds, 1)},

@@ -89,6 +89,7 @@ class DirectionConfig(ModelRunConfig):
             seed=self.seed,
             batch_size=self.batch_size,
             system=self.system,
+            bf16=self.bf16,
         )
         g.check()
         return g

@@ -80,7 +80,14 @@ class EvalConfig(ModelRunConfig):
 
     def generation(self) -> GenerationConfig:
         g = GenerationConfig(
-            self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.seed, self.batch_size, self.system
+            self.max_new_tokens,
+            self.do_sample,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.batch_size,
+            self.system,
+            bf16=self.bf16,
         )
         g.check()
         return g

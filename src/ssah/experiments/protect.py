@@ -201,7 +201,7 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
         keep = ("model", "out", "dtype", "seed", "device", "batch_size", "schedule", "weight_decay", "max_grad_norm")
         return TrainConfig.build(
             dict(
-                **{k: getattr(e, k) for k in (*keep, "max_length", "system")},
+                **{k: getattr(e, k) for k in (*keep, "max_length", "system", "bf16")},
                 max_steps=max(e.steps or [1]),
                 lr=(e.lora_lr or LORA_LR_FACTOR * e.lr) if setting == "lora" else e.lr,
                 lora=e.lora if setting == "lora" else None,
@@ -401,7 +401,9 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     frozen_sets, units_summary, found = protect_units(lm, cfg, progress=cfg.progress)
     units_seconds = time.time() - t_units
     digest = measure.weights_digest(lm.model)
-    gen = GenerationConfig(max_new_tokens=e.max_new_tokens or 32, batch_size=cfg.eval_batch_size, system=cfg.system)
+    gen = GenerationConfig(
+        max_new_tokens=e.max_new_tokens or 32, batch_size=cfg.eval_batch_size, system=cfg.system, bf16=cfg.bf16
+    )
     initial = measure.measure_condition(lm.model, lm.tokenizer, data.eval, judge=judge, config=gen)
     samples = _sample_records(initial.samples, kind="initial", setting="initial", draw=None, steps=0)
     runs: list[dict[str, Any]] = []

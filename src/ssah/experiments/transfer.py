@@ -94,7 +94,7 @@ class TransferConfig(UnitCategoryFields, ModelRunConfig):
 
     def train_config(self) -> TrainConfig:
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
-        same = {"model", "out", "dtype", "data", "columns", "system", "lr", "max_length", "seed", "progress"}
+        same = {"model", "out", "dtype", "data", "columns", "system", "lr", "max_length", "seed", "progress", "bf16"}
         return TrainConfig.build(
             dict(**self.model_dump(include=same), max_steps=self.steps, batch_size=self.train_batch_size)
         )

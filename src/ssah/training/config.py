@@ -102,7 +102,6 @@ class TrainConfig(ModelRunConfig):
         "linear", description="Learning-rate schedule after warmup (transformers.get_scheduler)."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (none: no clipping).")
-    bf16: bool = Field(False, description="bf16 autocast (mixed precision) through accelerate.")
     max_length: int = Field(512, ge=8, description="Truncate examples to this many tokens.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     keep_checkpoints: bool = Field(False, description="Keep every checkpoint, not just the last.")
