@@ -36,9 +36,12 @@ PLOT_SUFFIXES = (".png", ".svg")
 RECORDED = {"recorded": True}
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class RunResult(Generic[ConfigT]):
-    """One finished run: its folder, recipe, typed config, ``results.json``, manifest and parsed verdicts."""
+    """One finished run: its folder, recipe, typed config, ``results.json``, manifest and parsed verdicts.
+
+    Two results are equal when folder, recipe, config, results and manifest are (the verdicts are read from the
+    results); results are compared as JSON text, so a NaN (a perplexity that was not measured) equals itself."""
 
     out: Path  # the run folder
     recipe: str  # the registered recipe that wrote it (``ssah.recipes``), e.g. "ablate", "judge validate"
@@ -118,12 +121,24 @@ class RunResult(Generic[ConfigT]):
             )
         return "\n".join(lines)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RunResult):
+            return NotImplemented
+        mine, theirs = (self.out, self.recipe, self.config), (other.out, other.recipe, other.config)
+        return mine == theirs and _json(self.results) == _json(other.results) and self.manifest == other.manifest
+
+    __hash__ = object.__hash__
+
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
         for v in self.verdicts.values():
             counts[v.verdict] = counts.get(v.verdict, 0) + 1
         said = ", ".join(f"{n} {word}" for word, n in counts.items()) or "none"
         return f"RunResult(recipe={self.recipe!r}, out={str(self.out)!r}, verdicts: {said})"
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, allow_nan=True)
 
 
 def find_verdicts(results: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Verdict]]:
