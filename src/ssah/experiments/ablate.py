@@ -606,5 +606,5 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
             cats.save(run.file("units.safetensors"), {"metric": cfg.metric, "token_region": cfg.tokens})
         results["seconds"]["total"] = round(time.time() - t0, 3)
         mf = manifest(command="ablate", seed=cfg.seed, started=t0, device=lm.model.device, data=used, model=model)
-        result = write_run(run, "ablate", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "ablate", config=cfg, results=results, manifest=mf)
+    return run_result

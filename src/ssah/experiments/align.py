@@ -426,5 +426,5 @@ def run_align(cfg: AlignConfig) -> RunResult[AlignConfig]:
         model_info = {"name": cfg.model, "fingerprint": base_fp}
         mf = manifest(command="align", seed=cfg.seed, started=t0, device=lm.model.device, model=model_info,
                       data=results["data"])  # fmt: skip
-        result = write_run(run, "align", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "align", config=cfg, results=results, manifest=mf)
+    return run_result

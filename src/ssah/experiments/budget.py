@@ -300,5 +300,5 @@ def run_budget(cfg: BudgetConfig) -> RunResult[BudgetConfig]:
             save_unit_sets(run.file("units.safetensors"), sets, meta)
         results["seconds"]["total"] = round(time.time() - t0, 3)
         mf = manifest(command="budget", seed=cfg.seed, started=t0, device=model.device, model=fp, data=results["data"])
-        result = write_run(run, "budget", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "budget", config=cfg, results=results, manifest=mf)
+    return run_result

@@ -354,8 +354,8 @@ def run_direction(cfg: DirectionConfig) -> RunResult[DirectionConfig]:
         used = {ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (sp.harmful, sp.harmless)}
         model_info = {k: results["model"][k] for k in ("name", "source", "fingerprint")}
         mf = manifest(command="direction", seed=cfg.seed, started=t0, device=model.device, data=used, model=model_info)
-        result = write_run(run, "direction", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "direction", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:

@@ -272,5 +272,5 @@ def run_eval(cfg: EvalConfig) -> RunResult[EvalConfig]:
         mf = manifest(
             command="eval", seed=cfg.seed, started=t0, device=lm.model.device, model=model, data=data.describe()
         )
-        result = write_run(run, "eval", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "eval", config=cfg, results=results, manifest=mf)
+    return run_result

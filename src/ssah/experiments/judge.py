@@ -253,8 +253,8 @@ def run_judge_validate(
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         run.write_text("samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         mf = manifest(command="judge validate", seed=cfg.seed, started=t0, model={}, data=data.files)
-        result = write_run(run, "judge validate", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "judge validate", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 def _coherence_table(reasons: Sequence[str], refused: Sequence[bool], human: Sequence[str]) -> dict[str, Any]:
@@ -332,7 +332,7 @@ def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> RunResult[Jud
         save_judge(run.path, head, settings)
         model = {"name": cfg.base_model, "fingerprint": settings.base_fingerprint}
         mf = manifest(command="judge train", seed=cfg.seed, started=t0, model=model, data=data.files)
-        result = write_run(
+        run_result = write_run(
             run, "judge train", config=cfg, results=report, manifest=mf, render=lambda r, _: render_train(r, settings)
         )
-    return result
+    return run_result

@@ -381,8 +381,8 @@ def _run(cfg: ProbeConfig) -> RunResult[ProbeConfig]:
             model |= {"compare": cfg.compare, "compare_fingerprint": models[1].fingerprint}
         device = models[0].model.device
         mf = manifest(command="probe", seed=cfg.seed, started=t0, device=device, model=model, data=results["data"])
-        result = write_run(run, "probe", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "probe", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 def _results(

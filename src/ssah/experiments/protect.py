@@ -489,8 +489,8 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         run_dir.write_text("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         info = {"model": model_info, "data": results["data"], "device": next(lm.model.parameters()).device}
         mf = manifest(command="protect", seed=cfg.seed, started=t0, **info)
-        result = write_run(run_dir, "protect", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run_dir, "protect", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 # -- verdicts -------------------------------------------------------------------------------------------------

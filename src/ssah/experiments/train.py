@@ -182,7 +182,7 @@ def run_train(cfg: TrainConfig) -> RunResult[TrainConfig]:
         used = {"train": {"source": data.source, "sha256": data.fingerprint(), "examples": len(data)}}
         how = {"command": "train", "seed": cfg.seed, "started": t0, "world_size": state.num_processes}
         mf = manifest(**how, device=device, model=model_info, data=used)
-        result = write_run(run, "train", config=cfg, results=results, manifest=mf)
+        run_result = write_run(run, "train", config=cfg, results=results, manifest=mf)
         run.commit()
     except BaseException:
         run.abort()
@@ -190,7 +190,7 @@ def run_train(cfg: TrainConfig) -> RunResult[TrainConfig]:
     finally:
         with contextlib.suppress(Exception):
             state.wait_for_everyone()
-    return result
+    return run_result
 
 
 def _results(

@@ -260,5 +260,5 @@ def run_transfer(cfg: TransferConfig) -> RunResult[TransferConfig]:
         results["seconds"]["total"] = round(time.time() - t0, 3)
         how: dict[str, Any] = {"command": "transfer", "seed": cfg.seed, "started": t0, "device": base.model.device}
         mf = manifest(**how, model=ids[0], data=data_info, finetuned=ids[1])
-        result = write_run(run, "transfer", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "transfer", config=cfg, results=results, manifest=mf)
+    return run_result

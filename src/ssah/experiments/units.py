@@ -264,5 +264,5 @@ def run_units(cfg: UnitsConfig) -> RunResult[UnitsConfig]:
         meta = {"metric": cfg.metric, "safety_data": safety.fingerprint(), "utility_data": utility.fingerprint()}
         cats.save(run.file("units.safetensors"), meta)
         mf = manifest(command="units", seed=cfg.seed, started=t0, device=lm.model.device, model=model, data=data)
-        result = write_run(run, "units", config=cfg, results=results, manifest=mf)
-    return result
+        run_result = write_run(run, "units", config=cfg, results=results, manifest=mf)
+    return run_result
