@@ -3,9 +3,9 @@ folder.
 
 A :class:`RunResult` holds the run folder, the recipe's name, the typed config that ran, ``results.json`` as written
 (plain JSON values), ``manifest.json``, and every verdict of the one rule (:func:`ssah.measure.verdict`) found in the
-results, parsed back into :class:`ssah.measure.Verdict` objects and named by where they sit (``"verdicts.scu_vs_random
-.asr"``). The dict stays the record (the reports read it); the typed parts are views of it, so a result returned by a
-run and the same folder read back later are equal.
+results, parsed back into :class:`ssah.measure.Verdict` objects and named by where they sit
+(``"verdicts.scu_vs_random.asr"``). The dict stays the record (the reports read it); the typed parts are views of
+it, so a result returned by a run and the same folder read back later are equal.
 
     result = run_ablate(AblateConfig(model="smollm2-135m-instruct", out="runs/ablate"))
     result.verdicts["verdicts.scu_vs_random.asr"].verdict   # 'reproduced' / 'not reproduced' / 'inconclusive'
