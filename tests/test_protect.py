@@ -19,7 +19,7 @@ from ssah.inference import frozen_eval
 from ssah.interventions import unit_param_masks
 from ssah.measure import Proportion, Verdict
 from ssah.models import model_fingerprint
-from ssah.reports.protect import render
+from ssah.reports.protect import design, render
 from ssah.results import load_run
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
@@ -249,6 +249,18 @@ def test_typed_result_names_every_verdict_and_the_report_reads_the_design(full_r
     assert design == {"settings": list(SETTINGS), "kinds": ["benign", "attack"], "controls": CONTROLS,
                       "sample_chars": 160}  # fmt: skip
     assert r.plots == [out / "plots/protect_attack.png", out / "plots/protect_benign.png"]
+
+
+def test_a_run_recorded_before_the_design_still_renders(full_run: tuple[Path, Any], tmp_path: Path) -> None:
+    """Results written before ``design`` was recorded: the report reads the settings and kinds from the config the
+    run recorded and the controls from its units, and says the same but for the sample length it cannot know."""
+    out, _ = full_run
+    res = json.loads((out / "results.json").read_text())
+    old = {k: v for k, v in res.items() if k != "design"}
+    assert design(old) == {**res["design"], "sample_chars": None}
+    md = render(old, tmp_path / "old")
+    assert "(outputs shortened)" in md
+    assert md.replace("(outputs shortened)", "(outputs cut to 160 characters)") == render(res, tmp_path / "new")
 
 
 def _cell(setting: str, k: int, draw: int | None = None, n: int = 40) -> dict[str, Any]:

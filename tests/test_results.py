@@ -123,6 +123,7 @@ def test_verdicts_are_found_wherever_a_recipe_writes_them(tmp_path: Path) -> Non
         "verdict.attack.comparisons.lora vs full": lora,
         "cells.0.x": lora,
     }
+    assert all(Verdict.from_dict(r.get(name)) == v for name, v in r.verdicts.items())  # the names are paths
     assert r.table == [{"condition": "baseline"}] and r.plots == [] and r.seconds is None
     same = json.loads(json.dumps(results | {"perplexity": float("nan")}))
     assert RunResult(out=tmp_path, recipe="ablate", config=_Cfg(), results=same) == RunResult(

@@ -86,14 +86,19 @@ class RunResult(Generic[ConfigT]):
         return float(total) if isinstance(total, int | float) else None
 
     def get(self, key: str) -> Any:
-        """The value at a dotted path of ``results`` (``"initial.asr"``; list items by index: ``"cells.0"``); a
-        ``KeyError`` naming the part that is missing."""
+        """The value at a dotted path of ``results`` (``"initial.asr"``; list items by index, ``"cells.0"``, or by
+        their ``name``, as :attr:`verdicts` names them); a ``KeyError`` naming the part that is missing."""
         node: Any = self.results
         for i, part in enumerate(key.split(".")):
+            named = (
+                [x for x in node if isinstance(x, Mapping) and x.get("name") == part] if isinstance(node, list) else []
+            )
             if isinstance(node, Mapping) and part in node:
                 node = node[part]
             elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
                 node = node[int(part)]
+            elif named:
+                node = named[0]
             else:
                 where = ".".join(key.split(".")[:i]) or "results"
                 have = ", ".join(map(str, list(node)[:12])) if isinstance(node, Mapping) else type(node).__name__

@@ -20,13 +20,27 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def design(results: dict[str, Any]) -> dict[str, Any]:
+    """What the report knows of the recipe: ``results["design"]``, or for a run written before it was recorded,
+    what its results say (the settings and kinds its config listed, the random controls its units record)."""
+    if "design" in results:
+        return results["design"]  # type: ignore[no-any-return]
+    s, controls = results["settings"], results["units"].get("controls") or {}
+    return {
+        "settings": list(s["settings"]),
+        "kinds": list(s["kinds"]),
+        "controls": {name: c["of"] for name, c in controls.items()},
+        "sample_chars": None,
+    }
+
+
 def _settings(results: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
     """The settings that ran in ``cells``, in the recipe's order."""
-    return [s for s in results["design"]["settings"] if any(c["setting"] == s for c in cells)]
+    return [s for s in design(results)["settings"] if any(c["setting"] == s for c in cells)]
 
 
 def _color(results: dict[str, Any], setting: str) -> str:
-    return COLORS[results["design"]["settings"].index(setting) % len(COLORS)]
+    return COLORS[design(results)["settings"].index(setting) % len(COLORS)]
 
 
 def measured(
@@ -34,7 +48,7 @@ def measured(
 ) -> Measured | None:
     """One setting's measurement at a step count: a Proportion, or the distribution over a control's seeds."""
     at = [c[key] for c in cells if c["setting"] == setting and c["steps"] == steps and c.get(key)]
-    return measured_from(at, distribution=setting in results["design"]["controls"])
+    return measured_from(at, distribution=setting in design(results)["controls"])
 
 
 def plot_protect(results: dict[str, Any], kind: str, path: Path) -> Path:
@@ -94,7 +108,7 @@ def _kind_section(results: dict[str, Any], kind: str, run_dir: Path) -> list[str
     checks = [r["frozen_check"]["bit_identical"] for r in runs]
     ok = "bit-identical in every freezing run" if all(checks) else "CHANGED (see runs[].frozen_check)"
     head = ["setting", "steps", "ASR", "coherent compl.", "over-refusal", "perplexity", "trained share", "loss"]
-    controls = results["design"]["controls"]
+    controls = design(results)["controls"]
     lines = [
         verdict_line(f"{c['a']}, ASR", c, f"{c['b']} (mean of its seeds)" if c["b"] in controls else c["b"])
         for c in v["comparisons"]
@@ -113,7 +127,8 @@ def _kind_section(results: dict[str, Any], kind: str, run_dir: Path) -> list[str
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """Redraw ``plots/protect_<kind>.png`` from ``results`` and return the Markdown report (paragraphs)."""
     s, m, u, d, init = (results[k] for k in ("settings", "model", "units", "data", "initial"))
-    sec, paper = results["seconds"], results["paper"]
+    sec, paper, chars = results["seconds"], results["paper"], design(results)["sample_chars"]
+    cut = f"outputs cut to {chars} characters" if chars else "outputs shortened"
     restored = " (checked: bit-identical at the end)" if results.get("weights_restored") else ""
     out = [
         f"# Protected fine-tuning of {m['name']}",
@@ -131,7 +146,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     ]
     if u.get("frozen"):
         out += _frozen_table(results)
-    for kind in (k for k in results["design"]["kinds"] if k in results["verdict"]):
+    for kind in (k for k in design(results)["kinds"] if k in results["verdict"]):
         out += _kind_section(results, kind, run_dir)
     out += [
         f"## The paper's numbers ({paper['model']}, Tables 2 / 3)",
@@ -140,7 +155,6 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "sets tests whether the *choice* of units matters. Our model, data, judge and scale differ (a small model, "
         "built-in sets, a keyword judge, a few steps), so compare directions, not values.",
         f"Took {sec['total']:.0f} s (training {sec['training']:.0f} s, evaluation {sec['evaluation']:.0f} s, units "
-        f"{sec['units']:.0f} s). Per-prompt verdicts: `samples.jsonl` (outputs cut to "
-        f"{results['design']['sample_chars']} characters).",
+        f"{sec['units']:.0f} s). Per-prompt verdicts: `samples.jsonl` ({cut}).",
     ]
     return "\n\n".join(out) + "\n"
