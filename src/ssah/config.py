@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ssah.errors import UserError
 
@@ -241,7 +241,9 @@ class ModelRunConfig(BaseConfig):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, value: str) -> str:
+    def _device(cls, value: str, info: ValidationInfo) -> str:
+        if (info.context or {}).get("recorded"):  # a run folder's config read back (ssah.load_run): made elsewhere
+            return value
         return check_device(value)
 
 

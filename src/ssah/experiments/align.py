@@ -36,6 +36,7 @@ from ssah.generate import GenerationConfig
 from ssah.judges import get_judge
 from ssah.measure import Proportion, compare, measure_condition, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainResult, train_model
 
@@ -382,7 +383,7 @@ def aligned_model(
     return folder
 
 
-def run_align(cfg: AlignConfig) -> Path:
+def run_align(cfg: AlignConfig) -> RunResult[AlignConfig]:
     """Train (or reuse the cached) aligned model, evaluate base and aligned, write the run folder."""
     t0 = time.time()
     if cfg.steps < 1 or cfg.lr <= 0:
@@ -428,5 +429,5 @@ def run_align(cfg: AlignConfig) -> Path:
         model_info = {"name": cfg.model, "fingerprint": base_fp}
         mf = manifest(command="align", seed=cfg.seed, started=t0, device=lm.model.device, model=model_info,
                       data=results["data"])  # fmt: skip
-        write_run(run, "align", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "align", config=cfg, results=results, manifest=mf)
+    return run_result

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import Field
 
 from ssah.config import Dtype, ModelRunConfig, Out, shipped_configs
@@ -29,6 +30,7 @@ from ssah.fields import CommaList
 from ssah.models import cpu_lacks_bf16
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
+from ssah.results import RunResult
 from ssah.runs import FolderLock, atomic_write_text, check_output_folder, manifest, to_json, write_report
 
 
@@ -98,12 +100,12 @@ class Stage:
     recipe: str  # the registered recipe that runs the stage (and whose ``render`` rebuilds its report)
     options: Callable[[DemoContext], dict[str, Any]]  # the stage's own settings (model, units, ...)
 
-    def run(self, ctx: DemoContext) -> Path:
+    def run(self, ctx: DemoContext) -> RunResult[Any]:
         """The recipe's shipped ``quick`` config under a quick demo (where it ships one), then the stage's options."""
         entry = get_recipe(self.recipe)
         size = "quick" if ctx.cfg.quick and "quick" in shipped_configs().get(self.recipe, {}) else None
         values = {**ctx.common(self.name), **self.options(ctx)}
-        return entry.runner()(entry.config_class().resolve(self.recipe, size, values))  # type: ignore[no-any-return]
+        return entry.runner()(entry.config_class().resolve(self.recipe, size, values))
 
 
 def _on(
@@ -234,8 +236,9 @@ def _check_needs(out: Path | None, selected: list[Stage]) -> None:
             raise UserError(f"stage {stage.name} needs stage {missing[0]}: add it to --stages or run it first")
 
 
-def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> Path:
-    """Run (or continue) the demo and write its report; returns the demo folder.
+def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> RunResult[DemoConfig]:
+    """Run (or continue) the demo and write its report; returns its RunResult (each stage's run folder is a run
+    of its own: ``load_run(result.out / "ablate")``).
 
     The demo folder's lock (:class:`ssah.runs.FolderLock`) is held throughout, so two demos cannot write one
     folder; every check (folder, state, settings, stage order) happens before the first write."""
@@ -252,7 +255,9 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> Path:
         lock.release()
 
 
-def _run_locked(cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, echo: Callable[[str], None]) -> Path:
+def _run_locked(
+    cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, echo: Callable[[str], None]
+) -> RunResult[DemoConfig]:
     state_path = out / "demo.json"
     state: dict[str, Any] = {}
     if cfg.overwrite:
@@ -283,17 +288,14 @@ def _run_locked(cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, ec
         stages_state[stage.name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(state_path, to_json(state))
         echo(f"{prefix}: {seconds:.1f} s")
-    results = demo_results(out, state, session_seconds=time.time() - t0)
+    results = json.loads(to_json(demo_results(out, state, session_seconds=time.time() - t0)))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     atomic_write_text(out / "results.json", to_json(results))
-    atomic_write_text(
-        out / "manifest.json",
-        to_json(
-            manifest(command="demo", seed=cfg.seed, started=t0, model={"name": cfg.model}, data={}, quick=cfg.quick)
-        ),
-    )
+    mf = manifest(command="demo", seed=cfg.seed, started=t0, model={"name": cfg.model}, data={}, quick=cfg.quick)
+    atomic_write_text(out / "manifest.json", to_json(mf))
     write_report(out, "demo", results)
     echo(f"demo finished: {results['seconds']['stages_total']:.0f} s of stage time; report in {out / 'report.html'}")
-    return out
+    return RunResult(out=out, recipe="demo", config=cfg, results=results, manifest=json.loads(to_json(mf)))
 
 
 def demo_results(out: Path, state: dict[str, Any], *, session_seconds: float) -> dict[str, Any]:
