@@ -148,6 +148,8 @@ def test_cache_key_follows_the_recipe_and_its_data() -> None:
     # the evaluation settings and targets do not change the weights, so they share the cache entry
     other_eval = AlignConfig(model="tiny-random-llama", eval={"limit": 5, "max_new_tokens": 8}, target_refusal=0.9)
     assert other_eval.training_key("fp", "data-sha") == key
+    # mixed-precision training gives other weights; fp32 keys are what they were before the option existed
+    assert AlignConfig(model="tiny-random-llama", bf16=True).training_key("fp", "data-sha") != key
 
 
 def test_align_bad_mix_shares(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -121,7 +121,7 @@ def test_budget_share_matches_the_trained_units_exactly(tmp_path: Path) -> None:
         limit=6,
         progress=False,
     )
-    res = json.loads((run_budget(cfg) / "results.json").read_text())
+    res = run_budget(cfg).results
     assert [r["name"] for r in res["conditions"]] == ["base", "ru"] and res["verdicts"] == {}
     assert res["paper"]["verdict"] == "inconclusive"
     lm = load_model("tiny-random-llama")

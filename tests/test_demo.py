@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.experiments.demo import STAGE_NAMES, available_safety_sets
+from ssah.experiments.demo import STAGE_NAMES, STAGES, DemoConfig, available_safety_sets
+from ssah.recipes import get_recipe
+from ssah.results import load_run
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,29 @@ def test_demo_runs_every_stage_and_writes_one_report(demo_run: Path) -> None:
     assert "<img" in html and "data:image/png;base64," in html and "missing image" not in html
 
 
+def test_the_demo_and_every_stage_load_back_as_typed_results(demo_run: Path) -> None:
+    """Each stage folder is a run of its recipe: ``load_run`` re-validates its config by that recipe's class and
+    parses the verdicts it states; the demo folder is a run of its own."""
+    demo = load_run(demo_run)
+    assert demo.recipe == "demo" and isinstance(demo.config, DemoConfig) and demo.config.model == "tiny-random-llama"
+    assert demo.results == json.loads((demo_run / "results.json").read_text())
+    stages = {s.name: load_run(demo_run / s.name) for s in STAGES}
+    for stage in STAGES:
+        r = stages[stage.name]
+        assert r.recipe == stage.recipe and isinstance(r.config, get_recipe(stage.recipe).config_class())
+        assert r.config.out == str(demo_run / stage.name) and r.report_path.is_file()
+    assert "verdicts.refusal_up" in stages["align"].verdicts
+    assert {"verdicts.scu_vs_random.asr", "verdicts.scu_vs_random.coherent_compliance"} <= set(
+        stages["ablate"].verdicts
+    )
+    assert any(k.startswith("verdict.") and " vs " in k for k in stages["protect"].verdicts)
+    assert all(
+        v.verdict in ("reproduced", "not reproduced", "inconclusive")
+        for r in stages.values()
+        for v in r.verdicts.values()
+    )
+
+
 def test_demo_continues_where_it_stopped(demo_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(demo_run.parent / "cache"))
     copy = tmp_path / "demo"
@@ -90,13 +115,15 @@ def test_demo_stage_subset_and_dependencies(tmp_path: Path, monkeypatch, user_er
     [
         (["--stages", "align,nope"], "unknown demo stage 'nope'"),
         (["--model", "tiny-random-qwen2"], "holds a demo started with model=tiny-random-llama"),
+        (["--no-bf16"], "not bf16=False"),
     ],
 )
 def test_demo_bad_input(args: list[str], needle: str, tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     out.mkdir()
-    (out / "demo.json").write_text(json.dumps({"model": "tiny-random-llama", "quick": True, "stages": {}}))
+    state = {"model": "tiny-random-llama", "quick": True, "bf16": True, "stages": {}}
+    (out / "demo.json").write_text(json.dumps(state))
     user_error(["demo", "--model", "tiny-random-llama", "--out", str(out), *args], needle)
 
 

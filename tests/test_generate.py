@@ -206,6 +206,24 @@ def test_sampling_reproducible_per_seed_and_leaves_global_rng(tiny_llama: tuple[
     assert a != greedy
 
 
+def test_bf16_autocasts_decoding_and_leaves_the_weights(tiny_llama: tuple[Any, Any]) -> None:
+    """``bf16=True`` runs the decoding matmuls in bf16 under autocast; the weights stay as loaded (fp32), and
+    without it every matmul is fp32."""
+    model, tok = tiny_llama
+    seen: list[torch.dtype] = []
+
+    def record(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        seen.append(out.dtype)
+
+    with attach(model, post={"lm_head": record}):
+        plain = generate(model, tok, ["hi there"], config=GenerationConfig(max_new_tokens=3), progress=False)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        mixed = generate(model, tok, ["hi there"], config=GenerationConfig(max_new_tokens=3, bf16=True), progress=False)
+    assert set(seen) == {torch.bfloat16} and mixed[0].new_tokens >= 1 and plain[0].new_tokens >= 1
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_training_flag_restored() -> None:
     model, tok = build_tiny_model("gpt2")
     model.train()

@@ -203,7 +203,7 @@ def test_validate_on_xstest_reproduces_the_anchors(shared_data: Path, tmp_path: 
         data=[str(folder)], judges=["keyword:ssah", "keyword:xstest", "keyword:gcg", "keyword:wei2024"],
         out=str(tmp_path / "v"),
     )  # fmt: skip
-    res = json.loads((validate(cfg) / "results.json").read_text())
+    res = validate(cfg).results
     got = {s: round(100 * b["agreement"]["value"], 1) for s, b in res["judges"].items()}
     assert got == {"keyword:ssah": 87.5, "keyword:xstest": 89.9, "keyword:gcg": 83.5, "keyword:wei2024": 77.0}
     assert res["data"]["rows_used"] == 1210 and len(res["anchors"]) == 2
@@ -311,8 +311,8 @@ def test_train_then_judge_with_the_folder(tmp_path: Path, tiny_base: Any, capsys
     verdicts = judge.judge(["q"] * 2, [REFUSALS[0], ANSWERS[0]])
     assert all(0.0 <= v.score <= 1.0 for v in verdicts)  # type: ignore[operator]
     # validate accepts the trained judge by its spec
-    res_dir = validate(JudgeValidateConfig(data=[str(a)], judges=[f"learned:{out}"], out=str(tmp_path / "v")))
-    assert json.loads((res_dir / "results.json").read_text())["judges"][f"learned:{out}"]["n"] == 12
+    res = validate(JudgeValidateConfig(data=[str(a)], judges=[f"learned:{out}"], out=str(tmp_path / "v")))
+    assert res.results["judges"][f"learned:{out}"]["n"] == 12 and res.recipe == "judge validate"
 
 
 def test_judge_folder_from_another_base_is_refused(tmp_path: Path, tiny_base: Any, capsys: Any) -> None:
@@ -320,7 +320,7 @@ def test_judge_folder_from_another_base_is_refused(tmp_path: Path, tiny_base: An
     folder = run_judge_train(
         JudgeTrainConfig(data=[str(a)], out=str(tmp_path / "j"), base_model="tiny-random-llama", layers=[0], folds=2),
         base=tiny_base,
-    )
+    ).out
     settings = json.loads((folder / "settings.json").read_text())
     settings["base_fingerprint"] = "0" * 24
     (folder / "settings.json").write_text(json.dumps(settings))

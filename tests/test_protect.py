@@ -17,9 +17,10 @@ from ssah.data import Example, PromptSet, collate, encode_set
 from ssah.experiments.protect import CONTROLS, SETTINGS, ProtectConfig, run_protect, verdicts
 from ssah.inference import frozen_eval
 from ssah.interventions import unit_param_masks
-from ssah.measure import Proportion
+from ssah.measure import Proportion, Verdict
 from ssah.models import model_fingerprint
-from ssah.reports.protect import render
+from ssah.reports.protect import design, render
+from ssah.results import load_run
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
 from ssah.training import TrainConfig, train_model
@@ -223,6 +224,43 @@ def test_verdict_fields_are_consistent(full_run: tuple[Path, dict[str, Any]]) ->
             assert v["summary"].count("(95% interval") == len(v["comparisons"])
 
 
+def test_typed_result_names_every_verdict_and_the_report_reads_the_design(full_run: tuple[Path, Any]) -> None:
+    """``load_run`` gives each comparison as a typed Verdict named by kind and pair; the report's vocabulary
+    (settings in order, kinds, controls) is in results.json, so rendering needs no import of the recipe."""
+    out, _ = full_run
+    r = load_run(out)
+    assert r.recipe == "protect" and isinstance(r.config, ProtectConfig) and r.config.steps == [1, 2]
+    comps = {(k, c["name"]): c for k, v in r.results["verdict"].items() for c in v["comparisons"]}
+    assert set(r.verdicts) == {f"verdict.{k}.comparisons.{name}" for k, name in comps}
+    assert ("attack", "freeze-scu-cu vs random") in comps
+    for (kind, name), c in comps.items():
+        v = r.verdicts[f"verdict.{kind}.comparisons.{name}"]
+        assert (
+            isinstance(v, Verdict) and name == f"{c['a']} vs {c['b']}" and v.to_dict() == Verdict.from_dict(c).to_dict()
+        )
+        assert (v.verdict, v.expected, list(v.comparison.ci95)) == (
+            c["verdict"],
+            c["expected"],
+            c["comparison"]["ci95"],
+        )
+    design = r.results["design"]
+    assert design == {"settings": list(SETTINGS), "kinds": ["benign", "attack"], "controls": CONTROLS,
+                      "sample_chars": 160}  # fmt: skip
+    assert r.plots == [out / "plots/protect_attack.png", out / "plots/protect_benign.png"]
+
+
+def test_a_run_recorded_before_the_design_still_renders(full_run: tuple[Path, Any], tmp_path: Path) -> None:
+    """Results written before ``design`` was recorded: the report reads the settings and kinds from the config the
+    run recorded and the controls from its units, and says the same but for the sample length it cannot know."""
+    out, _ = full_run
+    res = json.loads((out / "results.json").read_text())
+    old = {k: v for k, v in res.items() if k != "design"}
+    assert design(old) == {**res["design"], "sample_chars": None}
+    md = render(old, tmp_path / "old")
+    assert "(outputs shortened)" in md
+    assert md.replace("(outputs shortened)", "(outputs cut to 160 characters)") == render(res, tmp_path / "new")
+
+
 def _cell(setting: str, k: int, draw: int | None = None, n: int = 40) -> dict[str, Any]:
     return {"kind": "benign", "setting": setting, "draw": draw, "steps": 4, "asr": Proportion(k, n).to_dict()}
 
@@ -275,7 +313,7 @@ def test_dose_curve_inside_one_run_equals_a_run_to_that_step(tmp_path: Path) -> 
     lora = {"r": 4, "dropout": 0.3}  # dropout draws random numbers: a perturbed RNG would show
     a = run_protect(ProtectConfig(model=TINY, out=str(tmp_path / "a"), lora=lora, **base))
     b = run_protect(ProtectConfig(model=TINY, out=str(tmp_path / "b"), lora=lora, **{**base, "steps": [2]}))
-    ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
+    ra, rb = a.results, b.results
     at2 = {c["setting"]: c for c in ra["cells"] if c["steps"] == 2}
     for c in rb["cells"]:
         assert c["perplexity"] == at2[c["setting"]]["perplexity"], c["setting"]

@@ -86,8 +86,9 @@ def test_compared_sets_are_cut_to_the_main_sets_size_evenly() -> None:
 
 def test_units_run_compares_safety_sets_and_reports_them(tmp_path: Path) -> None:
     # builtin:harmful has no responses: a second safety set that differs from builtin:safety (prompts only)
-    out = run_units(_cfg(tmp_path, compare_safety="builtin:harmful"))
-    res = json.loads((out / "results.json").read_text())
+    result = run_units(_cfg(tmp_path, compare_safety="builtin:harmful"))
+    out, res = result.out, result.results
+    assert res == json.loads((out / "results.json").read_text())
     cal = res["calibration_sets"]
     assert [s["spec"] for s in cal["sets"]] == ["builtin:safety", "builtin:harmful"]
     assert all(s["examples"] == 6 for s in cal["sets"])

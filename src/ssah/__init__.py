@@ -6,6 +6,12 @@ The public API is imported lazily so that ``import ssah`` stays fast:
     s = ssah.score_units(lm.model, lm.tokenizer, ssah.load_prompts("builtin:safety"))
     u = ssah.score_units(lm.model, lm.tokenizer, ssah.load_prompts("builtin:utility"))
     cats = ssah.categorize(s, u, rule="ssah")
+
+Every recipe's ``run(config)`` returns a typed :class:`RunResult`; :func:`load_run` reads any finished run folder
+back as one:
+
+    result = ssah.load_run("runs/ablate")
+    result.config.seeds, result.verdicts["verdicts.scu_vs_random.asr"].verdict, result.report_path
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ _EXPORTS = {
     "random_control": "ssah.measure",
     "measure_condition": "ssah.measure",
     "restored_weights": "ssah.measure",
+    "RunResult": "ssah.results",
+    "load_run": "ssah.results",
     "TrainConfig": "ssah.training",
     "train_model": "ssah.training",
     "SsahError": "ssah.errors",
@@ -73,6 +81,7 @@ if TYPE_CHECKING:
         verdict,
     )
     from ssah.models import LoadedModel, load_model, model_fingerprint
+    from ssah.results import RunResult, load_run
     from ssah.scoring import Scores, collect_statistics, compute_scores, score_units
     from ssah.training import TrainConfig, train_model
     from ssah.units import UnitSet, UnitSpace, load_unit_sets, save_unit_sets

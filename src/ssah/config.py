@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from ssah.errors import UserError
@@ -257,6 +257,11 @@ class ModelRunConfig(BaseConfig):
     trust_remote_code: bool = Field(False, description="Allow the model's own Python code.")
     overwrite: bool = Field(False, description="Replace an existing run folder.")
     progress: bool = Field(True, description="Show progress bars.")
+    bf16: bool = Field(
+        False,
+        description="Mixed precision: bf16 autocast for text generation and fine-tuning (weights and optimizer "
+        "state stay fp32; unit scores, KL, perplexity and probe statistics are computed in fp32).",
+    )
     # Big models (accelerate's dispatch; see ssah.models.load_model)
     device_map: str | dict[str, int | str] | None = Field(
         None,
@@ -299,7 +304,9 @@ class ModelRunConfig(BaseConfig):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, value: str) -> str:
+    def _device(cls, value: str, info: ValidationInfo) -> str:
+        if (info.context or {}).get("recorded"):  # a run folder's config read back (ssah.load_run): made elsewhere
+            return value
         return check_device(value)
 
 

@@ -155,11 +155,13 @@ class EvalSection(Section):
 
     def greedy(self, run: BaseModel | None = None) -> GenerationConfig:
         """Greedy decoding with this section's reply length and batch size, under the settings of ``run`` (the
-        recipe's config: its seed and system prompt), so that no recipe hands them over one by one."""
+        recipe's config: its seed, system prompt and bf16 autocast), so that no recipe hands them over one by one."""
         from ssah.generate import GenerationConfig
 
-        seed, system = getattr(run, "seed", 0), getattr(run, "system", None)
-        g = GenerationConfig(max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size, system=system)
+        seed, system, bf16 = getattr(run, "seed", 0), getattr(run, "system", None), getattr(run, "bf16", False)
+        g = GenerationConfig(
+            max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size, system=system, bf16=bf16
+        )
         g.check()
         return g
 

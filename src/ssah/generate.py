@@ -51,6 +51,7 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int | Literal["auto"] = 16  # "auto": the largest that fits, halved on out-of-memory, remembered
     system: str | None = None
+    bf16: bool = False  # bf16 autocast around decoding (weights stay as loaded): see ssah.config's ``bf16``
 
     def check(self) -> None:
         """Raise a one-line UserError for settings that cannot generate."""
@@ -245,7 +246,8 @@ def generate(
         chunks = [todo[k : k + batch_size] for k in range(0, len(todo), batch_size)]
         for chunk in tqdm(chunks, desc=desc or "generate", disable=not progress, unit="batch"):
             input_ids, attention_mask = left_pad([encoded[i] for i in chunk], pad, device)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_config)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=hf_config)
             new = out[:, input_ids.shape[1] :].tolist()
             del out
             for row, i in enumerate(chunk):

@@ -169,6 +169,13 @@ class ControlDistribution:
 Measured = Proportion | ControlDistribution
 
 
+def measured_from(stored: Sequence[Mapping[str, Any]], *, distribution: bool) -> Measured | None:
+    """Stored proportions (:meth:`Proportion.to_dict` shapes) read back as one measurement: the first, or for a
+    random control the distribution over its seeds' draws; None when there are none."""
+    xs = tuple(Proportion.from_dict(d) for d in stored)
+    return None if not xs else ControlDistribution(xs) if distribution else xs[0]
+
+
 def _center_and_bounds(x: Measured) -> tuple[float, float, float]:
     lo, hi = x.ci95
     return x.rate, lo, hi
@@ -209,6 +216,20 @@ class Comparison:
             "method": self.method,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
+        """A comparison read back from its :meth:`to_dict` shape (``direction`` is derived, so it is not read)."""
+        lo, hi = d["ci95"]
+        return cls(
+            float(d["difference"]),
+            (float(lo), float(hi)),
+            float(d["effect"]),
+            float(d["control"]),
+            int(d["n_effect"]),
+            int(d["n_control"]),
+            str(d["method"]),
+        )
+
 
 def compare(effect: Measured, control: Measured) -> Comparison:
     """The difference ``effect - control`` of two measured rates with Newcombe's hybrid score interval
@@ -230,6 +251,9 @@ def compare(effect: Measured, control: Measured) -> Comparison:
     return Comparison(d, (max(-1.0, lo), min(1.0, hi)), p1, p2, n1, n2, method)
 
 
+VERDICTS: tuple[str, ...] = ("reproduced", "not reproduced", "inconclusive")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The one verdict on a published effect: ``reproduced`` / ``not reproduced`` / ``inconclusive``."""
@@ -244,6 +268,17 @@ class Verdict:
         """The fields in order, the comparison last (as its own dict)."""
         own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "comparison"}
         return {**own, "comparison": self.comparison.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
+        """A verdict read back from its :meth:`to_dict` shape (extra keys beside it are ignored); a ``UserError``
+        when the words are not the rule's."""
+        word, expected = d["verdict"], d["expected"]
+        if word not in VERDICTS or expected not in ("higher", "lower"):
+            raise UserError(f"not a verdict: {word!r} expecting {expected!r} (the rule's words: {', '.join(VERDICTS)})")
+        n_needed = d.get("n_needed")
+        comparison = Comparison.from_dict(d["comparison"])
+        return cls(word, expected, comparison, str(d["reason"]), None if n_needed is None else int(n_needed))
 
 
 def verdict(comparison: Comparison, expected: Direction, *, margin: float = 0.05) -> Verdict:

@@ -183,6 +183,18 @@ def resolve_device(device: str | None) -> torch.device:
         raise ModelError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
 
 
+def cpu_lacks_bf16(device: str = "auto") -> bool:
+    """True when ``device`` resolves to a Linux CPU whose flags show neither AVX512-BF16 nor AMX-BF16 (bf16 matmuls
+    are then emulated and slower than fp32). False elsewhere, including when the flags cannot be read."""
+    try:
+        if resolve_device(device).type != "cpu":
+            return False
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except (OSError, ModelError):
+        return False
+    return "avx512_bf16" not in flags and "amx_bf16" not in flags
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         if device.type == "cuda" and torch.cuda.is_bf16_supported():

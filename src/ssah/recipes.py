@@ -1,11 +1,11 @@
 """The recipe registry: every experiment ssah can run, found by name, never by module-naming convention.
 
-A recipe is a config class (every option, declared once), a ``run(config)`` in ``ssah.experiments`` that writes a
-run folder (through ``ssah.runs.write_run``), and a ``render(results, run_dir) -> markdown`` in ``ssah.reports`` that
-redraws its plots and report from ``results.json`` alone. The CLI,
-``ssah report`` and the demo look recipes up here. Entries name their objects as ``"module:attribute"`` strings and
-are imported on first use, so ``import ssah`` stays cheap (torch, plotting) and a broken optional recipe cannot stop
-the others from loading.
+A recipe is a config class (every option, declared once), a ``run(config) -> RunResult`` in ``ssah.experiments``
+that writes a run folder (through ``ssah.runs.write_run``) and returns it typed (:class:`ssah.results.RunResult`),
+and a ``render(results, run_dir) -> markdown`` in ``ssah.reports`` that redraws its plots and report from
+``results.json`` alone. The CLI, ``ssah report``, ``ssah.load_run`` and the demo look recipes up here. Entries name
+their objects as ``"module:attribute"`` strings and are imported on first use, so ``import ssah`` stays cheap (torch,
+plotting) and a broken optional recipe cannot stop the others from loading.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssah.errors import UserError
+
+if TYPE_CHECKING:
+    from ssah.results import RunResult
 
 Renderer = Callable[[dict[str, Any], Path], str]
 
@@ -35,13 +38,14 @@ class Recipe:
     config: str
     run: str
     render: str | None = None  # None: the recipe writes its report itself and cannot rebuild it from results.json
+    results_file: str = "results.json"  # the file of the run folder that holds its results
 
     def config_class(self) -> Any:
         """The recipe's pydantic config class."""
         return _resolve(self.config)
 
-    def runner(self) -> Callable[..., Path]:
-        """The recipe's ``run(config) -> run folder`` function."""
+    def runner(self) -> Callable[..., RunResult[Any]]:
+        """The recipe's ``run(config) -> RunResult`` function (it writes the run folder, ``RunResult.out``)."""
         return _resolve(self.run)  # type: ignore[no-any-return]
 
     def renderer(self) -> Renderer:
@@ -52,7 +56,14 @@ class Recipe:
 
 
 def _recipe(
-    name: str, summary: str, module: str, config: str, run: str, render: str | None = "render", report: str = ""
+    name: str,
+    summary: str,
+    module: str,
+    config: str,
+    run: str,
+    render: str | None = "render",
+    report: str = "",
+    results_file: str = "results.json",
 ) -> Recipe:
     """An entry whose report module is ``report``, by default ``ssah.reports.<last part of module>``."""
     report = report or f"ssah.reports.{module.rsplit('.', 1)[-1]}"
@@ -62,6 +73,7 @@ def _recipe(
         config=f"{module}:{config}",
         run=f"{module}:{run}",
         render=f"{report}:{render}" if render else None,
+        results_file=results_file,
     )
 
 
@@ -139,6 +151,7 @@ RECIPES: dict[str, Recipe] = {
             "JudgeTrainConfig",
             "run_judge_train",
             None,
+            results_file="training.json",
         ),
     )
 }

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from ssah.errors import UserError
+from ssah.results import ConfigT, RunResult
 
 try:  # POSIX; without it (Windows) FolderLock falls back to an O_EXCL file holding the PID
     import fcntl
@@ -434,17 +435,25 @@ def write_run(
     run: RunDir,
     command: str,
     *,
-    config: Any,
+    config: ConfigT,
     results: Mapping[str, Any],
     manifest: Mapping[str, Any],
-    results_file: str = "results.json",
+    results_file: str | None = None,
     render: Any = None,
-) -> None:
-    """THE end of every recipe: write ``config.yaml``, ``results.json``, the report (:func:`write_report`) and
-    ``manifest.json`` into the staging folder, so the run folder appears complete or not at all; ``ssah report``
-    later rebuilds the same report from the same ``results.json``."""
-    if config is not None:
-        run.write_yaml("config.yaml", config if isinstance(config, Mapping) else config.model_dump())
-    run.write_json(results_file, results)
-    write_report(run.path, command, results, render)
-    run.write_json("manifest.json", manifest)
+) -> RunResult[ConfigT]:
+    """THE end of every recipe: write ``config.yaml``, ``results.json`` (the recipe's registered results file),
+    the report (:func:`write_report`) and ``manifest.json`` into the staging folder, so the run folder appears
+    complete or not at all; ``ssah report`` later rebuilds the same report from the same ``results.json``.
+
+    Returns the run's :class:`ssah.results.RunResult` (its ``out`` is the final folder, in place once ``run``
+    commits): the results and manifest as written (JSON values, equal to what :func:`ssah.load_run` reads back)."""
+    from ssah.recipes import get_recipe
+
+    run.write_yaml("config.yaml", config.model_dump())
+    text = to_json(results)
+    run.write_text(results_file or get_recipe(command).results_file, text)
+    written = json.loads(text)
+    write_report(run.path, command, written, render)
+    man = to_json(manifest)
+    run.write_text("manifest.json", man)
+    return RunResult(out=run.out, recipe=command, config=config, results=written, manifest=json.loads(man))

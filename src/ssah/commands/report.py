@@ -7,7 +7,6 @@ regenerated (after a change of the report code, or when it was deleted) without 
 
 from __future__ import annotations
 
-import json
 import webbrowser
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,38 +16,11 @@ import typer
 from ssah.cliutil import app
 from ssah.errors import UserError
 from ssah.recipes import Renderer, get_recipe
+from ssah.results import read_manifest, read_run_files
 from ssah.runs import atomic_write_text, write_report
 
 README_START = "<!-- ssah:results:start -->"
 README_END = "<!-- ssah:results:end -->"
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {what} {path}: {exc}".replace("\n", " ")) from exc
-
-
-def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
-    """The command that wrote a run folder and its results; a ``UserError`` when it is not a finished run folder."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a run folder (no such folder): pass a folder written by an ssah command")
-    manifest_file = run_dir / "manifest.json"
-    if not manifest_file.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no manifest.json): pass a folder written by an ssah command")
-    man = _read_json(manifest_file, "the manifest")
-    command = man.get("command") if isinstance(man, dict) else None
-    if not isinstance(command, str) or not command.strip():
-        raise UserError(f"{manifest_file} names no valid command (found {command!r}): is it an ssah run folder?")
-    results_file = run_dir / "results.json"
-    if not results_file.is_file():
-        raise UserError(f"{run_dir} has no results.json: the `{command}` run did not finish; run it again")
-    results = _read_json(results_file, "the results")
-    if not isinstance(results, dict):
-        raise UserError(f"{results_file} does not hold a JSON object: it was not written by `ssah {command}`")
-    return command, results
 
 
 def renderer_for(command: str) -> Renderer:
@@ -59,8 +31,8 @@ def renderer_for(command: str) -> Renderer:
 def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Redraw a run folder's plots and rewrite its ``report.md`` and ``report.html``; returns their paths."""
     run_dir = Path(run_dir)
-    command, results = load_run(run_dir)
-    render = renderer_for(command)
+    render = renderer_for(read_manifest(run_dir)[0])
+    command, _, results = read_run_files(run_dir)  # no config check: a report is rebuilt from the results alone
     try:
         return write_report(run_dir, command, results, render)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -82,12 +54,11 @@ def readme_block(run_dir: str | Path) -> str:
     from ssah.reports.demo import VERDICT_RULE, headlines, science_table
 
     run_dir = Path(run_dir)
-    command, results = load_run(run_dir)
+    command, man, results = read_run_files(run_dir)
     if command != "demo":
         raise UserError(
             f"{run_dir} is a `{command}` run, not a demo run: --readme takes a folder written by `ssah demo`"
         )
-    man = _read_json(run_dir / "manifest.json", "the manifest")
     rows = headlines(run_dir) or results.get("headlines") or []
     if not rows:
         raise UserError(f"{run_dir} holds no finished stage to tabulate: run `ssah demo` to the end first")

@@ -1,23 +1,24 @@
-"""What each command prints when its run is done: a short table or a few lines read back from ``results.json``
-(the full report is the run folder's report.md / report.html)."""
+"""What each command prints when its run is done: a short table or a few lines from the run's
+:class:`ssah.results.RunResult` (the full report is the run folder's report.md / report.html)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import typer
 
+from ssah.results import RunResult
 
-def ablate(path: Path) -> None:
+
+def ablate(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from rich.console import Console
     from rich.table import Table
 
     from ssah.reports.ablate import TABLE_COLUMNS, condition_cells, summary_lines
 
-    res = json.loads((path / "results.json").read_text())
     st = res["settings"]
     table = Table(title=f"{res['model']['name']}: {st['ablation']} ablation (calibration {res['calibration']['main']})")
     for col in TABLE_COLUMNS.split("|"):
@@ -31,11 +32,11 @@ def ablate(path: Path) -> None:
     console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def budget(path: Path) -> None:
+def budget(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from rich.console import Console
     from rich.table import Table
 
-    res = json.loads((path / "results.json").read_text())
     table = Table(title=f"{res['model']['name']}: alignment budget ({res['settings']['steps']} steps)")
     for col in ("condition", "refusal", "over-refusal", "benign correct", "perplexity", "params trained"):
         table.add_column(col, justify="left" if col == "condition" else "right")
@@ -58,13 +59,13 @@ def budget(path: Path) -> None:
     console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def probe(path: Path) -> None:
+def probe(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from rich.console import Console
     from rich.table import Table
 
     from ssah.reports.probe import layer_ranges
 
-    res = json.loads((path / "results.json").read_text())
     labels = [m["label"] for m in res["models"]]
     layers = res["layers"]
     table = Table(title=f"reasoning-direction gap at layer {layers} ({' vs '.join(labels)})")
@@ -89,15 +90,15 @@ def probe(path: Path) -> None:
     console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def protect(path: Path) -> None:
-    res = json.loads((path / "results.json").read_text())
+def protect(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     for kind, v in res["verdict"].items():
         typer.echo(f"[{kind}] {v['summary']}")
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def transfer(path: Path) -> None:
-    res = json.loads((path / "results.json").read_text())
+def transfer(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     tr, p = res["transition"], res["paper"]
     order = tr["order"]
     typer.echo("before \\ after " + " ".join(f"{c:>8}" for c in order))
@@ -118,11 +119,11 @@ def transfer(path: Path) -> None:
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def judge_validate(path: Path) -> None:
+def judge_validate(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from rich.console import Console
     from rich.table import Table
 
-    res = json.loads((path / "results.json").read_text())
     table = Table(
         title=f"judges vs human labels ({res['data']['rows_used']} replies, partial: {res['data']['partial']})"
     )
@@ -144,15 +145,12 @@ def judge_validate(path: Path) -> None:
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def train(path: Path) -> None:
-    results = path / "results.json"
-    if not results.is_file():  # not the main process of a distributed run
-        return
+def train(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return
-    res = json.loads(results.read_text())
     tr = res["trainable"]
     typer.echo(
         f"trained {res['model']['name']} ({res['mode']}): {res['steps']} steps, loss {res['first_loss']:.4f} -> "
@@ -161,13 +159,13 @@ def train(path: Path) -> None:
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s (model in {path / 'model'})")
 
 
-def eval_(path: Path) -> None:
+def eval_(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from rich.console import Console
     from rich.table import Table
 
     from ssah.reports.eval import summary_rows
 
-    res = json.loads((path / "results.json").read_text())
     table = Table(title=f"{res['model']['name']} (judge {res['judge_spec']})")
     for col in ("measure", "value", "95% interval", "n"):
         table.add_column(col, justify="left" if col == "measure" else "right")
@@ -178,11 +176,11 @@ def eval_(path: Path) -> None:
     console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def units(path: Path) -> None:
+def units(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from rich.console import Console
     from rich.table import Table
 
-    res = json.loads((path / "results.json").read_text())
     table = Table(title=f"{res['model']['name']}: {res['model']['units_total']} units ({res['metric']}, {res['rule']})")
     for col in ("category", "units", "share", "attention", "MLP"):
         table.add_column(col, justify="right" if col != "category" else "left")
@@ -204,8 +202,8 @@ def units(path: Path) -> None:
     console.print(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-def align(path: Path) -> None:
-    res = json.loads((path / "results.json").read_text())
+def align(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     b, a = res["before"], res["after"]
     for key, what in (
         ("refusal", "refusal on held-out harmful"),
@@ -217,19 +215,19 @@ def align(path: Path) -> None:
     typer.echo(f"wrote {path} (aligned model in {path / 'model'}) in {res['seconds']:.1f} s")
 
 
-def judge_train(path: Path) -> None:
-    report = json.loads((path / "training.json").read_text())
+def judge_train(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     settings = json.loads((path / "settings.json").read_text())
     typer.echo(f"layer {settings['layer']}, {settings['pooling']} pooling, C={settings['c']}")
-    for source, b in (report.get("leave_one_source_out") or {}).items():
+    for source, b in (res.get("leave_one_source_out") or {}).items():
         typer.echo(f"held out {source}: {100 * b['agreement']['value']:.1f}% of {b['agreement']['n']}")
-    typer.echo(f"wrote {path} in {report['seconds']:.1f} s")
+    typer.echo(f"wrote {path} in {res['seconds']:.1f} s")
 
 
-def direction(path: Path) -> None:
+def direction(result: RunResult[Any]) -> None:
+    path, res = result.out, result.results
     from ssah.reports.direction import verdict_lines
 
-    res = json.loads((path / "results.json").read_text())
     sel = res["selection"]
     typer.echo(f"direction: layer {sel['layer']}, position {sel['position']} (passed filter: {sel['passed_filter']})")
     for line in verdict_lines(res):
@@ -237,7 +235,7 @@ def direction(path: Path) -> None:
     typer.echo(f"wrote {path} in {res['seconds']['total']:.1f} s")
 
 
-SUMMARIES: dict[str, Callable[[Path], None]] = {
+SUMMARIES: dict[str, Callable[[RunResult[Any]], None]] = {
     "direction": direction,
     "units": units,
     "eval": eval_,

@@ -49,6 +49,7 @@ from ssah.generate import GenerationConfig
 from ssah.interventions import ablate, channel_means
 from ssah.judges import get_judge
 from ssah.models import LoadedModel, load_model
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.scoring import Scores
 from ssah.units import UnitSet, UnitSpace, read_unit_file_metadata
@@ -508,8 +509,8 @@ def _build_conditions(
     return conditions, calibration, points
 
 
-def run_ablate(cfg: AblateConfig) -> Path:
-    """Load the model once, ablate every condition in memory, write the run folder; returns its path."""
+def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
+    """Load the model once, ablate every condition in memory, write the run folder; returns its RunResult."""
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
@@ -589,5 +590,5 @@ def run_ablate(cfg: AblateConfig) -> Path:
             cats.save(run.file("units.safetensors"), {"metric": cfg.metric, "token_region": cfg.tokens})
         results["seconds"]["total"] = round(time.time() - t0, 3)
         mf = manifest(command="ablate", seed=cfg.seed, started=t0, device=lm.model.device, data=used, model=model)
-        write_run(run, "ablate", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "ablate", config=cfg, results=results, manifest=mf)
+    return run_result

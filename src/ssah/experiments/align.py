@@ -35,6 +35,7 @@ from ssah.fields import Count, EvalSection, MaxLength, System
 from ssah.judges import get_judge
 from ssah.measure import Proportion, compare, measure_condition, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainResult, TrainSection, train_model
 
@@ -110,6 +111,8 @@ class AlignConfig(ModelRunConfig):
         training data (so an edited built-in file is a new model, not a stale cache entry)."""
         values = self.model_dump() | self.train.model_dump()  # flat, so a key is the same as before sections
         settings = {k: values[k] for k in TRAINING_KEYS}
+        if self.bf16:  # mixed-precision training is other weights (fp32 keys stay as they were)
+            settings["bf16"] = True
         blob = json.dumps({"model": fingerprint, "data": data, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -322,6 +325,7 @@ def safety_sft(cfg: AlignConfig, model: Any, tokenizer: Any, mix: PromptSet, **k
         system=cfg.system,
         seed=cfg.seed,
         progress=cfg.progress,
+        bf16=cfg.bf16,
     )
     return train_model(model, tokenizer, mix, tcfg, progress=cfg.progress, **kw)
 
@@ -368,7 +372,7 @@ def aligned_model(
     return folder
 
 
-def run_align(cfg: AlignConfig) -> Path:
+def run_align(cfg: AlignConfig) -> RunResult[AlignConfig]:
     """Train (or reuse the cached) aligned model, evaluate base and aligned, write the run folder."""
     t0 = time.time()
     check_output_folder(cfg.out, cfg.overwrite)
@@ -412,5 +416,5 @@ def run_align(cfg: AlignConfig) -> Path:
         model_info = {"name": cfg.model, "fingerprint": base_fp}
         mf = manifest(command="align", seed=cfg.seed, started=t0, device=lm.model.device, model=model_info,
                       data=results["data"])  # fmt: skip
-        write_run(run, "align", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "align", config=cfg, results=results, manifest=mf)
+    return run_result

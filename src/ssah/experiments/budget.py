@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,6 +48,7 @@ from ssah.measure import (
     verdict,
 )
 from ssah.models import load_model
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainSection, parse_unit_spec, resolve_unit_spec, train_model
 from ssah.units import UnitSet, save_unit_sets
@@ -120,7 +120,7 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     def train_config(self, condition: str) -> TrainConfig:
         """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
         full, t = condition == "full", self.train
-        same = self.model_dump(include={"model", "out", "dtype", "max_length", "system", "seed", "progress"})
+        same = self.model_dump(include={"model", "out", "dtype", "max_length", "system", "seed", "progress", "bf16"})
         units_only = {} if full else {"lr": self.lr_units, "freeze_embeddings": False}
         return TrainConfig.build({**same, **t.model_dump(), "max_steps": self.steps, **units_only})
 
@@ -222,7 +222,7 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_budget(cfg: BudgetConfig) -> Path:
+def run_budget(cfg: BudgetConfig) -> RunResult[BudgetConfig]:
     """Full SFT vs RU-only vs random-units-only SFT (one run per seed) from one base model; writes the run folder."""
     t0 = time.time()
     cfg.check()
@@ -283,5 +283,5 @@ def run_budget(cfg: BudgetConfig) -> Path:
             save_unit_sets(run.file("units.safetensors"), sets, meta)
         results["seconds"]["total"] = round(time.time() - t0, 3)
         mf = manifest(command="budget", seed=cfg.seed, started=t0, device=model.device, model=fp, data=results["data"])
-        write_run(run, "budget", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "budget", config=cfg, results=results, manifest=mf)
+    return run_result

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +43,7 @@ from ssah.fields import Count, EvalSection, Seeds, System
 from ssah.generate import GenerationConfig
 from ssah.judges import get_judge
 from ssah.models import load_model
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
 RATES = ("asr", "coherent_compliance", "overrefusal", "harmless_refusal")
@@ -270,7 +270,7 @@ def _table_and_verdicts(
     return table, {k: v for k, v in verdicts.items() if v is not None}
 
 
-def run_direction(cfg: DirectionConfig) -> Path:
+def run_direction(cfg: DirectionConfig) -> RunResult[DirectionConfig]:
     """Choose the refusal direction on the validation split and measure its interventions on the test split."""
     t0 = time.time()
     cfg.check()
@@ -343,8 +343,8 @@ def run_direction(cfg: DirectionConfig) -> Path:
         used = {ps.name: {"source": ps.source, "sha256": ps.fingerprint()} for ps in (sp.harmful, sp.harmless)}
         model_info = {k: results["model"][k] for k in ("name", "source", "fingerprint")}
         mf = manifest(command="direction", seed=cfg.seed, started=t0, device=model.device, data=used, model=model_info)
-        write_run(run, "direction", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "direction", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -47,6 +46,7 @@ from ssah.judges import (
 from ssah.measure import Proportion
 from ssah.models import load_model
 from ssah.plan import wants_auto_batch
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, to_json, write_run
 
 
@@ -67,7 +67,14 @@ class EvalConfig(UtilityEvalSection, ModelRunConfig):
 
     def generation(self) -> GenerationConfig:
         g = GenerationConfig(
-            self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.seed, self.batch_size, self.system
+            self.max_new_tokens,
+            self.do_sample,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.batch_size,
+            self.system,
+            bf16=self.bf16,
         )
         g.check()
         return g
@@ -218,8 +225,8 @@ def check_judge_spec(spec: str) -> None:
         get_judge(spec)  # raises the error that lists the valid judges
 
 
-def run_eval(cfg: EvalConfig) -> Path:
-    """Load data and model, evaluate, write the run folder; returns its path."""
+def run_eval(cfg: EvalConfig) -> RunResult[EvalConfig]:
+    """Load data and model, evaluate, write the run folder; returns its RunResult."""
     t0 = time.time()
     gen = cfg.generation()
     check_output_folder(cfg.out, cfg.overwrite)
@@ -259,5 +266,5 @@ def run_eval(cfg: EvalConfig) -> Path:
         mf = manifest(
             command="eval", seed=cfg.seed, started=t0, device=lm.model.device, model=model, data=data.describe()
         )
-        write_run(run, "eval", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "eval", config=cfg, results=results, manifest=mf)
+    return run_result

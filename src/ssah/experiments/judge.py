@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -25,6 +24,7 @@ from ssah.fields import Columns, Count
 from ssah.judges import Judge, get_judge, incoherence_reason
 from ssah.judges.labelled import LabelledReply, LabelledSet, PartialRule, apply_partial, load_labelled
 from ssah.reports.judge import render_train
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
 __all__ = [
@@ -186,8 +186,10 @@ def check_validate_judges(specs: Sequence[str]) -> None:
             get_judge(spec)
 
 
-def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | None = None) -> Path:
-    """Run each judge on the labelled set and write the run folder; returns its path. ``judges`` (spec ->
+def run_judge_validate(
+    cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | None = None
+) -> RunResult[JudgeValidateConfig]:
+    """Run each judge on the labelled set and write the run folder; returns its RunResult. ``judges`` (spec ->
     judge) supplies ready judges, e.g. in tests; other specs are built with :func:`get_judge`."""
     t0 = time.time()
     check_output_folder(cfg.out, cfg.overwrite)
@@ -251,8 +253,8 @@ def run_judge_validate(cfg: JudgeValidateConfig, *, judges: dict[str, Judge] | N
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         run.write_text("samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         mf = manifest(command="judge validate", seed=cfg.seed, started=t0, model={}, data=data.files)
-        write_run(run, "judge validate", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "judge validate", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 def _coherence_table(reasons: Sequence[str], refused: Sequence[bool], human: Sequence[str]) -> dict[str, Any]:
@@ -291,7 +293,7 @@ def _anchors(data: LabelledSet, partial: str, n: int) -> dict[str, float]:
 # --- train -------------------------------------------------------------------------------------------------------
 
 
-def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> Path:
+def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> RunResult[JudgeTrainConfig]:
     """Fit the learned judge on labelled replies and write the judge folder (with ``report.md``); returns it.
     ``base`` is a loaded base model (tests pass a tiny one); by default ``cfg.base_model`` is loaded."""
     from ssah.judges.learned import LearnedSettings, train_head
@@ -330,6 +332,7 @@ def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> Path:
         save_judge(run.path, head, settings)
         model = {"name": cfg.base_model, "fingerprint": settings.base_fingerprint}
         mf = manifest(command="judge train", seed=cfg.seed, started=t0, model=model, data=data.files)
-        write_run(run, "judge train", config=None, results=report, manifest=mf, results_file="training.json",
-                  render=lambda r, _: render_train(r, settings))  # fmt: skip
-    return run.out
+        run_result = write_run(
+            run, "judge train", config=cfg, results=report, manifest=mf, render=lambda r, _: render_train(r, settings)
+        )
+    return run_result

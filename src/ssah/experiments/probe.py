@@ -41,6 +41,7 @@ from ssah.probe import (
     separation_verdict,
     token_values,
 )
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
 NONE = ("", "none", "no", "off")
@@ -324,8 +325,8 @@ def _replies(measures: list[ModelMeasures], labels: list[str], judge_spec: str, 
     return out
 
 
-def run_probe(cfg: ProbeConfig) -> Path:
-    """Measure the model (and ``compare``), analyse, and write the run folder; returns its path.
+def run_probe(cfg: ProbeConfig) -> RunResult[ProbeConfig]:
+    """Measure the model (and ``compare``), analyse, and write the run folder; returns its RunResult.
 
     ``cfg.threads`` sets torch's CPU threads for the run (restored afterwards): on a CPU shared by many processes
     one thread avoids the synchronisation stalls of several (measured here: 8x faster on a loaded 2-core machine).
@@ -340,7 +341,7 @@ def run_probe(cfg: ProbeConfig) -> Path:
         torch.set_num_threads(before)
 
 
-def _run(cfg: ProbeConfig) -> Path:
+def _run(cfg: ProbeConfig) -> RunResult[ProbeConfig]:
     t0 = time.time()
     check_output_folder(cfg.out, cfg.overwrite)
     set_seed(cfg.seed)
@@ -380,8 +381,8 @@ def _run(cfg: ProbeConfig) -> Path:
             model |= {"compare": cfg.compare, "compare_fingerprint": models[1].fingerprint}
         device = models[0].model.device
         mf = manifest(command="probe", seed=cfg.seed, started=t0, device=device, model=model, data=results["data"])
-        write_run(run, "probe", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "probe", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 def _results(

@@ -50,8 +50,9 @@ from ssah.fields import (
 )
 from ssah.interventions import unit_param_masks
 from ssah.judges import get_judge
-from ssah.measure import ControlDistribution, FoundUnits, Measured, Proportion
+from ssah.measure import FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import LoraSettings, TrainConfig, TrainSection, load_ranked_categories, parse_lora, train_model
 from ssah.units import UnitSet
@@ -75,6 +76,14 @@ COMPARISONS = (
 LORA_LR_FACTOR = 10.0
 EVAL_FRACTION = 0.5  # share of the harmful set held out for evaluation when the attack is built from it
 SAMPLE_CHARS = 160  # output kept per sample in samples.jsonl: enough to audit the refusal judge
+# What the report needs to know of the recipe, recorded in results.json (the report never imports the recipe): every
+# setting and data kind in their order, which setting is the random control of which, the sample length.
+DESIGN: dict[str, Any] = {
+    "settings": list(SETTINGS),
+    "kinds": list(KINDS),
+    "controls": dict(CONTROLS),
+    "sample_chars": SAMPLE_CHARS,
+}
 
 # The paper's numbers (Llama-2-7B-Chat; AdvBench ASR % with a keyword judge, HEx-PHI harmful rate %), PAPER.md §4.
 PAPER: dict[str, Any] = {
@@ -186,7 +195,7 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
 
     def train_config(self, setting: str | None) -> TrainConfig:
         """The training settings of one setting's run (to the largest step count)."""
-        same = self.model_dump(include={"model", "out", "dtype", "seed", "device", "max_length", "system"})
+        same = self.model_dump(include={"model", "out", "dtype", "seed", "device", "max_length", "system", "bf16"})
         lora = {"lr": self.lora_lr or LORA_LR_FACTOR * self.train.lr, "lora": self.lora} if setting == "lora" else {}
         return TrainConfig.build(
             {**same, **self.train.model_dump(), "max_steps": max(self.steps or [1]), **lora, "progress": False}
@@ -366,8 +375,8 @@ def _share(frozen: dict[str, Any] | None, setting: str) -> str:
     return "" if frozen is None or setting in CONTROLS else f" ({100 * frozen['share_of_units']:.2f}% of units)"
 
 
-def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None) -> Path:
-    """Run the recipe and write the run folder; returns its path.
+def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None) -> RunResult[ProtectConfig]:
+    """Run the recipe and write the run folder; returns its RunResult.
 
     ``after_setting(kind, setting, model, frozen_units)`` is called after each training run (before the weights
     are restored), e.g. to inspect or save the fine-tuned model.
@@ -451,6 +460,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         "runs": runs,
         "weights_restored": measure.weights_digest(lm.model) == digest,
         "paper": PAPER,
+        "design": DESIGN,
         "seconds": {
             "load_model": round(lm.load_seconds, 3),
             "units": round(units_seconds, 3),
@@ -468,15 +478,15 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         run_dir.write_text("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         info = {"model": model_info, "data": results["data"], "device": next(lm.model.parameters()).device}
         mf = manifest(command="protect", seed=cfg.seed, started=t0, **info)
-        write_run(run_dir, "protect", config=cfg, results=results, manifest=mf)
-    return run_dir.out
+        run_result = write_run(run_dir, "protect", config=cfg, results=results, manifest=mf)
+    return run_result
 
 
 # -- verdicts -------------------------------------------------------------------------------------------------
 def measured(cells: list[dict[str, Any]], setting: str, steps: int, key: str = "asr") -> Measured | None:
     """One setting's measurement at a step count: a Proportion, or the distribution over a control's seeds."""
-    xs = [Proportion.from_dict(c[key]) for c in cells if c["setting"] == setting and c["steps"] == steps and c.get(key)]
-    return None if not xs else ControlDistribution(tuple(xs)) if setting in CONTROLS else xs[0]
+    at = [c[key] for c in cells if c["setting"] == setting and c["steps"] == steps and c.get(key)]
+    return measure.measured_from(at, distribution=setting in CONTROLS)
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
@@ -495,7 +505,7 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
                 v = measure.verdict(measure.compare(ma, mb), expected)  # type: ignore[arg-type]
                 # outcome / asr_a / asr_b: the demo headline's keys (the same as `comparison`, without the interval)
                 old = {"outcome": v.comparison.direction, "asr_a": v.comparison.effect, "asr_b": v.comparison.control}
-                comps.append({"a": a, "b": b, "metric": "asr", **v.to_dict(), **old})
+                comps.append({"name": f"{a} vs {b}", "a": a, "b": b, "metric": "asr", **v.to_dict(), **old})
         notes = _notes(comps)
         summary = " ".join([f"After {last} steps on the {kind} data:", *notes, *map(_sentence, comps)])
         out[kind] = {"steps": last, "comparisons": comps, "notes": notes, "summary": summary}

@@ -29,6 +29,7 @@ from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
 from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
+from ssah.results import RunResult, load_run
 from ssah.runs import RunDir, manifest, write_run
 from ssah.training import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
@@ -106,8 +107,9 @@ def _unit_summary(sel: Selection | None, spec: str | None, trainable: Mapping[st
     }
 
 
-def run_train(cfg: TrainConfig) -> Path:
-    """Run the recipe and write the run folder; returns its path (on every process of a distributed run)."""
+def run_train(cfg: TrainConfig) -> RunResult[TrainConfig]:
+    """Run the recipe and write the run folder; returns its RunResult (on every process of a distributed run: the
+    others read the folder back once the main process has committed it)."""
     from accelerate import PartialState
 
     t0 = time.time()
@@ -163,8 +165,11 @@ def run_train(cfg: TrainConfig) -> Path:
             run.abort()
         raise
     if run is None:
-        state.wait_for_everyone()
-        return Path(cfg.out)
+        state.wait_for_everyone()  # the main process has committed the folder, or failed
+        try:
+            return load_run(cfg.out)
+        except UserError:
+            raise UserError(f"the main process did not finish {cfg.out}: see its error") from None
     try:
         save_trained_model(result.model, lm.tokenizer, run.file("model"))
         results = _results(cfg, result, data, model_info, freeze_sel, only_sel)
@@ -177,15 +182,15 @@ def run_train(cfg: TrainConfig) -> Path:
         used = {"train": {"source": data.source, "sha256": data.fingerprint(), "examples": len(data)}}
         how = {"command": "train", "seed": cfg.seed, "started": t0, "world_size": state.num_processes}
         mf = manifest(**how, device=device, model=model_info, data=used)
-        write_run(run, "train", config=cfg, results=results, manifest=mf)
-        out = run.commit()
+        run_result = write_run(run, "train", config=cfg, results=results, manifest=mf)
+        run.commit()
     except BaseException:
         run.abort()
         raise
     finally:
         with contextlib.suppress(Exception):
             state.wait_for_everyone()
-    return out
+    return run_result
 
 
 def _results(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -47,6 +46,7 @@ from ssah.measure import (
     verdict,
 )
 from ssah.models import LoadedModel, load_model, model_fingerprint
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainSection, train_model
 from ssah.units import UnitSpace
@@ -93,7 +93,7 @@ class TransferConfig(UnitCategoryFields, ModelRunConfig):
 
     def train_config(self) -> TrainConfig:
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
-        same = {"model", "out", "dtype", "data", "columns", "system", "max_length", "seed", "progress"}
+        same = {"model", "out", "dtype", "data", "columns", "system", "max_length", "seed", "progress", "bf16"}
         return TrainConfig.build({**self.model_dump(include=same), **self.train.model_dump(), "max_steps": self.steps})
 
     def check(self) -> None:
@@ -171,8 +171,8 @@ def check_same_layout(base: LoadedModel, other: LoadedModel) -> None:
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------
-def run_transfer(cfg: TransferConfig) -> Path:
-    """Categorise MODEL and its fine-tune, compare, write the run folder; returns its path."""
+def run_transfer(cfg: TransferConfig) -> RunResult[TransferConfig]:
+    """Categorise MODEL and its fine-tune, compare, write the run folder; returns its RunResult."""
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
@@ -257,5 +257,5 @@ def run_transfer(cfg: TransferConfig) -> Path:
         results["seconds"]["total"] = round(time.time() - t0, 3)
         how: dict[str, Any] = {"command": "transfer", "seed": cfg.seed, "started": t0, "device": base.model.device}
         mf = manifest(**how, model=ids[0], data=data_info, finetuned=ids[1])
-        write_run(run, "transfer", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "transfer", config=cfg, results=results, manifest=mf)
+    return run_result

@@ -7,7 +7,6 @@ sets of the same count."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -43,6 +42,7 @@ from ssah.measure import (
 )
 from ssah.models import LoadedModel, load_model
 from ssah.plan import auto_scoring_batch_size, wants_auto_batch
+from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.units import UnitSpace
 
@@ -181,8 +181,8 @@ def categorize_with_safety_set(lm: LoadedModel, safety: PromptSet, found: FoundU
     )
 
 
-def run_units(cfg: UnitsConfig) -> Path:
-    """Run the recipe and write the run folder; returns its path."""
+def run_units(cfg: UnitsConfig) -> RunResult[UnitsConfig]:
+    """Run the recipe and write the run folder; returns its RunResult."""
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
@@ -264,5 +264,5 @@ def run_units(cfg: UnitsConfig) -> Path:
         meta = {"metric": cfg.metric, "safety_data": safety.fingerprint(), "utility_data": utility.fingerprint()}
         cats.save(run.file("units.safetensors"), meta)
         mf = manifest(command="units", seed=cfg.seed, started=t0, device=lm.model.device, model=model, data=data)
-        write_run(run, "units", config=cfg, results=results, manifest=mf)
-    return run.out
+        run_result = write_run(run, "units", config=cfg, results=results, manifest=mf)
+    return run_result

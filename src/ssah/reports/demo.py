@@ -333,6 +333,12 @@ def _seconds(stage: dict[str, Any]) -> str:
     return "reused" if stage["done"] else "not run"
 
 
+PRECISION = {
+    True: "bf16 autocast for generation and fine-tuning (statistics in fp32)",
+    False: "fp32 throughout",
+}
+
+
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """The demo report: headline table, stage timings, then every stage's own report."""
     # Read again from the stage folders, so that `ssah report` shows the current comparison of the numbers there.
@@ -341,8 +347,9 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     lines = [
         f"# ssah demo: {results['model']}",
         "",
-        f"{'Quick' if results['quick'] else 'Full'} settings, seed {results['seed']}. Every number below comes from "
-        "the run folders beside this report; `ssah report` rebuilds it.",
+        f"{'Quick' if results['quick'] else 'Full'} settings, seed {results['seed']}, "
+        f"{PRECISION[bool(results.get('bf16'))]}. Every number below comes from the run folders beside this report; "
+        "`ssah report` rebuilds it.",
         "",
         "## Published effects and what we measured",
         "",

@@ -1,21 +1,54 @@
-"""The `ssah protect` report: frozen sets, ASR against fine-tuning steps per setting, the verdicts, the paper's rows."""
+"""The `ssah protect` report: frozen sets, ASR against fine-tuning steps per setting, the verdicts, the paper's rows.
+
+Everything it knows of the recipe (the settings in order, the data kinds, which setting is a random control of
+which) comes from ``results["design"]``: the report does not import the recipe."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ssah.experiments.protect import CONTROLS, KINDS, SAMPLE_CHARS, SETTINGS, measured
 from ssah.judges import judge_line
-from ssah.measure import Proportion
+from ssah.measure import Measured, Proportion, measured_from
 from ssah.reports.common import markdown_table, proportion, save, subplots, verdict_line
 
-COLORS = dict(zip(SETTINGS, ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#7f7f7f", "#bcbd22", "#9467bd"), strict=True))
+COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#7f7f7f", "#bcbd22", "#9467bd")  # by the setting's place
 KEYS = ("asr", "coherent_compliance", "overrefusal")  # the measured proportions the report shows
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def design(results: dict[str, Any]) -> dict[str, Any]:
+    """What the report knows of the recipe: ``results["design"]``, or for a run written before it was recorded,
+    what its results say (the settings and kinds its config listed, the random controls its units record)."""
+    if "design" in results:
+        return results["design"]  # type: ignore[no-any-return]
+    s, controls = results["settings"], results["units"].get("controls") or {}
+    return {
+        "settings": list(s["settings"]),
+        "kinds": list(s["kinds"]),
+        "controls": {name: c["of"] for name, c in controls.items()},
+        "sample_chars": None,
+    }
+
+
+def _settings(results: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+    """The settings that ran in ``cells``, in the recipe's order."""
+    return [s for s in design(results)["settings"] if any(c["setting"] == s for c in cells)]
+
+
+def _color(results: dict[str, Any], setting: str) -> str:
+    return COLORS[design(results)["settings"].index(setting) % len(COLORS)]
+
+
+def measured(
+    results: dict[str, Any], cells: list[dict[str, Any]], setting: str, steps: int, key: str = "asr"
+) -> Measured | None:
+    """One setting's measurement at a step count: a Proportion, or the distribution over a control's seeds."""
+    at = [c[key] for c in cells if c["setting"] == setting and c["steps"] == steps and c.get(key)]
+    return measured_from(at, distribution=setting in design(results)["controls"])
 
 
 def plot_protect(results: dict[str, Any], kind: str, path: Path) -> Path:
@@ -25,16 +58,16 @@ def plot_protect(results: dict[str, Any], kind: str, path: Path) -> Path:
     cells = [c for c in results["cells"] if c["kind"] == kind]
     steps = sorted({c["steps"] for c in cells})
     fig, (ax, ax2) = subplots(1, 2, figsize=(11, 4.2))
-    for i, s in enumerate(x for x in SETTINGS if any(c["setting"] == x for c in cells)):
-        ms = [m for m in (Proportion.from_dict(init["asr"]), *(measured(cells, s, n) for n in steps)) if m]
+    for i, s in enumerate(_settings(results, cells)):
+        ms = [m for m in (Proportion.from_dict(init["asr"]), *(measured(results, cells, s, n) for n in steps)) if m]
         ys = [100 * m.rate for m in ms]
         err = [[y - 100 * m.ci95[0] for y, m in zip(ys, ms, strict=True)]]
         err.append([100 * m.ci95[1] - y for y, m in zip(ys, ms, strict=True)])
         xs = [0, *steps]
         jittered = [x + (i - 3) * 0.05 for x in xs]
-        ax.errorbar(jittered, ys, yerr=err, marker="o", capsize=3, label=labels.get(s, s), color=COLORS[s])
+        ax.errorbar(jittered, ys, yerr=err, marker="o", capsize=3, label=labels.get(s, s), color=_color(results, s))
         ppl = [_mean([c["perplexity"] for c in cells if c["setting"] == s and c["steps"] == n]) for n in steps]
-        ax2.plot(xs, [init.get("perplexity"), *ppl], marker="o", color=COLORS[s])
+        ax2.plot(xs, [init.get("perplexity"), *ppl], marker="o", color=_color(results, s))
     ax.set(xlabel="fine-tuning steps", ylabel="ASR on held-out harmful prompts (%)", ylim=(-3, 103))
     ax.set_title(f"{kind} data: attack success rate (95% intervals)")
     ax.legend(fontsize=6, frameon=False)
@@ -64,10 +97,10 @@ def _kind_section(results: dict[str, Any], kind: str, run_dir: Path) -> list[str
     cells = [c for c in results["cells"] if c["kind"] == kind]
     plot_protect(results, kind, Path(run_dir) / "plots" / f"protect_{kind}.png")
     labels, rows = results["settings"]["labels"], []
-    for setting in (x for x in SETTINGS if any(c["setting"] == x for c in cells)):
+    for setting in _settings(results, cells):
         for n in sorted({c["steps"] for c in cells}):
             at = [c for c in cells if c["setting"] == setting and c["steps"] == n]
-            rates = [proportion(measured(cells, setting, n, key)) for key in KEYS]
+            rates = [proportion(measured(results, cells, setting, n, key)) for key in KEYS]
             ppl, share, loss = (_mean([c[key] for c in at]) for key in ("perplexity", "trained_share", "loss"))
             rows.append([labels.get(setting, setting), n, *rates, f"{ppl:.2f}", f"{100 * share:.2f}%", loss])
     train, v = results["data"]["train"][kind], results["verdict"][kind]
@@ -75,8 +108,9 @@ def _kind_section(results: dict[str, Any], kind: str, run_dir: Path) -> list[str
     checks = [r["frozen_check"]["bit_identical"] for r in runs]
     ok = "bit-identical in every freezing run" if all(checks) else "CHANGED (see runs[].frozen_check)"
     head = ["setting", "steps", "ASR", "coherent compl.", "over-refusal", "perplexity", "trained share", "loss"]
+    controls = design(results)["controls"]
     lines = [
-        verdict_line(f"{c['a']}, ASR", c, f"{c['b']} (mean of its seeds)" if c["b"] in CONTROLS else c["b"])
+        verdict_line(f"{c['a']}, ASR", c, f"{c['b']} (mean of its seeds)" if c["b"] in controls else c["b"])
         for c in v["comparisons"]
     ]
     return [
@@ -93,7 +127,8 @@ def _kind_section(results: dict[str, Any], kind: str, run_dir: Path) -> list[str
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """Redraw ``plots/protect_<kind>.png`` from ``results`` and return the Markdown report (paragraphs)."""
     s, m, u, d, init = (results[k] for k in ("settings", "model", "units", "data", "initial"))
-    sec, paper = results["seconds"], results["paper"]
+    sec, paper, chars = results["seconds"], results["paper"], design(results)["sample_chars"]
+    cut = f"outputs cut to {chars} characters" if chars else "outputs shortened"
     restored = " (checked: bit-identical at the end)" if results.get("weights_restored") else ""
     out = [
         f"# Protected fine-tuning of {m['name']}",
@@ -111,7 +146,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     ]
     if u.get("frozen"):
         out += _frozen_table(results)
-    for kind in (k for k in KINDS if k in results["verdict"]):
+    for kind in (k for k in design(results)["kinds"] if k in results["verdict"]):
         out += _kind_section(results, kind, run_dir)
     out += [
         f"## The paper's numbers ({paper['model']}, Tables 2 / 3)",
@@ -120,6 +155,6 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         "sets tests whether the *choice* of units matters. Our model, data, judge and scale differ (a small model, "
         "built-in sets, a keyword judge, a few steps), so compare directions, not values.",
         f"Took {sec['total']:.0f} s (training {sec['training']:.0f} s, evaluation {sec['evaluation']:.0f} s, units "
-        f"{sec['units']:.0f} s). Per-prompt verdicts: `samples.jsonl` (outputs cut to {SAMPLE_CHARS} characters).",
+        f"{sec['units']:.0f} s). Per-prompt verdicts: `samples.jsonl` ({cut}).",
     ]
     return "\n\n".join(out) + "\n"

@@ -111,7 +111,6 @@ class TrainConfig(TrainSection, ModelRunConfig):
     epochs: int | None = Field(None, ge=1, description="Passes over the data (default 1 without max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    bf16: bool = Field(False, description="bf16 autocast (mixed precision) through accelerate.")
     max_length: int = Field(512, ge=8, description="Truncate examples to this many tokens.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     keep_checkpoints: bool = Field(False, description="Keep every checkpoint, not just the last.")

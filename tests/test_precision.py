@@ -1,0 +1,48 @@
+"""``bf16`` (mixed precision) is one option on every model-run config, and each recipe hands it to the generation
+and training it runs (a recipe that dropped it would silently run fp32)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+def _configs() -> list[tuple[str, Any, list[str]]]:
+    from ssah.experiments.ablate import AblateConfig
+    from ssah.experiments.budget import BudgetConfig
+    from ssah.experiments.direction import DirectionConfig
+    from ssah.experiments.eval import EvalConfig
+    from ssah.experiments.protect import ProtectConfig
+    from ssah.experiments.transfer import TransferConfig
+
+    return [
+        ("ablate", AblateConfig, ["eval.greedy"]),
+        ("budget", BudgetConfig, ["eval.greedy", "train_config:full", "train_config:ru"]),
+        ("direction", DirectionConfig, ["eval.greedy"]),
+        ("eval", EvalConfig, ["generation"]),
+        ("protect", ProtectConfig, ["train_config:full", "train_config:lora"]),
+        ("transfer", TransferConfig, ["train_config"]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["ablate", "budget", "direction", "eval", "protect", "transfer"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recipes_hand_bf16_to_generation_and_training(name: str, bf16: bool) -> None:
+    _, cls, getters = next(c for c in _configs() if c[0] == name)
+    cfg = cls(model="tiny-random-llama", bf16=bf16)
+    for getter in getters:
+        method, _, arg = getter.partition(":")
+        # a recipe's generation is its eval section's decoding under the run's settings
+        greedy = method == "eval.greedy"
+        built = cfg.eval.greedy(cfg) if greedy else getattr(cfg, method)(*([arg] if arg else []))
+        assert built.bf16 is bf16, f"{name}.{getter} dropped bf16"
+
+
+def test_align_hands_bf16_to_its_training_and_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssah.experiments import align
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(align, "train_model", lambda model, tok, mix, tcfg, **kw: seen.setdefault("train", tcfg))
+    align.safety_sft(align.AlignConfig(model="tiny-random-llama", bf16=True), None, None, None)  # type: ignore[arg-type]
+    assert seen["train"].bf16 is True
