@@ -46,3 +46,29 @@ def test_align_hands_bf16_to_its_training_and_evaluation(monkeypatch: pytest.Mon
     monkeypatch.setattr(align, "train_model", lambda model, tok, mix, tcfg, **kw: seen.setdefault("train", tcfg))
     align.safety_sft(align.AlignConfig(model="tiny-random-llama", bf16=True), None, None, None)  # type: ignore[arg-type]
     assert seen["train"].bf16 is True
+
+
+def test_every_bf16_training_run_on_one_model_autocasts() -> None:
+    """accelerate marks a model it prepared and skips it the next time; the trainer clears the mark, so a second
+    and third run on the same model (protect's settings, budget's conditions) are mixed precision too."""
+    import torch
+
+    from ssah.data import Example, PromptSet
+    from ssah.measure import restored_weights
+    from ssah.tiny import build_tiny_model
+    from ssah.training import TrainConfig, train_model
+
+    model, tok = build_tiny_model("llama")
+    data = PromptSet("toy", "memory", (Example("What is 2 + 2?", "2 + 2 = 4."), Example("Say hello.", "Hello!")) * 2)
+    seen: list[torch.dtype] = []
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        for bf16 in (True, False, True):
+            seen.clear()
+            cfg = TrainConfig(model="tiny", max_steps=1, batch_size=2, bf16=bf16)
+            with restored_weights(model):
+                train_model(model, tok, data, cfg, progress=False)
+            assert set(seen) == {torch.bfloat16 if bf16 else torch.float32}, f"run with bf16={bf16}"
+    finally:
+        handle.remove()

@@ -122,6 +122,9 @@ def train_model(
         if not had_forward:
             tr.model.__dict__.pop("forward", None)
         tr.model.__dict__.pop("_original_forward", None)
+        # ... and forget it was prepared: accelerate skips (no autocast patch) a model that carries the mark, so a
+        # second run on the same model would silently train without its mixed precision
+        tr.model.__dict__.pop("_is_accelerate_prepared", None)
         trained = tr.finish(ok)
         trained.train(was_training)
     slice_report = frozen.report if frozen is not None else tr.report
