@@ -61,6 +61,10 @@ ALIGNMENT = "builtin:alignment"
 # SmolLM2 (8 steps, 16 held-out harmful prompts): RU-only at 3e-4 left refusal at the base's 6%, 1e-3 gave 25%,
 # 3e-3 gave 44% with perplexity up by a third; full SFT at 3e-5 gave 19% (8 steps) and 38% (10 steps).
 DEFAULT_LR_UNITS = 1e-3
+# Full SFT must itself align the model, or "RU-only keeps more utility" compares with a model that barely moved.
+# Measured on SmolLM2 (quick: 10 steps of batch 8, bf16, 16 held-out harmful / benign prompts): full SFT at 3e-5
+# and at 5e-5 left refusal at the base's 6%; at 1e-4 it refused 94% with 0% over-refusal, perplexity 19.0 -> 15.8.
+DEFAULT_LR_FULL = 1e-4
 # (metric, label, direction the budget hypothesis expects for RU-only against the other condition)
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("refusal", "refusal of held-out harmful prompts", "higher"),
@@ -95,7 +99,9 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     # training, as `ssah align`
     steps: Count = Field(20, description="SFT steps per condition.")
     # full SFT's; the units-only conditions take lr_units and never freeze embeddings (they train units only)
-    train: TrainSection = TrainSection(lr=3e-5, schedule="constant", max_grad_norm=None, freeze_embeddings=True)
+    train: TrainSection = TrainSection(
+        lr=DEFAULT_LR_FULL, schedule="constant", max_grad_norm=None, freeze_embeddings=True
+    )
     lr_units: float = Field(
         DEFAULT_LR_UNITS, gt=0, description="Learning rate of the units-only conditions (RU and random)."
     )
