@@ -51,7 +51,9 @@ def measured(v: dict) -> Proportion | ControlDistribution:
 @pytest.fixture(scope="module")
 def ablate_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ablate") / "run"
-    code = main(["ablate", "tiny-random-llama", "--out", str(out), "--quick", "--dose", "1%,5%", *FAST])
+    # the quick config leaves the prompt-only calibration comparison out; the flag puts it back (over the config)
+    args = ["--quick", "--dose", "1%,5%", "--compare-calibration", *FAST]
+    code = main(["ablate", "tiny-random-llama", "--out", str(out), *args])
     assert code == 0
     return out
 
