@@ -10,8 +10,7 @@ import pytest
 
 from ssah.cli import main
 from ssah.experiments.demo import STAGE_NAMES, STAGES, DemoConfig, available_safety_sets
-from ssah.recipes import get_recipe
-from ssah.results import load_run
+from ssah.recipes import get_recipe, load_run
 
 
 @pytest.fixture(scope="module")

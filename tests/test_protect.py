@@ -19,8 +19,8 @@ from ssah.inference import frozen_eval
 from ssah.interventions import unit_param_masks
 from ssah.measure import Proportion, Verdict
 from ssah.models import model_fingerprint
+from ssah.recipes import load_run
 from ssah.reports.protect import design, render
-from ssah.results import load_run
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
 from ssah.training import TrainConfig, train_model

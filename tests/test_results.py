@@ -15,7 +15,8 @@ from pydantic import BaseModel
 import ssah
 from ssah.errors import UserError
 from ssah.measure import Comparison, Proportion, Verdict, compare, verdict
-from ssah.results import RunResult, find_verdicts, load_run
+from ssah.recipes import load_run
+from ssah.results import RunResult, find_verdicts
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ _EXPORTS = {
     "measure_condition": "ssah.measure",
     "restored_weights": "ssah.measure",
     "RunResult": "ssah.results",
-    "load_run": "ssah.results",
+    "load_run": "ssah.recipes",
     "TrainConfig": "ssah.training",
     "train_model": "ssah.training",
     "SsahError": "ssah.errors",
@@ -81,7 +81,8 @@ if TYPE_CHECKING:
         verdict,
     )
     from ssah.models import LoadedModel, load_model, model_fingerprint
-    from ssah.results import RunResult, load_run
+    from ssah.recipes import load_run
+    from ssah.results import RunResult
     from ssah.scoring import Scores, collect_statistics, compute_scores, score_units
     from ssah.training import TrainConfig, train_model
     from ssah.units import UnitSet, UnitSpace, load_unit_sets, save_unit_sets

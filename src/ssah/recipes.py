@@ -14,12 +14,10 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ssah.errors import UserError
-
-if TYPE_CHECKING:
-    from ssah.results import RunResult
+from ssah.results import RunResult, read_config, read_json, read_manifest
 
 Renderer = Callable[[dict[str, Any], Path], str]
 
@@ -164,3 +162,28 @@ def get_recipe(name: str) -> Recipe:
     except KeyError:
         known = ", ".join(sorted(RECIPES))
         raise UserError(f"no recipe called {name!r}: the known recipes are {known}") from None
+
+
+# -- reading a run folder back through the registry (the core ``ssah.results`` knows no recipe) ----------------
+def read_run_files(run_dir: str | Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A finished run folder's recipe name, manifest and results (its registered results file), without its
+    config; a one-line ``UserError`` when the folder is not a finished ssah run."""
+    run_dir = Path(run_dir)
+    command, man = read_manifest(run_dir)
+    name = RECIPES[command].results_file if command in RECIPES else "results.json"
+    results_file = run_dir / name
+    if not results_file.is_file():
+        raise UserError(f"{run_dir} has no {name}: the `{command}` run did not finish; run it again")
+    results = read_json(results_file, "the results")
+    if not isinstance(results, dict):
+        raise UserError(f"{results_file} does not hold a JSON object: it was not written by `ssah {command}`")
+    return command, man, results
+
+
+def load_run(run_dir: str | Path) -> RunResult[Any]:
+    """Read a finished run folder back as the :class:`RunResult` its run returned: the recipe from
+    ``manifest.json``, the config re-validated from ``config.yaml`` by the recipe's config class, the results and
+    their verdicts. A one-line ``UserError`` when the folder is not a finished ssah run."""
+    command, man, results = read_run_files(run_dir)
+    config = read_config(run_dir, get_recipe(command).config_class(), command)
+    return RunResult(out=Path(run_dir), recipe=command, config=config, results=results, manifest=man)

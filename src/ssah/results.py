@@ -167,7 +167,7 @@ def find_verdicts(results: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[st
 
 
 # -- reading a run folder ----------------------------------------------------------------------------------------
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -183,28 +183,11 @@ def read_manifest(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
     manifest_file = run_dir / "manifest.json"
     if not manifest_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no manifest.json): pass a folder written by an ssah command")
-    man = _read_json(manifest_file, "the manifest")
+    man = read_json(manifest_file, "the manifest")
     command = man.get("command") if isinstance(man, dict) else None
     if not isinstance(command, str) or not command.strip():
         raise UserError(f"{manifest_file} names no valid command (found {command!r}): is it an ssah run folder?")
     return command, man
-
-
-def read_run_files(run_dir: str | Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A finished run folder's recipe name, manifest and results (its registered results file), without its
-    config; a one-line ``UserError`` when the folder is not a finished ssah run."""
-    from ssah.recipes import RECIPES
-
-    run_dir = Path(run_dir)
-    command, man = read_manifest(run_dir)
-    name = RECIPES[command].results_file if command in RECIPES else "results.json"
-    results_file = run_dir / name
-    if not results_file.is_file():
-        raise UserError(f"{run_dir} has no {name}: the `{command}` run did not finish; run it again")
-    results = _read_json(results_file, "the results")
-    if not isinstance(results, dict):
-        raise UserError(f"{results_file} does not hold a JSON object: it was not written by `ssah {command}`")
-    return command, man, results
 
 
 def read_config(run_dir: str | Path, config_class: type[ConfigT], recipe: str = "") -> ConfigT:
@@ -231,14 +214,3 @@ def read_config(run_dir: str | Path, config_class: type[ConfigT], recipe: str = 
             f"{path} does not fit {what}{config_class.__name__} ({why}): was it written by another ssah version? "
             "rerun the experiment, or read its results.json directly"
         ) from None
-
-
-def load_run(run_dir: str | Path) -> RunResult[Any]:
-    """Read a finished run folder back as the :class:`RunResult` its run returned: the recipe from
-    ``manifest.json``, the config re-validated from ``config.yaml`` by the recipe's config class, the results and
-    their verdicts. A one-line ``UserError`` when the folder is not a finished ssah run."""
-    from ssah.recipes import get_recipe
-
-    command, man, results = read_run_files(run_dir)
-    config = read_config(run_dir, get_recipe(command).config_class(), command)
-    return RunResult(out=Path(run_dir), recipe=command, config=config, results=results, manifest=man)

@@ -15,8 +15,8 @@ import typer
 
 from ssah.cliutil import app
 from ssah.errors import UserError
-from ssah.recipes import Renderer, get_recipe
-from ssah.results import read_manifest, read_run_files
+from ssah.recipes import Renderer, get_recipe, read_run_files
+from ssah.results import read_manifest
 from ssah.runs import atomic_write_text, write_report
 
 README_START = "<!-- ssah:results:start -->"

@@ -29,7 +29,8 @@ from ssah.data import PromptSet, load_prompts
 from ssah.errors import DataError, UserError
 from ssah.measure import Selection
 from ssah.models import load_model, resolve_device
-from ssah.results import RunResult, load_run
+from ssah.recipes import load_run
+from ssah.results import RunResult
 from ssah.runs import RunDir, manifest, write_run
 from ssah.training import TrainConfig, TrainResult, checkpoint_dirs, partial_dir, train_model, unit_spec_selection
 
