@@ -191,6 +191,7 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
             raise UserError(f"unit file {self.units} not found: pass a units.safetensors written by `ssah units`")
         measure.check_unit_search(self)
         e.train_config("lora" if "lora" in (e.settings or []) else None)  # a UserError on a bad training setting
+        e.eval.check_judge()  # a bad judge spec fails before the model loads
         check_output_folder(self.out, self.overwrite)
 
     def train_config(self, setting: str | None) -> TrainConfig:
@@ -375,6 +376,15 @@ def _share(frozen: dict[str, Any] | None, setting: str) -> str:
     return "" if frozen is None or setting in CONTROLS else f" ({100 * frozen['share_of_units']:.2f}% of units)"
 
 
+def _settings(cfg: ProtectConfig, units_summary: dict[str, Any]) -> dict[str, Any]:
+    """The settings block of results.json: the config as run, the LoRA rate in force and each setting's label."""
+    dump = cfg.model_dump(mode="json", exclude={"out", "overwrite", "progress"}) | cfg.train.model_dump(mode="json")
+    dump["lora_lr"] = cfg.lora_lr or LORA_LR_FACTOR * cfg.train.lr  # the rate in force
+    labels = {s: cfg.label(s) + _share(units_summary["frozen"].get(s), s) for s in cfg.settings or []}
+    extra = {"selection": cfg.selection, "labels": labels}
+    return dump | cfg.eval.model_dump(include={"judge", "max_new_tokens"}) | extra
+
+
 def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None) -> RunResult[ProtectConfig]:
     """Run the recipe and write the run folder; returns its RunResult.
 
@@ -386,7 +396,6 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     e = cfg
     set_seed(cfg.seed)
     data = load_protect_data(cfg)
-    get_judge(cfg.eval.judge)  # a bad judge spec fails before the model loads
     opts = {k: getattr(cfg, k) for k in ("dtype", "device", "allow_pickle", "trust_remote_code")}
     lm = load_model(cfg.model, **opts)
     judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
@@ -442,17 +451,9 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         train_one(*job)
 
     model_info = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint, "family": lm.family}
-    labels = {s: cfg.label(s) + _share(units_summary["frozen"].get(s), s) for s in e.settings or []}
-    dump = e.model_dump(mode="json", exclude={"out", "overwrite", "progress"}) | e.train.model_dump(mode="json")
-    dump["lora_lr"] = e.lora_lr or LORA_LR_FACTOR * e.train.lr  # the rate in force
     results: dict[str, Any] = {
         "model": model_info,
-        "settings": {
-            **dump,
-            **e.eval.model_dump(include={"judge", "max_new_tokens"}),
-            "selection": cfg.selection,
-            "labels": labels,
-        },
+        "settings": _settings(cfg, units_summary),
         "units": units_summary,
         "data": data.describe(),
         "initial": initial.to_dict(),
