@@ -51,8 +51,8 @@ class DemoConfig(ModelRunConfig):
     stages: CommaList | None = Field(None, description="Comma-separated subset of stages, e.g. align,units,ablate.")
     bf16: bool = Field(
         True,
-        description="bf16 autocast for generation and fine-tuning in every stage (statistics stay fp32); about "
-        "2.5x faster on CPUs with AVX512-BF16 or AMX and on GPUs. --no-bf16: everything in fp32.",
+        description="bf16 autocast for generation and fine-tuning in every stage (statistics stay fp32); about 2x "
+        "faster on CPUs with AVX512-BF16 or AMX (benchmarks/bench_mixed_precision.py) and on GPUs. --no-bf16: fp32.",
     )
 
 
