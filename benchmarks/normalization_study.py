@@ -30,15 +30,6 @@ RU_PPL_RATIO = 1.25  # the issue's bar for a harmless RU ablation: perplexity up
 RU_ASR_POINTS = 15.0  # ... and ASR up by less than 15 points
 
 
-def _spread(ps: Any, n: int | None) -> Any:
-    """``n`` examples evenly spread over the set (the built-in files are sorted by category)."""
-    from ssah.data import PromptSet
-
-    if n is None or n >= len(ps):
-        return ps
-    return PromptSet(ps.name, ps.source, tuple(ps.examples[int(i * len(ps) / n)] for i in range(n)))
-
-
 def stratified_random(units: Any, seed: int) -> Any:
     """A random unit set with ``units``' count in every (layer, kind) module (the core's control), by seed."""
     from ssah.measure import random_control
@@ -314,10 +305,10 @@ def main(argv: list[str] | None = None) -> Path:
     lm = load_model(model, device="cpu")
     results = run_study(
         lm,
-        safety=_spread(load_prompts(args.safety, name="safety"), args.calibration_limit),
-        utility=_spread(load_prompts(args.utility, name="utility"), args.calibration_limit),
-        harmful=_spread(load_prompts(args.harmful, name="harmful"), args.harmful_limit),
-        ppl_set=_spread(load_prompts(args.ppl_data, name="perplexity"), args.ppl_limit),
+        safety=load_prompts(args.safety, name="safety").spread(args.calibration_limit),
+        utility=load_prompts(args.utility, name="utility").spread(args.calibration_limit),
+        harmful=load_prompts(args.harmful, name="harmful").spread(args.harmful_limit),
+        ppl_set=load_prompts(args.ppl_data, name="perplexity").spread(args.ppl_limit),
         normalizations=normalizations,
         modes=modes,
         metric=args.metric,

@@ -7,16 +7,23 @@ import math
 import pytest
 import torch
 
+from ssah.data import Example
 from ssah.errors import UserError
+from ssah.evaluate import Sample
 from ssah.measure import (
     ControlDistribution,
     Proportion,
+    answer_accuracy,
+    answered,
     check_seeds,
     compare,
+    compare_stored,
+    over_seeds,
     parse_selection,
     random_control,
     restored_weights,
     select,
+    stored_measurement,
     t95,
     verdict,
     weights_digest,
@@ -253,3 +260,41 @@ def test_stability_summary_decides_beyond_chance() -> None:
     other = stability_summary(a, categorize(s2, u2, space=space, shares=shares, normalization="none"))
     assert other["SCU"]["verdict"]["verdict"] != "reproduced"  # independent scores: nothing beyond chance
     assert other["SCU"]["found_again"]["n"] == len(a["SCU"])
+
+
+def test_stored_rates_read_back_as_the_core_objects() -> None:
+    p, dist = Proportion(3, 10), ControlDistribution((Proportion(1, 10), Proportion(2, 10), Proportion(4, 10)))
+    assert stored_measurement(p.to_dict()) == p
+    back = stored_measurement(dist.to_dict())
+    assert isinstance(back, ControlDistribution) and back.draws == dist.draws
+    # an effect far above a distribution of controls is 'higher'; the stored form decides as the objects do
+    high = Proportion(10, 10).to_dict()
+    assert compare_stored(high, dist.to_dict()) == compare(Proportion(10, 10), dist)
+    assert compare_stored(high, dist.to_dict()).direction == "higher"
+
+
+def test_over_seeds_keeps_every_draw_and_summarises_the_rest() -> None:
+    rows = [
+        {"seed": s, "asr": Proportion(k, 20).to_dict(), "perplexity": ppl, "kl": {"reply": {"mean": kl}}, "tag": "x"}
+        for s, k, ppl, kl in ((0, 2, 10.0, 0.1), (1, 4, 12.0, 0.3), (2, 9, 11.0, 0.2))
+    ]
+    rows[2]["overrefusal"] = Proportion(1, 5).to_dict()  # only one seed has it: not a distribution
+    out = over_seeds(rows)
+    assert out["seeds"] == [0, 1, 2] and "overrefusal" not in out and "tag" not in out
+    assert [d["k"] for d in out["asr"]["draws"]] == [2, 4, 9] and out["asr"]["seeds"] == 3
+    assert out["asr"]["rate"] == pytest.approx(15 / 60)
+    assert out["perplexity"] == {"mean": 11.0, "min": 10.0, "max": 12.0, "values": [10.0, 12.0, 11.0]}
+    assert out["kl"]["reply"]["mean"] == pytest.approx(0.2) and out["kl"]["reply"]["max"] == 0.3
+
+
+def test_answer_accuracy_counts_only_examples_with_a_reference() -> None:
+    assert answered("The total is 1,250 apples.", "1250") and not answered("about twelve", "1250")
+    assert answered("PARIS is the capital", "paris")
+    examples = [Example(prompt="q1", answer="4"), Example(prompt="q2", answer=None), Example(prompt="q3", answer="7")]
+    outputs = ["4", "x", "8"]
+    samples = [Sample("b", e.prompt, o, False, True, None) for e, o in zip(examples, outputs, strict=True)]
+    acc = answer_accuracy(examples, samples)
+    assert acc == Proportion(1, 2)
+    assert answer_accuracy(examples[1:2], samples[1:2]) is None
+    with pytest.raises(ValueError):
+        answer_accuracy(examples, samples[:2])  # replies must pair with examples one to one

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ssah.data import load_prompts
-from ssah.errors import UserError
-from ssah.experiments.units import UnitsConfig, evenly_spaced, overlap_across_safety_sets, run_units, safety_specs
+from ssah.errors import DataError, UserError
+from ssah.experiments.units import UnitsConfig, overlap_across_safety_sets, run_units, safety_specs
 from ssah.reports.units import render
 from ssah.units import UnitSet, UnitSpace
 
@@ -78,10 +78,13 @@ def test_compare_safety_specs_and_bad_settings(tmp_path: Path) -> None:
 
 def test_compared_sets_are_cut_to_the_main_sets_size_evenly() -> None:
     data = load_prompts("builtin:harmful")  # 150, sorted by category (15 each)
-    cut = evenly_spaced(data, 30)
+    cut = data.spread(30)
     assert len(cut) == 30 and [ex.prompt for ex in cut] == [data[5 * i].prompt for i in range(30)]
     assert {ex.category for ex in cut} == {ex.category for ex in data}
-    assert evenly_spaced(data, 500) is data
+    assert data.spread(500) is data and data.spread(None) is data
+    assert cut.name == data.name and cut.source.endswith("(30 evenly spaced of 150)")
+    with pytest.raises(DataError, match="at least 1"):
+        data.spread(0)
 
 
 def test_units_run_compares_safety_sets_and_reports_them(tmp_path: Path) -> None:
@@ -92,7 +95,7 @@ def test_units_run_compares_safety_sets_and_reports_them(tmp_path: Path) -> None
     cal = res["calibration_sets"]
     assert [s["spec"] for s in cal["sets"]] == ["builtin:safety", "builtin:harmful"]
     assert all(s["examples"] == 6 for s in cal["sets"])
-    assert "every 25.00th, 6 examples" in cal["sets"][1]["source"]  # 6 of 150, spread over the whole set
+    assert "(6 evenly spaced of 150)" in cal["sets"][1]["source"]  # 6 of 150, spread over the whole set
     (pair,) = cal["pairs"]
     assert (pair["a"], pair["b"]) == ("builtin:safety", "builtin:harmful")
     assert pair["verdict"]["verdict"] in {"reproduced", "not reproduced", "inconclusive"}

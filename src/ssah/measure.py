@@ -169,6 +169,39 @@ class ControlDistribution:
 Measured = Proportion | ControlDistribution
 
 
+def stored_measurement(stored: Mapping[str, Any]) -> Measured:
+    """One rate read back from results.json: a :class:`ControlDistribution` when it holds its seeds' draws (the
+    shape :meth:`ControlDistribution.to_dict` writes), else a :class:`Proportion`."""
+    if "draws" in stored:
+        return ControlDistribution(tuple(Proportion.from_dict(d) for d in stored["draws"]))
+    return Proportion.from_dict(stored)
+
+
+def compare_stored(effect: Mapping[str, Any], control: Mapping[str, Any]) -> Comparison:
+    """:func:`compare` of two rates as results.json stores them (see :func:`stored_measurement`)."""
+    return compare(stored_measurement(effect), stored_measurement(control))
+
+
+def _spread_of(values: Sequence[float]) -> dict[str, Any]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": list(values)}
+
+
+def over_seeds(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One random control's rows (one per seed, as results.json stores conditions) as one entry: ``seeds``; each
+    rate that every row holds as a ControlDistribution over the seeds (the verdicts compare with that
+    distribution, never with the best seed); perplexity and each KL part as mean / min / max / values."""
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+    for key in rows[0]:
+        if all(isinstance(r.get(key), Mapping) and {"k", "n"} <= r[key].keys() for r in rows):
+            out[key] = ControlDistribution(tuple(Proportion.from_dict(r[key]) for r in rows)).to_dict()
+    if all(isinstance(r.get("perplexity"), int | float) for r in rows):
+        out["perplexity"] = _spread_of([r["perplexity"] for r in rows])
+    if all("kl" in r for r in rows):
+        parts = [p for p in rows[0]["kl"] if all(isinstance(r["kl"].get(p), Mapping) for r in rows)]
+        out["kl"] = {p: _spread_of([r["kl"][p]["mean"] for r in rows]) for p in parts}
+    return out
+
+
 def measured_from(stored: Sequence[Mapping[str, Any]], *, distribution: bool) -> Measured | None:
     """Stored proportions (:meth:`Proportion.to_dict` shapes) read back as one measurement: the first, or for a
     random control the distribution over its seeds' draws; None when there are none."""
@@ -696,6 +729,23 @@ def check_seeds(seeds: int, *, quick: bool) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ conditions
+def answered(output: str, answer: str) -> bool:
+    """A question counts as answered when its reference answer appears in the reply (case and digit-group commas
+    ignored)."""
+
+    def norm(text: str) -> str:
+        return re.sub(r"(?<=\d),(?=\d)", "", text).lower()
+
+    return norm(answer).strip() in norm(output)
+
+
+def answer_accuracy(examples: Sequence[Any], samples: Sequence[Sample]) -> Proportion | None:
+    """Replies (``samples``, in the order of ``examples``) that contain their example's reference answer, over
+    the examples that have one; None when none has."""
+    checked = [answered(s.output, ex.answer) for ex, s in zip(examples, samples, strict=True) if ex.answer]
+    return Proportion.of(checked) if checked else None
+
+
 @dataclass
 class ConditionResult:
     """What one condition (a model as it is now: ablated, fine-tuned, edited) measured, as counts.

@@ -103,6 +103,18 @@ class PromptSet:
             return self
         return PromptSet(f"{self.name}[:{n}]", self.source, self.examples[:n])
 
+    def spread(self, n: int | None) -> PromptSet:
+        """``n`` examples evenly spaced through the set (example ``i * len // n`` for ``i < n``; deterministic),
+        the whole set when ``n`` is None or not smaller: files are often sorted by category, so the first ``n``
+        would cover only a few. Every recipe that cuts a set to a limit cuts it here."""
+        size = len(self.examples)
+        if n is None or n >= size:
+            return self
+        if n < 1:
+            raise DataError(f"cannot keep {n} examples of '{self.name}': the count must be at least 1")
+        picked = tuple(self.examples[(i * size) // n] for i in range(n))
+        return PromptSet(self.name, f"{self.source} ({n} evenly spaced of {size})", picked)
+
     def split(self, parts: int = 2) -> list[PromptSet]:
         """``parts`` disjoint sets, example ``i`` going to part ``i % parts``; interleaving keeps each part a
         fair sample of a file that is sorted by category, and the result is deterministic."""

@@ -240,33 +240,15 @@ def measure_conditions(
 # ----------------------------------------------------------------------------------------------- aggregation
 
 
-def _measured(v: dict[str, Any]) -> measure.Proportion | measure.ControlDistribution:
-    """A rate from results.json back as the core object (a control distribution when it holds draws)."""
-    if "draws" in v:
-        return measure.ControlDistribution(tuple(measure.Proportion.from_dict(d) for d in v["draws"]))
-    return measure.Proportion.from_dict(v)
-
-
 def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A random control over its seeds: each rate as a ControlDistribution, perplexity as mean / min / max."""
-    out: dict[str, Any] = {k: rows[0][k] for k in ("units", "fraction", "per_stratum")}
-    out["seeds"] = [r["seed"] for r in rows]
-    for key in RATES:
-        if all(key in r for r in rows):
-            out[key] = measure.ControlDistribution(tuple(measure.Proportion.from_dict(r[key]) for r in rows)).to_dict()
-    ppl = [r["perplexity"] for r in rows if "perplexity" in r]
-    if len(ppl) == len(rows):
-        out["perplexity"] = {"mean": sum(ppl) / len(ppl), "min": min(ppl), "max": max(ppl), "values": ppl}
-    if all("kl" in r for r in rows):
-        kls = [r["kl"]["reply"]["mean"] for r in rows]
-        out["kl"] = {"reply": {"mean": sum(kls) / len(kls), "min": min(kls), "max": max(kls)}}
-    return out
+    """A random control over its seeds (the core's :func:`ssah.measure.over_seeds`) with its size."""
+    return {**{k: rows[0][k] for k in ("units", "fraction", "per_stratum")}, **measure.over_seeds(rows)}
 
 
 def _changes(entry: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Each rate's difference to the baseline (with its 95% interval) and perplexity's relative change."""
     d: dict[str, Any] = {
-        k: measure.compare(_measured(entry[k]), _measured(base[k])).to_dict() for k in RATES if k in entry and k in base
+        k: measure.compare_stored(entry[k], base[k]).to_dict() for k in RATES if k in entry and k in base
     }
     pe, pb = (p["mean"] if isinstance(p := e.get("perplexity"), dict) else p for e in (entry, base))
     if pe is not None and pb:
@@ -300,17 +282,17 @@ def _verdicts(table: list[dict[str, Any]]) -> dict[str, Any]:
     scu, rnd = by.get("SCU"), next((t for t in table if t["group"] == "random" and t["target"] == "SCU"), None)
     if scu is not None and rnd is not None:
         for key in ("asr", "coherent_compliance"):
-            comp = measure.compare(_measured(scu["row"][key]), _measured(rnd["row"][key]))
+            comp = measure.compare_stored(scu["row"][key], rnd["row"][key])
             out["scu_vs_random"][key] = measure.verdict(comp, "higher").to_dict()
     for (cat, metric), direction in PAPER_DIRECTIONS.items():
         key = next((k for k in ("accuracy", "exact_match") if k in base), "") if metric == "utility" else metric
         if cat in by and key in base and key in by[cat]["row"]:
-            comp = measure.compare(_measured(by[cat]["row"][key]), _measured(base[key]))
+            comp = measure.compare_stored(by[cat]["row"][key], base[key])
             out["vs_baseline"].setdefault(cat, {})[key] = measure.verdict(comp, direction).to_dict()  # type: ignore[arg-type]
     d = next((t for t in table if t["group"] == "direction"), None)
     drnd = next((t for t in table if t["group"] == "random" and d and t["target"] == d["condition"]), None)
     if d is not None and drnd is not None:
-        comp = measure.compare(_measured(d["row"]["asr"]), _measured(drnd["row"]["asr"]))
+        comp = measure.compare_stored(d["row"]["asr"], drnd["row"]["asr"])
         out["direction_vs_random"] = {"asr": measure.verdict(comp, "higher").to_dict()}
     if "RU" in by and "asr" in base:
         out["ru_target"] = _ru_target(by["RU"])
@@ -329,13 +311,6 @@ def _ru_target(ru: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
-
-
-def _spread(ps: PromptSet | None, n: int | None) -> PromptSet | None:
-    """``n`` examples evenly spread over the set (files are sorted by category; the first n would be one topic)."""
-    if ps is None or n is None or n >= len(ps):
-        return ps
-    return PromptSet(ps.name, ps.source, tuple(ps.examples[int(i * len(ps) / n)] for i in range(n)))
 
 
 def _units(
@@ -404,7 +379,7 @@ def _dose(points: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict
     for p in points:
         row = next(x for x in rows if x["group"] == "dose" and x["target"] == p["label"])
         agg = _aggregate([x for x in rows if x["group"] == "dose-random" and x["target"] == p["label"]])
-        comp = measure.compare(measure.Proportion.from_dict(row["asr"]), _measured(agg["asr"]))
+        comp = measure.compare_stored(row["asr"], agg["asr"])
         dose.append({**p, "top": row, "random": agg, "asr_vs_random": measure.verdict(comp, "higher").to_dict()})
     return dose
 
@@ -415,11 +390,10 @@ def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
     if data.harmful is None:
         raise UserError("ablate measures safety on harmful prompts: --eval-harmful cannot be none")
     for name in ("harmful", "benign", "perplexity"):
-        setattr(data, name, _spread(getattr(data, name), cfg.eval.limit))
-    safety = _spread(load_prompts(cfg.safety, name="safety"), cfg.calibration_limit)
-    utility = _spread(load_prompts(cfg.utility, name="utility"), cfg.calibration_limit)
-    assert safety is not None and utility is not None
-    return data, safety, utility
+        if (ps := getattr(data, name)) is not None:
+            setattr(data, name, ps.spread(cfg.eval.limit))
+    safety = load_prompts(cfg.safety, name="safety").spread(cfg.calibration_limit)
+    return data, safety, load_prompts(cfg.utility, name="utility").spread(cfg.calibration_limit)
 
 
 # the settings of AblateConfig that ablate's results record under "settings"
@@ -530,7 +504,7 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
     kl_ref = None
     if cfg.kl:
         t = time.time()
-        harmless, ev = _spread(load_prompts(cfg.kl_harmless), cfg.eval.limit), cfg.eval
+        harmless, ev = load_prompts(cfg.kl_harmless).spread(cfg.eval.limit), cfg.eval
         kl_ref = kl_reference(lm.model, lm.tokenizer, harmless, reply_tokens=cfg.kl_tokens, system=cfg.system,
                               batch_size=ev.batch_size)  # fmt: skip
         seconds["kl_reference"] = time.time() - t
@@ -558,8 +532,7 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
     if cfg.compare_calibration and "SCU" in by:
         other_row = next(r for r in rows if r["group"] == "calibration")
         calibration["difference"] = {
-            k: measure.compare(_measured(by["SCU"][k]), _measured(other_row[k])).to_dict()
-            for k in ("asr", "coherent_compliance")
+            k: measure.compare_stored(by["SCU"][k], other_row[k]).to_dict() for k in ("asr", "coherent_compliance")
         }
     results: dict[str, Any] = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}

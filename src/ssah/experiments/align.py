@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from ssah.errors import UserError
 from ssah.evaluate import EvalData, perplexity
 from ssah.fields import Count, EvalSection, MaxLength, System
 from ssah.judges import get_judge
-from ssah.measure import Proportion, compare, measure_condition, t95, verdict
+from ssah.measure import Proportion, answer_accuracy, compare, measure_condition, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
@@ -164,15 +163,6 @@ def load_held_out(cfg: AlignConfig, mix: PromptSet) -> HeldOut:
     return sets
 
 
-def answered(output: str, answer: str) -> bool:
-    """A benign question counts as answered when its reference answer appears in the reply (case, commas ignored)."""
-
-    def norm(text: str) -> str:
-        return re.sub(r"(?<=\d),(?=\d)", "", text).lower()
-
-    return norm(answer).strip() in norm(output)
-
-
 def _log_perplexities(model: Any, tokenizer: Any, data: PromptSet, system: str | None) -> list[float]:
     """Log-perplexity of each reference answer given its prompt (one example at a time, so that base and aligned
     can be compared example by example)."""
@@ -210,8 +200,8 @@ def evaluate_model(
             smp.set = ps.name
         out[key] = Proportion.of([s.refused for s in part]).to_dict()
         if key == "overrefusal":
-            checked = [answered(s.output, ex.answer) for ex, s in zip(ps, part, strict=True) if ex.answer]
-            out["benign_accuracy"] = Proportion.of(checked).to_dict() if checked else None
+            accuracy = answer_accuracy(ps.examples, part)
+            out["benign_accuracy"] = accuracy.to_dict() if accuracy else None
     if samples is not None:
         samples.extend(dataclasses.asdict(x) for x in m.samples)
     logs = _log_perplexities(model, tokenizer, sets.benign, cfg.system) if sets.benign.has_responses else []

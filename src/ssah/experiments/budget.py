@@ -10,7 +10,6 @@ full SFT. The paper's claim (Table 4): RU-only SFT keeps more utility than full 
 
 from __future__ import annotations
 
-import re
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +38,7 @@ from ssah.judges import get_judge
 from ssah.measure import (
     ControlDistribution,
     Proportion,
+    answer_accuracy,
     check_unit_search,
     compare,
     find_units,
@@ -172,15 +172,6 @@ def load_eval_data(cfg: BudgetConfig, train: PromptSet) -> EvalData:
     return data
 
 
-def answered(output: str, answer: str) -> bool:
-    """A benign question counts as answered when its reference answer appears in the reply (case, commas ignored)."""
-
-    def norm(text: str) -> str:
-        return re.sub(r"(?<=\d),(?=\d)", "", text).lower()
-
-    return norm(answer).strip() in norm(output)
-
-
 def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetConfig) -> dict[str, Any]:
     """One condition's measurement: the core's counts plus refusal and benign answers correct, as Proportions."""
     res = measure_condition(model, tokenizer, data, judge=judge, config=cfg.eval.greedy(cfg), progress=cfg.progress)
@@ -188,8 +179,8 @@ def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetC
     out = res.to_dict()
     out["refusal"] = Proportion(res.asr.n - res.asr.k, res.asr.n).to_dict()
     benign = [s for s in res.samples if s.set == data.benign.name]
-    checked = [answered(s.output, ex.answer) for ex, s in zip(data.benign, benign, strict=True) if ex.answer]
-    out["task_accuracy"] = Proportion.of(checked).to_dict() if checked else None
+    accuracy = answer_accuracy(data.benign.examples, benign)
+    out["task_accuracy"] = accuracy.to_dict() if accuracy else None
     return out
 
 

@@ -46,7 +46,6 @@ from ssah.models import load_model
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
-RATES = ("asr", "coherent_compliance", "overrefusal", "harmless_refusal")
 NAMES = {
     "asr": "ASR",
     "coherent_compliance": "coherent compliance",
@@ -106,39 +105,14 @@ def split3(ps: PromptSet, sizes: tuple[int, int, int], seed: int) -> tuple[Promp
     return parts[0], parts[1], parts[2]
 
 
-def _spread(ps: PromptSet, n: int) -> PromptSet:
-    if n >= len(ps):
-        return ps
-    return PromptSet(ps.name, ps.source, tuple(ps.examples[int(i * len(ps) / n)] for i in range(n)))
-
-
 def _prompts(ps: PromptSet) -> list[str]:
     return [ex.prompt for ex in ps]
-
-
-def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Random controls over their seeds: each rate a ControlDistribution, KL the mean of the seeds' means."""
-    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
-    for key in RATES:
-        if all(key in r for r in rows):
-            draws = tuple(measure.Proportion.from_dict(r[key]) for r in rows)
-            out[key] = measure.ControlDistribution(draws).to_dict()
-    for part in ("first", "reply"):
-        means = [r["kl"][part]["mean"] for r in rows]
-        out.setdefault("kl", {})[part] = {"mean": float(np.mean(means)), "min": min(means), "max": max(means)}
-    return out
-
-
-def _measured(v: dict[str, Any]) -> measure.Proportion | measure.ControlDistribution:
-    if "draws" in v:
-        return measure.ControlDistribution(tuple(measure.Proportion.from_dict(d) for d in v["draws"]))
-    return measure.Proportion.from_dict(v)
 
 
 def _verdict(effect: dict[str, Any], control: dict[str, Any], key: str, expected: str) -> dict[str, Any] | None:
     if key not in effect or key not in control:
         return None
-    comp = measure.compare(_measured(effect[key]), _measured(control[key]))
+    comp = measure.compare_stored(effect[key], control[key])
     return measure.verdict(comp, expected).to_dict()  # type: ignore[arg-type]
 
 
@@ -174,7 +148,7 @@ def _load_splits(cfg: DirectionConfig) -> _Splits:
         raise UserError("the direction needs harmful and harmless prompts: pass non-empty --harmful / --harmless")
     h_train, h_val, h_test = split3(harmful, sizes, cfg.seed)
     b_train, b_val, b_test = split3(harmless, sizes, cfg.seed + 1)
-    benign = None if ev.benign.strip().lower() in ("", "none") else _spread(load_prompts(ev.benign), ev.limit or 0)
+    benign = None if ev.benign.strip().lower() in ("", "none") else load_prompts(ev.benign).spread(ev.limit)
     return _Splits(harmful, harmless, h_train, h_val, h_test, b_train, b_val, b_test, benign)
 
 
@@ -246,8 +220,8 @@ def _table_and_verdicts(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The summary table (random controls aggregated over seeds) and the verdicts that could be computed."""
     by = {x["group"]: x for x in rows if x["group"] not in ("random", "addition-random")}
-    rnd_abl = _aggregate([x for x in rows if x["group"] == "random"])
-    rnd_add = _aggregate([x for x in rows if x["group"] == "addition-random"])
+    rnd_abl = measure.over_seeds([x for x in rows if x["group"] == "random"])
+    rnd_add = measure.over_seeds([x for x in rows if x["group"] == "addition-random"])
     table: list[dict[str, Any]] = [
         {
             "condition": "baseline",

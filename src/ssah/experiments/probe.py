@@ -107,15 +107,6 @@ class ProbeConfig(ModelRunConfig):
         self.openers().check()
 
 
-def _spread(prompts: PromptSet, n: int) -> PromptSet:
-    """``n`` examples evenly spaced over the set (built-in sets are grouped by category, so the first ``n`` would
-    cover only a few categories); the whole set when it is not larger."""
-    if n >= len(prompts):
-        return prompts
-    picks = np.unique(np.linspace(0, len(prompts) - 1, n).round().astype(int))
-    return PromptSet(f"{prompts.name}[spread {n}]", prompts.source, tuple(prompts.examples[i] for i in picks))
-
-
 def load_probe_data(cfg: ProbeConfig) -> tuple[PromptSet, PromptSet]:
     """The harmful and harmless prompts (``limit`` of each, spread over the file); clear errors when missing."""
     sets = []
@@ -129,7 +120,7 @@ def load_probe_data(cfg: ProbeConfig) -> tuple[PromptSet, PromptSet]:
         ps = load_prompts(spec, columns=cfg.columns or None, name=what)
         if len(ps) < MIN_PROMPTS:
             raise UserError(f"the {what} set {spec!r} has {len(ps)} prompts: the probe needs at least {MIN_PROMPTS}")
-        sets.append(_spread(ps, cfg.limit))
+        sets.append(ps.spread(cfg.limit))
     return sets[0], sets[1]
 
 

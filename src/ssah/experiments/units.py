@@ -89,15 +89,6 @@ class UnitsConfig(UnitCategoryFields, ModelRunConfig):
             raise UserError(f"--compare-safety names a set twice ({', '.join(specs)}): name each set once")
 
 
-def evenly_spaced(data: PromptSet, n: int) -> PromptSet:
-    """At most ``n`` examples of ``data``, evenly spaced through it (deterministic): the compared safety sets rest
-    on as many examples as the main one, and a benchmark sorted by category keeps all its categories."""
-    if len(data) <= n:
-        return data
-    picked = tuple(data[(i * len(data)) // n] for i in range(n))
-    return PromptSet(data.name, f"{data.source} (every {len(data) / n:.2f}th, {n} examples)", picked)
-
-
 COMPARE_SEEDS = 5  # random-control draws of the --compare-safety overlap (no model pass: cheap)
 
 
@@ -214,7 +205,7 @@ def run_units(cfg: UnitsConfig) -> RunResult[UnitsConfig]:
         found = {cfg.safety: cats}
         sets = [{"spec": cfg.safety, "source": safety.source, "examples": len(safety), "scu": len(cats["SCU"])}]
         for spec in safety_specs(cfg)[1:]:
-            other = evenly_spaced(others[spec], len(safety))
+            other = others[spec].spread(len(safety))
             compared.append(other)
             found[spec] = categorize_with_safety_set(lm, other, outcome, cfg)
             sets.append({"spec": spec, "source": other.source, "examples": len(other), "scu": len(found[spec]["SCU"])})
