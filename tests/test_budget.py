@@ -12,7 +12,18 @@ import pytest
 from ssah.cli import main
 from ssah.measure import ControlDistribution, Proportion, compare, verdict
 
-FAST = ["--quick", "--steps", "2", "--eval-limit", "3", "--eval-max-new-tokens", "3", "--limit", "8", "--no-progress"]
+FAST = [
+    "--quick",
+    "--steps",
+    "2",
+    "--eval-limit",
+    "3",
+    "--eval-max-new-tokens",
+    "3",
+    "--calibration-limit",
+    "8",
+    "--no-progress",
+]
 
 
 def recipe_imports(path: str) -> set[str]:
@@ -118,7 +129,7 @@ def test_budget_share_matches_the_trained_units_exactly(tmp_path: Path) -> None:
         conditions=["ru"],
         steps=1,
         eval={"limit": 2, "max_new_tokens": 2},
-        limit=6,
+        calibration={"limit": 6},
         progress=False,
     )
     res = run_budget(cfg).results

@@ -46,7 +46,7 @@ BAD: dict[str, tuple[list[str], str]] = {
     "missing model": (["units", "limit=4"], "'model'"),
     # sections (eval.KEY): the error names the full dotted key
     "unknown section key": (["ablate", TINY, "eval.limt=3"], "key 'eval.limt': did you mean 'eval.limit'?"),
-    "a section's key at top level": (["ablate", TINY, "limit=3"], "'limit': did you mean 'eval.limit'?"),
+    "a section's key at top level": (["ablate", TINY, "limit=3"], "did you mean 'calibration.limit' or 'eval.limit'?"),
     "section wrong type": (["ablate", TINY, "eval.limit=many"], "bad config value for 'eval.limit'"),
     "section constraint": (["direction", TINY, "eval.limit=0"], "'eval.limit': Input should be greater than"),
     "section bool for a number": (["budget", TINY, "eval.max_new_tokens=true"], "'eval.max_new_tokens'"),

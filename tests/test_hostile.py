@@ -213,7 +213,7 @@ CASES: list[Case] = [
     (
         "tokens-response-without-responses",
         lambda w: [*U, "--safety", w("data/no-responses.jsonl"), "--tokens", "response", "--out", w("o"), *UNITS],
-        "--tokens response",
+        "tokens 'response' counts response tokens only",
     ),
     # model folders
     ("model-empty-safetensors", lambda w: ["info", w("models/empty")], "is empty"),

@@ -32,7 +32,7 @@ SMALL = {
     "steps": [1, 2],
     "eval": {"limit": 3, "max_new_tokens": 2},
     "utility_limit": 3,
-    "calibration_limit": 8,
+    "calibration": {"limit": 8},
     "train": {"batch_size": 2, "lr": 1e-3},
     "seeds": 3,  # the least random-control seeds a run may have
     "kinds": ["benign", "attack"],

@@ -12,7 +12,7 @@ from ssah.categorize import CATEGORIES
 from ssah.cli import main
 from ssah.measure import Proportion, compare, verdict
 
-FAST = ["--limit", "8", "--steps", "2", "--no-progress"]
+FAST = ["--calibration-limit", "8", "--steps", "2", "--no-progress"]
 
 
 def _check_matrix(block: dict, units: int) -> None:
@@ -99,12 +99,13 @@ def test_transfer_with_a_given_fine_tune_and_the_same_categorisation_as_units(tm
     ft.save_pretrained(tmp_path / "ft")
     tok.save_pretrained(tmp_path / "ft")
     out = tmp_path / "t"
-    args = ["--limit", "6", "--no-progress"]
+    args = ["--calibration-limit", "6", "--no-progress"]
     assert main(["transfer", "tiny-random-llama", "--finetuned", str(tmp_path / "ft"), "--out", str(out), *args]) == 0
     res = json.loads((out / "results.json").read_text())
     assert not res["finetuned"]["in_memory"] and res["finetuned"]["training"] is None
     _check_matrix(res["transition"], res["model"]["units_total"])
-    assert main(["units", "tiny-random-llama", "--out", str(tmp_path / "u"), *args]) == 0
+    # the same calibration through `ssah units`, whose calibration options are at top level
+    assert main(["units", "tiny-random-llama", "--out", str(tmp_path / "u"), "--limit", "6", "--no-progress"]) == 0
     space = space_of(model)
     units = load_categorization(tmp_path / "u/units.safetensors", space, allow_other_weights=True)
     before = load_categorization(out / "units_before.safetensors", space, allow_other_weights=True)
@@ -157,13 +158,15 @@ def test_paper_tests_give_each_verdict_from_constructed_moves() -> None:
         (["--finetuned", "tiny-random-qwen2"], "fine-tuned model"),
         (["--metric", "nope"], "metric"),
         (["--steps", "0"], "steps"),
-        (["--limit", "1"], "limit"),
+        (["--calibration-limit", "1"], "--calibration-limit 2 or more"),
         (["--finetuned", "/nonexistent/model"], "not found"),
     ],
 )
 def test_transfer_bad_input(extra: list[str], needle: str, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    code = main(["transfer", "tiny-random-llama", "--out", str(out), "--limit", "4", "--no-progress", *extra])
+    code = main(
+        ["transfer", "tiny-random-llama", "--out", str(out), "--calibration-limit", "4", "--no-progress", *extra]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert not out.exists()

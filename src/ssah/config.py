@@ -141,7 +141,7 @@ def _did_you_mean(cls: type[BaseConfig], loc: list[str]) -> str:
         names += [f"{s}.{n}" for s, (_, sub) in sections(owner).items() for n in sub.model_fields]
     inside = [n for n in names if n.rsplit(".", 1)[-1] == loc[-1]]
     close = inside or difflib.get_close_matches(prefix + loc[-1], names, n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
+    return f"did you mean {' or '.join(map(repr, close))}? " if close else ""
 
 
 def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,11 +16,15 @@ from pydantic import BaseModel, BeforeValidator, Field
 from ssah.categorize import DEFAULT_NORMALIZATION, Normalization, Ranking, Rule
 from ssah.config import Section
 from ssah.data.chat import TokenRegion
+from ssah.errors import DataError
 from ssah.interventions import AblationMode
 from ssah.scoring import Metric as MetricName
 from ssah.units import Granularity as GranularityName
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ssah.data import PromptSet
     from ssah.generate import GenerationConfig
 
 
@@ -132,6 +136,37 @@ class UnitCategoryFields(BaseModel):
     shares: Shares = Field(default_factory=dict)
     normalization: Normalizations = DEFAULT_NORMALIZATION
     ranking: Rankings = "global"
+
+
+class CalibrationSection(Section):
+    """The data units are scored on, declared once for every recipe that finds units (``calibration.limit``,
+    ``--calibration-safety`` ...; ``ssah units`` has these at top level). A recipe with other defaults gives a
+    default instance: ``calibration: CalibrationSection = CalibrationSection(batch_size=32)``."""
+
+    title = "Calibration (finding units)"
+    safety: str = Field(
+        "builtin:safety",
+        description="Safety calibration set: builtin:NAME, a preset (advbench-safety, harmbench-safety) or a "
+        "CSV/JSON/JSONL file.",
+    )
+    utility: str = Field("builtin:utility", description="Utility calibration set: builtin:NAME, a preset or a file.")
+    limit: Count | None = Field(None, description="N examples of each set, evenly spaced through it (null: all).")
+    tokens: Tokens = "prompt+response"
+    batch_size: Count = Field(8, description="Examples per scoring forward pass.")
+
+    def load(self, columns: Mapping[str, str] | None = None) -> tuple[PromptSet, PromptSet]:
+        """The safety and utility sets, each cut to ``limit`` examples evenly spaced through it (files are
+        often sorted by category)."""
+        from ssah.data import load_prompts
+
+        safety, utility = (
+            load_prompts(spec, columns=columns or None, name=name).spread(self.limit)
+            for name, spec in (("safety", self.safety), ("utility", self.utility))
+        )
+        for data, spec in ((safety, self.safety), (utility, self.utility)):
+            if len(data) == 0:
+                raise DataError(f"the {data.name} calibration set {spec} is empty: pass a set with examples")
+        return safety, utility
 
 
 class EvalSection(Section):

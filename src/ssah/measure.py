@@ -356,20 +356,21 @@ def verdict(comparison: Comparison, expected: Direction, *, margin: float = 0.05
 
 # ------------------------------------------------------------------------------------------------ finding units
 class UnitSearch(Protocol):
-    """The settings :func:`find_units` reads (``ssah units``' config has them all)."""
+    """The settings :func:`find_units` reads: the categorisation fields (``ssah.fields.UnitCategoryFields``), the
+    ``calibration`` section (token region, batch size; ``ssah.fields.CalibrationSection``), the model-run options
+    below, and where a recipe offers them ``granularity`` and ``stability`` (neuron units, no halves otherwise)."""
 
     metric: str
     rule: str
     shares: dict[str, float]
     normalization: str
     ranking: str
-    granularity: str
-    tokens: str
-    batch_size: int
     max_length: int
     system: str | None
-    stability: bool
     progress: bool
+
+    @property
+    def calibration(self) -> Any: ...
 
 
 def check_unit_search(cfg: Any) -> None:
@@ -449,8 +450,8 @@ def unit_statistics(lm: Any, data: Any, cfg: UnitSearch, *, desc: str) -> Any:
         lm.model,
         lm.tokenizer,
         data,
-        region=cfg.tokens,  # type: ignore[arg-type]
-        batch_size=cfg.batch_size,
+        region=cfg.calibration.tokens,
+        batch_size=cfg.calibration.batch_size,
         max_length=cfg.max_length,
         system=cfg.system,
         gradients=gradient_mode(cfg.metric),
@@ -465,23 +466,26 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
     Every experiment that needs units computes them here. ``cfg.stability`` also categorises each disjoint
     half of the data (statistics merge exactly, so the halves cost no extra pass).
     """
+    tokens, halves_too = cfg.calibration.tokens, getattr(cfg, "stability", False)
+    granularity = getattr(cfg, "granularity", "neuron")
     from ssah.arch import get_adapter
     from ssah.categorize import categorize
     from ssah.scoring import compute_scores
 
     for data in (safety, utility):
-        if cfg.tokens == "response" and not data.has_responses:
+        if tokens == "response" and not data.has_responses:
             raise UserError(
-                f"--tokens response counts response tokens only, and the {data.name} set has examples without a "
-                "response: use a set with responses (--column response=NAME) or --tokens prompt+response"
+                f"tokens 'response' counts response tokens only, and the {data.name} set has examples without a "
+                "response: use a set with responses (--column response=NAME) or --tokens prompt+response "
+                "(--calibration-tokens outside ssah units)"
             )
     adapter = get_adapter(lm.model)
     neuron_space = UnitSpace.from_groups(adapter.groups(), "neuron", lm.fingerprint, lm.name)
-    space = UnitSpace.from_groups(adapter.groups(), cfg.granularity, lm.fingerprint, lm.name)  # type: ignore[arg-type]
+    space = UnitSpace.from_groups(adapter.groups(), granularity, lm.fingerprint, lm.name)
     halves: list[list[Any]] = []
     full: list[Any] = []
     for data in (safety, utility):
-        parts = data.split(2) if cfg.stability else [data]
+        parts = data.split(2) if halves_too else [data]
         stats = [
             unit_statistics(lm, p, cfg, desc=f"{data.name} {i + 1}/{len(parts)}" if len(parts) > 1 else data.name)
             for i, p in enumerate(parts)
@@ -494,7 +498,7 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
 
     def scores(stats: Any, data: Any) -> Any:
         return compute_scores(
-            lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=cfg.tokens, adapter=adapter
+            lm.model, stats, cfg.metric, neuron_space, dataset=data.source, region=tokens, adapter=adapter
         )
 
     options: dict[str, Any] = {
@@ -502,19 +506,19 @@ def find_units(lm: Any, safety: Any, utility: Any, cfg: UnitSearch) -> FoundUnit
         "shares": cfg.shares,
         "normalization": cfg.normalization,
         "ranking": cfg.ranking,
-        "granularity": cfg.granularity,
+        "granularity": granularity,
         "space": space,
     }
     for stats, data in zip(full, (safety, utility), strict=True):
         if stats.tokens == 0:
             raise UserError(
-                f"no {cfg.tokens} tokens were counted in the {data.name} set (cut away by --max-length?): "
-                "raise --max-length or choose another --tokens"
+                f"no {tokens} tokens were counted in the {data.name} set (cut away by --max-length?): "
+                "raise --max-length or choose other tokens (--tokens; --calibration-tokens outside ssah units)"
             )
     s_scores, u_scores = scores(full[0], safety), scores(full[1], utility)
     cats = categorize(s_scores, u_scores, **options)
     stability = None
-    if cfg.stability:
+    if halves_too:
         a = categorize(scores(halves[0][0], safety), scores(halves[1][0], utility), **options)
         b = categorize(scores(halves[0][1], safety), scores(halves[1][1], utility), **options)
         stability = stability_summary(a, b)

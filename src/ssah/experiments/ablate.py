@@ -34,13 +34,13 @@ from ssah.errors import UnitFileError, UserError
 from ssah.evaluate import EvalData, kl_reference, load_eval_sets
 from ssah.fields import (
     Ablation,
+    CalibrationSection,
     Count,
     Granularity,
     MaxLength,
     Seeds,
     Strata,
     System,
-    Tokens,
     UnitCategoryFields,
     UtilityEvalSection,
     split_commas,
@@ -99,18 +99,13 @@ class AblateConfig(UnitCategoryFields, ModelRunConfig):
     allow_other_weights: bool = Field(
         False, description="Accept a unit file computed on other weights of the same architecture."
     )
-    safety: str = Field("builtin:safety", description="Safety calibration set (when computing units).")
-    utility: str = Field("builtin:utility", description="Utility calibration set (when computing units).")
-    calibration_limit: Count | None = Field(
-        None, description="Use N examples (spread over the set) of each calibration set (default: all)."
-    )
+    # the calibration data: units are found on it (without --units) and the mean ablation's channel means
+    calibration: CalibrationSection = CalibrationSection(batch_size=32)
     granularity: Granularity = "neuron"
-    tokens: Tokens = "prompt+response"
     max_length: MaxLength = 512
     stability: bool = Field(False, description="Also categorise each half of the calibration data.")
     ablation: Ablation = "mean"
     control_strata: Strata = "layer-kind"
-    batch_size: Count = Field(32, description="Examples per scoring forward pass (when computing units).")
     system: System = None
     eval: UtilityEvalSection = UtilityEvalSection(limit=32, batch_size=32, utility=["perplexity:builtin:task"])
     seeds: Seeds = 5
@@ -321,7 +316,8 @@ def _units(
     ablation are computed once on the calibration sets)."""
     if cfg.units is None:
         f = measure.find_units(lm, safety, utility, cfg)
-        computed = {"source": "computed", "calibration": cfg.tokens, "metric": cfg.metric, "stability": f.stability}
+        tokens = cfg.calibration.tokens
+        computed = {"source": "computed", "calibration": tokens, "metric": cfg.metric, "stability": f.stability}
         return f.categorization, f.safety, f.utility, f.statistics, computed
     path = Path(cfg.units)
     meta = read_unit_file_metadata(path)
@@ -335,11 +331,12 @@ def _units(
     files = [path.parent / "scores" / f"{n}.safetensors" for n in ("safety", "utility")]
     info: dict[str, Any] = {"source": str(path), "metric": meta.get("metric", cfg.metric)}
     scores = [Scores.load(f, neuron) for f in files] if all(f.is_file() for f in files) else None
-    info["calibration"] = (scores[0].region or cfg.tokens) if scores else f"{cfg.tokens} (no scores/ beside the file)"
+    tokens = cfg.calibration.tokens
+    info["calibration"] = (scores[0].region or tokens) if scores else f"{tokens} (no scores/ beside the file)"
     found: measure.FoundUnits | None = None
     if scores is None or cfg.ablation == "mean":
-        update = {"metric": info["metric"], "tokens": info["calibration"].split(" ")[0]}
-        found = measure.find_units(lm, safety, utility, cfg.model_copy(update=update))
+        like_file = _search_as(cfg, info["calibration"].split(" ")[0], metric=info["metric"])
+        found = measure.find_units(lm, safety, utility, like_file)
     if scores is None:
         assert found is not None
         scores = [found.safety, found.utility]
@@ -368,9 +365,15 @@ def _other_calibration_scu(
     """SCU found the same way on the other token region (prompt <-> prompt+response), and that region."""
     region = OTHER_CALIBRATION.get(units_info["calibration"].split(" ")[0], "prompt")
     same = {k: getattr(cats, k) for k in ("rule", "normalization", "ranking")} | {"shares": dict(cats.shares)}
-    same |= {"metric": units_info["metric"], "granularity": cats.space.granularity, "tokens": region}
-    other = measure.find_units(lm, safety, utility, cfg.model_copy(update=same))
+    same |= {"metric": units_info["metric"], "granularity": cats.space.granularity}
+    other = measure.find_units(lm, safety, utility, _search_as(cfg, region, **same))
     return UnitSet(cats.space, other.categorization["SCU"].mask.clone(), "SCU"), region
+
+
+def _search_as(cfg: AblateConfig, tokens: str, **settings: Any) -> AblateConfig:
+    """``cfg`` with another calibration token region and other unit-search ``settings`` (a unit file's)."""
+    calibration = cfg.calibration.model_copy(update={"tokens": tokens})
+    return cfg.model_copy(update={**settings, "calibration": calibration})
 
 
 def _dose(points: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -392,12 +395,11 @@ def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
     for name in ("harmful", "benign", "perplexity"):
         if (ps := getattr(data, name)) is not None:
             setattr(data, name, ps.spread(cfg.eval.limit))
-    safety = load_prompts(cfg.safety, name="safety").spread(cfg.calibration_limit)
-    return data, safety, load_prompts(cfg.utility, name="utility").spread(cfg.calibration_limit)
+    return data, *cfg.calibration.load()
 
 
 # the settings of AblateConfig that ablate's results record under "settings"
-_SETTINGS = {"categories", "ablation", "control_strata", "compare_calibration", "seeds", "calibration_limit", "dose"}
+_SETTINGS = {"categories", "ablation", "control_strata", "compare_calibration", "seeds", "dose"}
 _SETTINGS |= {"direction", "kl", "kl_harmless", "kl_tokens", "direction_kl_max", "direction_layer_step"}
 _SETTINGS |= {"direction_positions", "direction_per_split"}
 
@@ -540,6 +542,7 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
         "units": {**units_info, **cats.summary()},
         "settings": {
             **cfg.model_dump(include=_SETTINGS),
+            "calibration_limit": cfg.calibration.limit,
             **cfg.eval.model_dump(include={"judge", "limit", "max_new_tokens"}),
             "utility_eval": cfg.eval.utility,
             "random_for": cfg.controlled,
@@ -560,7 +563,7 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
     model = {k: results["model"][k] for k in ("name", "source", "fingerprint")}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         if cfg.units is None:
-            cats.save(run.file("units.safetensors"), {"metric": cfg.metric, "token_region": cfg.tokens})
+            cats.save(run.file("units.safetensors"), {"metric": cfg.metric, "token_region": cfg.calibration.tokens})
         results["seconds"]["total"] = round(time.time() - t0, 3)
         mf = manifest(command="ablate", seed=cfg.seed, started=t0, device=lm.model.device, data=used, model=model)
         run_result = write_run(run, "ablate", config=cfg, results=results, manifest=mf)

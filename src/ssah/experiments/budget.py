@@ -11,7 +11,6 @@ full SFT. The paper's claim (Table 4): RU-only SFT keeps more utility than full 
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from pydantic import Field
@@ -23,6 +22,7 @@ from ssah.data.training import alignment_mix
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, load_eval_sets
 from ssah.fields import (
+    CalibrationSection,
     Columns,
     CommaList,
     Count,
@@ -30,7 +30,6 @@ from ssah.fields import (
     Seeds,
     Strata,
     System,
-    Tokens,
     UnitCategoryFields,
     UtilityEvalSection,
 )
@@ -107,21 +106,11 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     )
     max_length: MaxLength = 512
     system: System = None
-    # finding RU on the base model, as `ssah units`
-    safety: str = Field("builtin:safety", description="Safety calibration set (finding RU).")
-    utility: str = Field("builtin:utility", description="Utility calibration set (finding RU).")
-    limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
-    tokens: Tokens = "prompt+response"
-    score_batch_size: Count = Field(8, description="Examples per scoring forward pass (finding RU).")
+    calibration: CalibrationSection = CalibrationSection()  # finding RU on the base model (neuron units)
     # evaluation on held-out sets: eval.benign answers are checked, eval.utility is a perplexity set
     eval: UtilityEvalSection = UtilityEvalSection(
         benign="builtin:benign", utility=["builtin:task"], limit=50, max_new_tokens=48
     )
-
-    def unit_search(self) -> SimpleNamespace:
-        """The settings :func:`ssah.measure.find_units` reads (RU are found at neuron granularity)."""
-        extra = {"granularity": "neuron", "batch_size": self.score_batch_size, "stability": False}
-        return SimpleNamespace(**(self.model_dump() | extra))
 
     def train_config(self, condition: str) -> TrainConfig:
         """The SFT settings of one condition: the same steps, batch, schedule and data order; the units' own rate."""
@@ -189,9 +178,8 @@ def get_units(lm: Any, cfg: BudgetConfig) -> tuple[UnitSet, dict[str, Any]]:
     if cfg.units is not None:
         same = {"fingerprint": lm.fingerprint, "model_name": lm.name, "allow_other_weights": cfg.allow_other_weights}
         return resolve_unit_spec(cfg.units, lm.model, **same), {"source": cfg.units, "found_on_base": False}
-    n, cols = cfg.limit, cfg.columns or None
-    safety, utility = (load_prompts(getattr(cfg, k), columns=cols, limit=n, name=k) for k in ("safety", "utility"))
-    cats = find_units(lm, safety, utility, cfg.unit_search()).categorization
+    safety, utility = cfg.calibration.load(cfg.columns)
+    cats = find_units(lm, safety, utility, cfg).categorization
     info = {"source": "RU found on the base model", "found_on_base": True, "metric": cfg.metric, "rule": cats.rule}
     info["calibration"] = {"safety": safety.source, "utility": utility.source, "examples": [len(safety), len(utility)]}
     return cats["RU"], info | {"shares": cats.shares, "normalization": cats.normalization, "ranking": cats.ranking}

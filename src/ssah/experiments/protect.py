@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -38,6 +37,7 @@ from ssah.data.training import attack_set, held_out_split
 from ssah.errors import DataError, UserError
 from ssah.evaluate import EvalData
 from ssah.fields import (
+    CalibrationSection,
     Columns,
     Count,
     EvalSection,
@@ -154,9 +154,7 @@ class ProtectConfig(UnitCategoryFields, ModelRunConfig):
     allow_other_weights: bool = Field(
         False, description="Accept a unit file computed on other weights of the same architecture."
     )
-    safety: str = Field("builtin:safety", description="Safety calibration set (when units are computed).")
-    utility: str = Field("builtin:utility", description="Utility calibration set (when units are computed).")
-    calibration_limit: Count | None = Field(None, description="Calibration examples per set (default: all).")
+    calibration: CalibrationSection = CalibrationSection()  # (when units are computed here)
     # evaluation
     utility_limit: Count = Field(16, description="Held-out task examples for utility.")
     eval: EvalSection = EvalSection(limit=40, max_new_tokens=32, batch_size=32)
@@ -323,15 +321,9 @@ def protect_units(lm: LoadedModel, cfg: ProtectConfig, *, progress: bool = False
         sets, ranking = load_ranked_categories(cfg.units, lm.model, **ids)
         summary: dict[str, Any] = {"source": cfg.units}
     else:
-        data = [
-            _not_empty(load_prompts(spec, limit=e.calibration_limit, name=name), f"{name} calibration set", spec)
-            for name, spec in (("safety", cfg.safety), ("utility", cfg.utility))
-        ]
-        # the unit-search settings find_units reads (ssah units' defaults for those protect does not offer)
+        data = cfg.calibration.load()
         chosen = cfg.model_dump(include={"metric", "rule", "shares", "normalization", "ranking"})
-        fixed = {"granularity": "neuron", "tokens": "prompt+response", "batch_size": 8, "stability": False}
-        search = SimpleNamespace(**chosen, **fixed, max_length=cfg.max_length, system=cfg.system, progress=progress)
-        found = measure.find_units(lm, data[0], data[1], search)  # type: ignore[arg-type]
+        found = measure.find_units(lm, *data, cfg.model_copy(update={"progress": progress}))
         sets, ranking = found.categorization.sets, measure.safety_ranking(found)
         summary = {"source": "found here (units.safetensors, scores/)", **chosen}
         summary |= {"categories": found.categorization.summary()["categories"], "calibration": [x.source for x in data]}

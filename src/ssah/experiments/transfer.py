@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 from typing import Any, cast
 
 from pydantic import Field
@@ -28,12 +27,12 @@ from ssah.config import Dtype, ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.fields import (
+    CalibrationSection,
     Columns,
     Count,
     Granularity,
     MaxLength,
     System,
-    Tokens,
     UnitCategoryFields,
 )
 from ssah.measure import (
@@ -73,23 +72,15 @@ class TransferConfig(UnitCategoryFields, ModelRunConfig):
     steps: Count = Field(20, description="Fine-tuning steps when --finetuned is absent.")
     train: TrainSection = TrainSection()
     # categorisation, as in `ssah units`
-    safety: str = Field("builtin:safety", description="Safety calibration set.")
-    utility: str = Field("builtin:utility", description="Utility calibration set.")
+    calibration: CalibrationSection = CalibrationSection()
     columns: Columns = Field(default_factory=dict)
-    limit: Count | None = Field(None, description="Use only the first N examples of each calibration set.")
     granularity: Granularity = "neuron"
-    tokens: Tokens = "prompt+response"
-    batch_size: Count = Field(8, description="Examples per scoring forward pass.")
     max_length: MaxLength = 512
     system: System = None
     control: bool = Field(
         True,
         description="Categorise disjoint data halves too (the noise control; without it the verdict is inconclusive).",
     )
-
-    def unit_search(self) -> SimpleNamespace:
-        """The settings :func:`ssah.measure.find_units` reads (each half is categorised on its own)."""
-        return SimpleNamespace(**self.model_dump(), stability=False)
 
     def train_config(self) -> TrainConfig:
         """Settings of the in-memory fine-tune (used when no ``finetuned`` model is given)."""
@@ -101,9 +92,11 @@ class TransferConfig(UnitCategoryFields, ModelRunConfig):
         check_unit_search(self)
         if self.finetuned is None:
             self.train_config()  # a UserError on a bad training setting
-        limit = self.limit
+        limit = self.calibration.limit
         if self.control and limit is not None and limit < 2:
-            raise UserError("the data-noise control splits each calibration set in two: use --limit 2 or more")
+            raise UserError(
+                "the data-noise control splits each calibration set in two: use --calibration-limit 2 or more"
+            )
         check_output_folder(self.out, self.overwrite)
 
 
@@ -176,9 +169,8 @@ def run_transfer(cfg: TransferConfig) -> RunResult[TransferConfig]:
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
-    limit, cols = cfg.limit, cfg.columns or None
-    safety = load_prompts(cfg.safety, columns=cols, limit=limit, name="safety")
-    utility = load_prompts(cfg.utility, columns=cols, limit=limit, name="utility")
+    cols, limit = cfg.columns or None, cfg.calibration.limit
+    safety, utility = cfg.calibration.load(cols)
     for data in [d for d in (safety, utility) if cfg.control and len(d) < 2]:
         raise UserError(f"the data-noise control needs 2 or more examples in the {data.name} set")
     train_data: PromptSet | None = None
@@ -195,11 +187,10 @@ def run_transfer(cfg: TransferConfig) -> RunResult[TransferConfig]:
     if (ft := load(cfg.finetuned) if cfg.finetuned is not None else None) is not None:
         check_same_layout(base, ft)
     t_load = time.time() - t0
-    search = cfg.unit_search()
     halves = list(zip(safety.split(2), utility.split(2), strict=True)) if cfg.control else []
 
     def categorize(lm: LoadedModel, sets: tuple[PromptSet, PromptSet]) -> Categorization:
-        return find_units(lm, *sets, search).categorization
+        return find_units(lm, *sets, cfg).categorization  # each half on its own (transfer has no stability)
 
     t_cat = time.time()
     before = categorize(base, (safety, utility))
@@ -232,7 +223,8 @@ def run_transfer(cfg: TransferConfig) -> RunResult[TransferConfig]:
         | {"training": training},
         "categorization": {"rule": before.rule, "shares": before.shares, "normalization": before.normalization}
         | cfg.model_dump(include={"metric", "ranking", "granularity"})
-        | {"token_region": cfg.tokens, "limit": limit, "examples": {"safety": len(safety), "utility": len(utility)}}
+        | {"token_region": cfg.calibration.tokens, "limit": limit}
+        | {"examples": {"safety": len(safety), "utility": len(utility)}}
         | {"data": {"safety": safety.source, "utility": utility.source}},
         "transition": transfer,
         "moved_by_layer": moved_by_layer(before, after),

@@ -18,16 +18,7 @@ from ssah.categorize import (
 from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
-from ssah.fields import (
-    AutoBatch,
-    Columns,
-    Count,
-    Granularity,
-    MaxLength,
-    System,
-    Tokens,
-    UnitCategoryFields,
-)
+from ssah.fields import AutoBatch, CalibrationSection, Columns, Granularity, MaxLength, System, UnitCategoryFields
 from ssah.measure import (
     ControlDistribution,
     FoundUnits,
@@ -47,20 +38,15 @@ from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.units import UnitSpace
 
 
-class UnitsConfig(UnitCategoryFields, ModelRunConfig):
-    """Everything `ssah units` needs."""
+class UnitsConfig(UnitCategoryFields, CalibrationSection, ModelRunConfig):
+    """Everything `ssah units` needs: the calibration options (``CalibrationSection``, at top level here), the
+    categorisation's and the model's."""
 
     placement = True  # honours device_map / max_memory / offload_folder (see ModelRunConfig)
     out: Out = "runs/units"
-    safety: str = Field("builtin:safety", description="Safety calibration set: builtin:NAME or a CSV/JSON/JSONL file.")
-    utility: str = Field(
-        "builtin:utility", description="Utility calibration set: builtin:NAME or a CSV/JSON/JSONL file."
-    )
     columns: Columns = Field(default_factory=dict)
-    limit: Count | None = Field(None, description="Use only the first N examples of each set.")
     granularity: Granularity = "neuron"
-    tokens: Tokens = "prompt+response"
-    batch_size: AutoBatch = 8
+    batch_size: AutoBatch = 8  # type: ignore[assignment]  # units alone may choose it: auto (the default on GPUs)
     max_length: MaxLength = 512
     system: System = None
     stability: bool = Field(False, description="Also report SCU overlap between two disjoint data halves.")
@@ -72,6 +58,11 @@ class UnitsConfig(UnitCategoryFields, ModelRunConfig):
         "how much the SCU sets overlap, against stratified random sets of the same count.",
     )
 
+    @property
+    def calibration(self) -> UnitsConfig:
+        """The calibration options :func:`ssah.measure.find_units` reads (at top level in this config)."""
+        return self
+
     def check(self) -> None:
         """Cheap validation, done before any data or model is loaded (the output folder included)."""
         self.check_settings()
@@ -80,8 +71,6 @@ class UnitsConfig(UnitCategoryFields, ModelRunConfig):
     def check_settings(self) -> None:
         """Validate the scoring and categorisation settings (for in-memory use, where no folder is written)."""
         check_unit_search(self)
-        if (self.batch_size != "auto" and self.batch_size < 1) or self.max_length < 8:
-            raise UserError("batch_size must be at least 1 and max_length at least 8")
         if self.limit is not None and self.limit < 2 and self.stability:
             raise UserError("--stability splits each set in two halves: use --limit 2 or more")
         specs = safety_specs(self)
@@ -177,8 +166,7 @@ def run_units(cfg: UnitsConfig) -> RunResult[UnitsConfig]:
     t0 = time.time()
     cfg.check()
     set_seed(cfg.seed)
-    safety = load_prompts(cfg.safety, columns=cfg.columns or None, limit=cfg.limit, name="safety")
-    utility = load_prompts(cfg.utility, columns=cfg.columns or None, limit=cfg.limit, name="utility")
+    safety, utility = cfg.load(cfg.columns)
     for data in (safety, utility):
         if cfg.stability and len(data) < 2:
             raise UserError(f"--stability needs at least 2 examples in the {data.name} set, it has {len(data)}")
