@@ -13,10 +13,11 @@ import ssah.commands.summaries
 from ssah.cli import main
 from ssah.cliutil import _fields, _flag
 from ssah.config import BaseConfig, load_config, parse_overrides, sections, shipped_configs
+from ssah.data import load_prompts
 from ssah.errors import UserError
 from ssah.experiments.ablate import AblateConfig
 from ssah.experiments.protect import ProtectConfig
-from ssah.fields import EvalSection
+from ssah.fields import CalibrationSection, EvalSection
 from ssah.recipes import RECIPES, get_recipe
 
 TINY = "tiny-random-llama"
@@ -229,3 +230,27 @@ def test_eval_section_decodes_under_the_run_settings() -> None:
     g = cfg.eval.greedy(cfg)
     assert (g.max_new_tokens, g.batch_size, g.seed, g.system, g.do_sample) == (7, 32, 5, "Be brief.", False)
     assert EvalSection().greedy().system is None
+
+
+def test_calibration_section_is_one_declaration_for_every_unit_finding_recipe(tmp_path: Path) -> None:
+    """ablate, protect, budget and transfer nest it (each with its defaults); units has the same keys at top level;
+    ``limit`` keeps examples evenly spaced through each set; an empty file is a data error naming it."""
+    from ssah.experiments.budget import BudgetConfig
+    from ssah.experiments.transfer import TransferConfig
+    from ssah.experiments.units import UnitsConfig
+
+    for cls in (AblateConfig, ProtectConfig, BudgetConfig, TransferConfig):
+        assert sections(cls)["calibration"][1] is CalibrationSection, cls
+    assert (
+        AblateConfig(model=TINY).calibration.batch_size == 32 and ProtectConfig(model=TINY).calibration.batch_size == 8
+    )
+    units = UnitsConfig(model=TINY, limit=10, safety="builtin:harmful")
+    assert units.calibration is units and set(CalibrationSection.model_fields) <= set(UnitsConfig.model_fields)
+    safety, utility = units.load()
+    harmful = load_prompts("builtin:harmful")  # 150, sorted by category: the first 10 would be one category
+    assert [ex.prompt for ex in safety] == [harmful[15 * i].prompt for i in range(10)] and len(utility) == 10
+    assert len({ex.category for ex in safety}) == 10
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty.jsonl has no rows"):
+        CalibrationSection(safety=str(empty)).load()

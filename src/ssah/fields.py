@@ -16,7 +16,6 @@ from pydantic import BaseModel, BeforeValidator, Field
 from ssah.categorize import DEFAULT_NORMALIZATION, Normalization, Ranking, Rule
 from ssah.config import Section
 from ssah.data.chat import TokenRegion
-from ssah.errors import DataError
 from ssah.interventions import AblationMode
 from ssah.scoring import Metric as MetricName
 from ssah.units import Granularity as GranularityName
@@ -163,9 +162,6 @@ class CalibrationSection(Section):
             load_prompts(spec, columns=columns or None, name=name).spread(self.limit)
             for name, spec in (("safety", self.safety), ("utility", self.utility))
         )
-        for data, spec in ((safety, self.safety), (utility, self.utility)):
-            if len(data) == 0:
-                raise DataError(f"the {data.name} calibration set {spec} is empty: pass a set with examples")
         return safety, utility
 
 
