@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ssah.cli import main
-from ssah.commands.report import README_END, README_START, readme_block
+from ssah.commands.report import FULL_END, FULL_START, README_END, README_START, readme_block
 from ssah.experiments.units import overlap_across_safety_sets
 from ssah.measure import ControlDistribution, Proportion, compare, verdict
 from ssah.reports.demo import (
@@ -186,6 +186,25 @@ def test_readme_block_replaces_only_the_marked_block_and_is_deterministic(tmp_pa
     assert readme.read_bytes() == text.encode()
     assert readme_block(run) == README_START + block + README_END
     assert not (run / "report.md").exists()  # --readme writes the README only
+
+
+def test_a_full_demo_writes_its_own_block_and_leaves_the_quick_one(tmp_path: Path, capsys) -> None:
+    quick, full = _demo_folder(tmp_path / "q"), _demo_folder(tmp_path / "f")
+    results = json.loads((full / "results.json").read_text())
+    (full / "results.json").write_text(json.dumps({**results, "quick": False}))
+    readme = tmp_path / "README.md"
+    readme.write_text(README.format(s=README_START, e=README_END) + f"\n{FULL_START}\nold full\n{FULL_END}\n")
+    assert main(["report", str(full), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" in text and "old full" not in text  # the quick block is untouched
+    assert "`ssah demo --model tiny-random-llama --seed 3 --full` (full settings" in text.split(FULL_START)[1]
+    assert main(["report", str(quick), "--readme", str(readme)]) == 0
+    both = readme.read_text()
+    assert "old table" not in both and both.split(FULL_START)[1] == text.split(FULL_START)[1]
+    capsys.readouterr()
+    readme.write_text(README.format(s=README_START, e=README_END))  # no full block: refused, file untouched
+    assert main(["report", str(full), "--readme", str(readme)]) == 2
+    assert FULL_START in capsys.readouterr().err and "old table" in readme.read_text()
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,13 @@ from ssah.runs import atomic_write_text, write_report
 
 README_START = "<!-- ssah:results:start -->"
 README_END = "<!-- ssah:results:end -->"
+# a full demo (`ssah demo --full`) has its own block, so a README can show both sizes side by side
+FULL_START, FULL_END = README_START.replace("results", "results-full"), README_END.replace("results", "results-full")
+
+
+def readme_markers(results: dict[str, Any]) -> tuple[str, str]:
+    """The marker lines of a demo run's README block: the quick block, or the full block for `ssah demo --full`."""
+    return (README_START, README_END) if results.get("quick", True) else (FULL_START, FULL_END)
 
 
 def renderer_for(command: str) -> Renderer:
@@ -62,32 +69,34 @@ def readme_block(run_dir: str | Path) -> str:
     rows = headlines(run_dir) or results.get("headlines") or []
     if not rows:
         raise UserError(f"{run_dir} holds no finished stage to tabulate: run `ssah demo` to the end first")
-    revision = str(man.get("git_revision") or "unknown")[:12]
+    revision, (start, end) = str(man.get("git_revision") or "unknown")[:12], readme_markers(results)
     run_line = (
         f"Measured by `{demo_command(results)}` ({'quick' if results.get('quick', True) else 'full'} settings, "
         f"model `{results['model']}`, seed {results['seed']}) on {str(man.get('started', 'an unknown date'))[:10]}, "
         f"ssah revision `{revision}`; this table was written by `ssah report RUN_DIR --readme README.md`."
     )
-    return "\n".join([README_START, "", run_line, "", VERDICT_RULE, "", science_table(rows), "", README_END])
+    return "\n".join([start, "", run_line, "", VERDICT_RULE, "", science_table(rows), "", end])
 
 
 def write_readme_table(run_dir: str | Path, readme: str | Path) -> Path:
-    """Replace the block between the results markers of ``readme`` with the demo run's science table; a
-    ``UserError`` (file untouched) when the markers are missing or the run is not a finished demo run."""
+    """Replace the block between the results markers of ``readme`` (the quick or the full ones, as the run) with
+    the demo run's science table; a ``UserError`` (file untouched) when the markers are missing or the run is not
+    a finished demo run."""
     readme = Path(readme)
+    block = readme_block(run_dir)
+    start, end = block.splitlines()[0], block.splitlines()[-1]
     try:
         text = readme.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {readme} ({type(exc).__name__}): pass the README file to update") from None
-    starts, ends = text.count(README_START), text.count(README_END)
-    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
+    starts, ends = text.count(start), text.count(end)
+    if starts != 1 or ends != 1 or text.index(start) > text.index(end):
         raise UserError(
-            f"{readme} needs one line {README_START} and, after it, one line {README_END} (found {starts} and "
+            f"{readme} needs one line {start} and, after it, one line {end} (found {starts} and "
             f"{ends}): add them where the results table goes"
         )
-    block = readme_block(run_dir)
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
     new = head + block + tail
     if new != text:
         atomic_write_text(readme, new)
@@ -102,7 +111,8 @@ def report(
         Path | None,
         typer.Option(
             help="Instead of rebuilding the report, write this demo run's science table into FILE between the lines "
-            f"{README_START} and {README_END} (nothing else in FILE changes)."
+            f"{README_START} and {README_END} ({FULL_START} and {FULL_END} for a --full demo; nothing else in FILE "
+            "changes)."
         ),
     ] = None,
 ) -> None:
