@@ -182,7 +182,7 @@ def compare_stored(effect: Mapping[str, Any], control: Mapping[str, Any]) -> Com
     return compare(stored_measurement(effect), stored_measurement(control))
 
 
-def _spread_of(values: Sequence[float]) -> dict[str, Any]:
+def _mean_min_max(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": list(values)}
 
 
@@ -195,10 +195,10 @@ def over_seeds(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if all(isinstance(r.get(key), Mapping) and {"k", "n"} <= r[key].keys() for r in rows):
             out[key] = ControlDistribution(tuple(Proportion.from_dict(r[key]) for r in rows)).to_dict()
     if all(isinstance(r.get("perplexity"), int | float) for r in rows):
-        out["perplexity"] = _spread_of([r["perplexity"] for r in rows])
+        out["perplexity"] = _mean_min_max([r["perplexity"] for r in rows])
     if all("kl" in r for r in rows):
         parts = [p for p in rows[0]["kl"] if all(isinstance(r["kl"].get(p), Mapping) for r in rows)]
-        out["kl"] = {p: _spread_of([r["kl"][p]["mean"] for r in rows]) for p in parts}
+        out["kl"] = {p: _mean_min_max([r["kl"][p]["mean"] for r in rows]) for p in parts}
     return out
 
 

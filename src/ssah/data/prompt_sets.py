@@ -106,7 +106,8 @@ class PromptSet:
     def spread(self, n: int | None) -> PromptSet:
         """``n`` examples evenly spaced through the set (example ``i * len // n`` for ``i < n``; deterministic),
         the whole set when ``n`` is None or not smaller: files are often sorted by category, so the first ``n``
-        would cover only a few. Every recipe that cuts a set to a limit cuts it here."""
+        would cover only a few. The one even cut of the calibration sets (``CalibrationSection``), ablate's and the
+        direction's evaluation sets and the probe's prompts."""
         size = len(self.examples)
         if n is None or n >= size:
             return self
