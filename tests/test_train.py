@@ -166,19 +166,24 @@ def test_response_only_loss_matches_manual_cross_entropy() -> None:
                 n += 1
     assert count == n == sum(sum(e.response_mask) for e in enc)
     assert torch.allclose(loss.double(), expected, rtol=1e-5)
-    # what the model predicts after prompt tokens (and after the last token) does not matter: noise there is ignored
+    # what the model predicts after prompt tokens (and after the last token) does not matter: noise there is ignored,
+    # and the vocabulary projection runs only at the columns that predict a response token in some row
     predicts_response = torch.zeros_like(batch["labels"], dtype=torch.bool)
     predicts_response[:, :-1] = batch["labels"][:, 1:] != -100
-    noise = 10 * torch.randn(
-        *batch["labels"].shape, model.config.vocab_size, generator=torch.Generator().manual_seed(0)
-    )
+    cols = predicts_response.any(dim=0).nonzero().flatten()
+    assert 0 < cols.numel() < batch["labels"].shape[1]
+    widths: list[int] = []
 
     def perturb(_m: torch.nn.Module, _args: Any, logits: torch.Tensor) -> torch.Tensor:
-        return logits + noise * (~predicts_response).unsqueeze(-1)
+        widths.append(logits.shape[1])
+        mask = predicts_response if logits.shape[1] == predicts_response.shape[1] else predicts_response[:, cols]
+        noise = 10 * torch.randn(*logits.shape, generator=torch.Generator().manual_seed(0))
+        return logits + noise * (~mask).unsqueeze(-1)
 
     handle = model.lm_head.register_forward_hook(perturb)
     try:
         assert torch.equal(response_loss(model, batch)[0], loss)
+        assert widths == [cols.numel()]
     finally:
         handle.remove()
 

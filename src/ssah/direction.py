@@ -49,7 +49,7 @@ from ssah.arch import ArchAdapter, get_adapter
 from ssah.data.chat import bos_to_add, context_length, encode_prompts, format_chat
 from ssah.errors import UnsupportedModelError, UserError
 from ssah.generate import left_pad
-from ssah.inference import frozen_eval, model_device, pad_id
+from ssah.inference import frozen_eval, logits_at, model_device, pad_id
 
 # Families whose blocks write to the residual stream through a norm after the output projection.
 _POST_NORM_WRITERS = {
@@ -264,9 +264,10 @@ def _encode(model: Any, tokenizer: Any, prompts: Sequence[str], system: str | No
     return encode_prompts(tokenizer, texts, context=context_length(model), bos_id=bos_to_add(tokenizer))
 
 
-def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position of a left-padded batch (position ids follow the mask)."""
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return logits_at(model, 1, input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
 
 
 def mean_activations(
@@ -338,7 +339,7 @@ def last_logprobs(
     with frozen_eval(model, inference=True):
         for k in range(0, len(encoded), batch_size):
             ids, mask = left_pad(encoded[k : k + batch_size], pad, device)
-            logits = _forward(model, ids, mask).logits[:, -1, :].float()
+            logits = _forward(model, ids, mask)[:, -1, :].float()
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
     return torch.cat(rows)
 

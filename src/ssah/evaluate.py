@@ -31,7 +31,7 @@ from ssah.data.tasks import (
 )
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
-from ssah.inference import frozen_eval, model_device, pad_id
+from ssah.inference import frozen_eval, logits_at, model_device, pad_id
 from ssah.intervals import Interval, wilson_interval
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
 
@@ -444,15 +444,16 @@ def perplexity(model: Any, tokenizer: Any, data: PromptSet, *, batch_size: int =
     with frozen_eval(model):
         for idx in batches(encoded, batch_size):
             batch = collate([encoded[i] for i in idx], pad, region="response", padding_side="right")
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
             labels = batch["labels"][:, 1:].to(device)
+            # logits only from the first position that predicts a response token in some row (right padding)
+            cols = (labels != -100).any(dim=0).nonzero().flatten()
+            first = int(cols[0]) if cols.numel() else 0
+            keep = torch.arange(first, labels.shape[1], device=device)
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            logits = logits_at(model, keep, **inputs)
+            labels = labels[:, first:]
             nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
             total_nll += float(nll)
             total_tokens += int((labels != -100).sum())
@@ -487,11 +488,14 @@ def _continuation_logprobs(
             for r, row in enumerate(rows):
                 ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
                 mask[r, : len(row)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # position t predicts token t + 1: the continuation's tokens are predicted from len(ctx) - 1 on, so
+            # logits are needed only from the shortest context's last position
+            first = min(len(encoded[i][0]) for i in chunk) - 1
+            keep = torch.arange(first, width, device=device)
+            logits = logits_at(model, keep, input_ids=ids.to(device), attention_mask=mask.to(device))
             for r, i in enumerate(chunk):
                 ctx, cont = encoded[i]
-                # position t predicts token t + 1: the continuation's tokens are predicted from len(ctx) - 1 on
-                pred = logits[r, len(ctx) - 1 : len(ctx) + len(cont) - 1].float().log_softmax(-1)
+                pred = logits[r, len(ctx) - 1 - first : len(ctx) + len(cont) - 1 - first].float().log_softmax(-1)
                 target = torch.tensor(cont, device=pred.device)
                 scores[i] = float(pred.gather(-1, target[:, None]).sum())
     return scores
@@ -646,12 +650,12 @@ def _teacher_forced_logprobs(
             chunk = list(sequences[k : k + batch_size])
             ids, mask = left_pad(chunk, pad, device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-            width = ids.shape[1]
+            # left padding puts every reply at the end: logits are needed only for the last `last` positions
+            last = max(len(seq) - starts[k + row] for row, seq in enumerate(chunk))
+            logits = logits_at(model, last, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
             for row, seq in enumerate(chunk):
-                offset = width - len(seq)
-                a, b = offset + starts[k + row], offset + len(seq) - 1
-                out.append(torch.log_softmax(logits[row, a:b].float(), dim=-1).cpu())
+                a = last - (len(seq) - starts[k + row])
+                out.append(torch.log_softmax(logits[row, a : last - 1].float(), dim=-1).cpu())
     return out
 
 

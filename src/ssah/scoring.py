@@ -42,7 +42,7 @@ from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.data.chat import context_length
 from ssah.errors import UnitFileError, UserError
-from ssah.inference import model_device, pad_id
+from ssah.inference import logits_at, model_device, pad_id
 from ssah.safefiles import save_safetensors
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
@@ -219,9 +219,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     if positions.numel() == 0:  # still run the forward: the activation statistics count this batch
         _forward(model, batch, keep=1)
         return torch.zeros(()), 0, 0
-    logits = _forward(model, batch, keep=positions).logits
-    if logits.shape[1] != positions.numel():  # a model class that ignores a tensor logits_to_keep
-        logits = logits[:, positions]
+    logits = _forward(model, batch, keep=positions)
     targets = targets[:, positions]
     per_token = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
@@ -351,21 +349,9 @@ class _ReaderGradients:
         return grads, per_unit
 
 
-def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, keep: int | torch.Tensor) -> Any:
-    """Forward pass computing logits only at ``keep`` (an int: the last positions; a tensor: these positions).
-
-    Statistics need no logits (``keep=1``): the vocabulary projection of every token would cost time and
-    hundreds of MB per batch. A model class without ``logits_to_keep`` computes them all.
-    """
-    kwargs: dict[str, Any] = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "use_cache": False,
-    }
-    try:
-        return model(**kwargs, logits_to_keep=keep)
-    except TypeError:  # a model class without logits_to_keep
-        return model(**kwargs)
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], *, keep: int | torch.Tensor) -> torch.Tensor:
+    """Forward pass with logits only at ``keep`` (statistics need none: ``keep=1``); see :func:`logits_at`."""
+    return logits_at(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
 
 def compute_scores(

@@ -12,7 +12,7 @@ from ssah.data import format_chat
 from ssah.data.chat import context_length, encode_prompts
 from ssah.errors import UserError
 from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
-from ssah.inference import frozen_eval, model_device, pad_id
+from ssah.inference import frozen_eval, logits_at, model_device, pad_id
 from ssah.judges.base import Judge, Verdict, check_pairs
 
 REFUSAL_OPENERS: tuple[str, ...] = (
@@ -84,11 +84,7 @@ def _forward_last_logits(model: Any, input_ids: torch.Tensor, attention_mask: to
     row sees the same positions as unpadded)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
-    try:
-        out = model(input_ids=input_ids, logits_to_keep=1, **kwargs)
-    except TypeError:  # older or custom models without logits_to_keep
-        out = model(input_ids=input_ids, **kwargs)
-    return out.logits[:, -1, :].float()
+    return logits_at(model, 1, input_ids=input_ids, **kwargs)[:, -1, :].float()
 
 
 def first_token_refusal_scores(
