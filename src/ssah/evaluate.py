@@ -31,7 +31,7 @@ from ssah.data.tasks import (
 )
 from ssah.errors import UserError
 from ssah.generate import Generation, GenerationConfig, encode_prompt, generate
-from ssah.inference import frozen_eval, logits_at, model_device, pad_id
+from ssah.inference import frozen_eval, label_columns, logits_at, model_device, pad_id
 from ssah.intervals import Interval, wilson_interval
 from ssah.judges import Judge, Verdict, get_judge, is_coherent
 
@@ -445,13 +445,12 @@ def perplexity(model: Any, tokenizer: Any, data: PromptSet, *, batch_size: int =
         for idx in batches(encoded, batch_size):
             batch = collate([encoded[i] for i in idx], pad, region="response", padding_side="right")
             labels = batch["labels"][:, 1:].to(device)
-            # logits only from the first position that predicts a response token in some row (right padding)
-            cols = (labels != -100).any(dim=0).nonzero().flatten()
-            first = int(cols[0]) if cols.numel() else 0
-            keep = torch.arange(first, labels.shape[1], device=device)
+            cols = label_columns(labels)  # logits only where a response token is predicted in some row
+            if cols.numel() == 0:
+                continue
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            logits = logits_at(model, keep, **inputs)
-            labels = labels[:, first:]
+            logits = logits_at(model, cols, **inputs)
+            labels = labels[:, cols]
             nll = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )

@@ -53,6 +53,12 @@ def pad_id(tokenizer: Any, eos: list[int] | None = None) -> int:
     return int(pad) if pad is not None else 0
 
 
+def label_columns(labels: torch.Tensor) -> torch.Tensor:
+    """The columns of shifted labels (``labels[:, 1:]``, -100 where nothing is predicted) that hold a label in some
+    row: the positions whose logits a response loss or perplexity reads (pass them to :func:`logits_at`)."""
+    return (labels != -100).any(dim=0).nonzero().flatten()
+
+
 def logits_at(model: Any, keep: int | torch.Tensor, **inputs: Any) -> torch.Tensor:
     """The model's logits only where they are read: ``keep`` an int, the last ``keep`` positions; a 1-D tensor,
     those positions (columns). Returns ``[batch, positions, vocab]`` in the model's dtype.

@@ -42,7 +42,7 @@ from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.data.chat import context_length
 from ssah.errors import UnitFileError, UserError
-from ssah.inference import logits_at, model_device, pad_id
+from ssah.inference import label_columns, logits_at, model_device, pad_id
 from ssah.safefiles import save_safetensors
 from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
 from ssah.units import UnitSpace
@@ -215,7 +215,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     none: with a vocabulary of 50k-130k the full logits would dominate the memory of the pass).
     """
     targets = batch["labels"][:, 1:]
-    positions = (targets != -100).any(dim=0).nonzero().flatten()
+    positions = label_columns(targets)
     if positions.numel() == 0:  # still run the forward: the activation statistics count this batch
         _forward(model, batch, keep=1)
         return torch.zeros(()), 0, 0

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssah.inference import logits_at
+from ssah.inference import label_columns, logits_at
 
 
 def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -17,7 +17,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     upcast to float32. A batch without response tokens gives a zero loss still connected to the graph.
     """
     labels = batch["labels"][:, 1:]
-    positions = (labels != -100).any(dim=0).nonzero().flatten()
+    positions = label_columns(labels)
     if positions.numel() == 0:
         positions = torch.zeros(1, dtype=torch.long, device=labels.device)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
