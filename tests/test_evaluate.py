@@ -279,7 +279,7 @@ def manual_choice_scores(model: Any, tok: Any, item: MultipleChoiceItem, normali
         with torch.no_grad():
             logprobs = model(input_ids=torch.tensor([ctx + cont])).logits[0].float().log_softmax(-1)
         total = sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
-        scores.append(total / len((" " + choice).encode()) if normalize else total)
+        scores.append(total / len(choice) if normalize else total)  # lm-eval's acc_norm: the choice's characters
     return scores
 
 
@@ -304,20 +304,41 @@ def test_multiple_choice_matches_manual_argmax(tiny_llama: Any, normalize: bool)
 
 
 def test_multiple_choice_accuracy_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
-    # forced scores: the summed log-prob of a choice is minus its length in characters (so the shortest wins
-    # unnormalised, while per byte every choice ties and the first wins)
+    # forced scores: the summed log-prob of a choice is minus the UTF-8 bytes of its continuation " <choice>", so
+    # unnormalised the fewest bytes win, and per character of the choice (lm-eval's acc_norm) -(bytes + 1) / chars
+    # decides; the old per-byte-of-" <choice>" rule would tie everything and pick the first option
     def scorer(model: Any, tok: Any, requests: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
-        return [-float(len(cont)) for _, cont in requests]
+        return [-float(len(cont.encode("utf-8"))) for _, cont in requests]
 
     monkeypatch.setattr(ev, "_continuation_logprobs", scorer)
     items = [
-        MultipleChoiceItem("q1", ("long answer", "s"), 1),
-        MultipleChoiceItem("q2", ("xx", "y", "zzz"), 1),
-        MultipleChoiceItem("q3", ("aa", "b"), 0),
-        MultipleChoiceItem("q4", ("same", "size"), 0),
+        MultipleChoiceItem("q1", ("long answer", "s"), 0),  # -12/11 vs -2/1: long wins per char; "s" unnormalised
+        MultipleChoiceItem("q2", ("\u00e9", "e"), 1),  # é: -3/1 vs -2/1, 2 bytes but 1 character
+        MultipleChoiceItem("q3", ("ab", "cd"), 0),  # ties both ways -> the first, as np.argmax
+        MultipleChoiceItem("q4", ("\u2014x", "yyy"), 0),  # —x: -5/2 vs -4/3 (— is 3 bytes, 1 character)
     ]
-    assert multiple_choice_accuracy(None, None, items, normalize=False) == 0.75  # shortest; q4 tie -> first
-    assert multiple_choice_accuracy(None, None, items, normalize=True) == 0.5  # all tie per byte -> first
+    assert ev.multiple_choice_outcomes(None, None, items, normalize=False) == [False, True, True, False]
+    assert ev.multiple_choice_outcomes(None, None, items, normalize=True) == [True, True, True, False]
+    assert multiple_choice_accuracy(None, None, items, normalize=False) == 0.5
+    assert multiple_choice_accuracy(None, None, items, normalize=True) == 0.75
+
+
+def test_multiple_choice_choose_is_lm_eval_formula() -> None:
+    # ev._choose against lm-eval's process_results lines written out: np.argmax(lls / [len(c) for c in choices])
+    import numpy as np
+
+    cases = [
+        ([-4.0, -6.0], ("ab", "abc")),  # -2 vs -2: tie -> first
+        ([-6.0, -6.0], ("\u00e9\u00e9", "abc")),  # per character -3 vs -2; per byte (4 vs 3) the first would win
+        ([-3.0, -3.0, -2.0], ("a", "bb", "c")),
+        ([-5.0, -9.0], ("x", "")),  # an empty choice: -9 / 0 = -inf, never chosen
+    ]
+    for lls, choices in cases:
+        with np.errstate(divide="ignore"):
+            expected_norm = int(np.argmax(np.array(lls) / np.array([float(len(c)) for c in choices])))
+        assert ev._choose(lls, choices, True) == expected_norm
+        assert ev._choose(lls, choices, False) == int(np.argmax(lls))
+    assert ev._choose([-6.0, -6.0], ("\u00e9\u00e9", "abc"), True) == 1
 
 
 # ----------------------------------------------------------------------------------------------- gsm8k

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +60,7 @@ __all__ = [
     "lm_eval_bridge",
     "load_eval_sets",
     "multiple_choice_accuracy",
+    "multiple_choice_outcomes",
     "perplexity",
     "wilson_interval",
 ]
@@ -500,6 +502,48 @@ def _continuation_logprobs(
     return scores
 
 
+def _choose(lls: Sequence[float], choices: Sequence[str], normalize: bool) -> int:
+    """The option lm-evaluation-harness picks for one item. We match its published definition exactly
+    (``ConfigurableTask.process_results`` for ``multiple_choice`` in lm_eval/api/task.py): ``acc`` takes
+    ``np.argmax(lls)`` and ``acc_norm`` takes ``np.argmax(lls / completion_len)``, where ``completion_len`` is
+    ``len(choice)`` in characters of the choice alone (not its UTF-8 bytes, and without the ``" "`` delimiter that
+    the scored continuation carries); ``np.argmax`` keeps the first of tied maxima. An empty choice divides by
+    zero as numpy does (``-inf``), as lm-eval's would."""
+    scores = np.asarray(lls, dtype=np.float64)
+    if normalize:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = scores / np.array([float(len(c)) for c in choices])
+    return int(np.argmax(scores))
+
+
+def multiple_choice_outcomes(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[MultipleChoiceItem],
+    *,
+    batch_size: int = 8,
+    normalize: bool = True,
+) -> list[bool]:
+    """Per item, in item order, whether the chosen option is the labelled one (zero-shot, by log-likelihood):
+    each choice is scored as the continuation ``" <choice>"`` of ``"Question: <question>\\nAnswer:"`` (sum of
+    token log-probs) and chosen as lm-eval does (:func:`_choose`: ``acc_norm`` divides by the choice's length in
+    characters when ``normalize``, ``acc`` does not; the first best on ties). For paired statistics."""
+    _require_items(items, "multiple-choice", "items")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
+    requests = [
+        (MC_TEMPLATE.format(question=item.question), MC_DELIMITER + choice) for item in items for choice in item.choices
+    ]
+    flat = _continuation_logprobs(model, tokenizer, requests, batch_size)
+    outcomes = []
+    at = 0
+    for item in items:
+        lls = flat[at : at + len(item.choices)]
+        at += len(item.choices)
+        outcomes.append(_choose(lls, item.choices, normalize) == item.label)
+    return outcomes
+
+
 def multiple_choice_accuracy(
     model: Any,
     tokenizer: Any,
@@ -508,29 +552,10 @@ def multiple_choice_accuracy(
     batch_size: int = 8,
     normalize: bool = True,
 ) -> float:
-    """Zero-shot multiple-choice accuracy by log-likelihood: each choice is scored as the continuation
-    ``" <choice>"`` of ``"Question: <question>\\nAnswer:"`` (sum of token log-probs; divided by the choice's UTF-8
-    byte length when ``normalize``, lm-eval's ``acc_norm``, so long options are not penalised); the best-scoring
-    choice (the first on ties) is compared with the label."""
-    _require_items(items, "multiple-choice", "items")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}: pass a positive batch size")
-    requests = [
-        (MC_TEMPLATE.format(question=item.question), MC_DELIMITER + choice) for item in items for choice in item.choices
-    ]
-    flat = _continuation_logprobs(model, tokenizer, requests, batch_size)
-    correct = 0
-    at = 0
-    for item in items:
-        scores = flat[at : at + len(item.choices)]
-        if normalize:
-            scores = [
-                s / max(1, len((MC_DELIMITER + c).encode("utf-8"))) for s, c in zip(scores, item.choices, strict=True)
-            ]
-        at += len(item.choices)
-        best = max(range(len(scores)), key=lambda j: (scores[j], -j))
-        correct += best == item.label
-    return correct / len(items)
+    """Zero-shot multiple-choice accuracy by log-likelihood: the mean of :func:`multiple_choice_outcomes`
+    (lm-eval's ``acc_norm`` when ``normalize``, its ``acc`` otherwise)."""
+    outcomes = multiple_choice_outcomes(model, tokenizer, items, batch_size=batch_size, normalize=normalize)
+    return sum(outcomes) / len(outcomes)
 
 
 def gsm8k_exact_match(
@@ -568,7 +593,7 @@ def lm_eval_bridge(
     Tasks are names of tasks lm-eval can load, or dicts (``custom_dataset=...`` or local ``data_files`` with
     absolute paths; built-in tasks download from the hub, so offline use needs local data). ``kw`` goes to
     ``lm_eval.simple_evaluate`` (e.g. ``limit``, ``num_fewshot``). Returns its ``results``, ``versions`` and
-    ``n-samples``. Needs the ``[eval]`` extra.
+    ``n-samples``, and its per-item ``samples`` when ``log_samples=True`` is passed. Needs the ``[eval]`` extra.
     """
     try:
         import lm_eval
@@ -584,7 +609,8 @@ def lm_eval_bridge(
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **kw)
     if not out:
         return {}
-    return {key: out[key] for key in ("results", "versions", "n-samples") if key in out}
+    keys = ("results", "versions", "n-samples") + (("samples",) if kw.get("log_samples") is True else ())
+    return {key: out[key] for key in keys if key in out}
 
 
 # ----------------------------------------------------------------------------------------------- KL on harmless
