@@ -72,3 +72,38 @@ def test_every_bf16_training_run_on_one_model_autocasts() -> None:
             assert set(seen) == {torch.bfloat16 if bf16 else torch.float32}, f"run with bf16={bf16}"
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True), (set(), False)],
+)
+def test_native_bf16_reads_the_cpu_flags(flags: set[str], native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 is native only with AVX512-BF16 or AMX; an AVX2-only CPU (or unreadable flags) gets fp32."""
+    from ssah import models
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    models.native_bf16.cache_clear()
+    try:
+        assert models.native_bf16("cpu") is native
+        assert models.resolve_bf16(None, "cpu") is native  # auto follows the hardware
+        assert models.resolve_bf16(True, "cpu") is True and models.resolve_bf16(False, "cpu") is False  # forced wins
+    finally:
+        models.native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_demo_bf16_defaults_to_the_hardware(native: bool, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's default (auto) runs bf16 only where the device runs it natively; --no-bf16 still forces fp32."""
+    import json
+
+    from ssah import models
+    from ssah.cli import main
+
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "native_bf16", lambda device="auto": native)
+    for args, want in (([], native), (["--no-bf16"], False)):
+        out = tmp_path / f"demo{len(args)}"
+        argv = ["demo", "--model", "tiny-random-llama", "--out", str(out), "--stages", "eval-base", *args]
+        assert main(argv) == 0
+        assert json.loads((out / "demo.json").read_text())["bf16"] is want

@@ -27,7 +27,7 @@ from ssah.config import Dtype, ModelRunConfig, Out, shipped_configs
 from ssah.data.presets import preset_path
 from ssah.errors import DataError, UserError
 from ssah.fields import CommaList
-from ssah.models import cpu_lacks_bf16
+from ssah.models import native_bf16, resolve_bf16
 from ssah.recipes import get_recipe
 from ssah.reports.demo import headlines
 from ssah.results import RunResult
@@ -49,10 +49,12 @@ class DemoConfig(ModelRunConfig):
         json_schema_extra={"flag": "--quick/--full"},
     )
     stages: CommaList | None = Field(None, description="Comma-separated subset of stages, e.g. align,units,ablate.")
-    bf16: bool = Field(
-        True,
-        description="bf16 autocast for generation and fine-tuning in every stage (statistics stay fp32); about 2x "
-        "faster on CPUs with AVX512-BF16 or AMX (benchmarks/bench_mixed_precision.py) and on GPUs. --no-bf16: fp32.",
+    bf16: bool | None = Field(
+        None,
+        description="bf16 autocast for generation and fine-tuning in every stage (statistics stay fp32). Default: "
+        "auto, on where the hardware runs bf16 natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX: about 2x "
+        "faster, benchmarks/bench_mixed_precision.py), fp32 elsewhere (an AVX2-only CPU emulates bf16, 38x slower "
+        "measured). --bf16 / --no-bf16 force it.",
     )
 
 
@@ -245,18 +247,25 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> RunResu
     t0 = time.time()
     out = Path(cfg.out)
     selected = check_stages(cfg.stages)
-    if cfg.bf16 and cpu_lacks_bf16(cfg.device):
-        echo("note: this CPU has no bf16 instructions, so bf16 autocast is slower than fp32 here: pass --no-bf16")
+    forced = cfg.bf16 is True
+    cfg = cfg.model_copy(update={"bf16": resolve_bf16(cfg.bf16, cfg.device)})  # every stage gets a plain bool
     _check_folder(out, cfg.overwrite)
+    slow = forced and not native_bf16(cfg.device)  # said once every check has passed (errors stay one line)
     lock = FolderLock(out).acquire()
     try:
-        return _run_locked(cfg, out, selected, t0, echo)
+        return _run_locked(cfg, out, selected, t0, echo, slow_bf16=slow)
     finally:
         lock.release()
 
 
 def _run_locked(
-    cfg: DemoConfig, out: Path, selected: list[Stage], t0: float, echo: Callable[[str], None]
+    cfg: DemoConfig,
+    out: Path,
+    selected: list[Stage],
+    t0: float,
+    echo: Callable[[str], None],
+    *,
+    slow_bf16: bool = False,
 ) -> RunResult[DemoConfig]:
     state_path = out / "demo.json"
     state: dict[str, Any] = {}
@@ -275,6 +284,8 @@ def _run_locked(
     state |= {"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed, "bf16": cfg.bf16}
     stages_state: dict[str, Any] = state.setdefault("stages", {})
     atomic_write_text(state_path, to_json(state))
+    if slow_bf16:
+        echo("note: --bf16 on a device without native bf16 (emulated, slower than fp32): drop it for auto")
     ctx = DemoContext(cfg, out)
     for i, stage in enumerate(selected, 1):
         prefix = f"[{i}/{len(selected)}] {stage.title}"
