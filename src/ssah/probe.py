@@ -19,6 +19,10 @@ each query (left-padded batches, KV cache kept) plus one short cached extension 
 the opener tokens, not with the query length. While the model generates greedily, or is forced along a compliance
 prefix and then continues, the same quantities are followed token by token (``token_*`` arrays).
 
+Two models are compared layer by layer with paired bootstrap replicates (the same resampled prompts for both);
+the one separation verdict over the later layers reads a simultaneous band, as runs of layers, the same rule for
+*reproduced* and *not reproduced* (:mod:`ssah._probe_band`, calibrated by ``benchmarks/calibration_probe.py``).
+
 Everything here is in memory and works on any causal LM of a supported family (the family adapter names its final
 norm and output head);
 :mod:`ssah.experiments.probe` turns it into a run folder.
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ssah._probe_band import MIN_RESAMPLES, MIN_VERDICT_PROMPTS, min_resamples, separation_verdict
 from ssah.arch import get_adapter
 from ssah.data import format_chat
 from ssah.data.chat import bos_to_add
@@ -49,6 +54,8 @@ from ssah.judges import opener_token_ids
 __all__ = [
     "GAP_STEPS",
     "METHODS",
+    "MIN_RESAMPLES",
+    "MIN_VERDICT_PROMPTS",
     "MODES",
     "Directions",
     "Estimate",
@@ -63,8 +70,10 @@ __all__ = [
     "gap_steps",
     "measure_model",
     "method_values",
+    "min_resamples",
     "project",
     "separation",
+    "separation_verdict",
     "token_values",
 ]
 
@@ -802,6 +811,8 @@ def _floats(a: np.ndarray) -> Any:
 
 
 def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
+    if not np.isnan(a).any():  # the common case, several times faster (and the same numbers)
+        return a.mean(axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         count = np.sum(~np.isnan(a), axis=axis)
         total = np.nansum(a, axis=axis)
@@ -833,6 +844,8 @@ def estimate(
 def _quantiles(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of bootstrap replicates along axis 0 (NaN where every replicate is NaN)."""
     alpha = (1 - level) / 2
+    if not np.isnan(reps).any():  # nanquantile goes column by column; the same numbers at once
+        return np.quantile(reps, alpha, axis=0), np.quantile(reps, 1 - alpha, axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanquantile(reps, alpha, axis=0), np.nanquantile(reps, 1 - alpha, axis=0)
@@ -850,53 +863,6 @@ def separation(a: Estimate, b: Estimate, *, level: float = 0.95) -> dict[str, An
         "diff": {"mean": _floats(a.mean - b.mean), "lo": _floats(lo), "hi": _floats(hi)},
         "diff_above_zero": [i for i in layers if lo[i] > 0],
         "diff_below_zero": [i for i in layers if hi[i] < 0],
-    }
-
-
-def separation_verdict(
-    diff_reps: np.ndarray, later: Sequence[int], *, level: float = 0.95, min_run: int = 3
-) -> dict[str, Any]:
-    """The one verdict on "the aligned model sits above the other" from the paired bootstrap replicates of the
-    per-layer difference (``a.reps - b.reps``, replicates x layers).
-
-    Testing many layers at once inflates false findings, so the interval at each later layer is Bonferroni-
-    corrected for the number of later layers (``1 - (1 - level) / L``, a simultaneous interval). ``reproduced``
-    needs a run of at least ``min_run`` consecutive later layers (all of them when there are fewer) whose
-    corrected interval excludes zero upwards and none that excludes it downwards; ``not reproduced`` when any later
-    layer's corrected interval excludes zero downwards, or every later layer's interval contains zero and is
-    narrower than nothing (never: then it is ``inconclusive``).
-    """
-    later = [int(x) for x in later]
-    if not later:
-        raise ValueError("separation_verdict needs at least one later layer")
-    corrected = 1 - (1 - level) / len(later)
-    lo, hi = _quantiles(diff_reps[:, later], corrected)
-    above = [layer for layer, x in zip(later, lo, strict=True) if x > 0]
-    below = [layer for layer, x in zip(later, hi, strict=True) if x < 0]
-    run, best = 0, 0
-    for layer in later:
-        run = run + 1 if layer in above else 0
-        best = max(best, run)
-    need = min(min_run, len(later))
-    if below:
-        verdict, reason = "not reproduced", "the corrected interval excludes zero the other way at a later layer"
-    elif best >= need:
-        verdict, reason = "reproduced", f"a run of {best} later layers excludes zero upwards (needed {need})"
-    else:
-        verdict, reason = "inconclusive", f"longest run of later layers excluding zero upwards: {best} (needed {need})"
-    return {
-        "verdict": verdict,
-        "reason": reason,
-        "layers_tested": later,
-        "level": level,
-        "corrected_level": corrected,
-        "multiplicity": f"Bonferroni over {len(later)} later layers",
-        "min_run": need,
-        "longest_run": best,
-        "above": above,
-        "below": below,
-        "lo": _floats(lo),
-        "hi": _floats(hi),
     }
 
 

@@ -26,6 +26,8 @@ from ssah.measure import Proportion
 from ssah.models import LoadedModel, load_model
 from ssah.probe import (
     METHODS,
+    MIN_RESAMPLES,
+    MIN_VERDICT_PROMPTS,
     MODES,
     Directions,
     Estimate,
@@ -37,6 +39,7 @@ from ssah.probe import (
     later_layers,
     measure_model,
     method_values,
+    min_resamples,
     separation,
     separation_verdict,
     token_values,
@@ -65,7 +68,12 @@ class ProbeConfig(ModelRunConfig):
         "builtin:benign", description="Harmless queries of the content baseline: builtin:NAME, a preset or a file."
     )
     columns: Columns = Field(default_factory=dict)
-    limit: int = Field(50, ge=MIN_PROMPTS, description="Prompts of each set, spread over the file.")
+    limit: int = Field(
+        50,
+        ge=MIN_PROMPTS,
+        description=f"Prompts of each set, spread over the file (at least {MIN_PROMPTS}; with fewer than "
+        f"{MIN_VERDICT_PROMPTS} the separation verdict is inconclusive).",
+    )
     methods: CommaList = Field(
         default_factory=lambda: list(METHODS), description=f"Comma list of probe methods: {','.join(METHODS)}."
     )
@@ -85,7 +93,12 @@ class ProbeConfig(ModelRunConfig):
     token_steps: int = Field(16, ge=0, description="Generated tokens followed per reply (0 = off).")
     token_prompts: Count = Field(16, description="Harmful and harmless prompts followed token by token.")
     token_layer: int | None = Field(None, description="Layer of the per-token plot (default 3/4 depth).")
-    bootstrap: int = Field(1000, ge=50, description="Bootstrap resamples (at least 50).")
+    bootstrap: int = Field(
+        1000,
+        ge=MIN_RESAMPLES,
+        description=f"Bootstrap resamples (at least {MIN_RESAMPLES}: the verdict's band reads the 95% quantile of a "
+        "max statistic and needs 10 replicates beyond it; more at a higher --level).",
+    )
     level: float = Field(0.95, gt=0.5, lt=1, description="Interval level.")
     batch_size: Count = Field(32, description="Queries per forward pass.")
     system: System = None
@@ -105,6 +118,12 @@ class ProbeConfig(ModelRunConfig):
         if not self.methods:
             raise UserError(f"no probe method chosen: pass --methods with some of {', '.join(METHODS)}")
         self.openers().check()
+        need = min_resamples(self.level)
+        if self.bootstrap < need:
+            raise UserError(
+                f"--bootstrap {self.bootstrap} is too few for --level {self.level:g}: the verdict's band needs at "
+                f"least {need} resamples (10 beyond its quantile); pass --bootstrap {need} or more"
+            )
 
 
 def load_probe_data(cfg: ProbeConfig) -> tuple[PromptSet, PromptSet]:
@@ -205,8 +224,11 @@ def analyse(
         )
     gaps: dict[str, dict[str, Any]] = {}
     est: dict[str, list[Estimate]] = {}
+    prompts: dict[str, int] = {}  # the smaller sample behind each method's difference (the verdict's df)
     for method in methods:
         gaps[method], est[method] = {}, []
+        baseline = METHODS[method].baseline
+        prompts[method] = min(first.n_harmful, first.n_harmless) if baseline else first.n_harmful
         for label, m in zip(labels, measures, strict=True):
             v = method_values(m, method, openers, directions)
             e = estimate(v.harmful, idx_h, v.harmless if v.baseline else None, idx_b, level=level)
@@ -224,8 +246,8 @@ def analyse(
         for method in methods:
             a, b = est[method]
             s = separation(a, b, level=level)
-            v = separation_verdict(a.reps - b.reps, later, level=level)
-            sep[method] = {**s, "verdict": v["verdict"], "decision": v}
+            d = separation_verdict(a.reps - b.reps, later, level=level, point=a.mean - b.mean, prompts=prompts[method])
+            sep[method] = {**s, "verdict": d["verdict"], "decision": d}
     confound: dict[str, Any] = {}
     if "naive" in methods:
         for label, e in zip(labels, est["naive"], strict=True):
@@ -435,5 +457,6 @@ def _results(
             "batch_size": cfg.batch_size,
             "threads": torch.get_num_threads(),
             "direction_folds": 2,
+            "verdict_min_prompts": MIN_VERDICT_PROMPTS,
         },
     }

@@ -185,10 +185,7 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
     out = [
         "## Which methods separate the two models",
         "",
-        f"Expected direction: `{a}` (probed) above `{b}` (compare). Verdict rule: the paired bootstrap interval of "
-        f"the difference `{a}` - `{b}` at each later layer ({later[0]}-{later[-1]}), Bonferroni-corrected for the "
-        f"{len(later)} later layers tested, must exclude zero upwards over a run of consecutive later layers "
-        "(*reproduced*); any later layer excluding zero downwards is *not reproduced*; otherwise *inconclusive*.",
+        f"Expected direction: `{a}` (probed) above `{b}` (compare). " + _verdict_rule(results, a, b, later),
         "",
     ]
     rows = []
@@ -197,10 +194,11 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
         gap = results["gaps"][method]
         d = s["decision"]
         word = f"**{s['verdict']}**" if s["verdict"] == "reproduced" else s["verdict"]
+        run = d.get("longest_run_below", 0) if s["verdict"] == "not reproduced" else d["longest_run"]
         rows.append(
             [
                 f"`{method}`" + ("" if info["controlled"] else " (uncontrolled)"),
-                f"{word} (run {d['longest_run']}/{d['min_run']})",
+                f"{word} (run {run}/{d['min_run']})",
                 layer_ranges(s["higher"]),
                 layer_ranges(s["lower"]),
                 _at(gap[a]["gap"], layers),
@@ -232,6 +230,30 @@ def _verdict_section(results: dict[str, Any], labels: list[str], pct: str) -> li
         )
     out.append("")
     return out
+
+
+def _verdict_rule(results: dict[str, Any], a: str, b: str, later: list[int]) -> str:
+    """The verdict rule in words: the simultaneous band of this version, or the Bonferroni rule of older runs."""
+    decisions = [s["decision"] for s in results["separation"].values()]
+    span = f"({later[0]}-{later[-1]})"
+    if any("Bonferroni" in d.get("multiplicity", "") for d in decisions):  # results.json of an earlier version
+        return (
+            f"Verdict rule: the paired bootstrap interval of the difference `{a}` - `{b}` at each later layer {span}, "
+            f"Bonferroni-corrected for the {len(later)} later layers tested, must exclude zero upwards over a run of "
+            "consecutive later layers (*reproduced*); any later layer excluding zero downwards is *not reproduced*; "
+            "otherwise *inconclusive*."
+        )
+    crit = ", ".join(sorted({f"{d['critical_value']:.2f}" for d in decisions if "critical_value" in d}))
+    need = results["settings"].get("verdict_min_prompts")
+    return (
+        f"Verdict rule: one simultaneous {results['settings']['level']:.0%} band over the {len(later)} later layers "
+        f"{span} for the paired difference `{a}` - `{b}` (studentised max-|t| bootstrap band, Montiel Olea & "
+        "Plagborg-Møller 2019, with a t correction for the number of prompts"
+        + (f"; critical values {crit} standard errors" if crit else "")
+        + "). *reproduced*: the band lies above zero over a run of consecutive later layers and below zero at none; "
+        "*not reproduced*: the same run below zero and none above; otherwise *inconclusive*"
+        + (f" (also with fewer than {need} prompts)." if need else ".")
+    )
 
 
 def _confound_section(results: dict[str, Any], labels: list[str]) -> list[str]:
