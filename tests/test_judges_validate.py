@@ -285,7 +285,9 @@ def test_fit_logistic_separates_and_round_trips(tmp_path: Path) -> None:
     assert ((head_probs(head, x) >= 0.5).long().tolist()) == y
     from ssah.judges.learned import LearnedSettings
 
-    save_judge(tmp_path / "j", head, LearnedSettings(layer=1, base_model="tiny-random-llama"))
+    save_judge(
+        tmp_path / "j", head, LearnedSettings(layer=1, base_model="tiny-random-llama", base_fingerprint="0" * 24)
+    )
     head2, settings = read_judge(tmp_path / "j")
     assert settings.layer == 1 and torch.equal(head2["weight"], head["weight"])
     assert not list((tmp_path / "j").glob("*.bin")) and not list((tmp_path / "j").glob("*.pkl"))

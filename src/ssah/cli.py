@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from ssah.cliutil import app
-from ssah.errors import UserError
+from ssah.errors import Interrupted, UserError, one_line
 
 
 @app.command()
@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = command.main(args=argv, prog_name="ssah", standalone_mode=False)
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         return 2
+    except (Interrupted, KeyboardInterrupt):
+        typer.echo("interrupted (Ctrl-C): stopped; no partial run folder was left behind", err=True)
+        return 130
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
@@ -155,11 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         message = fmt() if callable(fmt) else str(exc)
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None and getattr(ctx, "command_path", None) else "ssah"
-        typer.echo(f"error: {' '.join(message.split())}; see {where} --help", err=True)
+        typer.echo(f"error: {one_line(message)}; see {where} --help", err=True)
         return int(getattr(exc, "exit_code", 2) or 2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
     return rc if isinstance(rc, int) else 0
 
 

@@ -20,7 +20,7 @@ import typer
 from pydantic.fields import FieldInfo
 from typer.core import TyperCommand, TyperGroup
 
-from ssah.errors import UserError
+from ssah.errors import Interrupted, UserError
 
 
 class RecipeGroup(TyperGroup):
@@ -36,6 +36,14 @@ class RecipeGroup(TyperGroup):
 
     def list_commands(self, ctx: Any) -> list[str]:
         return sorted({*super().list_commands(ctx), *self._recipes()})
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; Ctrl-C becomes :class:`Interrupted`, which the CLI reports on one line (Typer would turn
+        a KeyboardInterrupt into a silent exit code 130)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         found = super().get_command(ctx, cmd_name)
@@ -232,7 +240,7 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
                 f"override {given[0]!r} is not key=value: write e.g. seeds=7 (see ssah {recipe.name} --help)"
             )
         cfg = cls.resolve(recipe.name, config, flags, [a for a in args if "=" in a])
-        path = recipe.runner()(cfg)
+        path = _run_holding_out(recipe, cfg)
         from ssah.commands.summaries import SUMMARIES
 
         if recipe.name in SUMMARIES:
@@ -242,6 +250,18 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = recipe.summary
     return command
+
+
+def _run_holding_out(recipe: Any, cfg: Any) -> Any:
+    """Run a recipe holding its ``--out`` folder's lock from the start (a second run into the same folder stops at
+    once, before loading anything), unless the recipe takes the lock itself."""
+    out = getattr(cfg, "out", None)
+    if recipe.locks_itself or not isinstance(out, str):
+        return recipe.runner()(cfg)
+    from ssah.runs import held_output
+
+    with held_output(out, bool(getattr(cfg, "overwrite", False))):
+        return recipe.runner()(cfg)
 
 
 def _is_list(cls: Any, name: str) -> bool:

@@ -18,11 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from ssah.errors import UserError
+from ssah.validate import TEXT_LIMIT, YamlSyntaxError, load_yaml, quote
 
 C = TypeVar("C", bound="BaseConfig")
 SEED_LIMIT = 2**32  # seeds must fit every RNG ssah seeds (NumPy's takes 0 .. 2**32-1)
@@ -63,6 +63,8 @@ class BaseConfig(BaseModel):
         _check_types(cls, values)
         try:
             return cls.model_validate(values)
+        except (TypeError, AttributeError) as exc:  # a validator that met a value of a type it did not expect
+            raise UserError(f"bad config value ({type(exc).__name__}: {exc}); check the types in the config") from None
         except ValidationError as exc:
             errors = exc.errors()
             err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
@@ -73,7 +75,7 @@ class BaseConfig(BaseModel):
             if err["type"] == "literal_error":
                 expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
                 what = where.replace("_", " ")
-                raise UserError(f"unknown {what} {err['input']!r}: use one of {expected}") from None
+                raise UserError(f"unknown {what} {quote(err['input'])}: use one of {expected}") from None
             if err["type"] == "missing":
                 raise UserError(f"missing {where!r}: give it on the command line or in the --config file") from None
             msg = str(err["msg"]).removeprefix("Value error, ")
@@ -165,8 +167,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"override {item!r} is not key=value: write e.g. seeds=7 (dotted keys for nested fields)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(text, f"override {key}") if text.strip() else ""
+        except YamlSyntaxError:
             value = text
         *parents, leaf = key.split(".")
         node = out
@@ -211,7 +213,8 @@ def load_config(recipe: str | None, spec: str | os.PathLike[str]) -> dict[str, A
     name = text.split("/", 1)[1] if "/" in text and text.split("/", 1)[0] == recipe.replace(" ", "-") else text
     if "/" in name or os.sep in name:
         raise UserError(f"config file {text} not found: check the --config path")
-    return _mapping(yaml.safe_load(shipped_config_text(recipe, name)), f"shipped config {recipe}/{name}")
+    what = f"shipped config {recipe}/{name}"
+    return _mapping(load_yaml(shipped_config_text(recipe, name), what), what)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -220,15 +223,15 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: check the --config path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > TEXT_LIMIT:
+            raise UserError(f"config file {path} is larger than {TEXT_LIMIT:,} bytes: it is not an ssah config")
+        data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
     except UnicodeDecodeError as exc:
         raise UserError(
             f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 YAML"
         ) from None
     except OSError as exc:
         raise UserError(f"cannot read config file {path} ({exc.strerror}): check its permissions") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
     return _mapping(data, f"config file {path}")
 
 
@@ -332,12 +335,34 @@ def _check_types(cls: type[BaseConfig], values: Mapping[str, Any], prefix: str =
         if sub is not None and isinstance(value, Mapping):
             _check_types(sub, value, f"{name}.")
             continue
+        _check_size(value, name)
         kinds = _numeric_kinds(field.annotation)
         if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise UserError(f"bad config value for {name!r}: expected a number, got {value}; write a number")
         seed = key == "seed" or key.endswith("_seed")
         if seed and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < SEED_LIMIT:
             raise UserError(f"bad config value for {name!r}: {value} is not in 0 .. 2**32-1; pass such a seed")
+
+
+ITEM_LIMIT = 10_000  # items of a list or mapping in a config value (dose shares, seeds, columns ...)
+INT_LIMIT = 2**53  # whole numbers beyond this are never a count, size or seed (and overflow torch's int64)
+
+
+def _check_size(value: Any, name: str, depth: int = 0) -> None:
+    """Bounded values: text of at most TEXT_LIMIT characters, lists and mappings of at most ITEM_LIMIT items,
+    nested at most 8 deep, whole numbers below 2**53, so that nothing huge reaches a validator or an error line."""
+    if depth > 8:
+        raise UserError(f"bad config value for {name!r}: nested more than 8 deep; write a flat value")
+    if isinstance(value, str) and len(value) > TEXT_LIMIT:
+        raise UserError(f"bad config value for {name!r}: {len(value):,} characters (at most {TEXT_LIMIT:,})")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
+        raise UserError(f"bad config value for {name!r}: {quote(value, 40)} is too large; pass a smaller number")
+    if isinstance(value, list | tuple | dict):
+        if len(value) > ITEM_LIMIT:
+            raise UserError(f"bad config value for {name!r}: {len(value):,} items (at most {ITEM_LIMIT:,})")
+        items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else list(value)
+        for item in items:
+            _check_size(item, name, depth + 1)
 
 
 def check_device(spec: str) -> str:

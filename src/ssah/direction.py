@@ -503,30 +503,53 @@ class SavedDirection:
     model_name: str
 
 
-def load_direction(folder: Any, *, fingerprint: str | None = None) -> SavedDirection:
-    """Read ``direction.safetensors`` from a run folder of `ssah direction`; with ``fingerprint``, refuse a
-    direction computed on another model (one-line :class:`UserError`)."""
+def load_direction(folder: Any, *, fingerprint: str | None = None, hidden: int | None = None) -> SavedDirection:
+    """Read ``direction.safetensors`` from a run folder of `ssah direction`, validated (:mod:`ssah.validate`): a
+    finite, non-zero float vector, the format, fingerprint, layer and position in its metadata. With
+    ``fingerprint``, refuse a direction computed on another model; with ``hidden``, one of another width. Every
+    problem is one :class:`UserError` line that says to run `ssah direction` again."""
     from pathlib import Path
 
     from safetensors import safe_open
 
+    from ssah.errors import one_line
+    from ssah.validate import check_tensor, metadata_int
+
     path = Path(folder) / DIRECTION_FILE if Path(folder).is_dir() else Path(folder)
     if not path.is_file():
         raise UserError(f"no {DIRECTION_FILE} in {folder}: pass a run folder written by `ssah direction`")
+    again = "run `ssah direction` again"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            r = f.get_tensor("direction").to(torch.float64)
+            if "direction" not in set(f.keys()):
+                raise UserError(f"{path} holds no 'direction' tensor: {again}")
+            r = f.get_tensor("direction")
+    except UserError:
+        raise
     except Exception as exc:  # safetensors raises several exception types for a bad file
-        raise UserError(f"{path} is not a direction file ({exc}); pass a folder written by `ssah direction`") from None
+        why = one_line(exc, 120)
+        raise UserError(f"{path} is not a direction file ({why}); pass a folder written by `ssah direction`") from None
     if meta.get("format") != DIRECTION_FORMAT:
         raise UserError(f"{path} is not an ssah direction file: pass a folder written by `ssah direction`")
+    try:
+        check_tensor(r, f"the direction in {path}", shape=[hidden])
+        layer, position = (
+            metadata_int(meta, "layer", str(path)),
+            metadata_int(meta, "position", str(path), minimum=None),
+        )
+        if not meta.get("fingerprint", "").strip():
+            raise UserError(f"{path} names no model fingerprint in its metadata")
+    except UserError as exc:
+        raise UserError(f"{exc}: {again}") from None
+    if float(r.double().norm()) == 0.0:
+        raise UserError(f"the direction in {path} is all zeros: {again}")
     if fingerprint is not None and meta.get("fingerprint") != fingerprint:
         raise UserError(
             f"the direction in {path} was computed on another model ({meta.get('model_name')!r}, fingerprint "
             f"{meta.get('fingerprint')}, this one {fingerprint}): run `ssah direction` on this model"
         )
-    return SavedDirection(r, int(meta["layer"]), int(meta["position"]), meta["fingerprint"], meta["model_name"])
+    return SavedDirection(r.to(torch.float64), layer, position, meta["fingerprint"], meta.get("model_name", ""))
 
 
 def fit_direction(

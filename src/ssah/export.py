@@ -25,7 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ssah.arch import get_adapter
-from ssah.errors import UnitFileError, UserError
+from ssah.errors import UserError
 from ssah.units import UnitSet
 
 # Config flags that give a family's attention / MLP output projections a bias.
@@ -126,38 +126,69 @@ def export_model(
     overwrite: bool = False,
 ) -> Path:
     """Load ``model_spec``, fold one edit into its weights and write ``out`` (see the module doc)."""
-    from ssah.direction import load_direction, orthogonal_weights, tied_embeddings
-    from ssah.models import load_model
-    from ssah.runs import RunDir, check_output_folder
-    from ssah.units import UnitSpace, load_unit_sets, read_unit_file_metadata
+    from ssah.direction import load_direction
+    from ssah.runs import held_output
+    from ssah.units import read_unit_file_metadata
 
     if (ablate is None) == (orthogonalize is None):
         raise UserError("pass exactly one edit: --ablate UNITS_FILE:SET or --orthogonalize RUN_DIR")
     if mode not in ("zero", "mean"):
         raise UserError(f"unknown ablation mode {mode!r}: use zero or mean")
-    check_output_folder(out, overwrite)
     unit_path, set_name = None, None
     if ablate is not None:
         path_text, sep, set_name = ablate.rpartition(":")
         if not sep or not path_text or not set_name:
             raise UserError(f"--ablate {ablate!r} names no unit set: write UNITS_FILE:SET, e.g. units.safetensors:SCU")
         unit_path = Path(path_text)
-        read_unit_file_metadata(unit_path)  # a missing or foreign file fails before the model loads
+        meta = read_unit_file_metadata(unit_path)  # a missing or foreign file fails before the model loads
+        available = [n for n in meta["sets"].split(",") if n]
+        if set_name not in available:
+            raise UserError(
+                f"--ablate {ablate!r}: unit set {set_name!r} is not in {unit_path}; it holds {', '.join(available)}"
+            )
     else:
         assert orthogonalize is not None
-        load_direction(orthogonalize)  # the same for a folder without a direction
-    lm = load_model(
-        model_spec, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    )
+        load_direction(orthogonalize)  # the same for a folder without a direction, or a damaged one
+    with held_output(out, overwrite):  # a second export into the same folder stops here, before loading
+        return _export_held(
+            model_spec,
+            out,
+            unit_path=unit_path,
+            set_name=set_name,
+            orthogonalize=orthogonalize,
+            mode=mode,
+            calibration=(safety, utility),
+            load=dict(dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
+            overwrite=overwrite,
+        )
+
+
+def _export_held(
+    model_spec: str,
+    out: Path,
+    *,
+    unit_path: Path | None,
+    set_name: str | None,
+    orthogonalize: str | None,
+    mode: str,
+    calibration: tuple[str, str],
+    load: Mapping[str, Any],
+    overwrite: bool,
+) -> Path:
+    """:func:`export_model` once its arguments are checked and ``out``'s lock is held."""
+    from ssah.direction import load_direction, orthogonal_weights, tied_embeddings
+    from ssah.models import load_model
+    from ssah.runs import RunDir
+    from ssah.units import UnitSpace, load_unit_sets, read_unit_file_metadata
+
+    safety, utility = calibration
+    lm = load_model(model_spec, device="cpu", **load)
     model: Any = lm.model
     if unit_path is not None:
         assert set_name is not None
         meta = read_unit_file_metadata(unit_path)
         space = UnitSpace.from_groups(get_adapter(model).groups(), meta["granularity"], lm.fingerprint, lm.name)  # type: ignore[arg-type]
-        try:
-            units = load_unit_sets(unit_path, space, names=[set_name])[set_name]
-        except UnitFileError as exc:
-            raise UserError(f"units from another model: {exc}") from None
+        units = load_unit_sets(unit_path, space, names=[set_name])[set_name]  # its errors name the cause
         means = None
         if mode == "mean":
             if needs_reader_bias(model, units):
@@ -172,7 +203,8 @@ def export_model(
         )  # fmt: skip
     else:
         assert orthogonalize is not None
-        saved = load_direction(orthogonalize, fingerprint=lm.fingerprint)
+        width = int(model.get_input_embeddings().weight.shape[1])
+        saved = load_direction(orthogonalize, fingerprint=lm.fingerprint, hidden=width)
         tied = tied_embeddings(model)
         edited = orthogonal_weights(model, saved.direction)
         emb = model.get_input_embeddings()

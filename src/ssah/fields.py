@@ -45,7 +45,11 @@ def _pairs(parse: Callable[[list[str]], dict[str, Any]]) -> Callable[[Any], Any]
 
     def read(value: Any) -> Any:
         if isinstance(value, str | list | tuple):
-            return parse(split_commas(value))
+            items = split_commas(value)
+            odd = next((x for x in items if not isinstance(x, str)), None)
+            if odd is not None:
+                raise ValueError(f"write key=value items, e.g. a=1,b=2, not {type(odd).__name__} {str(odd)[:60]!r}")
+            return parse(items)
         return value
 
     return read
@@ -183,6 +187,11 @@ class EvalSection(Section):
     max_new_tokens: Count = Field(64, description="Tokens generated per reply.")
     batch_size: Count = Field(16, description="Prompts per batch (generation and the evaluation's forward passes).")
     judge: JudgeSpec = "keyword:ssah"
+    allow_overlap: bool = Field(
+        False,
+        description="Compute verdicts even when evaluation prompts also calibrated units or chose a setting "
+        "(refused by default); the report then prints the overlap as a caveat.",
+    )
 
     def greedy(self, run: BaseModel | None = None) -> GenerationConfig:
         """Greedy decoding with this section's reply length and batch size, under the settings of ``run`` (the

@@ -14,10 +14,12 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
 import weakref
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -586,10 +588,15 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(
             str(folder), trust_remote_code=trust_remote_code, revision=kwargs.get("revision")
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
+    except (
+        OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError,
+        pickle.UnpicklingError, EOFError, zipfile.BadZipFile,
+    ) as exc:  # fmt: skip
         # every way a damaged or foreign folder fails inside transformers (bad JSON, config.json that is not an
         # object, truncated weights, shapes that disagree with the config) is the same user error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError | EOFError | zipfile.BadZipFile):
+            first = f"its pickled weights are damaged or not a PyTorch checkpoint ({type(exc).__name__})"
         hint = (
             f"not a folder, registry name ({', '.join(registry_names())}) or cached hub model"
             if source.startswith("hub:")

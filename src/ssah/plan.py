@@ -21,6 +21,7 @@ peaks beside them), and allocator overheads (CUDA context, fragmentation: often 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ssah.errors import ModelError
+from ssah.errors import ModelError, one_line
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STAT_TENSORS = 3  # mean, M2, sum |x| per channel (float64); the count is one integer per group
@@ -80,11 +81,22 @@ def load_config(spec: str | os.PathLike[str]) -> Any:
     elif path.suffix == ".gguf" and path.is_file():
         path = convert_gguf(path)
     if path.is_file() and path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        from ssah.validate import read_json
+
+        data = read_json(path, "model config")
+        if not isinstance(data, dict):
+            raise ModelError(f"model config {path} does not hold a JSON object: pass a model's config.json")
         return config_from_dict(data)
+    if path.is_dir() and (path / "config.json").is_file():
+        from ssah.validate import read_json
+
+        data = read_json(path / "config.json", "model config")
+        if not isinstance(data, dict):
+            raise ModelError(f"model config {path / 'config.json'} does not hold a JSON object: save the model again")
+        check_config_numbers(data)
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"no config for {name!r} ({first}): pass a model folder, a config.json, a registry name or a cached hub id"
@@ -99,10 +111,59 @@ def config_from_dict(data: Mapping[str, Any]) -> Any:
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ModelError("the config has no model_type: pass a model's config.json")
+    if not isinstance(model_type, str):
+        raise ModelError(f"the config's model_type is {type(model_type).__name__}, not a name: fix config.json")
+    check_config_numbers(data)
     try:
         return AutoConfig.for_model(model_type, **data)
-    except ValueError as exc:
-        raise ModelError(f"unknown model_type {model_type!r} in the config ({exc})") from None
+    except Exception as exc:
+        why = one_line(exc, 160)
+        raise ModelError(f"cannot read the config (model_type {model_type[:60]!r}: {why}); fix config.json") from None
+
+
+# config fields that count something: each must be a whole number of at least 1 where the config has it
+_SIZE_FIELDS = (
+    ("hidden_size", "n_embd"),
+    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head"),
+    ("intermediate_size", "n_inner"),
+    ("num_key_value_heads",),
+    ("vocab_size",),
+    ("head_dim",),
+    ("max_position_embeddings", "n_positions"),
+)
+SIZE_LIMIT = 1 << 24  # no real model has a width, depth or vocabulary near this; the plan would not be meaningful
+
+
+def check_config_numbers(config: Any) -> None:
+    """The numbers the plan builds on, checked before any module is built (a negative ``hidden_size``, zero
+    heads or a head count that does not divide the width fail deep inside transformers or torch): every size
+    a whole number in 1 .. 2**24, the query heads dividing the hidden size (unless ``head_dim`` is given) and the
+    key-value heads dividing the query heads. One ``ModelError`` line naming the field otherwise."""
+    if isinstance(config, Mapping):  # a config.json read as is, before transformers builds anything from it
+        text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+        get = text.get
+    else:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        get = functools.partial(getattr, text)
+    found: dict[str, int] = {}
+    for names in _SIZE_FIELDS:
+        for name in names:
+            value = get(name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SIZE_LIMIT:
+                raise ModelError(
+                    f"the config's {name} is {str(value)[:40]!r}: it must be a whole number from 1 to {SIZE_LIMIT:,}"
+                )
+            found[names[0]] = value
+            break
+    hidden, heads = found.get("hidden_size"), found.get("num_attention_heads")
+    if hidden and heads and "head_dim" not in found and hidden % heads:
+        raise ModelError(f"the config's num_attention_heads ({heads}) does not divide its hidden_size ({hidden})")
+    kv = found.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ModelError(f"the config's num_key_value_heads ({kv}) does not divide num_attention_heads ({heads})")
 
 
 def meta_model(config: Any) -> Any:
@@ -250,7 +311,13 @@ def plan(
 ) -> dict[str, Any]:
     """The memory plan of a model (a spec for :func:`load_config`, or a config) as a JSON-ready dict."""
     config = load_config(spec) if isinstance(spec, str | os.PathLike) else spec
-    shape = model_shape(config)
+    check_config_numbers(config)
+    try:
+        shape = model_shape(config)
+    except (ModelError, MemoryError):
+        raise
+    except Exception as exc:  # transformers or torch refusing a config the checks above let through
+        raise ModelError(f"cannot build the model of this config ({one_line(exc, 160)}); check config.json") from None
     needs = [n.as_dict() for d in dtypes for n in plan_needs(shape, d, **settings)]
     defaults = {"seq_len": 512, "prompt_len": 256, "new_tokens": 64, "batch_size": 8}
     return {

@@ -37,6 +37,9 @@ class Recipe:
     run: str
     render: str | None = None  # None: the recipe writes its report itself and cannot rebuild it from results.json
     results_file: str = "results.json"  # the file of the run folder that holds its results
+    # False: the CLI holds the --out folder's lock for the whole command (ssah.runs.held_output); True: the run
+    # takes it itself at its start (train: only its main process under accelerate; demo: a folder it resumes)
+    locks_itself: bool = False
 
     def config_class(self) -> Any:
         """The recipe's pydantic config class."""
@@ -62,6 +65,7 @@ def _recipe(
     render: str | None = "render",
     report: str = "",
     results_file: str = "results.json",
+    locks_itself: bool = False,
 ) -> Recipe:
     """An entry whose report module is ``report``, by default ``ssah.reports.<last part of module>``."""
     report = report or f"ssah.reports.{module.rsplit('.', 1)[-1]}"
@@ -72,6 +76,7 @@ def _recipe(
         run=f"{module}:{run}",
         render=f"{report}:{render}" if render else None,
         results_file=results_file,
+        locks_itself=locks_itself,
     )
 
 
@@ -103,7 +108,12 @@ RECIPES: dict[str, Recipe] = {
             "run_ablate",
         ),
         _recipe(
-            "train", "Fine-tune with units frozen (or only units trained).", f"{_E}.train", "TrainConfig", "run_train"
+            "train",
+            "Fine-tune with units frozen (or only units trained).",
+            f"{_E}.train",
+            "TrainConfig",
+            "run_train",
+            locks_itself=True,
         ),
         _recipe(
             "align",
@@ -134,7 +144,14 @@ RECIPES: dict[str, Recipe] = {
             "run_direction",
         ),
         _recipe("budget", "Are redundant units a good alignment budget?", f"{_E}.budget", "BudgetConfig", "run_budget"),
-        _recipe("demo", "The whole method on one model, with one report.", f"{_E}.demo", "DemoConfig", "run_demo"),
+        _recipe(
+            "demo",
+            "The whole method on one model, with one report.",
+            f"{_E}.demo",
+            "DemoConfig",
+            "run_demo",
+            locks_itself=True,
+        ),
         _recipe(
             "judge validate",
             "Agreement of judges with human labels.",

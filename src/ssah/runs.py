@@ -14,11 +14,12 @@ import platform
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -92,16 +93,51 @@ def _read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def check_lock_path(path: Path) -> None:
+    """Refuse a lock path that is a symbolic link (it would be followed and its target overwritten with a PID)
+    or anything but a regular file (a folder, a pipe), in one line."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot check the lock file {path} ({exc.strerror}): check its folder's permissions") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"the lock file {path} is a symbolic link: remove it (ssah never follows a lock link)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise UserError(f"the lock file {path} is {kind}: remove it, or choose another --out")
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# locks this process holds: lock path -> [pid, descriptor, holders]; a command takes its folder's lock at its
+# start and the run folder takes it again when it writes (the same descriptor, released by the last holder)
+_HELD: dict[str, list[int]] = {}
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """Open a lock file without following a link; a one-line ``UserError`` for a link, a folder or no access."""
+    check_lock_path(path)
+    try:
+        return os.open(path, flags | _NOFOLLOW, 0o644)
+    except OSError as exc:
+        check_lock_path(path)  # replaced by a link or a folder meanwhile: say so
+        raise UserError(f"cannot open the lock file {path} ({exc.strerror}): check the --out folder's parent") from None
+
+
 def lock_holder(out: str | os.PathLike[str]) -> int | None:
     """The process id of a live run that holds the lock of ``out`` (None when nobody does); writes nothing."""
     path = lock_path(out)
+    check_lock_path(path)
     if not path.is_file():
         return None
     if fcntl is None:  # no flock: trust the PID written into the file
         pid = _read_pid(path)
         return pid if pid is not None and pid != os.getpid() and _pid_alive(pid) else None
+    if _held(path) is not None:
+        return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except OSError:
         return None
     try:
@@ -114,6 +150,16 @@ def lock_holder(out: str | os.PathLike[str]) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def _held(path: Path) -> list[int] | None:
+    """This process's entry for a lock it holds (none inherited through fork)."""
+    entry = _HELD.get(_lock_key(path))
+    return entry if entry is not None and entry[0] == os.getpid() else None
 
 
 class FolderLock:
@@ -140,18 +186,30 @@ class FolderLock:
         """Take the lock or raise a ``UserError`` naming the process that holds it."""
         if self.fd is not None:
             return self
+        held = _held(self.path)
+        if held is not None:  # taken earlier by this process (the command's start): share it
+            held[2] += 1
+            self.fd = held[1]
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
-            return self._acquire_excl()
+            self._acquire_excl()
+        else:
+            self._acquire_flock()
+        assert self.fd is not None
+        _HELD[_lock_key(self.path)] = [os.getpid(), self.fd, 1]
+        return self
+
+    def _acquire_flock(self) -> FolderLock:
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
                 raise self._busy(_read_pid(self.path)) from None
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # released and removed by its previous holder between our open and flock
@@ -166,8 +224,10 @@ class FolderLock:
     def _acquire_excl(self) -> FolderLock:
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+                fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            except UserError:
+                if not self.path.is_file():
+                    raise
                 pid = _read_pid(self.path)
                 if pid is not None and _pid_alive(pid):
                     raise self._busy(pid) from None
@@ -183,13 +243,20 @@ class FolderLock:
         if self.fd is None:
             return False
         try:
-            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+            return os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino
         except OSError:
             return False
 
     def release(self) -> None:
         if self.fd is None:
             return
+        held = _held(self.path)
+        if held is not None and held[1] == self.fd:
+            held[2] -= 1
+            if held[2] > 0:  # another holder in this process keeps it
+                self.fd = None
+                return
+            del _HELD[_lock_key(self.path)]
         if self.owned():
             self.path.unlink(missing_ok=True)
         os.close(self.fd)  # closing the descriptor releases the flock
@@ -246,6 +313,28 @@ def check_output_folder(out: str | os.PathLike[str], overwrite: bool) -> Path:
     if holder is not None:
         raise FolderLock(path)._busy(holder)
     return path
+
+
+@contextlib.contextmanager
+def held_output(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[FolderLock]:
+    """Hold ``out``'s lock for a whole command, from its start: checks the folder (:func:`check_output_folder`),
+    takes the lock, and the run folder the command writes at its end takes the same lock again. So a second
+    command into the same ``--out`` stops at once, before any work, rather than after all of it. Parent folders
+    made for the lock file are removed again when the command fails, so a refused run leaves nothing behind."""
+    path = check_output_folder(out, overwrite)
+    parent = lock_path(path).parent.absolute()
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
+    lock = FolderLock(path)
+    try:
+        lock.acquire()
+        yield lock
+    finally:
+        lock.release()
+        for folder in created:  # deepest first; stops at the first that holds something (the finished run)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _writable(folder: Path) -> bool:
@@ -420,11 +509,15 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Draw a run's plots and write its ``report.md`` and self-contained ``report.html`` into ``folder``, by the
     registered renderer of ``command`` (or ``render``) from the results alone; returns both paths."""
+    from ssah.provenance import caveat
     from ssah.recipes import get_recipe
     from ssah.reports.html import markdown_to_html, report_title
 
     folder = Path(folder)
     markdown = (render or get_recipe(command).renderer())(results, folder)
+    if (note := caveat(results)) is not None:  # verdicts on prompts that also chose something: said at the top
+        title, _, rest = markdown.partition("\n")
+        markdown = f"{title}\n\n{note}\n{rest}"
     md_path, html_path = folder / "report.md", folder / "report.html"
     atomic_write_text(md_path, markdown)
     atomic_write_text(html_path, markdown_to_html(markdown, folder, report_title(markdown, command)))

@@ -227,16 +227,70 @@ def read_judge(folder: str | Path) -> tuple[dict[str, torch.Tensor], LearnedSett
             "train one with `ssah judge train LABELLED --out FOLDER`"
         )
     try:
-        raw = json.loads(settings_path.read_text(encoding="utf-8"))
-        settings = LearnedSettings(**raw)
-        head = load_file(str(head_path))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"cannot read learned judge {folder} ({exc}): train it again with `ssah judge train`") from exc
+        settings = _read_settings(settings_path)
+        head = _read_head(head_path)
+        settings.check()
+    except UserError as exc:
+        raise ModelError(f"learned judge {folder}: {exc}; train it again with `ssah judge train`") from None
+    return head, settings
+
+
+# the type of every settings.json key (ssah.validate.check_fields); a blank fingerprint would skip the base check
+_SETTINGS_KINDS: dict[str, Any] = {
+    "base_model": str,
+    "base_fingerprint": str,
+    "layer": int,
+    "pooling": str,
+    "max_prompt_tokens": int,
+    "max_reply_tokens": int,
+    "threshold": float,
+    "c": float,
+    "trained_on": dict,
+    "format_version": int,
+}
+
+
+def _read_settings(path: Path) -> LearnedSettings:
+    """``settings.json`` validated: known keys of the right types, a base model and its fingerprint, a layer."""
+    from ssah.validate import check_fields, read_json
+
+    raw = check_fields(
+        read_json(path, SETTINGS_FILE),
+        _SETTINGS_KINDS,
+        SETTINGS_FILE,
+        required=("base_model", "base_fingerprint", "layer"),
+    )
+    for key in ("base_model", "base_fingerprint"):
+        if not raw[key].strip():
+            raise UserError(f"{SETTINGS_FILE} has an empty {key} (the base-model check needs it)")
+    if raw["layer"] < 0:
+        raise UserError(f"{SETTINGS_FILE} has layer={raw['layer']}, below 0")
+    if raw.get("format_version", 1) != 1:
+        raise UserError(f"{SETTINGS_FILE} has format_version={raw['format_version']}, which this ssah cannot read")
+    return LearnedSettings(**raw)
+
+
+def _read_head(path: Path) -> dict[str, torch.Tensor]:
+    """``head.safetensors`` validated: weight, mean and scale finite float vectors of one width, a finite bias of
+    one value, scale positive."""
+    from ssah.errors import one_line
+    from ssah.validate import check_tensor
+
+    try:
+        head = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a bad file
+        raise UserError(f"{HEAD_FILE} is not a safetensors file ({one_line(exc, 120)})") from None
     missing = {"weight", "bias", "mean", "scale"} - set(head)
     if missing:
-        raise ModelError(f"learned judge {folder} lacks {sorted(missing)} in {HEAD_FILE}: train it again")
-    settings.check()
-    return head, settings
+        raise UserError(f"{HEAD_FILE} lacks {sorted(missing)}")
+    width = int(head["weight"].shape[0]) if head["weight"].dim() == 1 else None
+    check_tensor(head["weight"], f"{HEAD_FILE} weight", shape=[None])
+    for key in ("mean", "scale"):
+        check_tensor(head[key], f"{HEAD_FILE} {key}", shape=[width])
+    check_tensor(head["bias"], f"{HEAD_FILE} bias", shape=[1] if head["bias"].dim() else [])
+    if bool((head["scale"] <= 0).any()):
+        raise UserError(f"{HEAD_FILE} scale has values <= 0")
+    return {k: v.float() for k, v in head.items()}
 
 
 @lru_cache(maxsize=2)
@@ -265,11 +319,23 @@ class LearnedJudge:
         path = Path(folder) if folder else shipped_judge_dir()
         self.head, self.settings = read_judge(path)
         lm = base if base is not None else _base(self.settings.base_model)
-        if self.settings.base_fingerprint and lm.fingerprint != self.settings.base_fingerprint:
+        if lm.fingerprint != self.settings.base_fingerprint:
             raise ModelError(
                 f"learned judge {path} was trained on another base model (fingerprint "
                 f"{self.settings.base_fingerprint}, {self.settings.base_model!r} here is {lm.fingerprint}): "
                 "retrain it on this base with `ssah judge train`"
+            )
+        width = int(lm.model.get_input_embeddings().weight.shape[1])
+        if int(self.head["weight"].shape[0]) != width:
+            raise ModelError(
+                f"learned judge {path}: its head reads {self.head['weight'].shape[0]} features, the base model "
+                f"{self.settings.base_model!r} has {width}; train it again with `ssah judge train`"
+            )
+        layers = get_adapter_layers(lm.model)
+        if self.settings.layer >= layers:
+            raise ModelError(
+                f"learned judge {path}: layer {self.settings.layer} does not exist in {self.settings.base_model!r} "
+                f"({layers} layers); train it again with `ssah judge train`"
             )
         self.model, self.tokenizer = lm.model, lm.tokenizer
         self.batch_size = batch_size
