@@ -67,6 +67,12 @@ def _columns(items: list[str]) -> dict[str, Any]:
     return parse_column_mapping(items)
 
 
+def _judge_columns(items: list[str]) -> dict[str, Any]:
+    from ssah.data import parse_column_mapping
+
+    return parse_column_mapping(items, ("prompt", "reply", "label"))
+
+
 CommaList = Annotated[list[str], BeforeValidator(split_commas)]
 Count = Annotated[int, Field(ge=1)]  # a number of steps, examples, tokens or seeds (0 is a user error)
 Seeds = Annotated[int, Field(ge=3, description="Random-control seeds (one draw each; at least 3).")]
@@ -101,6 +107,15 @@ Columns = Annotated[
     dict[str, str],
     BeforeValidator(_pairs(_columns)),
     Field(description="Map a column, e.g. prompt=goal (repeatable).", json_schema_extra={"flag": "--column"}),
+]
+JudgeColumns = Annotated[
+    dict[str, str],
+    BeforeValidator(_pairs(_judge_columns)),
+    Field(
+        description="Map a column of the labelled files, e.g. reply=answer_text or label=human (repeatable; fields "
+        "prompt, reply, label).",
+        json_schema_extra={"flag": "--column"},
+    ),
 ]
 JudgeSpec = Annotated[
     str, Field(description="Refusal judge: keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")

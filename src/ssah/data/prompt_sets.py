@@ -173,18 +173,21 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("ssah.data").joinpath("builtin", f"{name}.jsonl")))
 
 
-def parse_column_mapping(items: Sequence[str]) -> dict[str, str]:
-    """Parse CLI ``--column`` items such as ``["prompt=goal", "response=target"]`` into a mapping."""
+def parse_column_mapping(items: Sequence[str], fields: Sequence[str] = LOGICAL_COLUMNS) -> dict[str, str]:
+    """Parse CLI ``--column`` items such as ``["prompt=goal", "response=target"]`` into a mapping; ``fields`` are
+    the logical fields the command reads (``ssah judge``: prompt, reply, label)."""
     mapping: dict[str, str] = {}
     for item in items:
         logical, sep, actual = item.partition("=")
         logical, actual = logical.strip().lower(), actual.strip()
         if not sep or not logical or not actual:
-            raise DataError(f"bad column mapping '{item}': write it as <field>=<column>, e.g. --column prompt=goal")
-        if logical not in LOGICAL_COLUMNS:
             raise DataError(
-                f"bad column mapping '{item}': the field must be one of {', '.join(LOGICAL_COLUMNS)}, "
-                f"e.g. --column prompt=goal"
+                f"bad column mapping {item[:80]!r}: write it as <field>=<column>, e.g. --column prompt=goal"
+            )
+        if logical not in fields:
+            raise DataError(
+                f"bad column mapping {item[:80]!r}: the field must be one of {', '.join(fields)}, "
+                f"e.g. --column {fields[-1]}=NAME"
             )
         if logical in mapping and mapping[logical] != actual:
             raise DataError(f"column '{logical}' is mapped twice ('{mapping[logical]}' and '{actual}'): keep one")

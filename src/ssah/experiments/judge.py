@@ -20,7 +20,7 @@ from pydantic import Field
 from ssah.config import SEED_LIMIT, BaseConfig, Out
 from ssah.errors import UserError
 from ssah.evaluate import wilson_interval
-from ssah.fields import Columns, Count
+from ssah.fields import Count, JudgeColumns
 from ssah.judges import Judge, get_judge, incoherence_reason
 from ssah.judges.labelled import LabelledReply, LabelledSet, PartialRule, apply_partial, load_labelled
 from ssah.reports.judge import render_train
@@ -72,7 +72,7 @@ class JudgeValidateConfig(BaseConfig):
         json_schema_extra={"flag": "--judge"},
     )
     out: Out = "runs/judges"
-    columns: Columns = Field(default_factory=dict)
+    columns: JudgeColumns = Field(default_factory=dict)
     partial: Partial = "exclude"
     limit: RowLimit = None
     batch_size: Count = Field(8, description="Replies per forward pass (model-based judges).")
@@ -86,7 +86,7 @@ class JudgeTrainConfig(BaseConfig):
     cli_arguments = ("data",)
     data: Data
     out: str = Field("my-judge", description="Judge folder to write (use it as --judge learned:FOLDER).")
-    columns: Columns = Field(default_factory=dict)
+    columns: JudgeColumns = Field(default_factory=dict)
     partial: Partial = "exclude"
     base_model: str = Field("smollm2-135m-instruct", description="Model whose hidden states the head reads.")
     layers: list[int] | None = Field(
@@ -305,6 +305,8 @@ def run_judge_train(cfg: JudgeTrainConfig, *, base: Any = None) -> RunResult[Jud
         raise UserError("the learned judge is binary: train it with --partial exclude or --partial refusal")
     data = load_labelled(cfg.data, columns=cfg.columns)
     rows = apply_partial(_limited(data, cfg.limit), cfg.partial)
+    if cfg.folds > len(rows):  # before the base model loads
+        raise UserError(f"--folds {cfg.folds} is more than the {len(rows)} labelled rows: pass at most {len(rows)}")
     if base is None:
         from ssah.models import load_model
 

@@ -162,7 +162,11 @@ def _records(path: Path) -> list[dict[str, object]]:
         return rows
     if path.suffix.lower() != ".csv":
         raise DataError(f"labelled file {path} is neither .csv nor .jsonl: convert it to one of them")
-    return list(csv.DictReader(text.splitlines(keepends=True)))
+    rows = list(csv.DictReader(text.splitlines(keepends=True)))
+    for i, row in enumerate(rows, 2):
+        if None in row:  # more cells than the header has columns
+            raise DataError(f"{path} line {i} has more cells than its header: quote commas inside a cell")
+    return rows
 
 
 def _column(path: Path, fields: Sequence[str], role: str, columns: Mapping[str, str]) -> str:

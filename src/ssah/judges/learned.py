@@ -456,6 +456,10 @@ def train_head(
     y = [int(r.label == "refusal") for r in rows]
     if len(set(y)) < 2:
         raise UserError("training a judge needs both refusals and compliant replies: add labelled rows of each kind")
+    if folds > len(rows):
+        raise UserError(
+            f"--folds {folds} is more than the {len(rows)} labelled rows: pass at most {len(rows)} folds, or more rows"
+        )
     n_layers = get_adapter_layers(base.model)
     # default candidates: every other layer of the first three quarters (deeper layers held out worse on XSTest)
     layers = list(layers) if layers else list(range(1, max(2, (3 * n_layers) // 4), 2))
