@@ -82,6 +82,11 @@ class DirectionConfig(ModelRunConfig):
         """Validate everything that needs neither data nor model (nothing is written before this passes)."""
         if self.eval.limit is None:
             raise UserError("the direction's test split needs a size: give eval.limit (test prompts of each set)")
+        if min(self.train, self.val) < 2:  # a mean difference of one prompt, a choice made on one prompt
+            raise UserError(
+                f"--train {self.train} / --val {self.val}: fitting and choosing the direction need at least 2 prompts "
+                "of each set in each split; pass --train 2 --val 2 or more"
+            )
         self.eval.greedy(self)
         self.eval.check_judge()
         check_output_folder(self.out, self.overwrite)
