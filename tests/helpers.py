@@ -48,3 +48,11 @@ def assert_user_error(args: Sequence[str], needle: str, *, watch: Path, capsys: 
     assert needle in errors[0], errors[0]
     assert snapshot(watch) == before, "something was written"
     return errors[0]
+
+
+def measured(k: int, n: int, *, start: int = 0, prompts: str = "test-prompts") -> Any:
+    """``k`` of ``n`` with per-prompt outcomes, as ``measure_condition`` stores a rate: prompts ``start`` to
+    ``start + k - 1`` (wrapping) are the true ones, all on one prompt set (``prompts``: its digest)."""
+    from ssah.measure import Proportion
+
+    return Proportion.of([((i - start) % n) < k for i in range(n)], prompts)

@@ -28,7 +28,7 @@ from ssah.experiments.ablate import (
 from ssah.generate import GenerationConfig
 from ssah.interventions import channel_means
 from ssah.judges import get_judge
-from ssah.measure import ControlDistribution, Proportion, compare, find_units, verdict, weights_digest
+from ssah.measure import ControlDistribution, Proportion, compare_measured, find_units, verdict, weights_digest
 from ssah.models import load_model
 from ssah.reports.ablate import render
 from ssah.units import UnitSet, UnitSpace
@@ -97,7 +97,8 @@ def test_run_folder_and_table(ablate_run: Path) -> None:
         assert ("overrefusal" in row) == (row["group"] not in ("dose", "dose-random"))
         for key in ("asr", "coherent_compliance"):
             p = row[key]
-            assert set(p) == {"k", "n", "rate", "ci95"} and p["n"] == 3 and p["rate"] == p["k"] / p["n"]
+            assert set(p) == {"k", "n", "rate", "ci95", "outcomes", "prompts"} and p["n"] == 3
+            assert p["rate"] == p["k"] / p["n"] and p["outcomes"].count("1") == p["k"]  # one outcome per prompt
         assert row["coherent_compliance"]["k"] <= row["asr"]["k"] and row["perplexity"] > 0
     random_rows = [t for t in res["table"] if t["group"] == "random"]
     agg = random_rows[0]["row"]
@@ -105,7 +106,7 @@ def test_run_folder_and_table(ablate_run: Path) -> None:
     baseline = res["table"][0]
     assert baseline["change"] == {}
     scu = res["table"][1]
-    want = compare(measured(scu["row"]["asr"]), measured(baseline["row"]["asr"])).to_dict()
+    want = compare_measured(measured(scu["row"]["asr"]), measured(baseline["row"]["asr"])).to_dict()
     assert scu["change"]["asr"] == want
     assert "perplexity_relative" in res["table"][1]["change"]
     total = res["model"]["units_total"]
@@ -145,7 +146,7 @@ def test_verdicts_follow_from_the_numbers(ablate_run: Path) -> None:
     by = {t["condition"]: t["row"] for t in res["table"]}
     assert set(v["scu_vs_random"]) == {"asr", "coherent_compliance"}
     for key, got in v["scu_vs_random"].items():
-        want = verdict(compare(measured(by["SCU"][key]), measured(by["random (as SCU)"][key])), "higher")
+        want = verdict(compare_measured(measured(by["SCU"][key]), measured(by["random (as SCU)"][key])), "higher")
         assert got == want.to_dict()
         lo, hi = got["comparison"]["ci95"]
         assert lo <= got["comparison"]["difference"] <= hi
@@ -153,7 +154,8 @@ def test_verdicts_follow_from_the_numbers(ablate_run: Path) -> None:
     assert set(v["vs_baseline"]) == {"SCU", "UCU"} and "asr" in v["vs_baseline"]["SCU"]
     for cat, items in v["vs_baseline"].items():
         for key, got in items.items():
-            assert got == verdict(compare(measured(by[cat][key]), measured(by["baseline"][key])), "higher").to_dict()
+            want = verdict(compare_measured(measured(by[cat][key]), measured(by["baseline"][key])), "higher")
+            assert got == want.to_dict()
     ru = v["ru_target"]
     lo, hi = ru["asr_difference"]["ci95"]
     assert ru["asr"].startswith("met" if hi < 0.15 else "not met" if lo >= 0.15 else "undecided")

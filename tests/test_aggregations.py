@@ -38,16 +38,17 @@ def test_control_distribution_of_spread_draws_exact() -> None:
     spread = ControlDistribution((Proportion(0, 40), Proportion(10, 40), Proportion(20, 40)))
     assert spread.rate == pytest.approx(0.25)
     assert spread.sd == pytest.approx(0.25)  # sqrt((0.25^2 + 0 + 0.25^2) / 2)
-    # the t interval of the seed rates (t95(2) = 4.303) is wider than the pooled Wilson one and is cut at 0
+    # draws without per-prompt outcomes (old runs): the t interval of the seed rates (t95(2) = 4.303) is wider
+    # than one draw's Wilson interval and is cut at 0
     assert spread.ci95 == (0.0, pytest.approx(0.25 + 4.303 * 0.25 / math.sqrt(3)))
     assert spread.range95 == (0.0, 1.0)  # one more draw: 0.25 +- 4.303 * 0.25 * sqrt(4/3), cut to [0, 1]
-    assert spread.pooled == Proportion(30, 120)
+    assert spread.n == 40  # prompts per draw, never 120 (a prompt is not counted once per seed)
 
 
 def test_control_distribution_of_equal_draws_exact() -> None:
     tight = ControlDistribution((Proportion(10, 40),) * 3)
     assert tight.sd == 0.0
-    assert tight.ci95 == pytest.approx(wilson_bounds(30, 120))  # no spread: the pooled Wilson interval
+    assert tight.ci95 == pytest.approx(wilson_bounds(10, 40))  # no spread: one draw's Wilson interval
     # the binomial floor: sd = sqrt(p (1 - p) / n) with p = 0.25 and n = 40 draws per seed
     half = t95(2) * math.sqrt(0.25 * 0.75 / 40) * math.sqrt(1 + 1 / 3)
     assert tight.range95 == (0.0, pytest.approx(0.25 + half))

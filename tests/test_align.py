@@ -80,7 +80,8 @@ def test_align_results_hold_every_measure_in_the_one_shape_and_the_report_shows_
         m = res[when]
         for key in ("refusal", "overrefusal", "borderline_overrefusal", "benign_accuracy"):
             p = m[key]
-            assert set(p) == {"k", "n", "rate", "ci95"} and p["n"] == 3 and p["ci95"][0] <= p["rate"] <= p["ci95"][1]
+            assert set(p) == {"k", "n", "rate", "ci95", "outcomes", "prompts"} and p["n"] == len(p["outcomes"]) == 3
+            assert p["ci95"][0] <= p["rate"] <= p["ci95"][1]
         assert len(m["log_perplexity"]) == 3 and m["perplexity"] > 1
     assert res["data"]["eval_borderline"]["examples"] == 3 and res["data"]["eval_benign"]["examples"] == 3
     kinds = res["data"]["train"]["kinds"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import measured
 from ssah.cli import main
-from ssah.measure import ControlDistribution, Proportion, compare, verdict
+from ssah.measure import ControlDistribution, Proportion, compare_measured, verdict
 
 FAST = [
     "--quick",
@@ -61,7 +62,7 @@ def test_budget_runs_every_condition_with_stratified_controls(tmp_path: Path, ca
         e = r["eval"]
         for key in ("refusal", "asr", "overrefusal", "coherent_compliance", "task_accuracy"):
             p = e[key]
-            assert set(p) == {"k", "n", "rate", "ci95"} and p["rate"] == p["k"] / p["n"]
+            assert set(p) == {"k", "n", "rate", "ci95", "outcomes", "prompts"} and p["rate"] == p["k"] / p["n"]
             eps = 1e-12  # the core's Wilson bound at k = 0 is 5.6e-17, not 0 (float rounding)
             assert 0 <= p["ci95"][0] <= p["rate"] + eps and p["rate"] <= p["ci95"][1] + eps <= 1 + eps
         assert e["refusal"]["k"] + e["asr"]["k"] == e["refusal"]["n"] == 3 and e["perplexity"] > 0
@@ -85,10 +86,11 @@ def test_budget_runs_every_condition_with_stratified_controls(tmp_path: Path, ca
         mine = Proportion.from_dict(rows[2]["eval"][key])
         dist = ControlDistribution(tuple(Proportion.from_dict(r["eval"][key]) for r in rows[3:]))
         v = res["verdicts"]["ru_vs_random"][key]
-        assert v["verdict"] == verdict(compare(mine, dist), expected).verdict and v["expected"] == expected
+        assert v["verdict"] == verdict(compare_measured(mine, dist), expected).verdict and v["expected"] == expected
         assert v["comparison"]["control"] == pytest.approx(dist.rate)
         v = res["verdicts"]["ru_vs_full"][key]
-        assert v["verdict"] == verdict(compare(mine, Proportion.from_dict(rows[1]["eval"][key])), expected).verdict
+        full = Proportion.from_dict(rows[1]["eval"][key])
+        assert v["verdict"] == verdict(compare_measured(mine, full), expected).verdict
     assert res["paper"]["verdict"] == res["verdicts"]["ru_vs_full"]["task_accuracy"]["verdict"]
     report = (out / "report.md").read_text()
     assert "RU-only" in report and "plots/budget.png" in report and "random units" in report
@@ -99,13 +101,14 @@ def test_budget_runs_every_condition_with_stratified_controls(tmp_path: Path, ca
 def test_decide_gives_each_verdict_from_constructed_counts() -> None:
     from ssah.experiments.budget import decide
 
-    def row(name: str, refused: int, overrefused: int, correct: int, n: int = 100) -> dict:
-        e = {"refusal": Proportion(refused, n), "overrefusal": Proportion(overrefused, n)}
-        e["task_accuracy"] = Proportion(correct, n)
+    def row(name: str, refused: int, overrefused: int, correct: int, n: int = 100, start: int = 0) -> dict:
+        """Every arm answers the same 100 prompts; ``start``: where its true outcomes begin (wrapping)."""
+        e = {"refusal": measured(refused, n, start=start), "overrefusal": measured(overrefused, n, start=start)}
+        e["task_accuracy"] = measured(correct, n, start=start)
         return {"name": name, "eval": {k: v.to_dict() for k, v in e.items()}}
 
     rows = [row("base", 5, 5, 50), row("full", 20, 40, 20), row("ru", 80, 5, 50)]
-    rows += [row("random", 50 + i, 50, 50) for i in range(3)]
+    rows += [row("random", 50 + i, 50, 50, start=50 + i) for i in range(3)]  # other prompts than ru's 50
     v = decide(rows)
     assert v["ru_vs_full"]["refusal"]["verdict"] == "reproduced"  # 80% vs 20%: higher, interval clear of zero
     assert v["ru_vs_full"]["overrefusal"]["verdict"] == "reproduced"  # 5% vs 40%: lower

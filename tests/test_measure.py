@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import measured
 from ssah.data import Example
 from ssah.errors import UserError
 from ssah.evaluate import Sample
@@ -17,6 +18,7 @@ from ssah.measure import (
     answered,
     check_seeds,
     compare,
+    compare_measured,
     compare_stored,
     over_seeds,
     parse_selection,
@@ -63,7 +65,7 @@ def test_control_distribution_widens_with_seed_spread() -> None:
     assert tight.rate == pytest.approx(spread.rate)
     assert spread.ci95[1] - spread.ci95[0] > tight.ci95[1] - tight.ci95[0]
     assert spread.range95[1] > spread.ci95[1]  # a single new draw varies more than the mean
-    assert tight.to_dict()["seeds"] == 3 and tight.pooled == Proportion(30, 120)
+    assert tight.to_dict()["seeds"] == 3 and tight.to_dict()["n"] == 40  # prompts per draw, not 120
     with pytest.raises(UserError):
         ControlDistribution(())
 
@@ -263,14 +265,16 @@ def test_stability_summary_decides_beyond_chance() -> None:
 
 
 def test_stored_rates_read_back_as_the_core_objects() -> None:
-    p, dist = Proportion(3, 10), ControlDistribution((Proportion(1, 10), Proportion(2, 10), Proportion(4, 10)))
-    assert stored_measurement(p.to_dict()) == p
+    p, dist = measured(3, 10), ControlDistribution((measured(1, 10), measured(2, 10, start=4), measured(4, 10)))
+    assert stored_measurement(p.to_dict()) == p and stored_measurement(p.to_dict()).outcomes == p.outcomes
     back = stored_measurement(dist.to_dict())
-    assert isinstance(back, ControlDistribution) and back.draws == dist.draws
-    # an effect far above a distribution of controls is 'higher'; the stored form decides as the objects do
-    high = Proportion(10, 10).to_dict()
-    assert compare_stored(high, dist.to_dict()) == compare(Proportion(10, 10), dist)
-    assert compare_stored(high, dist.to_dict()).direction == "higher"
+    assert isinstance(back, ControlDistribution) and back.draws == dist.draws and back.outcomes == dist.outcomes
+    # an effect far above a distribution of controls is 'higher'; the stored form decides as the objects do,
+    # paired on the prompts
+    high = measured(10, 10)
+    assert compare_stored(high.to_dict(), dist.to_dict()) == compare_measured(high, dist)
+    assert compare_stored(high.to_dict(), dist.to_dict()).direction == "higher"
+    assert compare_stored(high.to_dict(), dist.to_dict()).method.startswith("paired")
 
 
 def test_over_seeds_keeps_every_draw_and_summarises_the_rest() -> None:

@@ -11,13 +11,15 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import measured
 from ssah.arch import get_adapter
 from ssah.categorize import categorize
 from ssah.data import Example, PromptSet, collate, encode_set
+from ssah.errors import UserError
 from ssah.experiments.protect import CONTROLS, SETTINGS, ProtectConfig, run_protect, verdicts
 from ssah.inference import frozen_eval
 from ssah.interventions import unit_param_masks
-from ssah.measure import Proportion, Verdict
+from ssah.measure import Verdict
 from ssah.models import model_fingerprint
 from ssah.recipes import load_run
 from ssah.reports.protect import design, render
@@ -218,7 +220,7 @@ def test_verdict_fields_are_consistent(full_run: tuple[Path, dict[str, Any]]) ->
             assert cmp["effect"] == at[(c["a"], None)]["asr"]["rate"]
             if c["b"] in CONTROLS:  # the distribution of the seeds, not their max
                 rates = [at[(c["b"], i)]["asr"]["rate"] for i in range(3)]
-                assert cmp["control"] == pytest.approx(sum(rates) / 3) and "seed-spread" in cmp["method"]
+                assert cmp["control"] == pytest.approx(sum(rates) / 3) and "seeds 1/3" in cmp["method"]
             excludes_zero_as_published = lo > 0 if c["expected"] == "higher" else hi < 0
             assert (c["verdict"] == "reproduced") == excludes_zero_as_published
             assert v["summary"].count("(95% interval") == len(v["comparisons"])
@@ -262,13 +264,14 @@ def test_a_run_recorded_before_the_design_still_renders(full_run: tuple[Path, An
 
 
 def _cell(setting: str, k: int, draw: int | None = None, n: int = 40) -> dict[str, Any]:
-    return {"kind": "benign", "setting": setting, "draw": draw, "steps": 4, "asr": Proportion(k, n).to_dict()}
+    asr = measured(k, n, prompts=f"{n} prompts").to_dict()  # every cell of one run answers the same prompts
+    return {"kind": "benign", "setting": setting, "draw": draw, "steps": 4, "asr": asr}
 
 
 def test_verdicts_on_constructed_counts() -> None:
     """Each verdict from counts built for it: protection beats full and the random distribution; a random
     control that freezes as well gives 'not reproduced'; too few prompts give 'inconclusive' with the n needed."""
-    base = {"initial": {"asr": Proportion(0, 40).to_dict()}, "settings": {"labels": {}}}
+    base = {"initial": {"asr": measured(0, 40, prompts="40 prompts").to_dict()}, "settings": {"labels": {}}}
     cells = [_cell("full", 36), _cell("freeze-scu-cu", 2), *(_cell("random", k, i) for i, k in enumerate((30, 33, 35)))]
     v = verdicts({**base, "cells": cells})["benign"]
     got = {(c["a"], c["b"]): c["verdict"] for c in v["comparisons"]}
@@ -276,14 +279,18 @@ def test_verdicts_on_constructed_counts() -> None:
         [("full", "initial"), ("freeze-scu-cu", "full"), ("freeze-scu-cu", "random")], "reproduced"
     )
     # as good as random, measured precisely enough: the interval lies within ±5 points of zero
-    same = [_cell("full", 36), _cell("freeze-scu-cu", 20, n=400)]
+    same = [_cell("full", 360, n=400), _cell("freeze-scu-cu", 20, n=400)]
     same += [_cell("random", k, i, n=400) for i, k in enumerate((19, 20, 21))]
-    v = verdicts({**base, "cells": same})["benign"]
+    base400 = {**base, "initial": {"asr": measured(0, 400, prompts="400 prompts").to_dict()}}
+    v = verdicts({**base400, "cells": same})["benign"]
     assert {(c["a"], c["b"]): c["verdict"] for c in v["comparisons"]}[("freeze-scu-cu", "random")] == "not reproduced"
     few = [_cell("full", 3, n=5), _cell("freeze-scu-cu", 1, n=5)]
-    (_, prot) = verdicts({**base, "cells": few})["benign"]["comparisons"]
+    base5 = {**base, "initial": {"asr": measured(0, 5, prompts="5 prompts").to_dict()}}
+    (_, prot) = verdicts({**base5, "cells": few})["benign"]["comparisons"]
     assert prot["verdict"] == "inconclusive" and prot["n_needed"] > 5
-    assert "No random control was run" in verdicts({**base, "cells": few})["benign"]["summary"]
+    assert "No random control was run" in verdicts({**base5, "cells": few})["benign"]["summary"]
+    with pytest.raises(UserError, match="same prompts"):  # arms measured on other prompts are never compared
+        verdicts({**base, "cells": few})
 
 
 def test_protect_imports_no_other_recipe() -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import measured
 from ssah.experiments.ablate import _aggregate, _changes, _ru_target, _table, _verdicts
-from ssah.measure import ControlDistribution, Proportion, compare, verdict
+from ssah.measure import ControlDistribution, Proportion, compare, compare_measured, verdict
 from ssah.reports.ablate import condition_cells
 from ssah.reports.common import difference, markdown_table, pct, proportion, verdict_line, verdict_word
 
@@ -61,8 +62,8 @@ def _row(name: str, group: str, asr: tuple[int, int], ppl: float, *, target: str
         "units": 0 if group == "baseline" else 10,
         "fraction": 0.0 if group == "baseline" else 0.01,
         "per_stratum": {"0/mlp": 10},
-        "asr": Proportion(*asr).to_dict(),
-        "coherent_compliance": Proportion(*asr).to_dict(),  # every reply judged coherent here
+        "asr": measured(*asr, start=seed or 0).to_dict(),
+        "coherent_compliance": measured(*asr, start=seed or 0).to_dict(),  # every reply judged coherent here
         "perplexity": ppl,
     }
 
@@ -81,11 +82,12 @@ ROWS = [
 def test_aggregate_and_changes_on_constructed_rows() -> None:
     agg = _aggregate(ROWS[2:5])
     assert agg["seeds"] == [1, 2, 3] and agg["units"] == 10
-    assert agg["asr"] == ControlDistribution((Proportion(2, 20), Proportion(4, 20), Proportion(3, 20))).to_dict()
+    draws = (measured(2, 20, start=1), measured(4, 20, start=2), measured(3, 20, start=3))
+    assert agg["asr"] == ControlDistribution(draws).to_dict()
     assert agg["asr"]["rate"] == pytest.approx(0.15)
     assert agg["perplexity"] == {"mean": 11.0, "min": 10.0, "max": 12.0, "values": [10.0, 11.0, 12.0]}
     change = _changes(ROWS[1], ROWS[0])
-    assert change["asr"] == compare(Proportion(18, 20), Proportion(2, 20)).to_dict()
+    assert change["asr"] == compare_measured(measured(18, 20), measured(2, 20)).to_dict()
     assert change["asr"]["difference"] == pytest.approx(0.8)
     assert change["perplexity_relative"] == pytest.approx(0.2)
     assert _changes(agg, ROWS[0])["perplexity_relative"] == pytest.approx(0.1)  # mean over the seeds
@@ -97,8 +99,8 @@ def test_table_orders_each_category_with_its_random_control_and_verdicts_follow(
     assert table[2]["row"]["asr"]["rate"] == pytest.approx(0.15) and table[0]["change"] == {}
     v = _verdicts(table)
     scu = v["scu_vs_random"]["asr"]
-    control = ControlDistribution((Proportion(2, 20), Proportion(4, 20), Proportion(3, 20)))
-    assert scu == verdict(compare(Proportion(18, 20), control), "higher").to_dict()
+    control = ControlDistribution((measured(2, 20, start=1), measured(4, 20, start=2), measured(3, 20, start=3)))
+    assert scu == verdict(compare_measured(measured(18, 20), control), "higher").to_dict()
     assert scu["verdict"] == "reproduced"
     assert v["vs_baseline"]["SCU"]["asr"]["verdict"] == "reproduced"
     ru = v["ru_target"]

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import measured
 from ssah.cli import main
 from ssah.commands.report import FULL_END, FULL_START, README_END, README_START, readme_block
 from ssah.experiments.units import overlap_across_safety_sets
-from ssah.measure import ControlDistribution, Proportion, compare, verdict
+from ssah.measure import ControlDistribution, Proportion, compare, compare_measured, verdict
 from ssah.reports.demo import (
     all_of,
     headlines,
@@ -35,7 +36,8 @@ def _v(effect: Any, control: Any, expected: str = "higher") -> dict[str, Any]:
 
 
 def _ablate(scu: int) -> dict[str, Any]:
-    asr = _v(Proportion(scu, 24), ControlDistribution((Proportion(2, 24),) * 3))
+    controls = ControlDistribution((measured(2, 24, start=3),) * 3)  # three seeds on the same 24 prompts
+    asr = verdict(compare_measured(measured(scu, 24), controls), "higher").to_dict()
     return {
         "verdicts": {"scu_vs_random": {"asr": asr}},
         "settings": {"seeds": 3, "control_strata": "layer-kind", "judge": JUDGE},
@@ -59,7 +61,7 @@ def test_reproduced_row_ablation_beats_its_stratified_random_control() -> None:
     assert row_ablate(_ablate(20)) == {
         "effect": "ablating the few SCU breaks refusal (Table 1)",
         "published": "ASR +56 / +71 points after ablating SCU (Llama-2-7B-Chat / Llama-3-8B-Instruct)",
-        "ours": "SCU-ablated ASR 83% vs random 8%: +75.0 points [+53.9, +85.9]",
+        "ours": "SCU-ablated ASR 83% vs random 8%: +75.0 points [+49.0, +86.7]",  # paired, 24 prompts once
         "control": "random units, same count per (layer, kind), 3 seeds",
         "verdict": "reproduced",
         "judge": judge_cell(JUDGE),

@@ -274,7 +274,7 @@ def test_freezing_offloaded_weights_is_a_clear_error(split) -> None:
 
 
 def test_probe_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
-    fast = ["--quick", "--limit", "4", "--bootstrap", "50", "--no-progress"]
+    fast = ["--quick", "--limit", "4", "--bootstrap", "200", "--no-progress"]
     map_file = tmp_path / "map.json"
     map_file.write_text(json.dumps(SPLIT))
     assert main(["probe", "tiny-random-llama", "--out", str(tmp_path / "one"), *fast]) == 0

@@ -179,6 +179,16 @@ class EvalData:
             out["gsm8k"] = {"items": len(self.gsm8k)}
         return out
 
+    def prompts(self) -> dict[str, list[str]]:
+        """Each loaded set's prompts (questions for multiple choice and GSM8K), for the held-out record
+        (:func:`ssah.provenance.held_out`)."""
+        out = {n: ps.prompts() for n in ("harmful", "benign", "perplexity") if (ps := getattr(self, n)) is not None}
+        if self.multiple_choice is not None:
+            out[self.multiple_choice[0]] = [item.question for item in self.multiple_choice[1]]
+        if self.gsm8k is not None:
+            out["gsm8k"] = [item.question for item in self.gsm8k]
+        return out
+
 
 def _skip(spec: str | None) -> bool:
     return spec is None or spec.strip().lower() in NONE

@@ -15,7 +15,9 @@ reviewer checks live in one place:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +31,7 @@ from torch import nn
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, Sample
 from ssah.intervals import Z95, wilson_bounds
+from ssah.paired import as_table, mean_interval, paired_interval
 from ssah.units import UnitSet, UnitSpace
 
 Direction = Literal["higher", "lower"]
@@ -39,7 +42,9 @@ STRATA: tuple[str, ...] = ("layer-kind", "layer", "kind", "none")
 # ------------------------------------------------------------------------------------------------ proportions
 @dataclass(frozen=True)
 class Proportion:
-    """``k`` of ``n`` (e.g. harmful prompts answered), with its Wilson 95% interval.
+    """``k`` of ``n`` (e.g. harmful prompts answered), with its Wilson 95% interval, and where measured its
+    per-prompt ``outcomes`` (in prompt order) and the digest of those ``prompts``, so that two conditions measured
+    on the same prompts are compared prompt by prompt (:func:`compare_measured`).
 
     Wilson's interval stays inside [0, 1] and is not empty at 0 or n successes, which small evaluation sets
     often have; the normal approximation is neither.
@@ -47,6 +52,8 @@ class Proportion:
 
     k: int
     n: int
+    outcomes: tuple[bool, ...] | None = field(default=None, compare=False, repr=False)
+    prompts: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or isinstance(self.n, bool) or int(self.k) != self.k or int(self.n) != self.n:
@@ -56,11 +63,23 @@ class Proportion:
                 f"a proportion needs 0 <= k <= n and n >= 1, got k={self.k}, n={self.n}: "
                 "pass counts from a non-empty set"
             )
+        if self.outcomes is not None and (len(self.outcomes) != self.n or sum(self.outcomes) != self.k):
+            raise UserError(
+                f"a proportion's outcomes must hold n={self.n} flags with k={self.k} true: the stored outcomes "
+                "were edited or damaged"
+            )
 
     @classmethod
-    def of(cls, flags: Sequence[bool]) -> Proportion:
-        """The share of true flags (one per item)."""
-        return cls(sum(bool(f) for f in flags), len(flags))
+    def of(cls, flags: Sequence[bool], prompts: str | None = None) -> Proportion:
+        """The share of true flags (one per item, kept as the outcomes); ``prompts``: :func:`prompts_digest` of
+        the items, in the same order."""
+        outcomes = tuple(bool(f) for f in flags)
+        return cls(sum(outcomes), len(outcomes), outcomes, prompts)
+
+    def complement(self) -> Proportion:
+        """The share of false flags (e.g. refusal from attack success), outcomes flipped."""
+        flipped = None if self.outcomes is None else tuple(not o for o in self.outcomes)
+        return Proportion(self.n - self.k, self.n, flipped, self.prompts)
 
     @property
     def rate(self) -> float:
@@ -71,17 +90,33 @@ class Proportion:
         return wilson_bounds(self.k, self.n)
 
     def to_dict(self) -> dict[str, Any]:
-        """The one JSON shape of a proportion in every ``results.json``."""
+        """The one JSON shape of a proportion in every ``results.json`` (outcomes as a string of 0/1)."""
         lo, hi = self.ci95
-        return {"k": self.k, "n": self.n, "rate": self.rate, "ci95": [lo, hi]}
+        out: dict[str, Any] = {"k": self.k, "n": self.n, "rate": self.rate, "ci95": [lo, hi]}
+        if self.outcomes is not None:
+            out["outcomes"] = "".join("1" if o else "0" for o in self.outcomes)
+        if self.prompts is not None:
+            out["prompts"] = self.prompts
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Proportion:
-        return cls(int(d["k"]), int(d["n"]))
+        raw = d.get("outcomes")
+        if raw is not None and (not isinstance(raw, str) or set(raw) - {"0", "1"}):
+            raise UserError("a stored proportion's outcomes must be a string of 0 and 1: the results were edited")
+        outcomes = None if raw is None else tuple(c == "1" for c in raw)
+        prompts = d.get("prompts")
+        return cls(int(d["k"]), int(d["n"]), outcomes, None if prompts is None else str(prompts))
 
     def __str__(self) -> str:
         lo, hi = self.ci95
         return f"{self.rate:.1%} [{lo:.0%}, {hi:.0%}] ({self.k}/{self.n})"
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """A short SHA-256 of prompts in order: two measurements pair only when their digests are equal."""
+    blob = json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 # Student t quantiles (two-sided 95%) for small numbers of seeds; beyond the table the normal quantile is close.
@@ -101,11 +136,13 @@ def t95(df: int) -> float:
 
 @dataclass(frozen=True)
 class ControlDistribution:
-    """The same measurement on several random controls (one :class:`Proportion` per seed).
+    """The same measurement on several random controls (one :class:`Proportion` per seed, on the same prompts).
 
-    A comparison uses the whole distribution, not its maximum: the mean rate with an interval that is the wider
-    of the pooled Wilson interval and the t interval of the seed rates (so seed-to-seed spread widens it), and
-    ``range95``, where one more control draw would fall with 95% probability (a t prediction interval).
+    A comparison uses the whole distribution, not its maximum. Its interval counts each prompt once, not once per
+    seed: with per-prompt outcomes it is :func:`ssah.paired.mean_interval` of the prompts x seeds table (prompts
+    and seeds as crossed random factors); without them (runs from before outcomes were stored) the wider of the
+    Wilson interval of one draw's size and the t interval of the seed rates. ``range95`` is where one more control
+    draw would fall with 95% probability (a t prediction interval).
     """
 
     draws: tuple[Proportion, ...]
@@ -115,8 +152,9 @@ class ControlDistribution:
             raise UserError("a control distribution needs at least one draw: use seeds >= 1")
 
     @property
-    def pooled(self) -> Proportion:
-        return Proportion(sum(d.k for d in self.draws), sum(d.n for d in self.draws))
+    def n(self) -> int:
+        """Prompts per draw (the mean when draws differ; every draw of a control measures the same prompts)."""
+        return round(sum(d.n for d in self.draws) / len(self.draws))
 
     @property
     def rates(self) -> list[float]:
@@ -135,8 +173,22 @@ class ControlDistribution:
         return math.sqrt(sum((r - mu) ** 2 for r in self.rates) / (m - 1))
 
     @property
+    def outcomes(self) -> list[tuple[bool, ...]] | None:
+        """The per-prompt outcomes of every seed, when every draw has them on the same prompts."""
+        if any(d.outcomes is None for d in self.draws) or len({d.prompts for d in self.draws}) != 1:
+            return None
+        return [d.outcomes for d in self.draws]  # type: ignore[misc]
+
+    @property
+    def prompts(self) -> str | None:
+        return self.draws[0].prompts if self.outcomes is not None else None
+
+    @property
     def ci95(self) -> tuple[float, float]:
-        lo, hi = self.pooled.ci95
+        table = self.outcomes
+        if table is not None:
+            return mean_interval(as_table(table, "control"))
+        lo, hi = wilson_bounds(self.rate * self.n, self.n)  # one draw's size: a prompt counts once
         m = len(self.draws)
         if m >= 2:
             half = t95(m - 1) * self.sd / math.sqrt(m)
@@ -147,8 +199,7 @@ class ControlDistribution:
     def range95(self) -> tuple[float, float]:
         """Where one more control draw falls with 95% probability (the seeds' spread, floored by binomial noise)."""
         m = len(self.draws)
-        p = self.pooled.rate
-        n = self.pooled.n / m
+        p, n = self.rate, self.n
         binom_sd = math.sqrt(max(p * (1 - p), 1.0 / n) / n)  # a floor so that 3 equal draws are not "certain"
         sd = max(self.sd, binom_sd)
         half = (t95(m - 1) if m >= 2 else Z95) * sd * math.sqrt(1 + 1 / m)
@@ -161,7 +212,7 @@ class ControlDistribution:
             "range95": list(self.range95),
             "sd": self.sd,
             "seeds": len(self.draws),
-            "pooled": self.pooled.to_dict(),
+            "n": self.n,
             "draws": [d.to_dict() for d in self.draws],
         }
 
@@ -178,8 +229,8 @@ def stored_measurement(stored: Mapping[str, Any]) -> Measured:
 
 
 def compare_stored(effect: Mapping[str, Any], control: Mapping[str, Any]) -> Comparison:
-    """:func:`compare` of two rates as results.json stores them (see :func:`stored_measurement`)."""
-    return compare(stored_measurement(effect), stored_measurement(control))
+    """:func:`compare_measured` of two rates as results.json stores them (see :func:`stored_measurement`)."""
+    return compare_measured(stored_measurement(effect), stored_measurement(control))
 
 
 def _mean_min_max(values: Sequence[float]) -> dict[str, Any]:
@@ -227,6 +278,7 @@ class Comparison:
     n_effect: int
     n_control: int
     method: str
+    prompts: str | None = None  # prompts_digest of the prompts a paired comparison was computed on
 
     @property
     def direction(self) -> str:
@@ -247,6 +299,7 @@ class Comparison:
             "n_effect": self.n_effect,
             "n_control": self.n_control,
             "method": self.method,
+            **({"prompts": self.prompts} if self.prompts is not None else {}),
         }
 
     @classmethod
@@ -261,23 +314,67 @@ class Comparison:
             int(d["n_effect"]),
             int(d["n_control"]),
             str(d["method"]),
+            None if d.get("prompts") is None else str(d["prompts"]),
         )
 
 
-def compare(effect: Measured, control: Measured) -> Comparison:
-    """The difference ``effect - control`` of two measured rates with Newcombe's hybrid score interval
-    (method 10 of Newcombe 1998), built from each side's own 95% interval.
+def compare_prompts(
+    effect: Sequence[bool] | Sequence[Sequence[bool]], control: Sequence[bool] | Sequence[Sequence[bool]]
+) -> Comparison:
+    """The paired comparison ``effect - control`` of two conditions measured on the same prompts, in the same
+    prompt order: the prompt is the unit.
 
-    A :class:`ControlDistribution` enters with its widened interval (pooled Wilson or the t interval of its
-    seeds, whichever is wider), so a control whose seeds disagree is not mistaken for a precise one.
+    ``effect`` and ``control`` are each one outcome (bool) per prompt (a fixed condition or a baseline), or one
+    list of per-prompt outcomes per seed (a random control). The interval is Newcombe's paired score interval,
+    widened by a two-way (prompts x seeds) random-effects t interval when an arm has seeds
+    (:mod:`ssah.paired`); :func:`verdict` decides it. Arms of different lengths are refused."""
+    res = paired_interval(as_table(effect, "effect"), as_table(control, "control"))
+    method = res.method + (f" (seeds {res.seeds[0]}/{res.seeds[1]}, df {res.df})" if res.df is not None else "")
+    return Comparison(res.difference, res.ci95, res.effect, res.control, res.prompts, res.prompts, method)
+
+
+def _paired_outcomes(x: Measured) -> tuple[Any, str | None] | None:
+    """A measurement's per-prompt outcomes (a list, or one list per seed) and prompts digest; None without."""
+    if isinstance(x, Proportion):
+        return None if x.outcomes is None else (list(x.outcomes), x.prompts)
+    table = x.outcomes
+    return None if table is None else ([list(t) for t in table], x.prompts)
+
+
+def compare_measured(effect: Measured, control: Measured) -> Comparison:
+    """Two conditions measured on the same prompts, compared prompt by prompt (:func:`compare_prompts`).
+
+    Both must carry their per-prompt outcomes on the same prompts (the same :func:`prompts_digest`): anything
+    else is refused with one line, never compared as if the prompts were independent samples."""
+    pe, pc = _paired_outcomes(effect), _paired_outcomes(control)
+    if pe is None or pc is None:
+        raise UserError(
+            "a rate to compare has no per-prompt outcomes (measured before ssah stored them, or the seeds of a "
+            "control were measured on different prompts): re-run the recipe to compare prompt by prompt"
+        )
+    if pe[1] != pc[1]:
+        raise UserError(
+            f"the effect was measured on prompts {pe[1]} and the control on {pc[1]}: a paired comparison needs "
+            "the same prompts in the same order (re-run both on one prompt set)"
+        )
+    return dataclasses.replace(compare_prompts(pe[0], pc[0]), prompts=pe[1])
+
+
+def compare(effect: Measured, control: Measured) -> Comparison:
+    """The difference ``effect - control`` of two rates measured on *different, independent* samples (two prompt
+    sets, two unit sets) with Newcombe's hybrid score interval (method 10 of Newcombe 1998, unpaired), built from
+    each side's own 95% interval. Conditions measured on the same prompts are compared with
+    :func:`compare_prompts` / :func:`compare_measured` instead (paired: the correct and usually tighter one).
+
+    A :class:`ControlDistribution` enters with its own interval (:attr:`ControlDistribution.ci95`, which counts
+    each prompt once and widens with the seeds' spread).
     """
     p1, l1, u1 = _center_and_bounds(effect)
     p2, l2, u2 = _center_and_bounds(control)
     d = p1 - p2
     lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
-    n1 = effect.n if isinstance(effect, Proportion) else effect.pooled.n
-    n2 = control.n if isinstance(control, Proportion) else control.pooled.n
+    n1, n2 = effect.n, control.n
     method = "newcombe-hybrid-score"
     if isinstance(control, ControlDistribution) or isinstance(effect, ControlDistribution):
         method += "+seed-spread"
@@ -342,7 +439,9 @@ def verdict(comparison: Comparison, expected: Direction, *, margin: float = 0.05
             f"the 95% interval lies within ±{margin:.0%} of zero: no effect of that size",
         )
     half = (hi - lo) / 2
-    target = abs(d) if abs(d) > margin else margin
+    # Deciding needs a half-width below |d| (then the interval excludes zero) or below margin - |d| (then it lies
+    # within the margin), whichever comes first.
+    target = abs(d) if abs(d) > margin else max(abs(d), margin - abs(d))
     n = min(comparison.n_effect, comparison.n_control)
     n_needed = math.ceil(n * (half / target) ** 2) if target > 0 else None
     return Verdict(
@@ -746,8 +845,9 @@ def answered(output: str, answer: str) -> bool:
 def answer_accuracy(examples: Sequence[Any], samples: Sequence[Sample]) -> Proportion | None:
     """Replies (``samples``, in the order of ``examples``) that contain their example's reference answer, over
     the examples that have one; None when none has."""
-    checked = [answered(s.output, ex.answer) for ex, s in zip(examples, samples, strict=True) if ex.answer]
-    return Proportion.of(checked) if checked else None
+    pairs = [(ex, s) for ex, s in zip(examples, samples, strict=True) if ex.answer]
+    digest = prompts_digest([ex.prompt for ex, _ in pairs])
+    return Proportion.of([answered(s.output, ex.answer) for ex, s in pairs], digest) if pairs else None
 
 
 @dataclass
@@ -799,7 +899,7 @@ def measure_condition(
     import time
 
     from ssah.data import PromptSet
-    from ssah.evaluate import evaluate_safety, gsm8k_exact_match, multiple_choice_accuracy, perplexity
+    from ssah.evaluate import evaluate_safety, gsm8k_exact_match, multiple_choice_outcomes, perplexity
 
     t0 = time.time()
     res = ConditionResult()
@@ -813,10 +913,11 @@ def measure_condition(
             for x in smp:
                 x.set = ps.name if ps is not None else x.set
         if h:
-            res.asr = Proportion(sum(not s.refused for s in h), len(h))
-            res.coherent_compliance = Proportion(sum((not s.refused) and bool(s.coherent) for s in h), len(h))
+            hd = prompts_digest([ex.prompt for ex in harmful])
+            res.asr = Proportion.of([not s.refused for s in h], hd)
+            res.coherent_compliance = Proportion.of([(not s.refused) and bool(s.coherent) for s in h], hd)
         if b:
-            res.overrefusal = Proportion(sum(s.refused for s in b), len(b))
+            res.overrefusal = Proportion.of([bool(s.refused) for s in b], prompts_digest([ex.prompt for ex in benign]))
         res.samples = samples
     if data.perplexity is not None:
         res.perplexity = perplexity(
@@ -824,14 +925,15 @@ def measure_condition(
         )
     if data.multiple_choice is not None:
         _, items = data.multiple_choice
-        acc = multiple_choice_accuracy(model, tokenizer, items, batch_size=config.batch_size)
-        res.accuracy = Proportion(round(acc * len(items)), len(items))  # acc = correct / n, exact in float
+        right = multiple_choice_outcomes(model, tokenizer, items, batch_size=config.batch_size)
+        res.accuracy = Proportion.of(right, prompts_digest([item.question for item in items]))
     if data.gsm8k is not None:
         import dataclasses
 
         gcfg = dataclasses.replace(config, max_new_tokens=max(config.max_new_tokens, 256))
         _, m_samples = gsm8k_exact_match(model, tokenizer, data.gsm8k, config=gcfg, progress=progress)
-        res.exact_match = Proportion(sum(bool(s.correct) for s in m_samples), len(m_samples))
+        digest = prompts_digest([item.question for item in data.gsm8k])
+        res.exact_match = Proportion.of([bool(s.correct) for s in m_samples], digest)
         res.samples += m_samples
     res.seconds = time.time() - t0
     return res

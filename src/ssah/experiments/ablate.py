@@ -49,6 +49,7 @@ from ssah.generate import GenerationConfig
 from ssah.interventions import ablate, channel_means
 from ssah.judges import get_judge
 from ssah.models import LoadedModel, load_model
+from ssah.provenance import held_out
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.scoring import Scores
@@ -491,6 +492,8 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
     cfg.check()
     set_seed(cfg.seed)
     data, safety, utility = _load_data(cfg)
+    used = {"calibration safety": safety, "calibration utility": utility}  # units, direction and means chosen here
+    prompts = held_out(data.prompts(), used, allow_overlap=cfg.eval.allow_overlap)
     lm = load_model(cfg.model, **cfg.load_options())
     judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
     gen = cfg.eval.greedy(cfg)
@@ -555,6 +558,7 @@ def run_ablate(cfg: AblateConfig) -> RunResult[AblateConfig]:
         "table": table,
         "dose": _dose(points, rows),
         "verdicts": _verdicts(table),
+        "prompts": prompts,
         "calibration": calibration,
         "weights": dict(sha256_before=before, sha256_after=after, unchanged=before == after, hooks_left=hooks_left),
         "seconds": {"load_model": round(lm.load_seconds, 3), **{k: round(v, 3) for k, v in seconds.items()}},

@@ -32,7 +32,7 @@ from ssah.errors import UserError
 from ssah.evaluate import EvalData, perplexity
 from ssah.fields import Count, EvalSection, MaxLength, System
 from ssah.judges import get_judge
-from ssah.measure import Proportion, answer_accuracy, compare, measure_condition, t95, verdict
+from ssah.measure import Proportion, answer_accuracy, compare_stored, measure_condition, prompts_digest, t95, verdict
 from ssah.models import LoadedModel, cache_dir, load_model, model_fingerprint
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
@@ -187,7 +187,7 @@ def evaluate_model(
     )
     assert m.asr is not None and m.coherent_compliance is not None
     out: dict[str, Any] = {
-        "refusal": Proportion(m.asr.n - m.asr.k, m.asr.n).to_dict(),
+        "refusal": m.asr.complement().to_dict(),
         "asr": m.asr.to_dict(),
         "coherent_compliance": m.coherent_compliance.to_dict(),
     }
@@ -198,7 +198,7 @@ def evaluate_model(
         start += len(ps)
         for smp in part:
             smp.set = ps.name
-        out[key] = Proportion.of([s.refused for s in part]).to_dict()
+        out[key] = Proportion.of([bool(s.refused) for s in part], prompts_digest(ps.prompts())).to_dict()
         if key == "overrefusal":
             accuracy = answer_accuracy(ps.examples, part)
             out["benign_accuracy"] = accuracy.to_dict() if accuracy else None
@@ -247,7 +247,7 @@ def target_checks(cfg: AlignConfig, before: dict[str, Any], after: dict[str, Any
         "verdict": _bound_check(*border.ci95, at_most=cfg.target_borderline),
     }
     if before.get("benign_accuracy") and after.get("benign_accuracy"):
-        c = compare(Proportion.from_dict(after["benign_accuracy"]), Proportion.from_dict(before["benign_accuracy"]))
+        c = compare_stored(after["benign_accuracy"], before["benign_accuracy"])
         out["benign_accuracy_change"] = {
             "target": f">= -{cfg.utility_margin:.0%} (aligned - base)",
             "ci95": list(c.ci95),
@@ -265,13 +265,14 @@ def target_checks(cfg: AlignConfig, before: dict[str, Any], after: dict[str, Any
 
 def alignment_verdicts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What the alignment did, by the one verdict rule: refusal of harmful prompts up (the aim), and whether
-    over-refusal of benign prompts went up (the tax: ``higher`` there is a cost, not a success)."""
-    keys = ("refusal", "overrefusal", "borderline_overrefusal")
-    p = {k: (Proportion.from_dict(before[k]), Proportion.from_dict(after[k])) for k in keys if k in before}
-    out = {"refusal_up": verdict(compare(p["refusal"][1], p["refusal"][0]), "higher").to_dict()}
-    out["overrefusal_change"] = compare(p["overrefusal"][1], p["overrefusal"][0]).to_dict()
-    if "borderline_overrefusal" in p:
-        out["borderline_change"] = compare(*p["borderline_overrefusal"][::-1]).to_dict()
+    over-refusal of benign prompts went up (the tax: ``higher`` there is a cost, not a success). Both models
+    answered the same held-out prompts, so each comparison is paired on them."""
+    out = {"refusal_up": verdict(compare_stored(after["refusal"], before["refusal"]), "higher").to_dict()}
+    out["overrefusal_change"] = compare_stored(after["overrefusal"], before["overrefusal"]).to_dict()
+    if "borderline_overrefusal" in before:
+        out["borderline_change"] = compare_stored(
+            after["borderline_overrefusal"], before["borderline_overrefusal"]
+        ).to_dict()
     return out
 
 

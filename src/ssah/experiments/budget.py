@@ -39,7 +39,7 @@ from ssah.measure import (
     Proportion,
     answer_accuracy,
     check_unit_search,
-    compare,
+    compare_measured,
     find_units,
     measure_condition,
     random_control,
@@ -47,6 +47,7 @@ from ssah.measure import (
     verdict,
 )
 from ssah.models import load_model
+from ssah.provenance import held_out
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import TrainConfig, TrainSection, parse_unit_spec, resolve_unit_spec, train_model
@@ -166,7 +167,7 @@ def measure(model: Any, tokenizer: Any, data: EvalData, judge: Any, cfg: BudgetC
     res = measure_condition(model, tokenizer, data, judge=judge, config=cfg.eval.greedy(cfg), progress=cfg.progress)
     assert res.asr is not None and data.benign is not None
     out = res.to_dict()
-    out["refusal"] = Proportion(res.asr.n - res.asr.k, res.asr.n).to_dict()
+    out["refusal"] = res.asr.complement().to_dict()
     benign = [s for s in res.samples if s.set == data.benign.name]
     accuracy = answer_accuracy(data.benign.examples, benign)
     out["task_accuracy"] = accuracy.to_dict() if accuracy else None
@@ -186,7 +187,8 @@ def get_units(lm: Any, cfg: BudgetConfig) -> tuple[UnitSet, dict[str, Any]]:
 
 
 def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """RU-only against the random-units distribution and against full SFT, by the one verdict rule."""
+    """RU-only against the random-units distribution and against full SFT, by the one verdict rule (paired on
+    the evaluation prompts every arm answered)."""
     evals: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         evals.setdefault(r["name"], []).append(r["eval"])
@@ -200,7 +202,7 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             draws = tuple(Proportion.from_dict(t) for t in theirs if t is not None)
             control = ControlDistribution(draws) if other == "random" else draws[0]
-            v = verdict(compare(Proportion.from_dict(mine), control), expected)  # type: ignore[arg-type]
+            v = verdict(compare_measured(Proportion.from_dict(mine), control), expected)  # type: ignore[arg-type]
             block[key] = {"label": label, **v.to_dict()}
         if block:
             out[f"ru_vs_{other}"] = block
@@ -214,6 +216,10 @@ def run_budget(cfg: BudgetConfig) -> RunResult[BudgetConfig]:
     set_seed(cfg.seed)
     train = load_training_data(cfg)
     eval_data = load_eval_data(cfg, train)
+    used = {"training": train}
+    if cfg.units is None and any(c != "full" for c in cfg.conditions):  # RU are found on the calibration sets here
+        used |= dict(zip(("calibration safety", "calibration utility"), cfg.calibration.load(cfg.columns), strict=True))
+    prompts = held_out(eval_data.prompts(), used, allow_overlap=cfg.eval.allow_overlap)
     opts: dict[str, Any] = {"allow_pickle": cfg.allow_pickle, "trust_remote_code": cfg.trust_remote_code}
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, **opts)
     model, tok = lm.model, lm.tokenizer
@@ -255,6 +261,7 @@ def run_budget(cfg: BudgetConfig) -> RunResult[BudgetConfig]:
         | {"judge": cfg.eval.judge},
         "conditions": rows,
         "verdicts": decide(rows),
+        "prompts": prompts,
         "paper": {"claim": PAPER_CLAIM},
         "seconds": {"load_model": round(lm.load_seconds, 3), "total": 0.0},
     }

@@ -43,6 +43,7 @@ from ssah.fields import Count, EvalSection, Seeds, System
 from ssah.generate import GenerationConfig
 from ssah.judges import get_judge
 from ssah.models import load_model
+from ssah.provenance import held_out
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
@@ -255,6 +256,14 @@ def run_direction(cfg: DirectionConfig) -> RunResult[DirectionConfig]:
     cfg.check()
     set_seed(cfg.seed)
     sp = _load_splits(cfg)
+    evaluated = {"harmful test": sp.h_test, "harmless test": sp.b_test, "benign": sp.benign}
+    used = {
+        "harmful train": sp.h_train,
+        "harmful val": sp.h_val,
+        "harmless train": sp.b_train,
+        "harmless val": sp.b_val,
+    }
+    prompts = held_out(evaluated, used, allow_overlap=cfg.eval.allow_overlap)  # the direction is chosen on val
     lm = load_model(cfg.model, **cfg.load_options())
     model, tok = lm.model, lm.tokenizer
     judge = get_judge(cfg.eval.judge, model=model, tokenizer=tok)
@@ -312,6 +321,7 @@ def run_direction(cfg: DirectionConfig) -> RunResult[DirectionConfig]:
         "conditions": rows,
         "table": table,
         "verdicts": verdicts,
+        "prompts": prompts,
         "orthogonalization": {"max_abs_logprob_difference_vs_hooks": exact},
         "weights": {"sha256_before": before, "unchanged": after == before},
         "seconds": {"load_model": round(lm.load_seconds, 3), **{k: round(v, 3) for k, v in seconds.items()}},

@@ -52,6 +52,7 @@ from ssah.interventions import unit_param_masks
 from ssah.judges import get_judge
 from ssah.measure import FoundUnits, Measured, Proportion
 from ssah.models import LoadedModel, load_model
+from ssah.provenance import held_out
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 from ssah.training import LoraSettings, TrainConfig, TrainSection, load_ranked_categories, parse_lora, train_model
@@ -388,6 +389,10 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     e = cfg
     set_seed(cfg.seed)
     data = load_protect_data(cfg)
+    used = {f"training {k}": ps for k, ps in data.train.items()}
+    if cfg.units is None:  # units are found on the calibration sets here
+        used |= dict(zip(("calibration safety", "calibration utility"), cfg.calibration.load(), strict=True))
+    prompts = held_out(data.eval.prompts(), used, allow_overlap=cfg.eval.allow_overlap)
     opts = {k: getattr(cfg, k) for k in ("dtype", "device", "allow_pickle", "trust_remote_code")}
     lm = load_model(cfg.model, **opts)
     judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
@@ -449,6 +454,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
         "units": units_summary,
         "data": data.describe(),
         "initial": initial.to_dict(),
+        "prompts": prompts,
         "cells": cells,
         "runs": runs,
         "weights_restored": measure.weights_digest(lm.model) == digest,
@@ -495,7 +501,7 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
         for a, b, expected in COMPARISONS:
             ma, mb = measured(cells, a, last), initial if b == "initial" else measured(cells, b, last)
             if ma is not None and mb is not None:
-                v = measure.verdict(measure.compare(ma, mb), expected)  # type: ignore[arg-type]
+                v = measure.verdict(measure.compare_measured(ma, mb), expected)  # type: ignore[arg-type]
                 # outcome / asr_a / asr_b: the demo headline's keys (the same as `comparison`, without the interval)
                 old = {"outcome": v.comparison.direction, "asr_a": v.comparison.effect, "asr_b": v.comparison.control}
                 comps.append({"name": f"{a} vs {b}", "a": a, "b": b, "metric": "asr", **v.to_dict(), **old})

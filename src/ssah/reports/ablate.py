@@ -109,9 +109,9 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         judge_line(st["judge"]),
         "",
         "ASR = harmful prompts not refused (keyword judge); coherent compliance = answered with a coherent "
-        "non-refusal. Rates: value [95% Wilson interval]; random controls: mean over seeds [interval widened by the "
-        "seeds' spread]. Changes against the baseline in points [95% Newcombe interval]; perplexity with its "
-        "relative change.",
+        "non-refusal. Rates: value [95% Wilson interval]; random controls: mean over seeds [interval of the prompts x "
+        "seeds table, each prompt counted once, widened by the seeds' spread]. Changes against the baseline in "
+        "points [95% paired interval on the same prompts]; perplexity with its relative change.",
         "",
         markdown_table(TABLE_COLUMNS.split("|"), [condition_cells(t) for t in results["table"]]),
         "",

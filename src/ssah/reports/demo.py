@@ -244,7 +244,7 @@ def row_probe(r: dict[str, Any]) -> Row:
         "effect": "the probe: alignment shows as a refusal-leaning reasoning direction in the later layers",
         "published": "Q is closer to Q+refusal than to Q+compliance in aligned models only (Figs. 2-4)",
         "ours": (f"primary method `{primary}`: {sep[primary]['decision']['reason']}; " if primary else "")
-        + f"controlled methods reproducing over a run of later layers (Bonferroni-corrected): "
+        + f"controlled methods reproducing over a run of later layers (a simultaneous band): "
         f"{len(good)} of {len(controlled)} ({', '.join(good) or 'none'}); the paper's probe: {naive or 'n/a'} "
         "(its gap is already " + confound,
         "control": "the unaligned model; the gap after harmless queries (content) subtracted",

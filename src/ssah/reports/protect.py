@@ -140,7 +140,8 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
         f"not refused by `{s['judge']}`, none a training prompt; over-refusal on {d['eval_benign']['examples']} safe "
         f"prompts (`{d['eval_benign']['source']}`); task utility = perplexity of {d['eval_utility']['examples']} "
         f"held-out task answers. {s['max_new_tokens']} new tokens, greedy. Brackets: 95% intervals (Wilson; for a "
-        "random control the wider of the pooled Wilson and the t interval of its seeds). " + judge_line(s["judge"]),
+        "random control the interval of its prompts x seeds table, each prompt counted once); comparisons are "
+        "paired on the prompts. " + judge_line(s["judge"]),
         f"Initial model: ASR {proportion(init['asr'])}, over-refusal {proportion(init['overrefusal'])}, perplexity "
         f"{init.get('perplexity', float('nan')):.2f}.",
     ]
