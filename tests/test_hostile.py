@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import hostile_cases
 from helpers import assert_user_error
 from ssah.cli import main
 from ssah.safefiles import canonical_safetensors, save_safetensors
@@ -156,6 +157,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     _write_unit_variants(root)
     _write_checkpoints(root)
     _write_demo(root)
+    hostile_cases.write_files(root)  # issue 31: direction and judge files, plans, locks, labelled data
     return World(root)
 
 
@@ -285,6 +287,7 @@ CASES: list[Case] = [
         "needs stage align",
     ),
 ]
+CASES += hostile_cases.CASES  # one row or more per cause of issue 31 (the newer surfaces)
 if NO_GPU:
     CASES.append(("device-cuda-without-gpu", lambda w: [*U, "--device", "cuda", "--out", w("o"), *UNITS], "no CUDA"))
 if Path("/sys").is_dir():  # a place nobody can write, root included

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ssah.errors import UserError
@@ -172,6 +171,8 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {what} {path}: {exc}".replace("\n", " ")) from exc
+    except RecursionError:
+        raise UserError(f"cannot read {what} {path}: nested too deeply to be a file ssah wrote") from None
 
 
 def read_manifest(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
@@ -197,13 +198,15 @@ def read_config(run_dir: str | Path, config_class: type[ConfigT], recipe: str = 
     what = f"`ssah {recipe}`'s " if recipe else ""
     if not path.is_file():
         raise UserError(f"{path.parent} has no config.yaml: it records no config; rerun it with this ssah version")
+    from ssah.validate import load_yaml
+
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        values = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path} ({type(exc).__name__}): was it edited? rerun the experiment") from None
     try:
         return config_class.model_validate(values if values is not None else {}, context=RECORDED)
-    except (ValidationError, UserError, ValueError) as exc:
+    except (ValidationError, UserError, ValueError, TypeError, AttributeError) as exc:
         if isinstance(exc, ValidationError):
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "config"

@@ -99,8 +99,25 @@ def write_readme_table(run_dir: str | Path, readme: str | Path) -> Path:
     tail = rest.split(end, 1)[1]
     new = head + block + tail
     if new != text:
-        atomic_write_text(readme, new)
+        _replace_text(readme, new)
     return readme
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` into ``path`` atomically; through a symbolic link the link's target is updated (the link
+    stays), keeping the file's permission bits; a one-line ``UserError`` when it cannot be replaced."""
+    import os
+    import stat
+
+    target = Path(os.path.realpath(path))
+    if not target.is_file() or not os.access(target, os.W_OK) or not os.access(target.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path} (read-only, or its folder is): make it writable or pass another file")
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+        atomic_write_text(target, text)
+        os.chmod(target, mode)
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror or type(exc).__name__}): nothing was changed") from None
 
 
 @app.command("report")
