@@ -45,7 +45,7 @@ def test_run_folder(direction_run: Path) -> None:
     for row in res["conditions"]:
         for key in ("asr", "overrefusal", "harmless_refusal"):
             if key in row:
-                assert set(row[key]) == {"k", "n", "rate", "ci95"}
+                assert set(row[key]) == {"k", "n", "rate", "ci95", "outcomes", "prompts"}
         assert set(row["kl"]["reply"]) == {"mean", "ci95", "n", "interval"}
     base = next(r for r in res["conditions"] if r["group"] == "baseline")
     assert base["kl"]["reply"]["mean"] < 1e-5  # the unedited model against its own reference
