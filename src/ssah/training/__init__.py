@@ -17,6 +17,9 @@ Modules, one job each:
 - :mod:`~ssah.training.distributed`: accelerate, FSDP2 sharding;
 - :mod:`~ssah.training.checkpoints`: checkpoints, exact resume, the staging folder;
 - :mod:`~ssah.training.loop`: :func:`train_model`;
+- :mod:`~ssah.training.pairs`: preference pairs built at run time (refusal over the model's own compliant reply,
+  answer over a refusal);
+- :mod:`~ssah.training.preference`: :func:`preference_step`, DPO with trl's DPOTrainer under the same unit masks;
 - :mod:`~ssah.training.results`: :class:`TrainResult`.
 
 ``train_model`` trains a model in memory (experiment loops call it); ``ssah.experiments.train.run_train`` is the
@@ -29,6 +32,8 @@ from ssah.training.data_plan import DataPlan
 from ssah.training.distributed import fsdp_requested
 from ssah.training.loop import train_model
 from ssah.training.loss import response_loss
+from ssah.training.pairs import Pair, pairs_jsonl, preference_pairs
+from ssah.training.preference import METHODS, DpoSection, Method, preference_step, uses_dpo
 from ssah.training.results import TrainResult
 from ssah.training.unit_specs import (
     load_ranked_categories,
@@ -39,20 +44,28 @@ from ssah.training.unit_specs import (
 )
 
 __all__ = [
+    "METHODS",
     "DataPlan",
+    "DpoSection",
     "LoraSettings",
+    "Method",
+    "Pair",
     "TrainConfig",
     "TrainResult",
     "TrainSection",
     "checkpoint_dirs",
     "fsdp_requested",
     "load_ranked_categories",
+    "pairs_jsonl",
     "parse_lora",
     "parse_unit_spec",
     "partial_dir",
+    "preference_pairs",
+    "preference_step",
     "resolve_unit_spec",
     "response_loss",
     "train_model",
     "unit_set_digest",
     "unit_spec_selection",
+    "uses_dpo",
 ]
