@@ -56,3 +56,15 @@ def measured(k: int, n: int, *, start: int = 0, prompts: str = "test-prompts") -
     from ssah.measure import Proportion
 
     return Proportion.of([((i - start) % n) < k for i in range(n)], prompts)
+
+
+def benchmark(name: str) -> Any:
+    """The script ``benchmarks/<name>.py`` loaded as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_logits.py"
+from helpers import benchmark
 
 
 def test_bench_logits_on_a_tiny_model(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_logits", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("bench_logits")
     out = tmp_path / "logits.json"
     res = bench.main(["--model", "tiny-random-llama", "--examples", "2", "--rounds", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == res

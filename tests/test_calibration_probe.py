@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_probe.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("calibration_probe", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import benchmark
 
 
 def test_probe_verdict_false_rates_within_the_promise_and_power_is_reported() -> None:
-    bench = _module()
+    bench = benchmark("calibration_probe")
     reps = 300
     rows = bench.probe_rows(reps=reps, seed=0, quick=True)
     null = [r for r in rows if r["effect"] == 0]
@@ -34,6 +23,6 @@ def test_probe_verdict_false_rates_within_the_promise_and_power_is_reported() ->
 
 
 def test_main_prints_a_markdown_table(capsys) -> None:
-    rows = _module().main(["--quick", "--reps", "20", "--seed", "1"])
+    rows = benchmark("calibration_probe").main(["--quick", "--reps", "20", "--seed", "1"])
     out = capsys.readouterr().out
     assert out.count("\n| 16 |") == len(rows) == 8 and "false not reproduced" in out and "Largest false rate" in out

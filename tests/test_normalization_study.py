@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import benchmark
 from ssah.errors import UserError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "normalization_study.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("normalization_study", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_study_on_a_tiny_model_writes_json_and_markdown(tmp_path: Path, capsys) -> None:
-    study = _module()
+    study = benchmark("normalization_study")
     limits = ["--calibration-limit", "4", "--harmful-limit", "2", "--ppl-limit", "2", "--max-new-tokens", "3"]
     out = study.main(["--model", "tiny-random-llama", *limits, "--max-length", "64", "--out", str(tmp_path / "s")])
     res = json.loads((out / "study.json").read_text())
@@ -49,7 +39,7 @@ def test_study_on_a_tiny_model_writes_json_and_markdown(tmp_path: Path, capsys) 
 
 
 def test_study_rejects_unknown_settings(tmp_path: Path) -> None:
-    study = _module()
+    study = benchmark("normalization_study")
     with pytest.raises(UserError, match="unknown normalization"):
         study.main(["--model", "tiny-random-llama", "--normalizations", "median", "--out", str(tmp_path / "x")])
     with pytest.raises(UserError, match="unknown ablation mode"):
@@ -62,7 +52,7 @@ def test_stratified_random_keeps_the_count_of_every_module() -> None:
 
     from ssah.units import GroupShape, UnitSet, UnitSpace
 
-    study = _module()
+    study = benchmark("normalization_study")
     space = UnitSpace([GroupShape(layer, kind, 10) for layer in (0, 1) for kind in ("attn", "mlp")])
     units = UnitSet.from_indices(space, [0, 1, 2, 25, 39], "SCU")
     draws = [study.stratified_random(units, seed) for seed in (0, 1)]

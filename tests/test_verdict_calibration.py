@@ -3,22 +3,11 @@ real ssah.compare_prompts and ssah.verdict: every false rate within 2.5% plus tw
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "verdict_calibration.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("verdict_calibration", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import benchmark
 
 
 def test_false_verdicts_stay_within_the_promised_rate() -> None:
-    rows = _bench().comparison_rows(reps=300, seed=7, quick=True)
+    rows = benchmark("verdict_calibration").comparison_rows(reps=300, seed=7, quick=True)
     assert {r["kind"] for r in rows} == {"baseline", "random"} and {r["seeds"] for r in rows} == {1, 3, 10}
     assert {r["prompts"] for r in rows} == {16, 50, 100}
     for r in rows:
@@ -35,5 +24,5 @@ def test_the_simulation_can_see_a_broken_rule(monkeypatch) -> None:
     import ssah.paired as paired
 
     monkeypatch.setattr(paired, "_seed_half", lambda tables: (0.0, math.inf))
-    rows = _bench().comparison_rows(reps=200, seed=3, quick=True)
+    rows = benchmark("verdict_calibration").comparison_rows(reps=200, seed=3, quick=True)
     assert max(r["false_reproduced"] for r in rows if r["kind"] == "random") > 0.05
