@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,7 @@ def write_files(root: Path) -> None:
     for f in (root / "models" / "good").iterdir():
         if f.suffix != ".safetensors":
             (garbage / f.name).write_bytes(f.read_bytes())
-    (garbage / "pytorch_model.bin").write_bytes(os.urandom(4096))
+    (garbage / "pytorch_model.bin").write_bytes(random.Random(0).randbytes(4096))  # fails in the unpickler
     (root / "victim.txt").write_text("a file the lock link points at\n")
     (root / "lock-dir").mkdir()
     (root / ".lock-dir-run.lock").mkdir()

@@ -519,6 +519,12 @@ def _locate(name: str, allow_pickle: bool) -> tuple[Path, str]:
     return Path(name), f"hub:{name}"
 
 
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError,
+    pickle.UnpicklingError, EOFError, zipfile.BadZipFile,
+)  # fmt: skip
+
+
 def load_model(
     spec: str | os.PathLike[str],
     *,
@@ -588,14 +594,13 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(
             str(folder), trust_remote_code=trust_remote_code, revision=kwargs.get("revision")
         )
-    except (
-        OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError,
-        pickle.UnpicklingError, EOFError, zipfile.BadZipFile,
-    ) as exc:  # fmt: skip
+    except Exception as exc:
+        if isinstance(exc, ModelError) or (not allow_pickle and not isinstance(exc, _LOAD_ERRORS)):
+            raise  # a bug, not a damaged folder (a garbage pickle, with --allow-pickle, fails every which way)
         # every way a damaged or foreign folder fails inside transformers (bad JSON, config.json that is not an
         # object, truncated weights, shapes that disagree with the config) is the same user error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, pickle.UnpicklingError | EOFError | zipfile.BadZipFile):
+        if isinstance(exc, pickle.UnpicklingError | EOFError | zipfile.BadZipFile) or not isinstance(exc, _LOAD_ERRORS):
             first = f"its pickled weights are damaged or not a PyTorch checkpoint ({type(exc).__name__})"
         hint = (
             f"not a folder, registry name ({', '.join(registry_names())}) or cached hub model"
