@@ -47,12 +47,16 @@ def render(results: dict[str, Any], run_dir: Path | None = None) -> str:
     lo, hi = up["comparison"]["ci95"]
     olo, ohi = over["ci95"]
     cache = f" (reused from the cache {t['from_cache']})" if t.get("from_cache") else ""
-    lines = [
-        f"# Safety alignment of {results['model']['base']}",
-        "",
-        f"{t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, "
-        f"{100 * t['trainable']['share']:.1f}% of parameters trained{cache}.",
-    ]
+    lines = [f"# Safety alignment of {results['model']['base']}", ""]
+    method = t.get("method", "sft")
+    if method != "dpo":
+        sft = "Safety SFT: " if method != "sft" else ""
+        lines.append(
+            f"{sft}{t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, "
+            f"{100 * t['trainable']['share']:.1f}% of parameters trained{cache}."
+        )
+    if t.get("dpo"):
+        lines.append(_dpo_line(t["dpo"], cache if method == "dpo" else ""))
     kinds = results["data"]["train"].get("kinds")
     if kinds:
         lines.append(
@@ -89,6 +93,20 @@ def render(results: dict[str, Any], run_dir: Path | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _dpo_line(d: dict[str, Any], cache: str) -> str:
+    """What the preference step did: its pairs, steps, DPO loss and reward margin."""
+    p = d["pairs"]
+    margins = [r["rewards/margins"] for r in d.get("log") or [] if "rewards/margins" in r]
+    margin = f", reward margin {margins[0]:.3f} -> {margins[-1]:.3f}" if margins else ""
+    return (
+        f"Preference step (DPO, beta {d['beta']}): {p['pairs']} pairs ({p['harmful']} harmful requests: the data's "
+        f"refusal over the base model's own reply; {p['safe']} safe requests: the answer over a refusal; "
+        f"{p['harmful_already_refused']} harmful requests the base model already refused give no pair), "
+        f"{d['steps']} steps, loss {d['first_loss']:.3f} -> {d['final_loss']:.3f}{margin}, "
+        f"{100 * d['trainable']['share']:.1f}% of parameters trained{cache}."
+    )
 
 
 def _targets_section(targets: dict[str, Any]) -> list[str]:

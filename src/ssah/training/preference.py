@@ -7,14 +7,15 @@ frozen unit set (bit-identical: the gradient hooks of :func:`ssah.interventions.
 after every optimizer step, from a ``TrainerCallback``), only a unit set (per-unit deltas, merged at the end) or
 LoRA adapters (merged at the end; trl then takes the reference from the adapter-free model).
 
-The library does the preference part: trl's DPOTrainer (``loss_type="sigmoid"``, the DPO loss), its reference
-log-probabilities computed once before the first step from the untouched policy (``precompute_ref_log_probs``:
-no second copy of the model in memory). ssah hands it what it owns: the optimizer over exactly the parameters
-the trainable set names (so a units-only run updates the deltas and nothing else), the pairs already tokenized
-the way the SFT step formats its examples (chat template, system prompt, BOS: :func:`~ssah.training.pairs.
-encode_pair`; the one trainer method overridden is ``_prepare_dataset``, which is why trl is pinned), and the
-callback that restores frozen units. What the trainer patches on the model (its fused LM-head forward,
-accelerate's autocast, the pad token in the configs) is undone before the model is handed back.
+The library does the preference part: trl's DPOTrainer (``loss_type="sigmoid"``, the DPO loss), with the
+reference a frozen copy of the policy taken before the first step (trl's default; precomputing the reference
+log-probabilities instead would run the reference over every pair, also those the steps never reach; under LoRA
+trl takes the reference from the adapter-free model, no copy). ssah hands it what it owns: the optimizer over
+exactly the parameters the trainable set names (so a units-only run updates the deltas and nothing else), the
+pairs already tokenized the way the SFT step formats its examples (chat template, system prompt, BOS:
+:func:`~ssah.training.pairs.encode_pair`; the one trainer method overridden is ``_prepare_dataset``, which is why
+trl is pinned), and the callback that restores frozen units. What the trainer patches on the model (its fused
+LM-head forward, accelerate's autocast, the pad token in the configs) is undone before the model is handed back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import copy
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal
 
@@ -100,10 +102,19 @@ def _callback(frozen: Any, records: list[dict[str, Any]]) -> Any:
 
 @contextlib.contextmanager
 def _quiet(progress: bool) -> Iterator[None]:
-    """Without ``progress``: no progress bars from trl's reference pass or datasets' maps."""
-    if progress:
-        yield
-        return
+    """transformers' deprecation notes about trl's own settings (``gradient_checkpointing``) are not the user's;
+    without ``progress`` no progress bars from trl or datasets either."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        if progress:
+            yield
+        else:
+            with _no_bars():
+                yield
+
+
+@contextlib.contextmanager
+def _no_bars() -> Iterator[None]:
     import datasets
 
     before = os.environ.get("TQDM_DISABLE")
@@ -147,9 +158,8 @@ def _dpo_args(cfg: TrainConfig, dpo: DpoSection, out: str, cpu: bool, progress: 
         beta=dpo.beta,
         loss_type=["sigmoid"],
         max_length=cfg.max_length,
-        precompute_ref_log_probs=True,
-        precompute_ref_batch_size=dpo.batch_size,
-        gradient_checkpointing=False,
+        precompute_ref_log_probs=False,
+        gradient_checkpointing=False,  # trl turns it on by default: slower, and nothing here needs the memory
         bf16=cfg.bf16,
         use_cpu=cpu,
         seed=cfg.seed,
@@ -214,6 +224,7 @@ def preference_step(
     was_training = model.training
     configs: Any = model  # a transformers model: the trainer writes its pad token into both configs
     pads = (getattr(configs.config, "pad_token_id", None), getattr(configs.generation_config, "pad_token_id", None))
+    reference = copy.deepcopy(model).eval() if cfg.lora is None else None  # before any delta or hook is added
     tr = prepare_trainable(model, cfg, freeze, only)
     # the trainer's fused LM-head forward and accelerate's autocast are set on the instance: taken off at the end
     own_forward = {id(m): "forward" in m.__dict__ for m in (model, tr.model)}
@@ -225,6 +236,7 @@ def preference_step(
         with tempfile.TemporaryDirectory(prefix="ssah-dpo-") as out, _quiet(progress):
             trainer = _trainer_class()(
                 model=tr.model,
+                ref_model=reference,
                 args=_dpo_args(cfg, dpo, out, device.type == "cpu", progress),
                 train_dataset=Dataset.from_list(rows),
                 processing_class=copy.deepcopy(tokenizer),  # the trainer may set its pad token
