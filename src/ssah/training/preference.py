@@ -37,7 +37,7 @@ from ssah.errors import DataError, UserError
 from ssah.training.config import TrainConfig
 from ssah.training.pairs import Pair, encode_pair
 from ssah.training.results import TrainResult
-from ssah.training.trainable import prepare_trainable
+from ssah.training.trainable import Trainable, prepare_trainable
 from ssah.units import UnitSet
 
 METHODS = ("sft", "dpo", "sft+dpo")
@@ -192,6 +192,25 @@ def _reset_accelerate() -> None:
         AcceleratorState._reset_state()
 
 
+def _make_trainer(tr: Trainable, reference: Any, tokenizer: Any, rows: list[Any], args: Any, optimizers: Any) -> Any:
+    """The DPO trainer of a run (quiet unless ``args`` shows progress)."""
+    from datasets import Dataset
+
+    trainer = _trainer_class()(
+        model=tr.model,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=copy.deepcopy(tokenizer),  # the trainer may set its pad token
+        optimizers=optimizers,
+    )
+    if args.disable_tqdm:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it would print every step's log
+    return trainer
+
+
 def preference_step(
     model: nn.Module,
     tokenizer: Any,
@@ -216,7 +235,6 @@ def preference_step(
         raise DataError("the preference step needs at least one pair")
     t0 = time.time()
     from accelerate.utils import set_seed
-    from datasets import Dataset
 
     set_seed(cfg.seed)
     rows, skipped = _encode_pairs(tokenizer, pairs, cfg)
@@ -234,18 +252,8 @@ def preference_step(
     try:
         _reset_accelerate()
         with tempfile.TemporaryDirectory(prefix="ssah-dpo-") as out, _quiet(progress):
-            trainer = _trainer_class()(
-                model=tr.model,
-                ref_model=reference,
-                args=_dpo_args(cfg, dpo, out, device.type == "cpu", progress),
-                train_dataset=Dataset.from_list(rows),
-                processing_class=copy.deepcopy(tokenizer),  # the trainer may set its pad token
-                optimizers=_optimizer(tr.named, cfg, dpo),
-            )
-            if not progress:
-                from transformers.trainer_callback import PrinterCallback
-
-                trainer.remove_callback(PrinterCallback)
+            args = _dpo_args(cfg, dpo, out, device.type == "cpu", progress)
+            trainer = _make_trainer(tr, reference, tokenizer, rows, args, _optimizer(tr.named, cfg, dpo))
             if freeze is not None:  # on the parameters the optimizer updates (accelerate keeps them on one device)
                 from ssah.interventions import freeze_units
 
