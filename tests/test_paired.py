@@ -9,7 +9,7 @@ import pytest
 
 import ssah
 from ssah.errors import UserError
-from ssah.intervals import wilson_bounds
+from ssah.intervals import wilson_bounds, wilson_cc_bounds
 from ssah.measure import ControlDistribution, Proportion, compare, compare_measured, prompts_digest, verdict
 from ssah.paired import newcombe_paired
 
@@ -62,9 +62,23 @@ def test_pairing_tightens_a_correlated_comparison() -> None:
 def test_newcombe_paired_reduces_to_the_unpaired_interval_without_correlation() -> None:
     """With Newcombe's corrected correlation at 0 (ad - bc <= n/2), method 10 paired equals the hybrid score."""
     a, b, c, d = 10, 10, 10, 10  # ad - bc = 0
-    lo, hi = newcombe_paired(a, b, c, d)
+    lo, hi = newcombe_paired(a, b, c, d, corrected=False)  # method 10: plain Wilson intervals
     ref = compare(Proportion(a + b, 40), Proportion(a + c, 40))
     assert (lo, hi) == pytest.approx(ref.ci95)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "plain", "corrected"),
+    [  # Newcombe 1998 ("Two-sided confidence intervals for the single proportion"), Table II, methods 3 and 4
+        (81, 263, (0.2553, 0.3662), (0.2535, 0.3682)),
+        (15, 148, (0.0624, 0.1605), (0.0598, 0.1644)),
+        (0, 20, (0.0, 0.1611), (0.0, 0.2005)),
+        (1, 29, (0.0061, 0.1718), (0.0018, 0.1963)),
+    ],
+)
+def test_wilson_intervals_match_the_published_table(k, n, plain, corrected) -> None:
+    assert wilson_bounds(k, n) == pytest.approx(plain, abs=5e-5)
+    assert wilson_cc_bounds(k, n) == pytest.approx(corrected, abs=5e-5)
 
 
 def test_newcombe_paired_properties() -> None:

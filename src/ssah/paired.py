@@ -8,11 +8,13 @@ The interval of the difference of the two arms' mean rates has two parts, added 
 variance estimates recovery", MOVER: Zou & Donner 2008, Stat. Med. 27:1693-1702, of which Newcombe's own
 square-and-add is an instance):
 
-- **the prompts**: Newcombe's paired score interval (Newcombe 1998, "Improved confidence intervals for the
-  difference between binomial proportions based on paired data", Stat. Med. 17:2635-2650, method 10): Wilson
-  intervals of each arm's rate combined with the correlation of the pairs. It stays sensible at 0 and n successes
-  and with few prompts. With seeds, each prompt enters with its mean over the seeds (fractional counts; n is the
-  number of prompts, never prompts x seeds). Without seeds this is the whole interval.
+- **the prompts**: Newcombe's paired score interval with continuity correction (Newcombe 1998, "Improved
+  confidence intervals for the difference between binomial proportions based on paired data", Stat. Med.
+  17:2635-2650, method 11): continuity-corrected Wilson intervals of each arm's rate combined with the correlation
+  of the pairs. It stays sensible at 0 and n successes and with few prompts. Without the correction (method 10)
+  one tail was measured at up to 3.0% instead of 2.5% (4,000 simulated experiments per setting); with it, at most
+  2.5%, for a small loss of power. With seeds, each prompt enters with its mean over the seeds (fractional
+  counts; n is the number of prompts, never prompts x seeds). Without seeds this is the whole interval.
 - **the seeds**, when an arm has several: random controls differ in strength from seed to seed, so a seeded
   arm's mean carries the variance of its seed means (their sample variance over the number of seeds), read with a
   t quantile on the seeds' degrees of freedom (Satterthwaite 1946 when both arms have seeds). The seed means also
@@ -36,7 +38,7 @@ import numpy as np
 from scipy import stats
 
 from ssah.errors import UserError
-from ssah.intervals import wilson_bounds
+from ssah.intervals import wilson_bounds, wilson_cc_bounds
 
 __all__ = ["PairedInterval", "as_table", "mean_interval", "newcombe_paired", "paired_interval"]
 
@@ -79,15 +81,17 @@ def as_table(outcomes: Sequence[bool] | Sequence[Sequence[bool]], what: str) -> 
     return table
 
 
-def newcombe_paired(a: float, b: float, c: float, d: float) -> tuple[float, float]:
-    """Newcombe's (1998) method 10 interval of ``p1 - p2`` from a paired 2x2 table: ``a`` both yes, ``b`` yes in
-    arm 1 only, ``c`` yes in arm 2 only, ``d`` both no (fractional counts allowed, e.g. means over seeds)."""
+def newcombe_paired(a: float, b: float, c: float, d: float, *, corrected: bool = True) -> tuple[float, float]:
+    """Newcombe's (1998) interval of ``p1 - p2`` from a paired 2x2 table: ``a`` both yes, ``b`` yes in arm 1 only,
+    ``c`` yes in arm 2 only, ``d`` both no (fractional counts allowed, e.g. means over seeds); method 11 (with
+    continuity-corrected Wilson intervals) by default, method 10 with ``corrected=False``."""
     n = a + b + c + d
     if n <= 0:
         raise UserError("a paired comparison needs at least one prompt: measure both arms on a non-empty set")
     p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = wilson_bounds(a + b, n)
-    l2, u2 = wilson_bounds(a + c, n)
+    bounds = wilson_cc_bounds if corrected else wilson_bounds
+    l1, u1 = bounds(a + b, n)
+    l2, u2 = bounds(a + c, n)
     cross = a * d - b * c
     den = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
     # Newcombe's continuity-corrected correlation: the numerator shrinks by n/2 toward 0 when positive
@@ -129,10 +133,10 @@ def paired_interval(effect: np.ndarray, control: np.ndarray) -> PairedInterval:
     lo, hi = newcombe_paired(a, float(e.sum()) - a, float(c.sum()) - a, float(((1 - e) * (1 - c)).sum()))
     seeds = (effect.shape[1], control.shape[1])
     if max(seeds) < 2:
-        return PairedInterval(diff, (lo, hi), float(e.mean()), float(c.mean()), n, seeds, "paired-newcombe")
+        return PairedInterval(diff, (lo, hi), float(e.mean()), float(c.mean()), n, seeds, "paired-newcombe-cc")
     half, df = _seed_half([t for t in (effect, control) if t.shape[1] > 1])
     ci = (max(-1.0, diff - math.hypot(diff - lo, half)), min(1.0, diff + math.hypot(hi - diff, half)))
-    method = "paired-newcombe+seed-variance"
+    method = "paired-newcombe-cc+seed-variance"
     return PairedInterval(diff, ci, float(e.mean()), float(c.mean()), n, seeds, method, round(df, 2))
 
 
