@@ -44,6 +44,7 @@ from ssah.probe import (
     separation_verdict,
     token_values,
 )
+from ssah.provenance import held_out
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder, manifest, set_seed, write_run
 
@@ -386,6 +387,9 @@ def _run(cfg: ProbeConfig) -> RunResult[ProbeConfig]:
         analysis["tokens"]["forced_prefix"] = cfg.forced_prefix
         analysis["tokens"]["replies"] = _replies(measures, labels, cfg.judge, harmful)
     results = _results(cfg, models, labels, measures, analysis, (harmful, harmless))
+    # the direction method's directions are fitted on the other fold of these prompts (cross-fitting): nothing else
+    # was chosen on them, so the record lists no used set
+    results["prompts"] = held_out({"harmful": harmful, "harmless": harmless}, {})
     results["seconds"] = {"load": round(sum(lm.load_seconds for lm in models), 3), "measure": seconds}
     with RunDir(cfg.out, overwrite=cfg.overwrite) as run:
         results["seconds"]["total"] = round(time.time() - t0, 3)
