@@ -61,7 +61,7 @@ def test_reproduced_row_ablation_beats_its_stratified_random_control() -> None:
     assert row_ablate(_ablate(20)) == {
         "effect": "ablating the few SCU breaks refusal (Table 1)",
         "published": "ASR +56 / +71 points after ablating SCU (Llama-2-7B-Chat / Llama-3-8B-Instruct)",
-        "ours": "SCU-ablated ASR 83% vs random 8%: +75.0 points [+49.0, +86.7]",  # paired, 24 prompts once
+        "ours": "SCU-ablated ASR 83% vs random 8%: +75.0 points [+45.5, +88.1]",  # paired, 24 prompts once
         "control": "random units, same count per (layer, kind), 3 seeds",
         "verdict": "reproduced",
         "judge": judge_cell(JUDGE),
