@@ -298,6 +298,15 @@ def load_protect_data(cfg: ProtectConfig) -> ProtectData:
     return ProtectData(train, harmful, benign, utility, math_items, removed)
 
 
+def _prompt_record(cfg: ProtectConfig, data: ProtectData) -> dict[str, Any]:
+    """The held-out record (:func:`ssah.provenance.held_out`): evaluation sets against the training sets and, when
+    units are found here, the calibration sets; refused on overlap unless ``eval.allow_overlap``."""
+    used = {f"training {k}": ps for k, ps in data.train.items()}
+    if cfg.units is None:  # units are found on the calibration sets here
+        used |= dict(zip(("calibration safety", "calibration utility"), cfg.calibration.load(), strict=True))
+    return held_out(data.eval.prompts(), used, allow_overlap=cfg.eval.allow_overlap)
+
+
 # -- units ----------------------------------------------------------------------------------------------------
 Frozen = tuple[dict[str, list[UnitSet]], dict[str, Any], FoundUnits | None]
 
@@ -389,10 +398,7 @@ def run_protect(cfg: ProtectConfig, *, after_setting: AfterSetting | None = None
     e = cfg
     set_seed(cfg.seed)
     data = load_protect_data(cfg)
-    used = {f"training {k}": ps for k, ps in data.train.items()}
-    if cfg.units is None:  # units are found on the calibration sets here
-        used |= dict(zip(("calibration safety", "calibration utility"), cfg.calibration.load(), strict=True))
-    prompts = held_out(data.eval.prompts(), used, allow_overlap=cfg.eval.allow_overlap)
+    prompts = _prompt_record(cfg, data)
     opts = {k: getattr(cfg, k) for k in ("dtype", "device", "allow_pickle", "trust_remote_code")}
     lm = load_model(cfg.model, **opts)
     judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
