@@ -6,6 +6,7 @@ Everything here takes explicit inputs (no files, no CLI), so recipes stay thin a
 live in one place; a random control keeps the controlled set's count in every (layer, kind) cell
 (:func:`random_control`).
 """
+
 from __future__ import annotations
 
 import hashlib
