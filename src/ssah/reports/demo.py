@@ -309,9 +309,10 @@ VERDICT_RULE = (
     "Verdict rule (one for every row): *reproduced* only when the 95% interval of the difference to the control "
     "(or to the baseline where the paper has none) excludes zero in the published direction; *not reproduced* when "
     "it excludes zero the other way or lies within ±5 points of zero; otherwise *inconclusive* (each stage's report "
-    "says how many prompts would decide). Random controls keep the count in every (layer, kind) cell and are "
-    "compared as a distribution over seeds. A result tested several times (settings, pairs) is reproduced only when "
-    "every test is."
+    "says how many prompts would decide). Conditions measured on the same prompts are compared prompt by prompt "
+    "(paired); random controls keep the count in every (layer, kind) cell and enter as a prompts x seeds table, each "
+    "prompt counted once (the rule's error rates: benchmarks/verdict_calibration.py). A result tested several times "
+    "(settings, pairs) is reproduced only when every test is."
 )
 
 
