@@ -314,6 +314,17 @@ def test_held_out_prompts_are_not_training_prompts(tmp_path: Path) -> None:
     assert len(data.train["attack"]) == 10 and len(data.harmful) == 75
 
 
+def test_prompt_record_lists_training_and_calibration_sets(tmp_path: Path) -> None:
+    """The held-out record: the evaluation sets against the training sets and the calibration sets units are found
+    on; the shipped sets share no prompt."""
+    from ssah.experiments.protect import _prompt_record, load_protect_data
+
+    cfg = ProtectConfig(model=TINY, out=str(tmp_path / "x"), eval={"limit": 8})
+    rec = _prompt_record(cfg, load_protect_data(cfg))
+    assert {"training benign", "training attack", "calibration safety", "calibration utility"} <= set(rec["used"])
+    assert {"harmful", "benign"} <= set(rec["evaluated"]) and rec["overlap"] == []
+
+
 def test_dose_curve_inside_one_run_equals_a_run_to_that_step(tmp_path: Path) -> None:
     """Evaluating at step 1 inside the run must not change step 2 (RNG put back, eval mode restored)."""
     base = {**SMALL, "kinds": ["attack"], "settings": ["full", "lora"]}
