@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.measure import ControlDistribution, Proportion, compare, verdict
+from ssah.measure import ControlDistribution, Proportion, compare_measured, verdict
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,9 @@ def test_quick_ablation_on_aligned_smollm2(aligned_smollm2: Path, tmp_path: Path
     assert sum(rnd["per_stratum"].values()) == by["SCU"]["units"] == rnd["units"]
     for key, got in res["verdicts"]["scu_vs_random"].items():
         control = ControlDistribution(tuple(Proportion.from_dict(d) for d in rnd[key]["draws"]))
-        assert got == verdict(compare(Proportion.from_dict(by["SCU"][key]), control), "higher").to_dict()
+        # paired on the prompts: the control is the prompts x seeds table of its draws
+        assert got == verdict(compare_measured(Proportion.from_dict(by["SCU"][key]), control), "higher").to_dict()
+        assert got["comparison"]["method"].startswith("paired") and got["comparison"]["n_control"] == rnd[key]["n"]
     assert "ru_target" in res["verdicts"] and "perplexity_relative" in res["verdicts"]["ru_target"]
     report = (out / "report.md").read_text()
     assert "## Verdicts" in report and "Ablation: `mean`" in report and "maximum" not in report
