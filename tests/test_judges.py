@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,11 +211,12 @@ class LengthJudge:
 
 
 @pytest.fixture
-def clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_registry() -> Iterator[None]:
     """Registrations made by a test stay in that test."""
-    import ssah.judges
+    from ssah.judges import JUDGES
 
-    monkeypatch.setattr(ssah.judges, "_REGISTRY", {})
+    with JUDGES.scoped():
+        yield
 
 
 @pytest.mark.usefixtures("clean_registry")

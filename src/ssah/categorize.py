@@ -1,23 +1,10 @@
 """Split units into safety-critical (SCU), utility-critical (UCU), complex (CU) and redundant (RU) units.
 
-Pure functions of two score vectors (safety I_S, utility I_U). Rules:
-- ``ssah``: RU = lowest I_S + I_U; then, among the rest, SCU = highest I_S - I_U and UCU = lowest I_S - I_U;
-  CU = everything else (shares ``ru``, ``scu``, ``ucu`` of the units in each ranking domain).
-- ``wei-set-difference`` (Wei et al. 2024): SCU = top-q by I_S minus top-p by I_U; UCU = top-p by I_U minus
-  top-q by I_S; CU = in both top sets; RU = in neither (shares ``q``, ``p``).
-- ``pruning-sets``: with the same ``sparsity`` for both scores, units pruned under the utility score but kept
-  under the safety score are SCU, the converse UCU, pruned under both RU, kept under both CU.
-Safety and utility scores are normalised before the sum and difference, so that the two scales are comparable
-(and, for the per-module normalisations, so that modules of different magnitude are too):
-
-| normalization | value | computed over |
-| --- | --- | --- |
-| ``mean`` | x / mean(x) | the ranking domain (the paper: "divide by the mean over all units") |
-| ``module-mean`` | x / mean(x) | each (layer, kind) module |
-| ``zscore`` | (x - mean) / std | each (layer, kind) module |
-| ``rank`` | rank / (n - 1), in [0, 1] | each (layer, kind) module |
-| ``global-rank`` | rank / (n - 1) | the ranking domain |
-| ``none`` | x | - |
+Pure functions of two score vectors (safety I_S, utility I_U). The rules (``ssah``, ``pruning-sets``,
+``wei-set-difference`` and any registered one) and the score normalisations (``mean``, ``module-mean``,
+``zscore``, ``rank``, ``global-rank``, ``none``) live in :mod:`ssah.rules`, one registry each, with their
+formulas. Safety and utility scores are normalised before the sum and difference, so that the two scales are
+comparable; a normalisation is computed over each (layer, kind) module or over each ranking domain.
 
 Ranking domains (where the shares are applied): ``global`` = all units, except at head granularity, where
 attention heads and MLP neurons are two separate domains (a head sums many channels' scores and is never ranked
@@ -30,42 +17,39 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ssah.errors import UserError
+from ssah.rules import CATEGORIES, DEFAULT_NORMALIZATION, NORMALIZATIONS, RANKINGS, RULES, Ranking
 from ssah.scoring import Scores
 from ssah.units import Granularity, UnitSet, UnitSpace, load_unit_sets, save_unit_sets
 
-Rule = Literal["ssah", "pruning-sets", "wei-set-difference"]
-Normalization = Literal["mean", "module-mean", "zscore", "rank", "global-rank", "none"]
-Ranking = Literal["global", "per-module"]
-RULES: tuple[Rule, ...] = ("ssah", "pruning-sets", "wei-set-difference")
-NORMALIZATIONS: tuple[Normalization, ...] = ("mean", "module-mean", "zscore", "rank", "global-rank", "none")
-# The default, chosen by measurement (benchmarks/normalization_study.py on the aligned SmolLM2, see the README):
-# with one global mean, magnitude chooses (late MLP units fill RU and ablating RU breaks the model); a z-score
-# within each (layer, kind) module keeps RU ablation far milder, keeps SCU ablation specific against stratified
-# random units and is the most stable of the per-module choices across data halves.
-DEFAULT_NORMALIZATION: Normalization = "zscore"
-# normalization -> (statistic applied to a vector, scope the vector spans: each module or each ranking domain)
-_NORMALIZATION_SCOPE: dict[str, tuple[str, str]] = {
-    "mean": ("mean", "domain"),
-    "module-mean": ("mean", "module"),
-    "zscore": ("zscore", "module"),
-    "rank": ("rank", "module"),
-    "global-rank": ("rank", "domain"),
-    "none": ("none", "domain"),
-}
-RANKINGS: tuple[Ranking, ...] = ("global", "per-module")
-CATEGORIES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
+__all__ = [
+    "CATEGORIES",
+    "DEFAULT_NORMALIZATION",
+    "NORMALIZATIONS",
+    "RANKINGS",
+    "RULES",
+    "Categorization",
+    "Ranking",
+    "categorize",
+    "check_normalization",
+    "check_shares",
+    "default_shares",
+    "expected_random_jaccard",
+    "load_categorization",
+    "normalization_scope",
+    "normalize_scores",
+    "parse_shares",
+    "ranking_domains",
+]
 
-# ssah defaults are the shares the paper reports for Llama-2-7B-Chat (Table 1).
-DEFAULT_SHARES: dict[str, dict[str, float]] = {
-    "ssah": {"scu": 0.013, "ucu": 0.133, "ru": 0.148},
-    "pruning-sets": {"sparsity": 0.5},
-    "wei-set-difference": {"q": 0.05, "p": 0.05},
-}
+
+def default_shares(rule: str) -> dict[str, float]:
+    """The shares ``rule`` uses unless told otherwise (a copy); its keys are the shares the rule takes."""
+    return dict(RULES.get(rule).shares)
 
 
 def parse_shares(text: str | None) -> dict[str, float]:
@@ -87,10 +71,10 @@ def parse_shares(text: str | None) -> dict[str, float]:
 
 
 def check_shares(rule: str, shares: Mapping[str, float] | None) -> dict[str, float]:
-    """The rule's shares with defaults filled in; each in [0, 1] and, for ``ssah``, summing to at most 1."""
-    if rule not in RULES:
-        raise UserError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}")
-    full = dict(DEFAULT_SHARES[rule])
+    """The rule's shares with defaults filled in; each in [0, 1] and passing the rule's own check (``ssah``: summing
+    to at most 1)."""
+    spec = RULES.get(rule)
+    full = dict(spec.shares)
     for k, v in (shares or {}).items():
         if k not in full:
             raise UserError(f"rule {rule!r} takes shares {', '.join(full)}, not {k!r}")
@@ -98,32 +82,14 @@ def check_shares(rule: str, shares: Mapping[str, float] | None) -> dict[str, flo
     for k, v in full.items():
         if not 0.0 <= v <= 1.0:
             raise UserError(f"share {k}={v} is outside 0..1: give a fraction of the units, e.g. {k}=0.05")
-    if rule == "ssah" and sum(full.values()) > 1.0 + 1e-9:
-        raise UserError(f"shares {full} sum to {sum(full.values()):.3f}, past 1: make scu + ucu + ru at most 1")
+    if spec.check is not None:
+        spec.check(full)
     return full
 
 
-def check_normalization(normalization: str) -> Normalization:
-    """``normalization`` if known, else :class:`UserError` naming the choices."""
-    if normalization not in NORMALIZATIONS:
-        raise UserError(f"unknown normalization {normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
-    return normalization  # type: ignore[return-value]
-
-
-def _normalize(x: torch.Tensor, how: str) -> torch.Tensor:
-    """One vector normalised by statistic ``how`` (``mean``, ``zscore``, ``rank``; anything else: unchanged)."""
-    if how == "mean":
-        m = x.mean()
-        return x / m if m > 0 else x
-    if how == "zscore":
-        centred = x - x.mean()
-        std = x.std(unbiased=False) if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
-        return centred / std if std > 0 else centred
-    if how == "rank":
-        ranks = torch.empty_like(x)
-        ranks[torch.sort(x, stable=True).indices] = torch.arange(x.numel(), dtype=x.dtype)
-        return ranks / max(x.numel() - 1, 1)
-    return x
+def check_normalization(normalization: str) -> str:
+    """``normalization`` if registered, else :class:`UserError` naming the choices."""
+    return NORMALIZATIONS.check(normalization)
 
 
 def ranking_domains(space: UnitSpace, ranking: str) -> list[torch.Tensor]:
@@ -144,51 +110,28 @@ def ranking_domains(space: UnitSpace, ranking: str) -> list[torch.Tensor]:
 
 def normalization_scope(normalization: str) -> str:
     """Where ``normalization``'s statistic is computed: ``module``, ``domain`` (ranking domain) or ``none``."""
-    stat, scope = _NORMALIZATION_SCOPE[check_normalization(normalization)]
-    return "none" if stat == "none" else scope
+    return NORMALIZATIONS.get(normalization).scope
 
 
 def normalize_scores(x: torch.Tensor, space: UnitSpace, normalization: str, ranking: str) -> torch.Tensor:
     """A flat score vector over ``space`` normalised as ``categorize`` does it (float64)."""
-    stat, scope = _NORMALIZATION_SCOPE[check_normalization(normalization)]
+    norm = NORMALIZATIONS.get(normalization)
     x = x.to(torch.float64)
     out = x.clone()
     parts = (
         [torch.arange(space.offsets[i], space.offsets[i + 1]) for i in range(len(space.shapes))]
-        if scope == "module"
+        if norm.scope == "module"
         else ranking_domains(space, ranking)
     )
     for idx in parts:
-        out[idx] = _normalize(x[idx], stat)
+        out[idx] = norm.statistic(x[idx])
     return out
-
-
-def _take(order: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """The first ``k`` indices of ``order`` that are allowed, as a bool mask."""
-    picked = order[allowed[order]][:k]
-    mask = torch.zeros_like(allowed)
-    mask[picked] = True
-    return mask
 
 
 def _labels(s: torch.Tensor, u: torch.Tensor, rule: str, shares: Mapping[str, float]) -> torch.Tensor:
     """Category index (position in CATEGORIES) of every unit of one ranking domain."""
-    n = s.numel()
-    labels = torch.full((n,), CATEGORIES.index("CU"), dtype=torch.long)
-    everyone = torch.ones(n, dtype=torch.bool)
-    if rule == "ssah":
-        ru = _take(torch.argsort(s + u, stable=True), everyone, round(shares["ru"] * n))
-        diff = s - u
-        scu = _take(torch.argsort(-diff, stable=True), ~ru, round(shares["scu"] * n))
-        ucu = _take(torch.argsort(diff, stable=True), ~ru & ~scu, round(shares["ucu"] * n))
-    else:
-        if rule == "wei-set-difference":
-            keep_s = _take(torch.argsort(-s, stable=True), everyone, round(shares["q"] * n))
-            keep_u = _take(torch.argsort(-u, stable=True), everyone, round(shares["p"] * n))
-        else:  # pruning-sets
-            keep_s = ~_take(torch.argsort(s, stable=True), everyone, round(shares["sparsity"] * n))
-            keep_u = ~_take(torch.argsort(u, stable=True), everyone, round(shares["sparsity"] * n))
-        scu, ucu, ru = keep_s & ~keep_u, keep_u & ~keep_s, ~keep_s & ~keep_u
+    scu, ucu, ru = RULES.get(rule).split(s, u, shares)
+    labels = torch.full((s.numel(),), CATEGORIES.index("CU"), dtype=torch.long)
     labels[ru] = CATEGORIES.index("RU")
     labels[scu] = CATEGORIES.index("SCU")
     labels[ucu] = CATEGORIES.index("UCU")

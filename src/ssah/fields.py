@@ -4,6 +4,10 @@ Python keyword all come from that one line (see :mod:`ssah.config`).
 
 Strings are accepted where a structured value is meant (``shares: scu=0.013,ru=0.15``, ``categories: SCU,RU``),
 so the same text works as a ``--flag``, in YAML and as a ``key=value`` override.
+
+The plug-in fields (metric, rule, normalisation, judge) read their registries (:mod:`ssah.plugins`): a name is
+checked against what is registered when the config is validated, and the help and JSON schema list the registered
+names, so a user's ``register_metric("mine", ...)`` makes ``metric: mine`` valid with no change here.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
-from ssah.categorize import DEFAULT_NORMALIZATION, Normalization, Ranking, Rule
 from ssah.config import Section
 from ssah.data.chat import TokenRegion
 from ssah.interventions import AblationMode
-from ssah.scoring import Metric as MetricName
+from ssah.judges import judge_specs
+from ssah.metrics import METRICS
+from ssah.plugins import Registry
+from ssah.rules import DEFAULT_NORMALIZATION, NORMALIZATIONS, RULES, Ranking
 from ssah.units import Granularity as GranularityName
 
 if TYPE_CHECKING:
@@ -73,22 +80,48 @@ def _judge_columns(items: list[str]) -> dict[str, Any]:
     return parse_column_mapping(items, ("prompt", "reply", "label"))
 
 
+def registered(registry: Registry[Any]) -> Callable[[str], str]:
+    """The validator of a config field holding a name of ``registry``: checked against what is registered when a
+    config is validated; the error is ``BaseConfig.build``'s one line, "unknown metric 'x': use one of ..."."""
+
+    def check(value: str) -> str:
+        if value not in registry:
+            raise PydanticCustomError(
+                "literal_error", "Input should be one of {expected}", {"expected": registry.choices()}
+            )
+        return value
+
+    return check
+
+
+def listed(registry: Registry[Any], about: str, *, detail: bool = False) -> dict[str, Any]:
+    """The ``Field`` arguments of such a field: its help (``about: a | b | c``, with each one's line if ``detail``)
+    and its JSON schema's ``enum``, both read from ``registry``."""
+
+    def schema(json: dict[str, Any]) -> None:
+        json["enum"] = list(registry.names())
+
+    names = " | ".join(f"{n} ({registry.about(n)})" for n in registry) if detail else registry.choices(" | ")
+    return {"description": f"{about}: {names}", "json_schema_extra": schema}
+
+
+def _shares_help() -> str:
+    """The help of ``shares``: each registered rule's shares and defaults."""
+    rules = "; ".join(f"{name} {','.join(f'{k}={v:g}' for k, v in RULES.get(name).shares.items())}" for name in RULES)
+    return f"Rule shares as name=fraction (default: the rule's; {rules})."
+
+
 CommaList = Annotated[list[str], BeforeValidator(split_commas)]
 Count = Annotated[int, Field(ge=1)]  # a number of steps, examples, tokens or seeds (0 is a user error)
 Seeds = Annotated[int, Field(ge=3, description="Random-control seeds (one draw each; at least 3).")]
-Metric = Annotated[MetricName, Field(description="Unit score: fluctuation | wanda | snip | taylor | magnitude")]
-CategoryRule = Annotated[Rule, Field(description="Categorisation rule: ssah | pruning-sets | wei-set-difference")]
-Shares = Annotated[
-    dict[str, float],
-    BeforeValidator(_pairs(_shares)),
-    Field(description="Rule shares, e.g. scu=0.013,ucu=0.133,ru=0.148 (default: the rule's)."),
-]
+MetricName = Annotated[str, AfterValidator(registered(METRICS)), Field(**listed(METRICS, "Unit score"))]
+Metric = MetricName
+CategoryRule = Annotated[str, AfterValidator(registered(RULES)), Field(**listed(RULES, "Categorisation rule"))]
+Shares = Annotated[dict[str, float], BeforeValidator(_pairs(_shares)), Field(description=_shares_help())]
 Normalizations = Annotated[
-    Normalization,
-    Field(
-        description="Score normalisation: mean (over all units) | module-mean | zscore | rank (these three per "
-        "layer-kind module) | global-rank | none"
-    ),
+    str,
+    AfterValidator(registered(NORMALIZATIONS)),
+    Field(**listed(NORMALIZATIONS, "Score normalisation", detail=True)),
 ]
 Rankings = Annotated[Ranking, Field(description="Rank units globally or per module: global | per-module")]
 Granularity = Annotated[GranularityName, Field(description="Units are single channels or heads: neuron | head")]
@@ -117,9 +150,7 @@ JudgeColumns = Annotated[
         json_schema_extra={"flag": "--column"},
     ),
 ]
-JudgeSpec = Annotated[
-    str, Field(description="Refusal judge: keyword[:PRESET] | classifier:PATH | guard:PATH | first-token")
-]
+JudgeSpec = Annotated[str, Field(description=f"Refusal judge: {judge_specs(' | ')}")]
 System = Annotated[str | None, Field(description="System prompt (default: the template's).")]
 MaxLength = Annotated[int, Field(ge=8, description="Truncate examples to this many tokens.")]
 
@@ -223,11 +254,9 @@ class EvalSection(Section):
     def check_judge(self) -> None:
         """Fail now, before any data or model is loaded, on a judge spec that can never work (the error lists the
         valid judges, or the keyword presets)."""
-        from ssah.judges import JUDGE_KINDS, get_judge, registered_judges
+        from ssah.judges import check_judge_spec
 
-        kind = self.judge.split(":", 1)[0]
-        if kind == "keyword" or (kind not in JUDGE_KINDS and kind not in registered_judges()):
-            get_judge(self.judge)
+        check_judge_spec(self.judge)
 
 
 class UtilityEvalSection(EvalSection):

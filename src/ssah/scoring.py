@@ -1,18 +1,10 @@
 """Importance scores per unit, from streaming statistics and the reader weights.
 
 Unit j of a group is input channel j of its reader weight W (column j of an ``nn.Linear`` weight ``[out, in]``,
-row j of a GPT-2 ``Conv1D``). Per-weight scores are reduced to a unit by summing over the unit's reader slice
-(sum over the output index i). Metrics (all raw and non-negative, one value per channel):
-
-- ``fluctuation`` (FLAP, An et al. 2024): variance of x_j over calibration tokens x ||W[:, j]||_2^2;
-- ``wanda`` (Sun et al. 2023): sum_i |W[i, j]| * ||X_j||_2, where ||X_j||_2 is the L2 norm of channel j over all
-  calibration tokens (from the streaming statistics: sum x^2 = M2 + n * mean^2);
-- ``snip`` (SNIP as used by Wei et al. 2024, arXiv 2402.05162): (1/N) sum_e sum_i |W[i, j] * dL_e/dW[i, j]|, with
-  L_e the mean response-token cross-entropy of example e and N the examples; per-example gradients are taken
-  before the absolute value, so they cannot cancel;
-- ``taylor`` (first-order Taylor score of the set loss): sum_i |W[i, j] * dL/dW[i, j]| with L = (1/N) sum_e L_e,
-  the gradient of the whole set (per-example gradients can cancel: this is not SNIP);
-- ``magnitude``: ||W[:, j]||_2 (data-free).
+row j of a GPT-2 ``Conv1D``). The metrics (``fluctuation``, ``wanda``, ``snip``, ``taylor``, ``magnitude`` and any
+registered one) live in :mod:`ssah.metrics`, one file each with its formula; this module runs the calibration pass
+they read (:func:`collect_statistics`), applies a metric to every group (:func:`compute_scores`) and stores the
+result (:class:`Scores`).
 
 Gradient metrics need gradients of the reader weights only: every other parameter has ``requires_grad`` off
 during the pass (restored after), and each reader's gradient is folded into running sums as soon as backward
@@ -28,7 +20,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,29 +35,31 @@ from ssah.data import PromptSet, TokenRegion, batches, collate, encode_set
 from ssah.data.chat import context_length
 from ssah.errors import UnitFileError, UserError
 from ssah.inference import label_columns, logits_at, model_device, pad_id
+from ssah.metrics import GRADIENT_MODES, METRICS, GradientMode, ScoreInputs, check_metric
 from ssah.safefiles import save_safetensors
-from ssah.stats import ActivationRecorder, RunningStats, UnitStatistics
+from ssah.stats import ActivationRecorder, UnitStatistics
 from ssah.units import UnitSpace
 
-Metric = Literal["fluctuation", "wanda", "snip", "taylor", "magnitude"]
-METRICS: tuple[Metric, ...] = ("fluctuation", "wanda", "snip", "taylor", "magnitude")
+__all__ = [
+    "GRADIENT_MODES",
+    "METRICS",
+    "SCORE_FILE_FORMAT",
+    "GradientMode",
+    "Scores",
+    "check_metric",
+    "collect_statistics",
+    "compute_scores",
+    "gradient_mode",
+    "response_loss",
+    "score_units",
+]
+
 SCORE_FILE_FORMAT = "ssah.scores/1"
-
-# Which gradients a pass collects: none, the set gradient (taylor), per-example |W * grad| sums (snip), or both.
-GradientMode = Literal["none", "set", "example", "both"]
-GRADIENT_MODES: tuple[GradientMode, ...] = ("none", "set", "example", "both")
-
-
-def check_metric(metric: str) -> Metric:
-    """``metric`` if it is one of :data:`METRICS`, else a :class:`UserError` naming them."""
-    if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    return metric  # type: ignore[return-value]
 
 
 def gradient_mode(metric: str) -> GradientMode:
-    """The gradients :func:`collect_statistics` must collect for ``metric``."""
-    return {"snip": "example", "taylor": "set"}.get(check_metric(metric), "none")  # type: ignore[return-value]
+    """The gradients :func:`collect_statistics` must collect for ``metric`` (as the metric registered them)."""
+    return METRICS.get(metric).gradients
 
 
 @dataclass
@@ -364,45 +358,20 @@ def compute_scores(
     region: str = "",
     adapter: ArchAdapter | None = None,
 ) -> Scores:
-    """Turn statistics into raw per-channel scores with the reader weights of ``model`` (formulas: module doc)."""
-    metric = check_metric(metric)
+    """Turn statistics into raw per-channel scores with the reader weights of ``model`` (formulas: ``ssah.metrics``)."""
+    scorer = METRICS.get(metric)
     adapter = adapter or get_adapter(model)
-    if metric == "taylor" and not statistics.grad_sum:
-        raise UserError("the taylor metric needs the set gradient: collect statistics with gradients='set'")
-    if metric == "snip" and not statistics.example_sum:
-        raise UserError("the snip metric needs per-example gradients: collect statistics with gradients='example'")
+    if scorer.gradients in ("set", "both") and not statistics.grad_sum:
+        raise UserError(f"the {metric} metric needs the set gradient: collect statistics with gradients='set'")
+    if scorer.gradients in ("example", "both") and not statistics.example_sum:
+        raise UserError(f"the {metric} metric needs per-example gradients: collect statistics with gradients='example'")
     examples = max(statistics.grad_examples, 1)
     values: dict[str, torch.Tensor] = {}
     for g in adapter.groups():
         with align_module_device(adapter.module(g.reader_module)):  # offloaded readers hold meta tensors
-            values[g.key] = _score_group(adapter, g, statistics, metric, examples)
+            v = scorer.score(ScoreInputs(adapter, g, statistics, examples))
+            values[g.key] = v.cpu().clamp_min(0.0)
     return Scores(space, values, metric, statistics.tokens, statistics.data_hash, dataset, region)
-
-
-def _score_group(
-    adapter: ArchAdapter, g: UnitGroup, statistics: UnitStatistics, metric: str, examples: int
-) -> torch.Tensor:
-    """Raw non-negative scores of one group's units (formulas: module doc)."""
-    st: RunningStats = statistics.groups[g.key]
-    if metric == "fluctuation":
-        v = st.var * adapter.reader_column_norms(g).to(torch.float64).square()
-    elif metric == "wanda":
-        v = st.l2_norm * _per_unit(adapter.reader_weight(g).detach().abs(), g)
-    elif metric == "magnitude":
-        v = adapter.reader_column_norms(g).to(torch.float64)
-    elif metric == "snip":
-        v = statistics.example_sum[g.key] / examples
-    else:
-        w = adapter.reader_weight(g).detach().to(torch.float64).cpu()
-        v = _per_unit((w * statistics.grad_sum[g.key]).abs(), g) / examples
-    return v.cpu().clamp_min(0.0)
-
-
-def _per_unit(per_weight: torch.Tensor, g: UnitGroup) -> torch.Tensor:
-    """Sum a per-weight score (shape of the reader weight) over each unit's reader slice: float64 [g.size]."""
-    rows = per_weight.movedim(g.reader.dim, 0)
-    summed = rows.reshape(rows.shape[0], -1).to(torch.float64).sum(dim=1)
-    return summed[g.reader.index.to(summed.device)].cpu()
 
 
 def score_units(

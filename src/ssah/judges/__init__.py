@@ -13,22 +13,23 @@
   off-topic output, so that "not refused" can be split into coherent compliance and junk.
 - ``judge_agreement(spec)``: the shipped measurement of a judge's agreement with human labels.
 
-``get_judge("keyword:xstest")`` builds one from a spec; ``register_judge`` adds user judges. One module per kind
-(``keyword``, ``coherence``, ``classifier``, ``guard``, ``first_token``, ``learned``; ``base`` holds the protocol);
-this package holds the registry and the measured agreement, and re-exports every public name.
+``get_judge("keyword:xstest")`` builds one from a spec ``kind[:argument]``. One module per kind (``keyword``,
+``classifier``, ``guard``, ``first_token``, ``learned``), each ending with the :func:`register_judge` call a user
+makes for a judge of their own; ``base`` holds the protocol, ``registry`` the registry (``JUDGES``) and
+:func:`get_judge`; the keyword presets have a registry of their own (``KEYWORD_PRESETS``,
+:func:`register_keyword_preset`). This package holds the measured agreement and re-exports every public name::
+
+    register_judge("length", LengthJudge, argument="limit")   # get_judge("length:40"), --judge length:40
+    register_keyword_preset("mine", ["I won't", "I refuse"], match="opening", case_sensitive=False)
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
-from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ssah.errors import UserError
 from ssah.judges.base import Judge, Verdict
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FILLER_WORDS",
     "GUARD_TEMPLATE",
     "HARMFUL_LABELS",
+    "JUDGES",
     "JUDGE_KINDS",
     "KEYWORD_ALIASES",
     "KEYWORD_PRESETS",
@@ -47,11 +49,14 @@ __all__ = [
     "FirstTokenJudge",
     "GuardJudge",
     "Judge",
+    "JudgeKind",
     "KeywordJudge",
+    "KeywordPreset",
     "LearnedJudge",
     "Verdict",
     "best_threshold",
     "calibrated_agreement",
+    "check_judge_spec",
     "first_token_refusal_scores",
     "get_judge",
     "incoherence_reason",
@@ -59,6 +64,7 @@ __all__ = [
     "is_nonword",
     "judge_agreement",
     "judge_line",
+    "judge_specs",
     "keyword_judge",
     "keyword_preset_info",
     "keyword_preset_names",
@@ -67,11 +73,28 @@ __all__ = [
     "parse_guard_answer",
     "parse_match_rule",
     "register_judge",
+    "register_keyword_preset",
     "registered_judges",
 ]
 
 
-# One module per kind of judge; the names every caller uses are re-exported here.
+# One module per kind of judge, each registering itself on import, in this order (the order of help texts and
+# error messages); the names every caller uses are re-exported here.
+# isort: off
+from ssah.judges.registry import JUDGES, JudgeKind, check_judge_spec, get_judge, judge_specs, register_judge
+from ssah.judges.keyword import (
+    KEYWORD_ALIASES,
+    KEYWORD_PRESETS,
+    SSAH_REFUSAL_STRINGS,
+    KeywordJudge,
+    KeywordPreset,
+    keyword_judge,
+    keyword_preset_info,
+    keyword_preset_names,
+    opening,
+    parse_match_rule,
+    register_keyword_preset,
+)
 from ssah.judges.classifier import HARMFUL_LABELS, ClassifierJudge
 from ssah.judges.coherence import (
     FILLER_WORDS,
@@ -81,6 +104,7 @@ from ssah.judges.coherence import (
     is_coherent,
     is_nonword,
 )
+from ssah.judges.guard import GUARD_TEMPLATE, GuardJudge, parse_guard_answer
 from ssah.judges.first_token import (
     COMPLIANCE_OPENERS,
     REFUSAL_OPENERS,
@@ -90,124 +114,17 @@ from ssah.judges.first_token import (
     first_token_refusal_scores,
     opener_token_ids,
 )
-from ssah.judges.guard import GUARD_TEMPLATE, GuardJudge, parse_guard_answer
-from ssah.judges.keyword import (
-    KEYWORD_ALIASES,
-    KEYWORD_PRESETS,
-    SSAH_REFUSAL_STRINGS,
-    KeywordJudge,
-    keyword_judge,
-    keyword_preset_info,
-    keyword_preset_names,
-    opening,
-    parse_match_rule,
-)
 from ssah.judges.learned import LearnedJudge
+# isort: on
 
-# --- registry ----------------------------------------------------------------------------------------------------
-
-JUDGE_KINDS: tuple[str, ...] = ("keyword", "classifier", "guard", "first-token", "learned")
-"""Built-in judge kinds of a spec ``kind[:argument]``."""
-
-_REGISTRY: dict[str, Callable[..., Judge]] = {}
-_CONTEXT_KWARGS = ("model", "tokenizer")  # what evaluation passes to every judge; only some judges use it
-
-
-def register_judge(name: str, factory: Callable[..., Judge]) -> None:
-    """Make ``get_judge(name, **kwargs)`` (or ``get_judge("name:arg")``, passing ``arg`` first) call ``factory``.
-    Registering a name again replaces the factory; built-in kinds cannot be replaced."""
-    if not name or ":" in name or not re.fullmatch(r"[\w.\-]+", name):
-        raise UserError(f"invalid judge name {name!r}: use letters, digits, '_', '-' or '.' without ':'")
-    if name in JUDGE_KINDS:
-        raise UserError(f"judge name {name!r} is a built-in kind: register your judge under another name")
-    if not callable(factory):
-        raise UserError(f"judge factory for {name!r} is not callable: pass a class or a function returning a judge")
-    _REGISTRY[name] = factory
+JUDGES.seal()
+JUDGE_KINDS: tuple[str, ...] = JUDGES.builtin_names()
+"""Built-in judge kinds of a spec ``kind[:argument]`` (every kind, built-in or registered: ``JUDGES``)."""
 
 
 def registered_judges() -> list[str]:
     """Names of user-registered judges."""
-    return sorted(_REGISTRY)
-
-
-def _valid_specs() -> str:
-    """The valid judge specs, for error messages."""
-    specs = [
-        "keyword",
-        "keyword:<preset>",
-        "classifier:<path>",
-        "guard:<path>",
-        "first-token",
-        "learned",
-        "learned:<folder>",
-    ]
-    return ", ".join(specs + registered_judges())
-
-
-def _build(kind: str, factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Call a judge factory, turning unexpected options into a UserError."""
-    try:
-        return factory(*args, **kwargs)
-    except TypeError as exc:
-        if kwargs and "argument" in str(exc):
-            raise UserError(
-                f"judge {kind!r} does not take the options {sorted(kwargs)} ({exc}): drop them or check their names"
-            ) from exc
-        raise
-
-
-def _accepted(factory: Callable[..., Any], context: dict[str, Any]) -> dict[str, Any]:
-    """The context keyword arguments (model, tokenizer) that a factory's signature accepts."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # builtins without a signature: pass nothing extra
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(context)
-    return {k: v for k, v in context.items() if k in params}
-
-
-def get_judge(spec: str, **kwargs: Any) -> Judge:
-    """A judge from a spec: ``keyword`` (= ``keyword:ssah``), ``keyword:<preset>``, ``classifier:<path or hub
-    id>``, ``guard:<path or hub id>``, ``first-token`` (needs ``model=`` and ``tokenizer=``), ``learned`` (the
-    shipped learned judge) or ``learned:<folder>`` (one made by `ssah judge train`), or a registered name
-    (``name`` or ``name:<argument>``, the argument passed first). ``model``/``tokenizer`` (the model under
-    evaluation) go only to judges that take them; other keyword arguments go to the judge's constructor."""
-    spec = (spec or "").strip()
-    kind, _, arg = spec.partition(":")
-    context = {k: kwargs.pop(k) for k in _CONTEXT_KWARGS if k in kwargs}
-    if kind in _REGISTRY:
-        factory = _REGISTRY[kind]
-        judge = _build(kind, factory, (arg,) if arg else (), {**_accepted(factory, context), **kwargs})
-        if not isinstance(judge, Judge):
-            raise UserError(f"judge factory {kind!r} returned {type(judge).__name__}, which has no name and judge()")
-        return judge
-    if kind == "keyword":
-        if kwargs:
-            raise UserError(f"keyword judges take no options (got {sorted(kwargs)}): drop them")
-        if spec.endswith(":") and not arg:
-            raise UserError(f"empty keyword preset in {spec!r}: use one of {', '.join(keyword_preset_names())}")
-        return keyword_judge(arg or "ssah")
-    if kind in ("classifier", "guard"):
-        if not arg:
-            raise UserError(f"judge spec {spec!r} names no model: use {kind}:<folder or hub id>")
-        cls = ClassifierJudge if kind == "classifier" else GuardJudge
-        return _build(kind, cls, (arg,), kwargs)
-    if kind == "learned":
-        from ssah.judges.learned import LearnedJudge
-
-        return _build(kind, LearnedJudge, (arg,) if arg else (), kwargs)
-    if kind == "first-token":
-        try:
-            threshold = kwargs.pop("threshold", float(arg) if arg else 0.0)
-        except ValueError:
-            raise UserError(
-                f"bad threshold in {spec!r}: use first-token or first-token:<number>, e.g. first-token:0.5"
-            ) from None
-        return _build(
-            kind, FirstTokenJudge, (context.get("model"), context.get("tokenizer")), {"threshold": threshold, **kwargs}
-        )
-    raise UserError(f"unknown judge {spec!r}: use one of {_valid_specs()}")
+    return JUDGES.user_names()
 
 
 # --- measured agreement with people ------------------------------------------------------------------------------
@@ -219,8 +136,7 @@ def _canonical_spec(spec: str) -> str:
     spec = (spec or "").strip()
     kind, _, arg = spec.partition(":")
     if kind == "keyword":
-        arg = arg or "ssah"
-        return f"keyword:{KEYWORD_ALIASES.get(arg, arg)}"
+        return f"keyword:{KEYWORD_PRESETS.canonical(arg or 'ssah')}"
     return spec
 
 

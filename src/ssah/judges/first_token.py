@@ -14,6 +14,7 @@ from ssah.errors import UserError
 from ssah.generate import GenerationConfig, bos_to_add, encode_prompt, generate, left_pad
 from ssah.inference import frozen_eval, logits_at, model_device, pad_id
 from ssah.judges.base import Judge, Verdict, check_pairs
+from ssah.judges.registry import register_judge
 
 REFUSAL_OPENERS: tuple[str, ...] = (
     "I'm sorry",
@@ -241,3 +242,32 @@ class FirstTokenJudge:
         report["judge"] = getattr(judge, "name", type(judge).__name__)
         self.threshold = float(report["threshold"])
         return report
+
+
+def _threshold(text: str | None) -> float:
+    """The threshold of a ``first-token[:<number>]`` spec (0 without one)."""
+    try:
+        return float(text) if text else 0.0
+    except ValueError:
+        raise UserError(
+            f"bad threshold in 'first-token:{text}': use first-token or first-token:<number>, e.g. first-token:0.5"
+        ) from None
+
+
+def _first_token(
+    threshold: str | None = None, *, model: Any = None, tokenizer: Any = None, **options: Any
+) -> FirstTokenJudge:
+    """The ``first-token[:<threshold>]`` judge kind, on the model under evaluation (a ``threshold=`` option wins
+    over the spec's)."""
+    value = options.pop("threshold", _threshold(threshold))
+    return FirstTokenJudge(model, tokenizer, threshold=value, **options)
+
+
+register_judge(
+    "first-token",
+    _first_token,
+    argument="threshold",
+    context=("model", "tokenizer"),
+    check=_threshold,
+    about="refusal vs compliance openers' first-token log-probabilities (no generation)",
+)

@@ -1,15 +1,20 @@
-"""Keyword judges: refusal phrases with a match rule, and the named presets shipped as package data."""
+"""Keyword judges: refusal phrases with a match rule, and the registry of named presets (the built-ins are shipped
+as package data, ``judges/data/keywords.json``, and registered through :func:`register_keyword_preset`, the call a
+user makes for a list of their own)."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
 from ssah.errors import UserError
 from ssah.judges.base import Verdict, check_pairs
+from ssah.judges.registry import register_judge
+from ssah.plugins import Registry
 
 
 def _load_presets() -> dict[str, dict[str, Any]]:
@@ -34,32 +39,6 @@ _SHARED_RULES: dict[str, tuple[MatchRule, bool, int | None]] = {
     for name, entry in _PRESETS.items()
     if not name.startswith("ssah")
 }
-
-KEYWORD_ALIASES: dict[str, str] = {
-    "wei2024": "alignment_attribution",
-    "gcg": "llm_attacks_evaluate",
-    "zou2023": "llm_attacks_evaluate",
-    "xstest": "xstest_strmatch",
-    "jailbreakbench": "refusal_direction_jailbreakbench",
-}
-
-KEYWORD_PRESETS: dict[str, str] = {
-    "ssah": "ssah's own refusal phrases, case-insensitive, anywhere in the reply (the default, see README)",
-    "ssah-prefix": "ssah's phrases, case-insensitive, only in the reply's opening (first sentence, <= 200 chars)",
-    "llm_attacks_evaluate": "llm-attacks transfer evaluation list (29), case-sensitive substring",
-    "llm_attacks_evaluate_individual": "llm-attacks individual-behaviour list (13), case-sensitive substring",
-    "llm_attacks_attack_manager_default": "llm-attacks GCG optimisation default (7), case-sensitive substring",
-    "llm_attacks_demo_notebook": "llm-attacks demo notebook list (10), case-sensitive substring",
-    "alignment_attribution": "Wei et al. 2024 code (31), case-sensitive substring; fewer than 20 words = refusal",
-    "refusal_direction_jailbreakbench": "refusal_direction's JailbreakBench list (12), case-insensitive substring",
-    "xstest_strmatch": "XSTest string match (21), lower-cased stripped output starts with a string",
-    "wei2024": "alias of alignment_attribution",
-    "gcg": "alias of llm_attacks_evaluate",
-    "zou2023": "alias of llm_attacks_evaluate",
-    "xstest": "alias of xstest_strmatch",
-    "jailbreakbench": "alias of refusal_direction_jailbreakbench",
-}
-"""Keyword preset name -> description. Every preset ships with the package (no benchmark data needed)."""
 
 OPENING_WINDOW = 200  # characters: the "opening" rule looks at the first sentence, at most this long
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)|\n")
@@ -164,32 +143,129 @@ def parse_match_rule(text: str) -> tuple[Literal["prefix", "substring"], bool, i
     return match, case_sensitive, int(words.group(1)) if words else None
 
 
+# --- the preset registry -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeywordPreset:
+    """A named list of refusal phrases with the match rule it is applied with (see :class:`KeywordJudge`), and
+    ``info``: where it comes from (attribution, licence, source ...), shown by :func:`keyword_preset_info`."""
+
+    strings: tuple[str, ...]
+    match: MatchRule = "substring"
+    case_sensitive: bool = True
+    min_words: int | None = None
+    normalize_apostrophes: bool = False
+    window: int = OPENING_WINDOW
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def judge(self, name: str) -> KeywordJudge:
+        """A keyword judge applying this preset, named ``name``."""
+        return KeywordJudge(
+            [str(s) for s in self.strings],
+            match=self.match,
+            case_sensitive=self.case_sensitive,
+            min_words=self.min_words,
+            name=name,
+            normalize_apostrophes=self.normalize_apostrophes,
+            window=self.window,
+        )
+
+
+KEYWORD_PRESETS: Registry[KeywordPreset] = Registry("keyword preset")
+"""Every keyword preset by name, aliases included (``KEYWORD_PRESETS.about(name)`` describes one). Every built-in
+preset ships with the package (no benchmark data needed)."""
+
+
+def register_keyword_preset(
+    name: str,
+    preset: KeywordPreset | Sequence[str],
+    *,
+    about: str = "",
+    aliases: tuple[str, ...] = (),
+    **rule: Any,
+) -> KeywordPreset:
+    """Make ``keyword:<name>`` (and ``keyword:<alias>``) a judge: ``preset`` is a :class:`KeywordPreset`, or a list
+    of phrases with the match rule as keywords (``match=``, ``case_sensitive=``, ``min_words=`` ...)."""
+    if not isinstance(preset, KeywordPreset):
+        if isinstance(preset, str) or not all(isinstance(s, str) for s in preset):
+            raise UserError(f"keyword preset {name!r} must be a list of phrases or a KeywordPreset")
+        preset = KeywordPreset(tuple(preset), **rule)
+    preset.judge(f"keyword:{name}")  # its rule and phrases are checked now, not at the first evaluation
+    return KEYWORD_PRESETS.register(name, preset, about=about, aliases=aliases)
+
+
+_ABOUT: dict[str, str] = {
+    "ssah": "ssah's own refusal phrases, case-insensitive, anywhere in the reply (the default, see README)",
+    "ssah-prefix": "ssah's phrases, case-insensitive, only in the reply's opening (first sentence, <= 200 chars)",
+    "llm_attacks_evaluate": "llm-attacks transfer evaluation list (29), case-sensitive substring",
+    "llm_attacks_evaluate_individual": "llm-attacks individual-behaviour list (13), case-sensitive substring",
+    "llm_attacks_attack_manager_default": "llm-attacks GCG optimisation default (7), case-sensitive substring",
+    "llm_attacks_demo_notebook": "llm-attacks demo notebook list (10), case-sensitive substring",
+    "alignment_attribution": "Wei et al. 2024 code (31), case-sensitive substring; fewer than 20 words = refusal",
+    "refusal_direction_jailbreakbench": "refusal_direction's JailbreakBench list (12), case-insensitive substring",
+    "xstest_strmatch": "XSTest string match (21), lower-cased stripped output starts with a string",
+}
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "alignment_attribution": ("wei2024",),
+    "llm_attacks_evaluate": ("gcg", "zou2023"),
+    "xstest_strmatch": ("xstest",),
+    "refusal_direction_jailbreakbench": ("jailbreakbench",),
+}
+
+for _name, _entry in _PRESETS.items():
+    register_keyword_preset(
+        _name,
+        KeywordPreset(
+            tuple(str(s) for s in _entry["strings"]),
+            match=_entry["match"],
+            case_sensitive=bool(_entry["case_sensitive"]),
+            min_words=_entry["min_words"],
+            normalize_apostrophes=bool(_entry.get("normalize_apostrophes", False)),
+            window=int(_entry.get("window", OPENING_WINDOW)),
+            info={k: v for k, v in _entry.items() if k != "strings"},
+        ),
+        about=_ABOUT.get(_name, ""),
+        aliases=_ALIASES.get(_name, ()),
+    )
+KEYWORD_PRESETS.seal()
+
+KEYWORD_ALIASES: dict[str, str] = {a: name for name, aliases in _ALIASES.items() for a in aliases}
+"""The built-in aliases: alias -> the preset it stands for."""
+
+
 def keyword_preset_names() -> list[str]:
-    """Valid preset names (``KEYWORD_PRESETS``)."""
+    """Valid preset names, aliases included (``KEYWORD_PRESETS``)."""
     return list(KEYWORD_PRESETS)
 
 
 def keyword_preset_info(preset: str) -> dict[str, Any]:
-    """A preset's shipped entry without its strings: match rule, attribution, licence, source and commit."""
-    name = KEYWORD_ALIASES.get(preset, preset)
-    if name not in _PRESETS:
-        raise UserError(f"unknown keyword preset {preset!r}: use one of {', '.join(keyword_preset_names())}")
-    return {k: v for k, v in _PRESETS[name].items() if k != "strings"}
+    """A preset's entry without its strings: match rule, attribution, licence, source and commit."""
+    p = KEYWORD_PRESETS.get(preset)
+    rule = {"match": p.match, "case_sensitive": p.case_sensitive, "min_words": p.min_words}
+    return {**rule, "normalize_apostrophes": p.normalize_apostrophes, **p.info}
 
 
 def keyword_judge(preset: str = "ssah") -> KeywordJudge:
     """A keyword judge from a named preset (see ``KEYWORD_PRESETS``; aliases such as ``wei2024`` resolve to the
     full entry), with the match rule its source applies. Presets are package data: no benchmark data is read."""
-    name = KEYWORD_ALIASES.get(preset, preset)
-    if name not in _PRESETS:
-        raise UserError(f"unknown keyword preset {preset!r}: use one of {', '.join(keyword_preset_names())}")
-    entry = _PRESETS[name]
-    return KeywordJudge(
-        [str(s) for s in entry["strings"]],
-        match=entry["match"],
-        case_sensitive=bool(entry["case_sensitive"]),
-        min_words=entry["min_words"],
-        name=f"keyword:{preset}",
-        normalize_apostrophes=bool(entry.get("normalize_apostrophes", False)),
-        window=int(entry.get("window", OPENING_WINDOW)),
-    )
+    return KEYWORD_PRESETS.get(preset).judge(f"keyword:{preset}")
+
+
+def _keyword(preset: str | None = None, **options: Any) -> KeywordJudge:
+    """The ``keyword`` judge kind: ``keyword`` is ``keyword:ssah``."""
+    if options:
+        raise UserError(f"keyword judges take no options (got {sorted(options)}): drop them")
+    if preset == "":
+        raise UserError(f"empty keyword preset in 'keyword:': use one of {KEYWORD_PRESETS.choices()}")
+    return keyword_judge(preset or "ssah")
+
+
+register_judge(
+    "keyword",
+    _keyword,
+    argument="preset",
+    context=(),
+    check=_keyword,
+    about="refusal phrases with a match rule: " + ", ".join(KEYWORD_PRESETS.builtin_names()),
+)
