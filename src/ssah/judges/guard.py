@@ -10,7 +10,7 @@ from ssah.data import format_chat
 from ssah.errors import ModelError, UserError
 from ssah.generate import GenerationConfig, generate
 from ssah.judges.base import Verdict, check_pairs, judge_model, read_config
-from ssah.judges.registry import register_judge
+from ssah.judges.registry import register_model_judge
 
 GUARD_TEMPLATE = (
     "Task: Check if there is unsafe content in 'Agent' messages in the conversation below, according to this "
@@ -122,19 +122,6 @@ class GuardJudge:
         return verdicts
 
 
-def _guard(path: str = "", **options: Any) -> GuardJudge:
-    """The ``guard:<path>`` judge kind (options go to :class:`GuardJudge`)."""
-    if not path:
-        raise UserError("judge spec 'guard' names no model: use guard:<folder or hub id>")
-    return GuardJudge(path, **options)
-
-
-register_judge(
-    "guard",
-    _guard,
-    argument="path",
-    needs_argument=True,
-    context=(),
-    check=lambda path: None if path else _guard(""),
-    about="a causal guard model (LlamaGuard-style prompt) answering safe or unsafe",
+register_model_judge(
+    "guard", GuardJudge, about="a causal guard model (LlamaGuard-style prompt) answering safe or unsafe"
 )

@@ -13,7 +13,15 @@ from ssah.judges.base import Judge
 from ssah.plugins import Registry
 from ssah.validate import quote
 
-__all__ = ["JUDGES", "JudgeKind", "check_judge_spec", "get_judge", "judge_specs", "register_judge"]
+__all__ = [
+    "JUDGES",
+    "JudgeKind",
+    "check_judge_spec",
+    "get_judge",
+    "judge_specs",
+    "register_judge",
+    "register_model_judge",
+]
 
 CONTEXT = ("model", "tokenizer")  # what evaluation passes to every judge: the model under evaluation
 
@@ -57,6 +65,21 @@ def register_judge(
     if not callable(factory):
         raise UserError(f"judge factory for {name!r} is not callable: pass a class or a function returning a judge")
     JUDGES.register(name, JudgeKind(factory, argument, needs_argument, context, check), about=about)
+
+
+def register_model_judge(name: str, cls: Callable[..., Judge], *, about: str = "") -> None:
+    """Register a kind whose spec names the judge's own model, ``name:<path>`` (a folder or hub id), built by
+    ``cls(path, **options)``; the model under evaluation is not passed to it."""
+
+    def named(path: str | None) -> None:
+        if not path:
+            raise UserError(f"judge spec {name!r} names no model: use {name}:<folder or hub id>")
+
+    def factory(path: str = "", **options: Any) -> Judge:
+        named(path)
+        return cls(path, **options)
+
+    register_judge(name, factory, argument="path", needs_argument=True, context=(), check=named, about=about)
 
 
 def judge_specs(sep: str = ", ") -> str:
