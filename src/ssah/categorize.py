@@ -37,7 +37,6 @@ __all__ = [
     "categorize",
     "check_normalization",
     "check_shares",
-    "default_shares",
     "expected_random_jaccard",
     "load_categorization",
     "normalization_scope",
@@ -45,11 +44,6 @@ __all__ = [
     "parse_shares",
     "ranking_domains",
 ]
-
-
-def default_shares(rule: str) -> dict[str, float]:
-    """The shares ``rule`` uses unless told otherwise (a copy); its keys are the shares the rule takes."""
-    return dict(RULES.get(rule).shares)
 
 
 def parse_shares(text: str | None) -> dict[str, float]:

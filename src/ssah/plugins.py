@@ -98,6 +98,10 @@ class Registry(Sequence[str], Generic[T]):
         """The names a user registered, sorted."""
         return sorted(k for k, e in self._entries.items() if not e.builtin)
 
+    def aliases(self) -> dict[str, str]:
+        """Alias -> the name it stands for."""
+        return dict(self._aliases)
+
     def canonical(self, name: str) -> str:
         """``name`` with an alias resolved (unknown names come back unchanged)."""
         return self._aliases.get(name, name)

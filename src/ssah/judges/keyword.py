@@ -190,30 +190,15 @@ def register_keyword_preset(
     if not isinstance(preset, KeywordPreset):
         if isinstance(preset, str) or not all(isinstance(s, str) for s in preset):
             raise UserError(f"keyword preset {name!r} must be a list of phrases or a KeywordPreset")
-        preset = KeywordPreset(tuple(preset), **rule)
+        try:
+            preset = KeywordPreset(tuple(preset), **rule)
+        except TypeError as exc:
+            raise UserError(f"keyword preset {name!r}: {exc}; pass match=, case_sensitive=, min_words= ...") from None
     preset.judge(f"keyword:{name}")  # its rule and phrases are checked now, not at the first evaluation
     return KEYWORD_PRESETS.register(name, preset, about=about, aliases=aliases)
 
 
-_ABOUT: dict[str, str] = {
-    "ssah": "ssah's own refusal phrases, case-insensitive, anywhere in the reply (the default, see README)",
-    "ssah-prefix": "ssah's phrases, case-insensitive, only in the reply's opening (first sentence, <= 200 chars)",
-    "llm_attacks_evaluate": "llm-attacks transfer evaluation list (29), case-sensitive substring",
-    "llm_attacks_evaluate_individual": "llm-attacks individual-behaviour list (13), case-sensitive substring",
-    "llm_attacks_attack_manager_default": "llm-attacks GCG optimisation default (7), case-sensitive substring",
-    "llm_attacks_demo_notebook": "llm-attacks demo notebook list (10), case-sensitive substring",
-    "alignment_attribution": "Wei et al. 2024 code (31), case-sensitive substring; fewer than 20 words = refusal",
-    "refusal_direction_jailbreakbench": "refusal_direction's JailbreakBench list (12), case-insensitive substring",
-    "xstest_strmatch": "XSTest string match (21), lower-cased stripped output starts with a string",
-}
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "alignment_attribution": ("wei2024",),
-    "llm_attacks_evaluate": ("gcg", "zou2023"),
-    "xstest_strmatch": ("xstest",),
-    "refusal_direction_jailbreakbench": ("jailbreakbench",),
-}
-
-for _name, _entry in _PRESETS.items():
+for _name, _entry in _PRESETS.items():  # the built-ins, from the package data, through the user's call
     register_keyword_preset(
         _name,
         KeywordPreset(
@@ -223,14 +208,14 @@ for _name, _entry in _PRESETS.items():
             min_words=_entry["min_words"],
             normalize_apostrophes=bool(_entry.get("normalize_apostrophes", False)),
             window=int(_entry.get("window", OPENING_WINDOW)),
-            info={k: v for k, v in _entry.items() if k != "strings"},
+            info={k: v for k, v in _entry.items() if k not in ("strings", "about", "aliases")},
         ),
-        about=_ABOUT.get(_name, ""),
-        aliases=_ALIASES.get(_name, ()),
+        about=_entry["about"],
+        aliases=tuple(_entry["aliases"]),
     )
 KEYWORD_PRESETS.seal()
 
-KEYWORD_ALIASES: dict[str, str] = {a: name for name, aliases in _ALIASES.items() for a in aliases}
+KEYWORD_ALIASES: dict[str, str] = KEYWORD_PRESETS.aliases()
 """The built-in aliases: alias -> the preset it stands for."""
 
 
