@@ -31,7 +31,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 def summary(cfg: Any, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    from ssah.experiments.align import target_checks
+    from ssah.recipes.align.run import target_checks
 
     keys = ("refusal", "borderline_overrefusal", "overrefusal", "extra_overrefusal", "benign_accuracy")
     out: dict[str, Any] = {k: after[k] for k in keys if after.get(k) is not None}
@@ -54,10 +54,10 @@ def main() -> None:
     import torch
 
     from ssah.config import merge
-    from ssah.experiments.align import AlignConfig, evaluate_model, load_held_out, safety_sft
-    from ssah.experiments.align import _training_mix as training_mix
     from ssah.measure import restored_weights
     from ssah.models import load_model
+    from ssah.recipes.align.run import AlignConfig, evaluate_model, load_held_out, safety_sft
+    from ssah.recipes.align.run import _training_mix as training_mix
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     steps = sorted(int(x) for x in args.at.split(","))

@@ -7,7 +7,7 @@ plus the true difference ``effect`` (in standard deviations of the per-prompt di
 two models also share a common per-prompt component (the prompts' own gap), which pairing cancels. ``noise``
 ``skewed`` draws the prompt effect from a centred exponential (a skewed sample mean) instead of a normal.
 
-Every simulated data set goes through the recipe's own statistics (``ssah.experiments.probe.analyse``): shared
+Every simulated data set goes through the recipe's own statistics (``ssah.recipes.probe.run.analyse``): shared
 resampling indices from ``bootstrap_indices``, ``estimate`` on each model, then ``separation_verdict`` on
 ``a.reps - b.reps`` with the point difference and the number of prompts. 11 later layers (those of a 30-block model)
 are simulated; the earlier layers play no part in the verdict. The fewer resamples of a scenario are the first

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> Path:
     torch.manual_seed(0)
     model = args.model
     if model is None:
-        from ssah.experiments.align import aligned_model
+        from ssah.recipes.align.run import aligned_model
 
         model = str(aligned_model())
     lm = load_model(model, device="cpu")

@@ -171,9 +171,9 @@ def test_bad_batch_size(bad: str, tmp_path: Path, user_error) -> None:
 
 def test_auto_is_the_default_on_gpus_only(lm, monkeypatch) -> None:
     import ssah.inference
-    from ssah.experiments.eval import EvalConfig
-    from ssah.experiments.units import UnitsConfig
     from ssah.plan import wants_auto_batch
+    from ssah.recipes.eval.run import EvalConfig
+    from ssah.recipes.units.run import UnitsConfig
 
     unset, given = UnitsConfig.build({"model": "m"}), UnitsConfig.build({"model": "m", "batch_size": 8})
     auto = EvalConfig.build({"model": "m", "batch_size": "auto"})

@@ -9,16 +9,15 @@ from typing import Any
 import pytest
 import yaml
 
-import ssah.commands.summaries
 from ssah.cli import main
 from ssah.cliutil import _fields, _flag
-from ssah.config import BaseConfig, load_config, parse_overrides, sections, shipped_configs
+from ssah.config import BaseConfig, load_config, parse_overrides, sections
 from ssah.data import load_prompts
 from ssah.errors import UserError
-from ssah.experiments.ablate import AblateConfig
-from ssah.experiments.protect import ProtectConfig
 from ssah.fields import CalibrationSection, EvalSection
-from ssah.recipes import RECIPES, get_recipe
+from ssah.recipes.ablate.run import AblateConfig
+from ssah.recipes.protect.run import ProtectConfig
+from ssah.registry import Recipe, get_recipe, recipes, shipped_configs
 
 TINY = "tiny-random-llama"
 
@@ -97,8 +96,8 @@ def test_cli_precedence_and_quick_shorthand(tmp_path: Path, monkeypatch, capsys)
         seen.append(cfg)
         return tmp_path
 
-    monkeypatch.setattr("ssah.experiments.ablate.run_ablate", fake_run)
-    monkeypatch.setattr(ssah.commands.summaries, "SUMMARIES", {})
+    monkeypatch.setattr("ssah.recipes.ablate.run.run_ablate", fake_run)
+    monkeypatch.setattr(Recipe, "summarize", lambda self, result: None)  # the fake runs wrote nothing to sum up
     file = _yaml(tmp_path / "a.yaml", {"model": TINY, "eval": {"limit": 20, "max_new_tokens": 8}, "seeds": 4})
     args = ["ablate", "--config", file, "--eval-limit", "10", "--seeds", "6", "seeds=7"]
     assert main(args) == 0, capsys.readouterr()
@@ -141,7 +140,7 @@ def test_configs_command_lists_and_prints(capsys) -> None:
     assert "'quick'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(recipes()))
 def test_every_field_is_a_flag_with_its_help(name: str, capsys, monkeypatch) -> None:
     """The CLI is generated from the config: a --flag per field (help and default from the field)."""
     cls = get_recipe(name).config_class()
@@ -176,8 +175,8 @@ def test_overrides_are_read_as_yaml() -> None:
 def test_section_flag_and_override_reach_the_same_field(tmp_path: Path, monkeypatch) -> None:
     """``--eval-limit 9`` and ``eval.limit=9`` set the one field ``cfg.eval.limit`` (and nothing else)."""
     seen: list[AblateConfig] = []
-    monkeypatch.setattr("ssah.experiments.ablate.run_ablate", lambda cfg: seen.append(cfg) or tmp_path)
-    monkeypatch.setattr(ssah.commands.summaries, "SUMMARIES", {})
+    monkeypatch.setattr("ssah.recipes.ablate.run.run_ablate", lambda cfg: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(Recipe, "summarize", lambda self, result: None)  # the fake runs wrote nothing to sum up
     assert main(["ablate", TINY, "--eval-limit", "9"]) == 0
     assert main(["ablate", TINY, "eval.limit=9"]) == 0
     assert seen[0] == seen[1] and seen[0].eval.limit == 9
@@ -185,7 +184,7 @@ def test_section_flag_and_override_reach_the_same_field(tmp_path: Path, monkeypa
     assert seen[0].eval.model_dump(exclude={"limit"}) == AblateConfig(model=TINY).eval.model_dump(exclude={"limit"})
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(recipes()))
 def test_generated_flags_are_unique_and_sections_have_a_panel(name: str, capsys, monkeypatch) -> None:
     """No two config fields share a flag; a section's flags are listed in a panel of their own."""
     cls = get_recipe(name).config_class()
@@ -211,14 +210,14 @@ def test_two_fields_with_one_flag_are_refused() -> None:
 def test_section_flags_show_and_set_the_recipe_defaults(tmp_path: Path, monkeypatch) -> None:
     """A section's flag shows the recipe's default (its default instance, None included) and a bool section field
     gets its --no- form; both reach the nested field."""
-    from ssah.experiments.align import AlignConfig
+    from ssah.recipes.align.run import AlignConfig
 
     shown = {key: default for _, key, _, default, _ in _fields(AlignConfig)}
     assert shown["train.max_grad_norm"] is None and shown["train.lr"] == 5e-5 and shown["eval.max_new_tokens"] == 48
     assert {key: d for _, key, _, d, _ in _fields(AblateConfig)}["eval.limit"] == 32
     seen: list[AlignConfig] = []
-    monkeypatch.setattr("ssah.experiments.align.run_align", lambda cfg: seen.append(cfg) or tmp_path)
-    monkeypatch.setattr(ssah.commands.summaries, "SUMMARIES", {})
+    monkeypatch.setattr("ssah.recipes.align.run.run_align", lambda cfg: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(Recipe, "summarize", lambda self, result: None)  # the fake runs wrote nothing to sum up
     assert main(["align", TINY, "--no-train-freeze-embeddings", "--train-lr", "1e-4", "train.warmup=2"]) == 0
     t = seen[-1].train
     assert (t.freeze_embeddings, t.lr, t.warmup, t.schedule, t.max_grad_norm) == (False, 1e-4, 2, "constant", None)
@@ -235,9 +234,9 @@ def test_eval_section_decodes_under_the_run_settings() -> None:
 def test_calibration_section_is_one_declaration_for_every_unit_finding_recipe(tmp_path: Path) -> None:
     """ablate, protect, budget and transfer nest it (each with its defaults); units has the same keys at top level;
     ``limit`` keeps examples evenly spaced through each set; an empty file is a data error naming it."""
-    from ssah.experiments.budget import BudgetConfig
-    from ssah.experiments.transfer import TransferConfig
-    from ssah.experiments.units import UnitsConfig
+    from ssah.recipes.budget.run import BudgetConfig
+    from ssah.recipes.transfer.run import TransferConfig
+    from ssah.recipes.units.run import UnitsConfig
 
     for cls in (AblateConfig, ProtectConfig, BudgetConfig, TransferConfig):
         assert sections(cls)["calibration"][1] is CalibrationSection, cls

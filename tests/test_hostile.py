@@ -419,7 +419,7 @@ def test_a_live_run_blocks_the_folder_and_a_dead_one_does_not(tmp_path: Path, ca
 
 def test_a_failed_run_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
     """A run that fails after staging began removes its staging folder and its lock."""
-    import ssah.reports.units as units_report
+    import ssah.recipes.units.report as units_report
 
     def boom(*_a: object, **_k: object) -> str:
         raise KeyboardInterrupt

@@ -21,7 +21,7 @@ import hostile_cases
 from helpers import snapshot
 from ssah.cli import main
 from ssah.errors import MESSAGE_LIMIT
-from ssah.recipes import RECIPES
+from ssah.registry import Recipe, recipes
 from ssah.runs import lock_path
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "SSAH_THREADS": "1"}
@@ -63,7 +63,7 @@ def _recipe_args(name: str, out: str, data: Path) -> list[str]:
     return [name, "tiny-random-llama", "--out", out]
 
 
-@pytest.mark.parametrize("name", sorted(n for n, r in RECIPES.items() if not r.locks_itself))
+@pytest.mark.parametrize("name", sorted(n for n, r in recipes().items() if not r.locks_itself))
 def test_every_command_holds_its_out_lock_when_its_run_starts(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -71,10 +71,9 @@ def test_every_command_holds_its_out_lock_when_its_run_starts(
     process's open + flock on the lock file would fail): so a second run stops before any work."""
     import importlib
 
-    import ssah.commands.summaries as summaries
-
-    recipe = RECIPES[name]
+    recipe = recipes()[name]
     module, _, attr = recipe.run.partition(":")
+    module = importlib.import_module(module, recipe.package).__name__
     seen: dict[str, bool] = {}
 
     def fake_run(cfg: Any) -> Path:
@@ -91,7 +90,7 @@ def test_every_command_holds_its_out_lock_when_its_run_starts(
         return Path(cfg.out)
 
     monkeypatch.setattr(importlib.import_module(module), attr, fake_run)
-    monkeypatch.setattr(summaries, "SUMMARIES", {})
+    monkeypatch.setattr(Recipe, "summarize", lambda self, result: None)
     data = tmp_path / "labelled.csv"
     data.write_text("prompt,completion,final_label\na,b,2_full_refusal\n")
     out = tmp_path / "sub" / "run"
@@ -166,7 +165,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path: Path) -> 
 
 
 def test_an_interrupt_inside_a_run_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import ssah.reports.units as units_report
+    import ssah.recipes.units.report as units_report
 
     def boom(*_a: object, **_k: object) -> str:
         raise KeyboardInterrupt

@@ -9,12 +9,12 @@ import pytest
 
 
 def _configs() -> list[tuple[str, Any, list[str]]]:
-    from ssah.experiments.ablate import AblateConfig
-    from ssah.experiments.budget import BudgetConfig
-    from ssah.experiments.direction import DirectionConfig
-    from ssah.experiments.eval import EvalConfig
-    from ssah.experiments.protect import ProtectConfig
-    from ssah.experiments.transfer import TransferConfig
+    from ssah.recipes.ablate.run import AblateConfig
+    from ssah.recipes.budget.run import BudgetConfig
+    from ssah.recipes.direction.run import DirectionConfig
+    from ssah.recipes.eval.run import EvalConfig
+    from ssah.recipes.protect.run import ProtectConfig
+    from ssah.recipes.transfer.run import TransferConfig
 
     return [
         ("ablate", AblateConfig, ["eval.greedy"]),
@@ -40,7 +40,7 @@ def test_recipes_hand_bf16_to_generation_and_training(name: str, bf16: bool) -> 
 
 
 def test_align_hands_bf16_to_its_training_and_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ssah.experiments import align
+    from ssah.recipes.align import run as align
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(align, "train_model", lambda model, tok, mix, tcfg, **kw: seen.setdefault("train", tcfg))

@@ -352,7 +352,7 @@ def test_token_values_mask_steps_after_the_end_of_a_reply(measured) -> None:
 
 
 def test_probe_cli_compare_with_itself_gives_identical_models(tmp_path: Path, capsys) -> None:
-    from ssah.reports.probe import render
+    from ssah.recipes.probe.report import render
 
     out = tmp_path / "p"
     assert main(["probe", "tiny-random-llama", "--compare", "tiny-random-llama", "--out", str(out), *FAST]) == 0

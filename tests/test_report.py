@@ -185,7 +185,7 @@ def test_report_rebuilds_a_train_run(tmp_path: Path, capsys) -> None:
 
 
 def test_train_render_reads_the_step_log(tmp_path: Path) -> None:
-    from ssah.reports.train import render
+    from ssah.recipes.train.report import render
 
     results = {
         "model": {"name": "m"},

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from helpers import measured
-from ssah.experiments.ablate import _aggregate, _changes, _ru_target, _table, _verdicts
 from ssah.measure import ControlDistribution, Proportion, compare, compare_measured, verdict
-from ssah.reports.ablate import condition_cells
+from ssah.recipes.ablate.report import condition_cells
+from ssah.recipes.ablate.table import _aggregate, _changes, _ru_target, _table, _verdicts
 from ssah.reports.common import difference, markdown_table, pct, proportion, verdict_line, verdict_word
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ssah"
@@ -137,36 +137,39 @@ def _imports(path: Path) -> set[str]:
     return out | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
 
 
-@pytest.mark.parametrize("path", sorted((SRC / "reports").glob("*.py")), ids=lambda p: p.stem)
+REPORTS = sorted([*(SRC / "reports").glob("*.py"), *(SRC / "recipes").glob("*/report.py")])
+
+
+@pytest.mark.parametrize("path", REPORTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_a_report_imports_no_recipe(path: Path) -> None:
     """A report renders ``results.json`` alone: what it needs of its recipe (labels, orders, control names) is
-    written into the results, so a report never imports ``ssah.experiments`` (not even its own recipe)."""
-    assert {m for m in _imports(path) if m.startswith("ssah.experiments")} == set()
+    written into the results, so a report never imports a recipe's run module (not even its own recipe's)."""
+    assert {m for m in _imports(path) if m.startswith("ssah.recipes.") and m.endswith(".run")} == set()
 
 
 def test_no_core_module_imports_a_recipe() -> None:
-    """The core (everything outside ``ssah/experiments``: measure, runs, results, reports, commands, the CLI ...)
-    reaches recipes only through the registry's ``"module:attribute"`` strings, imported on first use."""
-    core = [p for p in SRC.rglob("*.py") if "experiments" not in p.relative_to(SRC).parts]
+    """The core (everything outside ``ssah/recipes``: measure, runs, results, reports, commands, the CLI ...)
+    reaches recipes only through the registry's ``"module:attribute"`` references, imported on first use."""
+    core = [p for p in SRC.rglob("*.py") if "recipes" not in p.relative_to(SRC).parts]
     assert len(core) > 40  # the walk found the package
-    found = {str(p.relative_to(SRC)): sorted(m for m in _imports(p) if m.startswith("ssah.experiments")) for p in core}
+    found = {str(p.relative_to(SRC)): sorted(m for m in _imports(p) if m.startswith("ssah.recipes")) for p in core}
     assert {k: v for k, v in found.items() if v} == {}
 
 
 def test_every_recipe_writes_through_write_run() -> None:
-    """One writer for every run folder: no recipe writes results.json or its report by hand (the demo: see its
-    module; it continues in place)."""
-    for path in sorted((SRC / "experiments").glob("*.py")):
+    """One writer for every run folder: no recipe writes results.json or its report by hand (the protocol's
+    ``execute`` calls ``write_run``; the demo: see its module; it continues in place)."""
+    for path in sorted((SRC / "recipes").glob("*/run.py")):
         text = path.read_text()
-        if path.stem in ("__init__", "demo"):
+        if path.parent.name == "demo":
             continue
-        assert "write_run(" in text, path.stem
+        assert "write_run(" in text or "execute(" in text, path.parent.name
         assert '"results.json"' not in text and '"report.md"' not in text, path.stem
 
 
 def test_asr_against_kl_points_and_plot(tmp_path: Path) -> None:
     """Every condition with a KL measurement is a point (ASR, KL); dose points too; none without KL."""
-    from ssah.reports.ablate import _kl_points, _plot_kl
+    from ssah.recipes.ablate.report import _kl_points, _plot_kl
 
     def row(asr: float, kl: float | None) -> dict:
         r = {"asr": {"rate": asr}}

@@ -15,13 +15,13 @@ from pydantic import BaseModel
 import ssah
 from ssah.errors import UserError
 from ssah.measure import Comparison, Proportion, Verdict, compare, verdict
-from ssah.recipes import load_run
+from ssah.registry import load_run
 from ssah.results import RunResult, find_verdicts
 
 
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult[Any]:
-    from ssah.experiments.eval import EvalConfig, run_eval
+    from ssah.recipes.eval.run import EvalConfig, run_eval
 
     out = tmp_path_factory.mktemp("results") / "eval"
     common = {"model": "tiny-random-llama", "out": str(out), "progress": False}
@@ -29,7 +29,7 @@ def eval_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult[Any]:
 
 
 def test_run_eval_returns_the_typed_result_of_its_folder(eval_run: RunResult[Any]) -> None:
-    from ssah.experiments.eval import EvalConfig
+    from ssah.recipes.eval.run import EvalConfig
 
     r = eval_run
     assert isinstance(r, RunResult) and r.recipe == "eval" and isinstance(r.config, EvalConfig)

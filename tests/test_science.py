@@ -14,18 +14,12 @@ import torch
 from helpers import measured
 from ssah.cli import main
 from ssah.commands.report import FULL_END, FULL_START, README_END, README_START, readme_block
-from ssah.experiments.units import overlap_across_safety_sets
 from ssah.measure import ControlDistribution, Proportion, compare, compare_measured, verdict
-from ssah.reports.demo import (
-    all_of,
-    headlines,
-    judge_cell,
-    row_ablate,
-    row_calibration,
-    row_overrefusal,
-    row_stability,
-    science_table,
-)
+from ssah.recipes.ablate.report import row_ablate
+from ssah.recipes.eval.report import row_overrefusal
+from ssah.recipes.units.report import row_calibration, row_stability
+from ssah.recipes.units.run import overlap_across_safety_sets
+from ssah.reports.science import all_of, headlines, judge_cell, science_table
 from ssah.units import GroupShape, UnitSet, UnitSpace
 
 JUDGE = "keyword:ssah"

@@ -287,7 +287,7 @@ def test_probe_cli_split_equals_single_device(tmp_path: Path, capsys) -> None:
 
 def test_commands_without_placement_refuse_it() -> None:
     from ssah.errors import UserError
-    from ssah.experiments.units import UnitsConfig
+    from ssah.recipes.units.run import UnitsConfig
     from ssah.training import TrainConfig
 
     assert UnitsConfig.build({"model": "m", "device_map": "auto", "max_memory": "cpu=1GiB"}).device_map == "auto"

@@ -17,10 +17,10 @@ from ssah.categorize import categorize, load_categorization
 from ssah.cli import main
 from ssah.data import Example, PromptSet, collate, encode_set
 from ssah.errors import DataError, UnitFileError, UserError
-from ssah.experiments.train import save_trained_model
 from ssah.interventions import unit_param_masks
 from ssah.measure import safety_ranking
 from ssah.models import model_fingerprint
+from ssah.recipes.train.run import save_trained_model
 from ssah.scoring import Scores
 from ssah.tiny import build_tiny_model
 from ssah.training import (
@@ -391,7 +391,7 @@ def test_cli_train_run_folder(tmp_path: Path, unit_file: Path, data_file: Path, 
 
 
 def test_cli_resume_after_a_kill(tmp_path: Path, data_file: Path, capsys, monkeypatch) -> None:
-    import ssah.experiments.train as recipe
+    import ssah.recipes.train.run as recipe
 
     common = ["train", "tiny-random-llama", "--data", str(data_file), "--max-steps", "4", "--checkpoint-every", "2"]
     code, _, err = run([*common, "--out", str(tmp_path / "ref"), *FAST], capsys)

@@ -12,6 +12,9 @@ back as one:
 
     result = ssah.load_run("runs/ablate")
     result.config.seeds, result.verdicts["verdicts.scu_vs_random.asr"].verdict, result.report_path
+
+A recipe of one's own (its command, configs, report, demo stage) is one package that registers itself with
+``ssah.register_recipe(ssah.Recipe(...))``; :mod:`ssah.registry` says how recipes are found.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ _EXPORTS = {
     "measure_condition": "ssah.measure",
     "restored_weights": "ssah.measure",
     "RunResult": "ssah.results",
-    "load_run": "ssah.recipes",
+    "load_run": "ssah.registry",
+    "Recipe": "ssah.registry",
+    "register_recipe": "ssah.registry",
     "TrainConfig": "ssah.training",
     "train_model": "ssah.training",
     "SsahError": "ssah.errors",
@@ -83,7 +88,7 @@ if TYPE_CHECKING:
         verdict,
     )
     from ssah.models import LoadedModel, load_model, model_fingerprint
-    from ssah.recipes import load_run
+    from ssah.registry import Recipe, load_run, register_recipe
     from ssah.results import RunResult
     from ssah.scoring import Scores, collect_statistics, compute_scores, score_units
     from ssah.training import TrainConfig, train_model

@@ -78,9 +78,12 @@ def info(
         dtypes = tuple(d.strip() for d in dtype.split(",") if d.strip())
         if min(seq_len, prompt_len, new_tokens, batch_size) < 1:
             raise UserError("--seq-len, --prompt-len, --new-tokens and --batch-size must be at least 1")
+        from ssah.registry import memory_rows
+
         p = make_plan(
             model,
             dtypes=dtypes,
+            commands=memory_rows(),
             seq_len=seq_len,
             prompt_len=prompt_len,
             new_tokens=new_tokens,
@@ -118,7 +121,7 @@ def configs(
     name: Annotated[str | None, typer.Argument(help="A recipe (list its configs) or RECIPE/NAME (print one).")] = None,
 ) -> None:
     """List the shipped configs (use one as `ssah RECIPE --config NAME`), or print one."""
-    from ssah.config import shipped_config_text, shipped_configs
+    from ssah.registry import shipped_config_text, shipped_configs
 
     shipped = shipped_configs()
     if name is not None and "/" in name:

@@ -1,7 +1,7 @@
 """The `ssah` Typer app and the command generator: every recipe's command is built from its config class.
 
-A recipe (``ssah.recipes``) names a pydantic config; :func:`recipe_command` gives each field a ``--flag-name``
-(type from the annotation, help from ``Field(description=...)``, default shown from the field), plus
+A registered recipe (:mod:`ssah.registry`) names a pydantic config; :func:`recipe_command` gives each field a
+``--flag-name`` (type from the annotation, help from ``Field(description=...)``, default shown from the field), plus
 ``--config NAME|FILE`` (a shipped config, see ``ssah configs``, or a YAML file), ``--quick`` (shorthand for
 ``--config quick``) and trailing ``key=value`` overrides. Values are combined by :meth:`BaseConfig.resolve`:
 class defaults < config < flags < overrides. No option is declared here, so none can drift from its config.
@@ -29,10 +29,10 @@ class RecipeGroup(TyperGroup):
     prefix = ""
 
     def _recipes(self) -> dict[str, Any]:
-        from ssah.recipes import RECIPES
+        from ssah.registry import recipes
 
         p = self.prefix
-        return {n[len(p) :]: r for n, r in RECIPES.items() if n.startswith(p) and " " not in n[len(p) :]}
+        return {n[len(p) :]: r for n, r in recipes().items() if n.startswith(p) and " " not in n[len(p) :]}
 
     def list_commands(self, ctx: Any) -> list[str]:
         return sorted({*super().list_commands(ctx), *self._recipes()})
@@ -59,12 +59,12 @@ class _LazyCommand(TyperCommand):
 
     def __init__(self, name: str, recipe: Any) -> None:
         self._recipe, self._loaded = recipe, None
-        super().__init__(name=name, help=recipe.summary)
+        super().__init__(name=name, help=recipe.help)
 
     def _real(self) -> Any:
         if self._loaded is None:
             sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-            sub.command(self.name, help=self._recipe.summary)(recipe_command(self._recipe))
+            sub.command(self.name, help=self._recipe.help)(recipe_command(self._recipe))
             self._loaded = typer.main.get_command(sub)
         return self._loaded
 
@@ -176,7 +176,7 @@ def _fields(cls: Any) -> list[tuple[str, str, FieldInfo, Any, str | None]]:
 
 def recipe_command(recipe: Any) -> Callable[..., None]:
     """The Typer command function of a recipe, its parameters generated from the recipe's config class."""
-    from ssah.config import shipped_configs
+    from ssah.registry import shipped_configs
 
     cls = recipe.config_class()
     shipped = shipped_configs().get(recipe.name, {})
@@ -240,15 +240,11 @@ def recipe_command(recipe: Any) -> Callable[..., None]:
                 f"override {given[0]!r} is not key=value: write e.g. seeds=7 (see ssah {recipe.name} --help)"
             )
         cfg = cls.resolve(recipe.name, config, flags, [a for a in args if "=" in a])
-        path = _run_holding_out(recipe, cfg)
-        from ssah.commands.summaries import SUMMARIES
-
-        if recipe.name in SUMMARIES:
-            SUMMARIES[recipe.name](path)
+        recipe.summarize(_run_holding_out(recipe, cfg))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = recipe.summary
+    command.__doc__ = recipe.help
     return command
 
 

@@ -1,7 +1,7 @@
 """Experiment configs: one pydantic class per recipe is the single source of every option.
 
 Each field carries its type, constraint, default and help (``Field(description=...)``); the CLI is generated from
-the class (:mod:`ssah.cliutil`), shipped YAML configs (``src/ssah/configs/<recipe>/<name>.yaml``) are read into it,
+the class (:mod:`ssah.cliutil`), shipped YAML configs (``<recipe package>/configs/<name>.yaml``) are read into it,
 and Python builds it directly. :meth:`BaseConfig.resolve` is the one place values are combined, in this order
 (later wins): the class defaults < a shipped or YAML ``config`` < command-line flags < ``key=value`` overrides
 (dotted keys reach nested fields: ``lora.r=16``). The resolved config is what a run folder records.
@@ -14,7 +14,6 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -80,6 +79,10 @@ class BaseConfig(BaseModel):
                 raise UserError(f"missing {where!r}: give it on the command line or in the --config file") from None
             msg = str(err["msg"]).removeprefix("Value error, ")
             raise UserError(f"bad config value for {where!r}: {msg}; fix it in the config file or option") from None
+
+    def check(self) -> None:
+        """Every check that can fail before a run starts work (its output folder, values that depend on each
+        other); the recipe protocol (:func:`ssah.protocol.execute`) calls it first. None by default."""
 
     @classmethod
     def resolve(
@@ -180,30 +183,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def shipped_configs() -> dict[str, dict[str, str]]:
-    """The configs shipped in ``ssah/configs``: recipe folder -> name -> its first comment line."""
-    root = resources.files("ssah") / "configs"
-    out: dict[str, dict[str, str]] = {}
-    for folder in sorted(root.iterdir(), key=lambda f: f.name) if root.is_dir() else []:
-        yamls = [f for f in folder.iterdir() if f.name.endswith(".yaml")] if folder.is_dir() else []
-        files = sorted(yamls, key=lambda f: f.name)
-        for f in files:
-            first = f.read_text(encoding="utf-8").splitlines()[:1]
-            about = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
-            out.setdefault(folder.name.replace("-", " "), {})[f.name.removesuffix(".yaml")] = about
-    return out
-
-
-def shipped_config_text(recipe: str, name: str) -> str:
-    """The text of a shipped config; a ``UserError`` listing the ones there are otherwise."""
-    ours = shipped_configs().get(recipe, {})
-    if name not in ours:
-        have = ", ".join(ours) or "none"
-        raise UserError(f"no shipped config {name!r} for `ssah {recipe}` (shipped: {have}): see `ssah configs`")
-    f = resources.files("ssah") / "configs" / recipe.replace(" ", "-") / f"{name}.yaml"
-    return f.read_text(encoding="utf-8")
-
-
 def load_config(recipe: str | None, spec: str | os.PathLike[str]) -> dict[str, Any]:
     """The values of ``--config SPEC``: a YAML file when SPEC is one (or looks like a path), else the shipped
     config of that name for ``recipe`` (``quick``, or ``ablate/quick``)."""
@@ -213,6 +192,8 @@ def load_config(recipe: str | None, spec: str | os.PathLike[str]) -> dict[str, A
     name = text.split("/", 1)[1] if "/" in text and text.split("/", 1)[0] == recipe.replace(" ", "-") else text
     if "/" in name or os.sep in name:
         raise UserError(f"config file {text} not found: check the --config path")
+    from ssah.registry import shipped_config_text  # the recipes' configs folders
+
     what = f"shipped config {recipe}/{name}"
     return _mapping(load_yaml(shipped_config_text(recipe, name), what), what)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -307,9 +307,12 @@ def plan(
     spec: str | os.PathLike[str] | Any,
     *,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    commands: Sequence[str] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """The memory plan of a model (a spec for :func:`load_config`, or a config) as a JSON-ready dict."""
+    """The memory plan of a model (a spec for :func:`load_config`, or a config) as a JSON-ready dict: the rows of
+    ``commands`` (names of :data:`COMMANDS`; None: all; `ssah info --plan` passes those the registered recipes
+    declare, :attr:`ssah.registry.Recipe.memory`)."""
     config = load_config(spec) if isinstance(spec, str | os.PathLike) else spec
     check_config_numbers(config)
     try:
@@ -318,7 +321,8 @@ def plan(
         raise
     except Exception as exc:  # transformers or torch refusing a config the checks above let through
         raise ModelError(f"cannot build the model of this config ({one_line(exc, 160)}); check config.json") from None
-    needs = [n.as_dict() for d in dtypes for n in plan_needs(shape, d, **settings)]
+    wanted = set(COMMANDS if commands is None else commands)
+    needs = [n.as_dict() for d in dtypes for n in plan_needs(shape, d, **settings) if n.command in wanted]
     defaults = {"seq_len": 512, "prompt_len": 256, "new_tokens": 64, "batch_size": 8}
     return {
         "model": str(spec) if isinstance(spec, str | os.PathLike) else shape.family,

@@ -25,7 +25,7 @@ the one separation verdict over the later layers reads a simultaneous band, as r
 
 Everything here is in memory and works on any causal LM of a supported family (the family adapter names its final
 norm and output head);
-:mod:`ssah.experiments.probe` turns it into a run folder.
+:mod:`ssah.recipes.probe.run` turns it into a run folder.
 """
 
 from __future__ import annotations

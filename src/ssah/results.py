@@ -43,7 +43,7 @@ class RunResult(Generic[ConfigT]):
     results); results are compared as JSON text, so a NaN (a perplexity that was not measured) equals itself."""
 
     out: Path  # the run folder
-    recipe: str  # the registered recipe that wrote it (``ssah.recipes``), e.g. "ablate", "judge validate"
+    recipe: str  # the registered recipe that wrote it (``ssah.registry``), e.g. "ablate", "judge validate"
     config: ConfigT  # the resolved config that ran
     results: dict[str, Any]  # results.json as written (plain JSON values)
     manifest: dict[str, Any] = field(default_factory=dict)  # versions, seed, data and model identities, timing

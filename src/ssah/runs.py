@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,6 +29,8 @@ import yaml
 from ssah.errors import UserError
 from ssah.locks import FolderLock, lock_holder, lock_path
 from ssah.results import ConfigT, RunResult
+
+Renderer = Callable[[Any, Path], str]  # render(results, run_dir) -> the report's Markdown
 
 
 def _jsonable(obj: Any) -> Any:
@@ -301,16 +303,15 @@ def set_seed(seed: int) -> None:
 
 
 def write_report(
-    folder: str | os.PathLike[str], command: str, results: Mapping[str, Any], render: Any = None
+    folder: str | os.PathLike[str], command: str, results: Mapping[str, Any], render: Renderer
 ) -> tuple[Path, Path]:
-    """Draw a run's plots and write its ``report.md`` and self-contained ``report.html`` into ``folder``, by the
-    registered renderer of ``command`` (or ``render``) from the results alone; returns both paths."""
+    """Draw a run's plots and write its ``report.md`` and self-contained ``report.html`` into ``folder``, by
+    ``render(results, folder)`` (the recipe's renderer) from the results alone; returns both paths."""
     from ssah.provenance import caveat
-    from ssah.recipes import get_recipe
     from ssah.reports.html import markdown_to_html, report_title
 
     folder = Path(folder)
-    markdown = (render or get_recipe(command).renderer())(results, folder)
+    markdown = render(results, folder)
     if (note := caveat(results)) is not None:  # verdicts on prompts that also chose something: said at the top
         title, _, rest = markdown.partition("\n")
         markdown = f"{title}\n\n{note}\n{rest}"
@@ -327,20 +328,19 @@ def write_run(
     config: ConfigT,
     results: Mapping[str, Any],
     manifest: Mapping[str, Any],
-    results_file: str | None = None,
-    render: Any = None,
+    render: Renderer,
+    results_file: str = "results.json",
 ) -> RunResult[ConfigT]:
-    """THE end of every recipe: write ``config.yaml``, ``results.json`` (the recipe's registered results file),
-    the report (:func:`write_report`) and ``manifest.json`` into the staging folder, so the run folder appears
-    complete or not at all; ``ssah report`` later rebuilds the same report from the same ``results.json``.
+    """THE end of every recipe: write ``config.yaml``, ``results.json`` (or the recipe's ``results_file``), the
+    report (:func:`write_report` by the recipe's ``render``) and ``manifest.json`` into the staging folder, so the
+    run folder appears complete or not at all; ``ssah report`` later rebuilds the same report from the same
+    ``results.json``.
 
     Returns the run's :class:`ssah.results.RunResult` (its ``out`` is the final folder, in place once ``run``
     commits): the results and manifest as written (JSON values, equal to what :func:`ssah.load_run` reads back)."""
-    from ssah.recipes import get_recipe
-
     run.write_yaml("config.yaml", config.model_dump())
     text = to_json(results)
-    run.write_text(results_file or get_recipe(command).results_file, text)
+    run.write_text(results_file, text)
     written = json.loads(text)
     write_report(run.path, command, written, render)
     man = to_json(manifest)

@@ -12,6 +12,6 @@ BASE = "smollm2-135m-instruct"
 @pytest.fixture(scope="session")
 def aligned_smollm2() -> Path:
     """Folder of SmolLM2 aligned by `ssah align`'s default recipe (trained once, then from $SSAH_CACHE)."""
-    from ssah.experiments.align import aligned_model
+    from ssah.recipes.align.run import aligned_model
 
     return aligned_model(BASE)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ssah.cli import main
-from ssah.experiments.align import AlignConfig
+from ssah.recipes.align.run import AlignConfig
 
 pytestmark = pytest.mark.slow
 

@@ -88,7 +88,7 @@ def test_freeze_keeps_smollm2_units_bit_identical_while_the_rest_moves(spec: str
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(spec: str, reference, tmp_path: Path, monkeypatch) -> None:
-    import ssah.experiments.train as recipe
+    import ssah.recipes.train.run as recipe
 
     ref, _ = reference
     real = recipe.train_model

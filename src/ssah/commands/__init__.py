@@ -1,4 +1,6 @@
-"""Experiment commands, one module each; importing this package registers them all on :data:`ssah.cliutil.app`."""
+"""The hand-written commands (``ssah report``, ``ssah export``, the ``ssah judge`` group that holds the judge
+recipes' commands), one module each; importing this package registers them on :data:`ssah.cliutil.app`. Every
+recipe's command is generated from the registry (:mod:`ssah.registry`) by :mod:`ssah.cliutil`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`ssah report RUN_DIR`: rebuild a run folder's plots, ``report.md`` and self-contained ``report.html``.
 
-The run's ``manifest.json`` names the command that wrote it; its recipe's ``render(results, run_dir)`` (from
-``ssah.recipes``) redraws the plots from ``results.json`` alone and returns the Markdown, so a report can be
+The run's ``manifest.json`` names the command that wrote it; its registered recipe's ``render(results, run_dir)``
+(:mod:`ssah.registry`) redraws the plots from ``results.json`` alone and returns the Markdown, so a report can be
 regenerated (after a change of the report code, or when it was deleted) without rerunning anything.
 """
 
@@ -15,7 +15,7 @@ import typer
 
 from ssah.cliutil import app
 from ssah.errors import UserError
-from ssah.recipes import Renderer, get_recipe, read_run_files
+from ssah.registry import Renderer, get_recipe, read_run_files
 from ssah.results import read_manifest
 from ssah.runs import atomic_write_text, write_report
 
@@ -58,7 +58,7 @@ def demo_command(results: dict[str, Any]) -> str:
 def readme_block(run_dir: str | Path) -> str:
     """The README's results block for a demo run: one line naming the run, the verdict rule and the science table,
     between the two markers. Built from the run folder alone, so the same run gives the same bytes."""
-    from ssah.reports.demo import VERDICT_RULE, headlines, science_table
+    from ssah.reports.science import VERDICT_RULE, headlines, science_table
 
     run_dir = Path(run_dir)
     command, man, results = read_run_files(run_dir)

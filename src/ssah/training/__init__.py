@@ -22,7 +22,7 @@ Modules, one job each:
 - :mod:`~ssah.training.preference`: :func:`preference_step`, DPO with trl's DPOTrainer under the same unit masks;
 - :mod:`~ssah.training.results`: :class:`TrainResult`.
 
-``train_model`` trains a model in memory (experiment loops call it); ``ssah.experiments.train.run_train`` is the
+``train_model`` trains a model in memory (experiment loops call it); ``ssah.recipes.train.run.run_train`` is the
 `ssah train` recipe.
 """
 

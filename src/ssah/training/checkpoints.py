@@ -34,7 +34,7 @@ CHECKPOINT_FORMAT = "ssah.train-checkpoint/1"
 def partial_dir(out: str | os.PathLike[str]) -> Path:
     """Where a training run lives until it completes: ``<out>.partial`` (a stable name, so ``--resume`` finds it).
 
-    It is staged like every run folder (see :class:`ssah.experiments.train.TrainRunDir`): only the process that
+    It is staged like every run folder (see :class:`ssah.recipes.train.run.TrainRunDir`): only the process that
     holds ``out``'s lock (:class:`ssah.runs.FolderLock`) creates, trains into or renames it."""
     out = Path(out)
     if out.name in ("", ".", ".."):

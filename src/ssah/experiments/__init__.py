@@ -1,1 +1,0 @@
-"""Experiment recipes: one module per command, each a config plus a ``run_*`` function writing a run folder."""
