@@ -322,7 +322,10 @@ def test_unsupported_model_raises_one_line_listing_families(make: Callable, mode
 def test_supported_families() -> None:
     expected = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text"}
     assert expected | {"gemma3", "phi3", "gpt2", "gpt_neox"} <= set(SUPPORTED_FAMILIES)
-    built = {get_adapter(build_tiny_model(f)[0]).family for f in ALL_TINY_FAMILIES}
+    from ssah.tiny import TINY_HYBRID_FAMILIES, TINY_MOE_FAMILIES
+
+    families = ALL_TINY_FAMILIES + TINY_MOE_FAMILIES + TINY_HYBRID_FAMILIES
+    built = {get_adapter(build_tiny_model(f)[0]).family for f in families}
     assert built == set(SUPPORTED_FAMILIES)  # every supported family has a tiny model under test
 
 

@@ -22,45 +22,25 @@ import torch
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from ssah import arch_moe
 from ssah.errors import ModelError, UnsupportedModelError
+from ssah.unit_groups import ALL_KINDS, EXPERT_KINDS, KINDS, Kind, ParamSlice, UnitGroup, group_key
 
-Kind = Literal["attn", "mlp"]
+__all__ = [
+    "ALL_KINDS",
+    "EXPERT_KINDS",
+    "KINDS",
+    "SUPPORTED_FAMILIES",
+    "ArchAdapter",
+    "Kind",
+    "ParamSlice",
+    "Part",
+    "UnitGroup",
+    "get_adapter",
+    "group_key",
+]
+
 Part = Literal["embeddings", "final_norm", "unembedding"]
-KINDS: tuple[Kind, ...] = ("attn", "mlp")
-
-
-@dataclass(frozen=True, eq=False)
-class ParamSlice:
-    """Slices of one parameter owned by units: unit i owns ``param.select(dim, index[i])``.
-
-    A fused parameter can appear in several slices of one group (e.g. ``gate_up_proj`` once for the gate rows
-    and once for the up rows). Equality is identity (the index is a tensor).
-    """
-
-    name: str  # parameter name exactly as in model.named_parameters()
-    dim: int
-    index: torch.Tensor  # int64, shape [group.size], on CPU
-
-
-@dataclass(frozen=True, eq=False)
-class UnitGroup:
-    """All units of one kind in one block. Equality is identity (the slices hold tensors)."""
-
-    layer: int
-    kind: Kind
-    size: int  # number of channels (= units at neuron granularity)
-    # name in model.named_modules(); the last dim of its forward input are the unit channels
-    reader_module: str
-    reader: ParamSlice  # the reader weight, index = arange(size)
-    writers: tuple[ParamSlice, ...]  # weights and biases (when present) that produce the channels
-    head_dim: int | None = None  # attn only
-    num_heads: int | None = None  # attn only (query heads)
-    num_kv_heads: int | None = None  # attn only
-
-    @property
-    def key(self) -> str:
-        """``layers.{layer}.{kind}``, the name of the group in unit and score files."""
-        return f"layers.{self.layer}.{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -115,6 +95,9 @@ class _Layout:
     attn: _Slices
     mlp: _Slices
     unembedding: tuple[str, ...] = ("lm_head",)
+    # mixture-of-experts and hybrid families: candidate names of each block's MLP-like module (dense MLP or MoE
+    # block, found by structure in ssah.arch_moe); blocks without attention are reported, not an error
+    ffn: tuple[str, ...] = ()
 
 
 # CausalLM wrappers first, then bare base models; multimodal Gemma 3 keeps its text model in language_model.
@@ -146,6 +129,23 @@ _GPT_NEOX = _Layout(
     unembedding=("lm_head", "embed_out"),  # embed_out in transformers before 5
 )
 
+# Mixture-of-experts and hybrid families: Llama attention, the MLP-like module found by structure.
+_MOE = replace(_LLAMA, ffn=("mlp", "block_sparse_moe", "feed_forward"))
+_LFM2 = replace(_MOE, attn=_Slices("self_attn.out_proj", (("self_attn.v_proj", "v"),)), ffn=("feed_forward",))
+MOE_FAMILIES: tuple[str, ...] = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "gpt_oss",
+    "granitemoe",
+    "granitemoeshared",
+    "phimoe",
+    "glm4_moe",
+    "flex_olmo",
+)
+HYBRID_FAMILIES: tuple[str, ...] = ("jamba", "qwen3_next", "granitemoehybrid")
+
 _LAYOUTS: dict[str, _Layout] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -162,6 +162,8 @@ _LAYOUTS: dict[str, _Layout] = {
     "phi3": _PHI3,
     "gpt2": _GPT2,
     "gpt_neox": _GPT_NEOX,
+    **dict.fromkeys(MOE_FAMILIES + HYBRID_FAMILIES, _MOE),
+    "lfm2": _LFM2,
 }
 
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_LAYOUTS)
@@ -194,6 +196,8 @@ class ArchAdapter:
         self._layout = _LAYOUTS[family]
         self.blocks_path = self._find_blocks()
         self._groups: list[UnitGroup] | None = None
+        self._by_key: dict[str, UnitGroup] = {}
+        self._uncovered: list[str] = []
 
     # -- structure
 
@@ -309,23 +313,73 @@ class ArchAdapter:
     # -- unit groups
 
     def groups(self) -> list[UnitGroup]:
-        """All unit groups, ordered by layer, attention before MLP within a layer."""
+        """All unit groups, ordered by layer; within a layer attention, then the MLP (dense ``mlp``, or a
+        mixture-of-experts block's ``shared_expert`` and then one ``expert`` group per routed expert)."""
         if self._groups is None:
             geometry = self._geometry()
-            self._groups = [
-                self._build_group(layer, kind, geometry) for layer in range(self.num_layers) for kind in KINDS
-            ]
+            groups: list[UnitGroup] = []
+            self._uncovered = []
+            for layer in range(self.num_layers):
+                if self._layout.ffn:
+                    groups += self._structural_groups(layer, geometry)
+                else:
+                    groups += [self._build_group(layer, kind, geometry) for kind in KINDS]
+            self._groups = groups
+            self._by_key = {g.key: g for g in groups}
         return list(self._groups)
 
-    def group(self, layer: int, kind: Kind) -> UnitGroup:
-        """The group of ``kind`` units in block ``layer``."""
-        if kind not in KINDS or not 0 <= layer < self.num_layers:
-            raise KeyError(f"No unit group ({layer}, {kind!r}): layers 0..{self.num_layers - 1}, kinds {KINDS}")
-        return self.groups()[2 * layer + KINDS.index(kind)]
+    @property
+    def uncovered(self) -> list[str]:
+        """Parts of blocks that hold no units, one line each (``layers.0.attn: mamba (JambaMambaMixer)``): sequence
+        mixers that are neither attention nor MLP in hybrid models. Empty for every dense and MoE family."""
+        self.groups()
+        return list(self._uncovered)
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any block routes tokens to experts."""
+        return any(g.kind == "expert" for g in self.groups())
+
+    def group(self, layer: int, kind: Kind, expert: int | None = None) -> UnitGroup:
+        """The group of ``kind`` units in block ``layer`` (of routed expert ``expert`` for kind ``expert``)."""
+        self.groups()
+        found = self._by_key.get(group_key(layer, kind, expert))
+        if found is None:
+            raise KeyError(
+                f"No unit group ({layer}, {kind!r}{'' if expert is None else f', expert {expert}'}): "
+                f"layers 0..{self.num_layers - 1}, kinds {ALL_KINDS}"
+            )
+        return found
 
     def reader_weight(self, group: UnitGroup) -> torch.Tensor:
-        """The reader weight Parameter of ``group`` (unit i owns ``.select(group.reader.dim, i)``)."""
-        return self.parameter(group.reader.name)
+        """The reader weight of ``group`` (unit i owns ``.select(group.reader.dim, i)``): the Parameter, or for
+        fused experts the view ``down_proj[expert]`` of the expert's 2D slice."""
+        weight = self.parameter(group.reader.name)
+        return weight[group.reader.expert] if group.reader.expert is not None else weight
+
+    def _structural_groups(self, layer: int, geometry: _Geometry) -> list[UnitGroup]:
+        """Groups of one block of a mixture-of-experts or hybrid family; missing attention is recorded."""
+        prefix = f"{self.blocks_path}.{layer}"
+        groups: list[UnitGroup] = []
+        try:
+            self.module(f"{prefix}.{self._layout.attn.reader}")
+        except AttributeError:
+            self._uncovered.append(f"{group_key(layer, 'attn')}: {arch_moe.mixer_description(self.model, prefix)}")
+        else:
+            groups.append(self._build_group(layer, "attn", geometry))
+        for name in self._layout.ffn:
+            ffn = f"{prefix}.{name}"
+            try:
+                self.module(ffn)
+            except AttributeError:
+                continue
+            if arch_moe.is_moe(self.model, ffn):
+                return groups + arch_moe.moe_groups(self.model, ffn, layer)
+            dense = arch_moe.mlp_group(self.model, ffn, layer, "mlp")
+            if dense is not None:
+                return [*groups, dense]
+        self._uncovered.append(f"{group_key(layer, 'mlp')}: no MLP module ssah knows")
+        return groups
 
     def reader_column_norms(self, group: UnitGroup) -> torch.Tensor:
         """L2 norm of each unit's reader slice, float64 ``[group.size]``."""

@@ -69,6 +69,92 @@ TINY_EXTRA_FAMILIES: tuple[str, ...] = ("qwen3", "olmo", "olmo2", "olmo3", "smol
 
 ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_EXTRA_FAMILIES
 
+TINY_EXPERTS = 4
+TINY_TOP_K = 2
+TINY_EXPERT_INTERMEDIATE = 32
+TINY_SHARED_INTERMEDIATE = 48
+_MOE_SIZES: dict[str, Any] = {"num_experts_per_tok": TINY_TOP_K, "moe_intermediate_size": TINY_EXPERT_INTERMEDIATE}
+_LOCAL = {"num_local_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K}
+# DeepSeek-style routing: one group, the first block dense (as the real models are), one shared expert.
+_DEEPSEEK_LIKE = {
+    **_MOE_SIZES,
+    "n_routed_experts": TINY_EXPERTS,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+}
+
+# Mixture-of-experts families (fused 3D experts in transformers 5): config class and the keywords of 4 experts,
+# top-2 routing, small experts and (where the family has one) a shared expert.
+_MOE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", {**_MOE_SIZES, "num_experts": TINY_EXPERTS}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**_MOE_SIZES, "num_experts": TINY_EXPERTS, "shared_expert_intermediate_size": TINY_SHARED_INTERMEDIATE},
+    ),
+    "mixtral": ("MixtralConfig", {**_LOCAL, "intermediate_size": TINY_EXPERT_INTERMEDIATE}),
+    "olmoe": ("OlmoeConfig", {"num_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K}),
+    "gpt_oss": ("GptOssConfig", {**_LOCAL, "intermediate_size": TINY_EXPERT_INTERMEDIATE}),
+    "granitemoe": ("GraniteMoeConfig", {**_LOCAL, "intermediate_size": TINY_EXPERT_INTERMEDIATE}),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        {**_LOCAL, "intermediate_size": TINY_EXPERT_INTERMEDIATE, "shared_intermediate_size": TINY_SHARED_INTERMEDIATE},
+    ),
+    "phimoe": ("PhimoeConfig", {**_LOCAL, "intermediate_size": TINY_EXPERT_INTERMEDIATE}),
+    "glm4_moe": ("Glm4MoeConfig", _DEEPSEEK_LIKE),
+    "flex_olmo": ("FlexOlmoConfig", {"num_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K}),
+}
+# Hybrid families: blocks whose sequence mixer is neither attention nor MLP (state-space, linear attention).
+_HYBRID_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "jamba": (
+        "JambaConfig",
+        {
+            "num_experts": TINY_EXPERTS,
+            "num_experts_per_tok": TINY_TOP_K,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+        },
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        {
+            **_MOE_SIZES,
+            "num_experts": TINY_EXPERTS,
+            "shared_expert_intermediate_size": TINY_SHARED_INTERMEDIATE,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+        },
+    ),
+}
+_HYBRID_CONFIGS["granitemoehybrid"] = (
+    "GraniteMoeHybridConfig",
+    {
+        **_LOCAL,
+        "intermediate_size": TINY_EXPERT_INTERMEDIATE,
+        "shared_intermediate_size": TINY_SHARED_INTERMEDIATE,
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 32,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 16,
+    },
+)
+_HYBRID_CONFIGS["lfm2"] = (
+    "Lfm2Config",
+    {"layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False},
+)
+TINY_MOE_FAMILIES: tuple[str, ...] = tuple(_MOE_CONFIGS)
+"""Mixture-of-experts families with a tiny model (fused experts; ``moe_modulelist`` is the per-module layout)."""
+TINY_HYBRID_FAMILIES: tuple[str, ...] = tuple(_HYBRID_CONFIGS)
+"""Hybrid families with a tiny model: some blocks hold a sequence mixer that is neither attention nor MLP."""
+MODULE_LIST_FAMILY = "moe_modulelist"
+
 TINY_LAYERS = 2
 TINY_HIDDEN = 64
 TINY_HEADS = 4
@@ -141,6 +227,11 @@ def tiny_config(family: str, *, tie_embeddings: bool | None = None) -> Pretraine
         if family in _LLAMA_LIKE:  # grouped-query attention with an explicit head size
             sizes |= {"num_key_value_heads": TINY_KV_HEADS, "head_dim": TINY_HEAD_DIM}
         return getattr(transformers, _CONFIG_CLASSES[family])(**sizes, **common)
+    if family in _MOE_CONFIGS or family in _HYBRID_CONFIGS:
+        cls_name, extra = {**_MOE_CONFIGS, **_HYBRID_CONFIGS}[family]
+        sizes = dict(zip(_SIZE_KEYS["standard"], _SIZES, strict=True))
+        sizes |= {"num_key_value_heads": TINY_KV_HEADS, "head_dim": TINY_HEAD_DIM}
+        return getattr(transformers, cls_name)(**{**sizes, **extra}, **common)
     if family == "gemma3_multimodal":
         vision = transformers.SiglipVisionConfig(
             hidden_size=32,
@@ -158,7 +249,8 @@ def tiny_config(family: str, *, tie_embeddings: bool | None = None) -> Pretraine
             initializer_range=TINY_INIT_RANGE,
             **{k: v for k, v in common.items() if k not in ("vocab_size", "initializer_range")},
         )
-    raise ModelError(f"No tiny model for family {family!r}; choose one of: {', '.join(ALL_TINY_FAMILIES)}")
+    known = ALL_TINY_FAMILIES + TINY_MOE_FAMILIES + TINY_HYBRID_FAMILIES + (MODULE_LIST_FAMILY,)
+    raise ModelError(f"No tiny model for family {family!r}; choose one of: {', '.join(known)}")
 
 
 def build_tiny_model(
@@ -171,6 +263,11 @@ def build_tiny_model(
     """
     import transformers
 
+    if family == MODULE_LIST_FAMILY:
+        from ssah.tiny_moe import module_list_model
+
+        model, tok = build_tiny_model("qwen3_moe", seed, tie_embeddings=tie_embeddings)
+        return module_list_model(model), tok
     config = tiny_config(family, tie_embeddings=tie_embeddings)
     cls_name = "Gemma3ForConditionalGeneration" if family == "gemma3_multimodal" else None
     with torch.random.fork_rng(devices=[]):

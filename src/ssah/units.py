@@ -8,6 +8,7 @@ the model they were computed on.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -19,9 +20,9 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from ssah.arch import Kind, UnitGroup
 from ssah.errors import UnitFileError, UserError
 from ssah.safefiles import save_safetensors
+from ssah.unit_groups import ALL_KINDS, Kind, UnitGroup, group_key
 
 Granularity = Literal["neuron", "head"]
 GRANULARITIES: tuple[Granularity, ...] = ("neuron", "head")
@@ -40,10 +41,16 @@ class GroupShape:
     kind: Kind
     size: int  # units in this group at the space's granularity
     channels_per_unit: int = 1
+    expert: int | None = None  # routed experts (kind ``expert``): the expert's index in its layer
 
     @property
     def key(self) -> str:
-        return f"layers.{self.layer}.{self.kind}"
+        return group_key(self.layer, self.kind, self.expert)
+
+    def row(self) -> list[int | str]:
+        """The group in a file's ``structure``: ``[layer, kind, units, channels_per_unit(, expert)]``."""
+        row: list[int | str] = [self.layer, self.kind, self.size, self.channels_per_unit]
+        return row if self.expert is None else [*row, self.expert]
 
     @property
     def channels(self) -> int:
@@ -66,7 +73,7 @@ class UnitSpace:
         self.granularity: Granularity = granularity
         self.model_fingerprint = model_fingerprint
         self.model_name = model_name
-        self._index = {(s.layer, s.kind): i for i, s in enumerate(self.shapes)}
+        self._index = {(s.layer, s.kind, s.expert): i for i, s in enumerate(self.shapes)}
         offsets = [0]
         for s in self.shapes:
             offsets.append(offsets[-1] + s.size)
@@ -87,7 +94,7 @@ class UnitSpace:
                 assert g.head_dim is not None
                 shapes.append(GroupShape(g.layer, g.kind, g.size // g.head_dim, g.head_dim))
             else:
-                shapes.append(GroupShape(g.layer, g.kind, g.size, 1))
+                shapes.append(GroupShape(g.layer, g.kind, g.size, 1, g.expert))
         return cls(shapes, granularity, model_fingerprint, model_name)
 
     # -- addressing -------------------------------------------------------------------------------------
@@ -103,36 +110,44 @@ class UnitSpace:
     def group_keys(self) -> list[str]:
         return [s.key for s in self.shapes]
 
-    def shape(self, layer: int, kind: Kind) -> GroupShape:
+    def shape(self, layer: int, kind: Kind, expert: int | None = None) -> GroupShape:
         try:
-            return self.shapes[self._index[(layer, kind)]]
+            return self.shapes[self._index[(layer, kind, expert)]]
         except KeyError:
+            where = "" if expert is None else f" expert {expert}"
             raise UserError(
-                f"no units at layer {layer} kind {kind!r}: the model has {self.num_layers} layers"
+                f"no units at layer {layer} kind {kind!r}{where}: the model has {self.num_layers} layers"
             ) from None
 
-    def group_slice(self, layer: int, kind: Kind) -> slice:
+    def group_slice(self, layer: int, kind: Kind, expert: int | None = None) -> slice:
         """The flat index range of one group."""
-        i = self._index[(layer, kind)]
+        i = self._index[(layer, kind, expert)]
         return slice(self.offsets[i], self.offsets[i + 1])
 
-    def flat_index(self, layer: int, kind: Kind, index: int) -> int:
-        s = self.shape(layer, kind)
+    def flat_index(self, layer: int, kind: Kind, index: int, expert: int | None = None) -> int:
+        s = self.shape(layer, kind, expert)
         if not 0 <= index < s.size:
             raise UserError(f"unit index {index} out of range for {s.key} (size {s.size})")
-        return self.group_slice(layer, kind).start + index
+        return self.group_slice(layer, kind, expert).start + index
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the space holds routed-expert units."""
+        return any(s.expert is not None for s in self.shapes)
+
+    def expert_of(self, flat: int) -> int | None:
+        """The routed expert a flat index belongs to (None outside routed experts)."""
+        self.locate(flat)  # range check
+        return self.shapes[self._shape_at(flat)].expert
+
+    def _shape_at(self, flat: int) -> int:
+        return bisect.bisect_right(self.offsets, flat) - 1  # offsets strictly increase: every group has units
 
     def locate(self, flat: int) -> tuple[int, Kind, int]:
-        """The (layer, kind, index) address of a flat index."""
+        """The (layer, kind, index) address of a flat index (:meth:`expert_of` names a routed unit's expert)."""
         if not 0 <= flat < self.total:
             raise UserError(f"flat unit index {flat} out of range (0..{self.total - 1})")
-        lo, hi = 0, len(self.shapes)
-        while hi - lo > 1:  # binary search over offsets
-            mid = (lo + hi) // 2
-            if self.offsets[mid] <= flat:
-                lo = mid
-            else:
-                hi = mid
+        lo = self._shape_at(flat)
         s = self.shapes[lo]
         return s.layer, s.kind, flat - self.offsets[lo]
 
@@ -175,7 +190,7 @@ class UnitSpace:
 
     # -- identity -----------------------------------------------------------------------------------------
     def structure(self) -> list[list[int | str]]:
-        return [[s.layer, s.kind, s.size, s.channels_per_unit] for s in self.shapes]
+        return [s.row() for s in self.shapes]
 
     @property
     def structure_hash(self) -> str:
@@ -300,10 +315,11 @@ class UnitSet:
         return {k: int(v.sum()) for k, v in self.space.split(self.mask).items()}
 
     def counts_by_layer(self) -> list[dict[str, int]]:
-        """For each layer, the number of members per kind."""
+        """For each layer, the number of members per kind (``attn`` and ``mlp`` always; expert kinds where the
+        model has them, routed experts summed over the layer's experts)."""
         out: list[dict[str, int]] = [{"attn": 0, "mlp": 0} for _ in range(self.space.num_layers)]
         for s, n in zip(self.space.shapes, self.counts_by_group().values(), strict=True):
-            out[s.layer][s.kind] = n
+            out[s.layer][s.kind] = out[s.layer].get(s.kind, 0) + n
         return out
 
     def __repr__(self) -> str:
@@ -394,18 +410,21 @@ def _parse_structure(path: Path, text: str) -> list[GroupShape]:
     if not isinstance(rows, list) or not rows:
         raise _damaged(path, "its structure is not a list of groups")
     for row in rows:
+        routed = isinstance(row, list) and len(row) == 5 and row[1] == "expert"
         ok = (
             isinstance(row, list)
-            and len(row) == 4
-            and all(isinstance(row[i], int) and not isinstance(row[i], bool) for i in (0, 2, 3))
-            and row[1] in ("attn", "mlp")
+            and len(row) == (5 if routed else 4)
+            and all(isinstance(v, int) and not isinstance(v, bool) for i, v in enumerate(row) if i != 1)
+            and row[1] in (ALL_KINDS if routed or len(row) == 4 else ())
+            and (row[1] != "expert" or routed)
             and row[0] >= 0
             and row[2] >= 1
             and row[3] >= 1
+            and (not routed or row[4] >= 0)
         )
         if not ok:
-            raise _damaged(path, f"structure entry {row!r} is not [layer, 'attn'|'mlp', units, channels]")
-        shapes.append(GroupShape(row[0], row[1], row[2], row[3]))
+            raise _damaged(path, f"structure entry {row!r} is not [layer, kind, units, channels(, expert)]")
+        shapes.append(GroupShape(row[0], row[1], row[2], row[3], row[4] if routed else None))
     return shapes
 
 
