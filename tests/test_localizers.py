@@ -127,7 +127,8 @@ def test_model_evidence_on_a_tiny_model(tiny_model: Any) -> None:
     space = UnitSpace.from_groups(get_adapter(model).groups(), "neuron")
 
     def prompts(name: str, responses: bool) -> PromptSet:
-        return PromptSet(name, f"memory:{name}", tuple(Example(f"{name} {i}?", "Sure." if responses else "") for i in range(4)))
+        examples = tuple(Example(f"{name} {i}?", "Sure." if responses else "") for i in range(4))
+        return PromptSet(name, f"memory:{name}", examples)
 
     data = {
         "safety": prompts("safety", True),

@@ -18,7 +18,7 @@ from ssah.localizers.base import (
 
 # The built-ins register on import, in this order (the order of help texts and error messages).
 # isort: off
-from ssah.localizers import ssah_rule, wei, contrast, uniform  # noqa: F401,E402
+from ssah.localizers import ssah_rule, wei, contrast, uniform  # noqa: F401
 # isort: on
 
 LOCALIZERS.seal()

@@ -44,7 +44,9 @@ class Evidence:
     def put(self, key: Key, value: torch.Tensor) -> None:
         """Provide a piece directly (constructed scores in tests, or statistics computed elsewhere)."""
         if value.numel() != self.space.total:
-            raise UserError(f"evidence {key} has {value.numel()} values for {self.space.total} units: pass one per unit")
+            raise UserError(
+                f"evidence {key} has {value.numel()} values for {self.space.total} units: pass one value per unit"
+            )
         self._cache[key] = value.detach().to("cpu", torch.float64).flatten()
 
     def get(self, key: Key) -> torch.Tensor:
@@ -103,7 +105,9 @@ def register_localizer(
     return fn
 
 
-def top_k(score: torch.Tensor, k: int, space: UnitSpace, allowed: torch.Tensor | None = None, name: str = "") -> UnitSet:
+def top_k(
+    score: torch.Tensor, k: int, space: UnitSpace, allowed: torch.Tensor | None = None, name: str = ""
+) -> UnitSet:
     """The ``k`` highest-scoring units (ties broken by position, so the set is deterministic), within ``allowed``."""
     order = torch.argsort(-score.to(torch.float64), stable=True)
     if allowed is not None:
