@@ -48,10 +48,11 @@ def cache_dir() -> Path:
 
 
 def registry_names() -> list[str]:
-    """Model names ssah knows without a path: SmolLM2 and one tiny random model per supported family."""
-    from ssah.tiny import TINY_FAMILIES
+    """Model names ssah knows without a path: SmolLM2 and one tiny random model per supported family (dense,
+    mixture-of-experts and hybrid)."""
+    from ssah.tiny import TINY_FAMILIES, TINY_HYBRID_FAMILIES, TINY_MOE_FAMILIES
 
-    return [SMOLLM2, *(TINY_PREFIX + f for f in TINY_FAMILIES)]
+    return [SMOLLM2, *(TINY_PREFIX + f for f in TINY_FAMILIES + TINY_MOE_FAMILIES + TINY_HYBRID_FAMILIES)]
 
 
 @dataclass

@@ -19,6 +19,8 @@ from torch import nn
 
 from ssah.arch import ArchAdapter, UnitGroup
 from ssah.hooks import attach
+from ssah.moe import RoutedRows, routed_experts
+from ssah.units import UnitSet, UnitSpace
 
 
 @dataclass
@@ -107,8 +109,16 @@ class UnitStatistics:
 
     @property
     def tokens(self) -> int:
-        """Tokens counted (the same for every group)."""
-        return next(iter(self.groups.values())).count if self.groups else 0
+        """Tokens counted (by every group but routed experts, which count only the tokens routed to them)."""
+        return max(v.count for v in self.groups.values()) if self.groups else 0
+
+    def routed_tokens(self) -> dict[str, int]:
+        """Per routed-expert group key (``layers.L.expert.E``), the number of tokens routed to it and counted."""
+        return {k: v.count for k, v in self.groups.items() if is_routed_key(k)}
+
+    def unscored(self, min_routed_tokens: int) -> list[str]:
+        """Routed-expert group keys with fewer than ``min_routed_tokens`` counted tokens: too few to score."""
+        return [k for k, n in self.routed_tokens().items() if n < min_routed_tokens]
 
     @property
     def data_hash(self) -> str:
@@ -175,11 +185,38 @@ class ActivationRecorder:
         self.groups = list(groups if groups is not None else adapter.groups())
         self.stats: dict[str, RunningStats] = {}
         self._rows: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
+        self._routed = RoutedRows(self.groups)
         self._stack: Iterator[None] | None = None
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Select the tokens of the next forward pass to count ([B, T] bool)."""
-        self._rows = mask.reshape(-1).nonzero().flatten()
+        self._flat = mask.reshape(-1).to(torch.bool)
+        self._rows = self._flat.nonzero().flatten()
+
+    def _selected(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which of the given token rows (into the flattened batch) the count mask selects."""
+        if self._flat is None:
+            raise RuntimeError("ActivationRecorder.set_mask must be called before each forward pass")
+        return self._flat.to(tokens.device)[tokens]
+
+    def _expert_hook(self, keys: dict[int, str]) -> Any:
+        """A fused-experts hook: fold each expert's routed, selected tokens into that expert's statistics."""
+
+        def hook(expert: int, tokens: torch.Tensor, h: torch.Tensor) -> None:
+            self.stats[keys[expert]].update(h[self._selected(tokens)].detach())
+
+        return hook
+
+    def _list_expert_hook(self, g: UnitGroup) -> Any:
+        """A module-list expert's reader pre-hook: fold the selected ones of the tokens routed to it."""
+
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1])
+            self.stats[g.key].update(flat[self._selected(self._routed.rows[g.reader_module])].detach())
+
+        return hook
 
     def _hook(self, key: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -198,8 +235,55 @@ class ActivationRecorder:
         device = next(self.model.parameters()).device
         for g in self.groups:
             self.stats.setdefault(g.key, RunningStats.zeros(g.size, device))
-        with attach(self.model, pre={g.reader_module: self._hook(g.key) for g in self.groups}):
+        pre = self._routed.pre_hooks(self.model, self.groups)
+        fused: dict[str, dict[int, str]] = {}
+        for g in self.groups:
+            if g.fused and g.expert is not None:
+                fused.setdefault(g.reader_module, {})[g.expert] = g.key
+            elif g.expert is not None:
+                pre[g.reader_module] = self._list_expert_hook(g)
+            else:
+                pre[g.reader_module] = self._hook(g.key)
+        hooks = {name: self._expert_hook(keys) for name, keys in fused.items()}
+        with attach(self.model, pre=pre), routed_experts(self.model, hooks):
             yield self
+
+
+MIN_ROUTED_TOKENS = 16
+"""Default minimum of counted tokens routed to an expert for its channels to be scored (settable per call)."""
+
+
+def routed_tokens_metadata(statistics: Mapping[str, UnitStatistics]) -> str:
+    """Each calibration set's routed-token count per expert group, as the JSON a unit file's metadata records
+    (``{"safety": {"layers.0.expert.3": 41, ...}, ...}``; sets and keys sorted, so the bytes are reproducible)."""
+    import json
+
+    counts = {name: dict(sorted(st.routed_tokens().items())) for name, st in sorted(statistics.items())}
+    return json.dumps(counts, separators=(",", ":"))
+
+
+def is_routed_key(key: str) -> bool:
+    """Whether a group key names one routed expert's channels (``layers.L.expert.E``)."""
+    return ".expert." in key
+
+
+def mask_unscored(
+    values: Mapping[str, torch.Tensor], statistics: UnitStatistics, min_routed_tokens: int
+) -> dict[str, torch.Tensor]:
+    """``values`` (per group key) with every unit of an expert that saw fewer than ``min_routed_tokens`` counted
+    tokens set to NaN: unscored, never scored as zero (categories and controls leave NaN units out)."""
+    low = set(statistics.unscored(min_routed_tokens))
+    return {k: torch.full_like(v, float("nan")) if k in low else v for k, v in values.items()}
+
+
+def unscored_units(space: UnitSpace, statistics: UnitStatistics, min_routed_tokens: int) -> UnitSet:
+    """The units of experts with fewer than ``min_routed_tokens`` counted tokens (``exclude`` them from controls)."""
+    mask = torch.zeros(space.total, dtype=torch.bool)
+    low = set(statistics.unscored(min_routed_tokens))
+    for sh in space.shapes:
+        if sh.key in low:
+            mask[space.group_slice(sh.layer, sh.kind, sh.expert)] = True
+    return UnitSet(space, mask, f"unscored(<{min_routed_tokens} routed tokens)")
 
 
 def reader_gradients(adapter: ArchAdapter, groups: Sequence[UnitGroup]) -> Mapping[str, torch.Tensor | None]:
