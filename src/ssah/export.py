@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ssah.arch import get_adapter
 from ssah.errors import UserError
@@ -41,9 +40,19 @@ def _readers(model: nn.Module, units: UnitSet) -> list[tuple[Any, torch.Tensor]]
     return [(g, masks[g.key]) for g in adapter.groups() if bool(masks[g.key].any())]
 
 
+def _reader_weight_bias(model: nn.Module, g: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A group's reader weight and output bias: the module's, or a fused expert's slices ``down_proj[e]`` and
+    ``down_proj_bias[e]`` (None where the experts have no biases)."""
+    mod: Any = model.get_submodule(g.reader_module)
+    if not g.fused:
+        return mod.weight, getattr(mod, "bias", None)
+    bias = mod.down_proj_bias[g.expert] if getattr(mod, "has_bias", False) else None
+    return mod.down_proj[g.expert], bias
+
+
 def needs_reader_bias(model: nn.Module, units: UnitSet) -> bool:
     """Whether folding a mean ablation of ``units`` needs a bias the model's readers do not have."""
-    return any(getattr(model.get_submodule(g.reader_module), "bias", None) is None for g, _ in _readers(model, units))
+    return any(_reader_weight_bias(model, g)[1] is None for g, _ in _readers(model, units))
 
 
 def with_reader_biases(model: nn.Module) -> nn.Module:
@@ -85,16 +94,15 @@ def fold_ablation(
         raise UserError("mean ablation needs the calibration means: pass means=channel_means(statistics)")
     with torch.no_grad():
         for g, mask in _readers(model, units):
-            mod: Any = model.get_submodule(g.reader_module)
-            w = mod.weight
-            cols = w if isinstance(mod, Conv1D) else w.t()  # [in channels, out features]
+            w, bias = _reader_weight_bias(model, g)
+            cols = w if g.reader.dim == 0 else w.t()  # [in channels, out features] (Conv1D, transposed experts)
             if mode == "mean":
                 assert means is not None
-                if mod.bias is None:
-                    raise UserError(f"{g.reader_module} has no bias to fold the channel means into")
+                if bias is None:
+                    raise UserError(f"{g.key} ({g.reader_module}) has no bias to fold the channel means into")
                 mean = means[g.key].to(torch.float64)
                 shift = (cols.double()[mask] * mean[mask].to(cols.device).unsqueeze(-1)).sum(0)
-                mod.bias.add_(shift.to(mod.bias.dtype))
+                bias.add_(shift.to(bias.dtype))
             cols[mask] = 0
 
 

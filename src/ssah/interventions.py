@@ -16,42 +16,64 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ssah.arch import ArchAdapter, get_adapter
+from ssah.arch import ArchAdapter, UnitGroup, get_adapter
 from ssah.errors import UnitFileError, UserError
 from ssah.hooks import attach
+from ssah.moe import ExpertHook, routed_experts
 from ssah.stats import UnitStatistics
-from ssah.units import UnitSet, UnitSpace
+from ssah.unit_slices import (
+    GQA_MODES,
+    GqaMode,
+    SliceDim,
+    SliceReport,
+    check_gqa_mode,
+    fill_slices,
+    like_param,
+    local_tensor,
+    space_of,
+    unit_param_masks,
+    unit_param_slices,
+    unit_param_slices_and_report,
+)
+from ssah.units import UnitSet
+
+__all__ = [
+    "ABLATION_MODES",
+    "GQA_MODES",
+    "AblationMode",
+    "FrozenUnits",
+    "GqaMode",
+    "SliceReport",
+    "UnitDeltas",
+    "ablate",
+    "channel_means",
+    "check_ablation_mode",
+    "check_gqa_mode",
+    "freeze_units",
+    "like_param",
+    "local_tensor",
+    "space_of",
+    "train_only_units",
+    "trainable_share",
+    "unit_param_masks",
+    "unit_param_slices",
+    "unit_param_slices_and_report",
+]
 
 AblationMode = Literal["zero", "mean"]
 ABLATION_MODES: tuple[AblationMode, ...] = ("zero", "mean")
-GqaMode = Literal["any", "strict"]
-GQA_MODES: tuple[GqaMode, ...] = ("any", "strict")
-
-
-def space_of(model: nn.Module, granularity: str = "neuron", adapter: ArchAdapter | None = None) -> UnitSpace:
-    """The unit space of a model at the given granularity (no fingerprint)."""
-    adapter = adapter or get_adapter(model)
-    return UnitSpace.from_groups(adapter.groups(), granularity)  # type: ignore[arg-type]
 
 
 def check_ablation_mode(mode: str) -> AblationMode:
     """``mode`` if it is an ablation mode, else :class:`UserError` naming the modes."""
     if mode not in ABLATION_MODES:
         raise UserError(f"unknown ablation mode {mode!r}: use one of {', '.join(ABLATION_MODES)}")
-    return mode  # type: ignore[return-value]
-
-
-def check_gqa_mode(mode: str) -> GqaMode:
-    """``mode`` if it is a GQA sharing mode, else :class:`UserError` naming the modes."""
-    if mode not in GQA_MODES:
-        raise UserError(f"unknown gqa mode {mode!r}: use one of {', '.join(GQA_MODES)}")
     return mode  # type: ignore[return-value]
 
 
@@ -80,223 +102,71 @@ def ablate(
     if mode == "mean" and means is None:
         raise UserError("mean ablation needs the calibration means: pass means=channel_means(statistics)")
     hooks: dict[str, Any] = {}
+    fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     masks = units.channel_masks()
     for g in adapter.groups():
         mask = masks[g.key]
         if not bool(mask.any()):
             continue
-        if mode == "mean":
-            assert means is not None
-            mean = means.get(g.key)
-            if mean is None or tuple(mean.shape) != (g.size,):
-                raise UserError(
-                    f"the calibration means have no {g.size} channel means for {g.key}: "
-                    "compute them on this model with channel_means(statistics)"
-                )
-            fill = torch.where(mask, mean.detach().to("cpu", torch.float64), 0.0)
+        fill = _fill(g, mask, mode, means)
+        if g.fused and g.expert is not None:
+            # fused experts: the channel is replaced in the expert's own computation, for its routed tokens only
+            fused.setdefault(g.reader_module, {})[g.expert] = (mask, fill)
         else:
-            fill = torch.zeros(g.size, dtype=torch.float64)
-        # mask and fill move to each reader's input device in the hook: a dispatched model spans several devices
-        removed = mask
-
-        # the hook runs on every forward of every ablated reader (each generated token): move and cast the mask
-        # and fill once per device and dtype, not on each call
-        placed: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def hook(
-            _m: nn.Module,
-            args: tuple[Any, ...],
-            removed: torch.Tensor = removed,
-            fill: torch.Tensor = fill,
-            placed: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = placed,
-        ) -> tuple[Any, ...]:
-            x = args[0]
-            key = (x.device, x.dtype)
-            if key not in placed:
-                placed[key] = (removed.to(x.device), fill.to(x.device, x.dtype))
-            where, value = placed[key]
-            return (torch.where(where, value, x), *args[1:])
-
-        hooks[g.reader_module] = hook
-    with attach(model, pre=hooks):
+            hooks[g.reader_module] = _replace_hook(mask, fill)
+    expert_hooks = {name: _expert_replace_hook(per_expert) for name, per_expert in fused.items()}
+    with attach(model, pre=hooks), routed_experts(model, expert_hooks):
         yield
 
 
-# -- Parameter slices of units: the basis of freezing and of training only some units ----------------------------
-#
-# A unit owns its reader column (the slice of o_proj / down_proj that consumes its channel) and its writer rows
-# (the v / gate / up rows, or slices of fused projections, and their bias entries, that produce the channel).
-# Under grouped-query attention one v row is shared by the query heads of a KV group (the adapter's writer index
-# maps several channels to one row). ``gqa="any"`` gives such a row to a unit set as soon as ANY channel that
-# shares it is in the set: freezing the set also keeps the row fixed for its neighbours, training the set also
-# moves it for them. ``gqa="strict"`` gives the row only when ALL channels that share it are in the set: the
-# set's other channels then keep (or lose) their value row. Either way :class:`SliceReport` counts what was shared.
+def _fill(g: UnitGroup, mask: torch.Tensor, mode: str, means: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """The values ablated channels of ``g`` read: 0, or their calibration means (float64, CPU)."""
+    if mode != "mean":
+        return torch.zeros(g.size, dtype=torch.float64)
+    assert means is not None
+    mean = means.get(g.key)
+    if mean is None or tuple(mean.shape) != (g.size,):
+        raise UserError(
+            f"the calibration means have no {g.size} channel means for {g.key}: "
+            "compute them on this model with channel_means(statistics)"
+        )
+    return torch.where(mask, mean.detach().to("cpu", torch.float64), 0.0)
 
 
-@dataclass(frozen=True)
-class SliceReport:
-    """What a unit set's parameter slices cover: shares of units and parameters, and GQA sharing.
+class _Placed:
+    """A mask and fill moved and cast once per (device, dtype): hooks run on every forward of every ablated
+    reader (each generated token), and a dispatched model spans several devices."""
 
-    A *shared row* is a writer row (a value row under GQA) that several channels read. ``outside_channels``
-    counts channels outside the set whose shared row was taken anyway (``any``: they stay fixed with a frozen
-    set, or move with a trained one); ``inside_channels_without_row`` counts channels of the set whose shared row
-    was left out (``strict``). Rows are counted once per group, whatever number of parameters (weight, bias)
-    hold them.
-    """
+    def __init__(self, mask: torch.Tensor, fill: torch.Tensor) -> None:
+        self.mask, self.fill = mask, fill
+        self._placed: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    gqa: str
-    units: int
-    units_total: int
-    parameters: int  # entries in the slices (each tied parameter once)
-    parameters_total: int
-    shared_rows_touched: int  # shared rows read by at least one channel of the set
-    shared_rows_taken: int  # of those, rows in the slices
-    shared_rows_partial: int  # of those, rows read by channels both in and outside the set
-    outside_channels: int
-    inside_channels_without_row: int
-
-    @property
-    def unit_share(self) -> float:
-        return self.units / self.units_total if self.units_total else 0.0
-
-    @property
-    def parameter_share(self) -> float:
-        return self.parameters / self.parameters_total if self.parameters_total else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: the fields in order, each share right after its total."""
-        shares = {
-            "units_total": ("unit_share", self.unit_share),
-            "parameters_total": ("parameter_share", self.parameter_share),
-        }
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            out[f.name] = getattr(self, f.name)
-            if f.name in shares:
-                out[shares[f.name][0]] = shares[f.name][1]
-        return out
+    def replace(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in self._placed:
+            self._placed[key] = (self.mask.to(x.device), self.fill.to(x.device, x.dtype))
+        where, value = self._placed[key]
+        return torch.where(where, value, x)
 
 
-def _shared_rows(index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per channel: how many channels read its row, how many of them are in ``mask``, and the row's group id."""
-    rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-    inside = torch.zeros(rows.numel(), dtype=torch.int64).index_add_(0, inverse, mask.to(torch.int64))
-    return counts[inverse], inside[inverse], inverse
+def _replace_hook(mask: torch.Tensor, fill: torch.Tensor) -> Any:
+    """A reader pre-hook that replaces the masked channels of its input by ``fill``."""
+    placed = _Placed(mask, fill)
+
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (placed.replace(args[0]), *args[1:])
+
+    return hook
 
 
-def unit_param_slices_and_report(
-    model: nn.Module,
-    units: UnitSet,
-    *,
-    adapter: ArchAdapter | None = None,
-    readers: bool = True,
-    writers: bool = True,
-    gqa: str = "any",
-) -> tuple[dict[str, tuple[int, torch.Tensor]], SliceReport]:
-    """Parameter name -> (dim, sorted unique int64 indices along dim) owned by the given units, and the
-    :class:`SliceReport` of what they hold.
+def _expert_replace_hook(per_expert: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> ExpertHook:
+    """A fused-experts hook that replaces the masked channels of each listed expert's down-projection input."""
+    placed = {e: _Placed(mask, fill) for e, (mask, fill) in per_expert.items()}
 
-    Readers contribute columns (rows of GPT-2 ``Conv1D`` weights), writers contribute v / gate / up rows,
-    fused qkv / gate_up slices and bias entries; slices of one parameter are merged across groups (a fused
-    ``gate_up_proj`` appears once, with gate and up rows). ``gqa`` says when a value row shared under
-    grouped-query attention belongs to the set (``any`` / ``strict``, see above). Names are those of
-    ``model.named_parameters()``, which lists a tied or shared parameter once. Raises ``ValueError`` when one
-    parameter would need slices along two dims (no supported layout does), :class:`UnitFileError` when the set
-    belongs to another model, :class:`UserError` for an unknown ``gqa``.
-    """
-    gqa = check_gqa_mode(gqa)
-    adapter = adapter or get_adapter(model)
-    if space_of(model, units.space.granularity, adapter) != units.space:
-        raise UnitFileError(f"unit set {units.name!r} was made for a model with another unit layout")
-    masks = units.channel_masks()
-    parts: dict[str, tuple[int, list[torch.Tensor]]] = {}
-    touched = taken = partial = outside = without = 0
-    for g in adapter.groups():
-        mask = masks[g.key]
-        if not bool(mask.any()):
-            continue
-        if readers:
-            _add_slice(parts, g.reader.name, g.reader.dim, g.reader.index[mask])
-        if not writers:
-            continue
-        counted = False  # every writer of a group maps channels to rows the same way: count the sharing once
-        for s in g.writers:
-            sharers, inside, row_id = _shared_rows(s.index, mask)
-            shared = sharers > 1
-            keep = mask & (~shared | (inside == sharers)) if gqa == "strict" else mask
-            _add_slice(parts, s.name, s.dim, s.index[keep])
-            if counted or not bool(shared.any()):
-                continue
-            counted = True
-            rows_in = torch.unique(row_id[mask & shared])
-            rows_taken = torch.unique(row_id[keep & shared])
-            touched += int(rows_in.numel())
-            taken += int(rows_taken.numel())
-            partial += int(torch.unique(row_id[mask & shared & (inside < sharers)]).numel())
-            taken_rows = torch.zeros(int(row_id.max()) + 1, dtype=torch.bool)
-            taken_rows[rows_taken] = True
-            outside += int((~mask & taken_rows[row_id]).sum())
-            without += int((mask & shared & ~taken_rows[row_id]).sum())
-    slices = {name: (dim, torch.unique(torch.cat(idx)).to(torch.int64)) for name, (dim, idx) in parts.items()}
-    slices = {name: s for name, s in slices.items() if s[1].numel()}
-    params = dict(model.named_parameters())
-    report = SliceReport(
-        gqa=gqa,
-        units=len(units),
-        units_total=units.space.total,
-        parameters=sum(int(idx.numel()) * (params[n].numel() // params[n].shape[d]) for n, (d, idx) in slices.items()),
-        parameters_total=sum(p.numel() for p in params.values()),
-        shared_rows_touched=touched,
-        shared_rows_taken=taken,
-        shared_rows_partial=partial,
-        outside_channels=outside,
-        inside_channels_without_row=without,
-    )
-    return slices, report
+    def hook(expert: int, _tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        return placed[expert].replace(h) if expert in placed else None
 
-
-def _add_slice(parts: dict[str, tuple[int, list[torch.Tensor]]], name: str, dim: int, idx: torch.Tensor) -> None:
-    """Collect ``idx`` along ``dim`` of parameter ``name`` (one dim per parameter)."""
-    d, lst = parts.setdefault(name, (dim, []))
-    if d != dim:
-        raise ValueError(f"parameter {name} has unit slices along dims {d} and {dim}")
-    lst.append(idx)
-
-
-def unit_param_slices(model: nn.Module, units: UnitSet, **options: Any) -> dict[str, tuple[int, torch.Tensor]]:
-    """Parameter name -> (dim, sorted unique int64 indices along dim) owned by the given units; the options are
-    those of :func:`unit_param_slices_and_report` (``adapter``, ``readers``, ``writers``, ``gqa``)."""
-    return unit_param_slices_and_report(model, units, **options)[0]
-
-
-def unit_param_masks(model: nn.Module, units: UnitSet, **kw: Any) -> dict[str, torch.Tensor]:
-    """Parameter name -> bool mask of the parameter's shape (on its device), True on the units' slices.
-
-    Keyword arguments go to :func:`unit_param_slices` (``adapter``, ``readers``, ``writers``).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, (dim, idx) in unit_param_slices(model, units, **kw).items():
-        param = model.get_parameter(name)
-        mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
-        out[name] = mask.index_fill_(dim, idx.to(param.device), True)
-    return out
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def like_param(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``mask`` laid out like ``param``: sharded the same way when ``param`` is a DTensor (no communication:
-    every rank holds the same full mask), else ``mask`` itself."""
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is None:
-        return mask
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(mask, mesh, param.placements, src_data_rank=None)  # type: ignore[attr-defined]
+    return hook
 
 
 class FrozenUnits:
@@ -313,7 +183,7 @@ class FrozenUnits:
     """
 
     def __init__(
-        self, model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]], report: SliceReport | None = None
+        self, model: nn.Module, slices: dict[str, tuple[SliceDim, torch.Tensor]], report: SliceReport | None = None
     ) -> None:
         self.report = report  # what the frozen slices cover (set by freeze_units)
         self.masks: dict[str, torch.Tensor] = {}
@@ -330,8 +200,7 @@ class FrozenUnits:
                     "train with a device map that keeps every weight on a GPU, or with FSDP2"
                 )
             local = local_tensor(param.detach())
-            mask = torch.zeros(param.shape, dtype=torch.bool, device=local.device)
-            mask.index_fill_(dim, idx.to(local.device), True)
+            mask = fill_slices(torch.zeros(param.shape, dtype=torch.bool, device=local.device), dim, idx)
             self.masks[name] = mask
             flat = local_tensor(like_param(mask, param)).reshape(-1).nonzero().flatten()
             self._params[name] = param
@@ -403,20 +272,32 @@ def freeze_units(
 
 
 class _SliceDelta(nn.Module):
-    """Parametrization ``W -> W + delta`` on the slices ``idx`` along ``dim``; only ``delta`` is trainable."""
+    """Parametrization ``W -> W + delta`` on the slices ``idx`` along ``dim``; only ``delta`` is trainable.
+
+    For a fused expert slice (``dim = (0, d)``) the experts and dim ``d`` are merged into one dim (moved first)
+    and ``delta`` holds one row per (expert, channel) entry of ``idx``."""
 
     idx: torch.Tensor  # a buffer
 
-    def __init__(self, param: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+    def __init__(self, param: torch.Tensor, dim: SliceDim, idx: torch.Tensor) -> None:
         super().__init__()
-        shape = list(param.shape)
-        shape[dim] = int(idx.numel())
         self.dim = dim
+        if isinstance(dim, tuple):
+            rest = [n for i, n in enumerate(param.shape) if i not in dim]
+            shape = [int(idx.numel()), *rest]
+        else:
+            shape = list(param.shape)
+            shape[dim] = int(idx.numel())
         self.register_buffer("idx", idx.to(param.device), persistent=False)
         self.delta = nn.Parameter(torch.zeros(shape, dtype=param.dtype, device=param.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.index_add(self.dim, self.idx, self.delta)
+        if not isinstance(self.dim, tuple):
+            return weight.index_add(self.dim, self.idx, self.delta)
+        d = self.dim[1]
+        moved = weight.movedim(d, 1)  # [E, C, rest...]
+        merged = moved.reshape(moved.shape[0] * moved.shape[1], *moved.shape[2:]).index_add(0, self.idx, self.delta)
+        return merged.reshape(moved.shape).movedim(1, d)
 
 
 class UnitDeltas:
@@ -432,7 +313,7 @@ class UnitDeltas:
     """
 
     def __init__(
-        self, model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]], report: SliceReport | None = None
+        self, model: nn.Module, slices: dict[str, tuple[SliceDim, torch.Tensor]], report: SliceReport | None = None
     ) -> None:
         self.model = model
         self.report = report  # what the trained slices cover (set by train_only_units)

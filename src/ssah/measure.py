@@ -342,11 +342,13 @@ def select(sets: Mapping[str, UnitSet], ranking: torch.Tensor, spec: str) -> Sel
 
 # ------------------------------------------------------------------------------------------------ controls
 def _cell_keys(space: UnitSpace, strata: str) -> list[tuple[str, slice]]:
-    """(stratum label, flat slice) for every group; groups sharing a label form one stratum."""
+    """(stratum label, flat slice) for every group; groups sharing a label form one stratum. Under ``layer-kind``
+    each routed expert is a stratum of its own (``3.expert.5``): a control keeps its count per expert."""
     out = []
     for sh in space.shapes:
-        label = {"layer-kind": f"{sh.layer}.{sh.kind}", "layer": str(sh.layer), "kind": sh.kind, "none": "all"}[strata]
-        out.append((label, space.group_slice(sh.layer, sh.kind)))
+        cell = f"{sh.layer}.{sh.kind}" if sh.expert is None else f"{sh.layer}.{sh.kind}.{sh.expert}"
+        label = {"layer-kind": cell, "layer": str(sh.layer), "kind": sh.kind, "none": "all"}[strata]
+        out.append((label, space.group_slice(sh.layer, sh.kind, sh.expert)))
     return out
 
 
@@ -377,7 +379,8 @@ def random_control(
     ``strata="none"`` draws uniformly over all units (count matched only: the old control, kept for
     comparison). ``exclude`` keeps those units out of the draw (e.g. the controlled set itself).
     ``match_scores`` (flat, one value per unit) also matches the score quantile: within each stratum the units
-    are split into ``bins`` quantile bins and each bin keeps its count. Reproducible by seed.
+    are split into ``bins`` quantile bins and each bin keeps its count. Units whose ``match_scores`` are NaN
+    (unscored: experts with too few routed tokens) are never drawn. Reproducible by seed.
     """
     if strata not in STRATA:
         raise UserError(f"unknown control strata {strata!r}: use one of {', '.join(STRATA)}")
@@ -389,6 +392,8 @@ def random_control(
     g = torch.Generator().manual_seed(int(seed))
     mask = torch.zeros(space.total, dtype=torch.bool)
     allowed = ~exclude.mask if exclude is not None else torch.ones(space.total, dtype=torch.bool)
+    if match_scores is not None:
+        allowed = allowed & ~torch.isnan(match_scores.to(torch.float64))
     cells: dict[str, list[slice]] = {}
     for label, sl in _cell_keys(space, strata):
         cells.setdefault(label, []).append(sl)
