@@ -41,7 +41,8 @@ Renderer = Callable[[dict[str, Any], Path], str]
 Ref = Any  # a "module:attribute" string (".module:attribute" relative to the recipe's package) or the object
 
 ENTRY_POINTS = "ssah.recipes"
-_NAMES = ("units", "eval", "probe", "ablate", "train", "align", "transfer", "protect", "direction", "budget", "demo")
+_NAMES = ("units", "eval", "probe", "ablate", "train", "align", "transfer", "protect", "direction", "localize")
+_NAMES += ("budget", "demo")
 BUILTIN = tuple(f"ssah.recipes.{n}" for n in (*_NAMES, "judge"))  # the built-in recipe packages, in listing order
 
 

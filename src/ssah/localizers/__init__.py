@@ -12,6 +12,7 @@ from ssah.localizers.base import (
     EvidenceSource,
     Localizer,
     budget_units,
+    parse_budgets,
     register_localizer,
     top_k,
 )
@@ -23,4 +24,13 @@ from ssah.localizers import ssah_rule, wei, contrast, uniform  # noqa: F401
 
 LOCALIZERS.seal()
 
-__all__ = ["LOCALIZERS", "Evidence", "EvidenceSource", "Localizer", "budget_units", "register_localizer", "top_k"]
+__all__ = [
+    "LOCALIZERS",
+    "Evidence",
+    "EvidenceSource",
+    "Localizer",
+    "budget_units",
+    "parse_budgets",
+    "register_localizer",
+    "top_k",
+]

@@ -32,7 +32,8 @@ class ModelEvidence:
     progress: bool = True
     _stats: dict[tuple[str, str, str], UnitStatistics] = field(default_factory=dict, repr=False)
 
-    def _statistics(self, which: str, model: str, gradients: str) -> UnitStatistics:
+    def statistics(self, which: str, model: str = "aligned", gradients: str = "none") -> UnitStatistics:
+        """The statistics pass over ``which`` (a key of ``data``) on ``model``, computed once."""
         key = (which, model, gradients)
         if key not in self._stats:
             net = self.model if model == "aligned" else self.base
@@ -56,9 +57,9 @@ class ModelEvidence:
         """The piece ``key`` (see :class:`~ssah.localizers.base.EvidenceSource`)."""
         if key[0] == "scores":
             _, metric, which = key
-            stats = self._statistics(which, "aligned", gradient_mode(metric))
+            stats = self.statistics(which, "aligned", gradient_mode(metric))
             return compute_scores(self.model, stats, metric, self.space).flat()
         what, model, which = key
-        stats = self._statistics(which, model, "none")
+        stats = self.statistics(which, model, "none")
         per_group = {k: getattr(g, what).to(torch.float64) for k, g in stats.groups.items()}
         return self.space.join(per_group)
