@@ -142,3 +142,16 @@ def test_model_evidence_on_a_tiny_model(tiny_model: Any) -> None:
     assert ev.has(("scores", "fluctuation", "safety")) and ev.has(("var", "aligned", "harmless"))
     with pytest.raises(UserError, match="--base"):
         LOCALIZERS.get("aligned-vs-base")(ev, 6)
+
+
+def test_aligned_vs_base_reads_both_models_on_harmful_prompts(space: UnitSpace) -> None:
+    n = space.total
+    ev = Evidence(space)
+    aligned, base = torch.zeros(n), torch.zeros(n)
+    aligned[[4, 8]] = 3.0  # these units moved with alignment
+    ev.put(("mean", "aligned", "harmful"), aligned)
+    ev.put(("mean", "base", "harmful"), base)
+    ev.put(("var", "aligned", "harmful"), torch.ones(n))
+    ev.put(("var", "base", "harmful"), torch.ones(n))
+    loc = LOCALIZERS.get("aligned-vs-base")
+    assert loc.needs_base and sorted(loc(ev, 2).indices().tolist()) == [4, 8]
