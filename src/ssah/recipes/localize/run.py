@@ -114,8 +114,11 @@ def _prompts_only(ps: PromptSet, name: str) -> PromptSet:
 class _Measurer:
     """Measures the model under one unit set (ablated, then restored), with KL against the unedited model."""
 
-    def __init__(self, cfg: LocalizeConfig, lm: LoadedModel, data: EvalData, means: Any) -> None:
+    def __init__(self, cfg: LocalizeConfig, lm: LoadedModel, data: EvalData, means: Any, conditions: int) -> None:
+        from tqdm.auto import tqdm
+
         self.cfg, self.lm, self.data, self.means = cfg, lm, data, means
+        self.bar = tqdm(total=conditions, desc="conditions", unit="cond", disable=not cfg.progress)
         self.judge = get_judge(cfg.eval.judge, model=lm.model, tokenizer=lm.tokenizer)
         self.gen = cfg.eval.greedy(cfg)
         self.kl_ref = None
@@ -131,6 +134,7 @@ class _Measurer:
             res = measure.measure_condition(model, self.lm.tokenizer, self.data, judge=self.judge, config=self.gen)
             kl = None if self.kl_ref is None else kl_divergence(model, self.lm.tokenizer, self.kl_ref).to_dict()
         row = {"units": 0 if units is None else len(units), **res.to_dict(), **({"kl": kl} if kl else {})}
+        self.bar.update()
         return row, res
 
 
@@ -210,9 +214,10 @@ def localize_experiment(cfg: LocalizeConfig, clock: Clock) -> Experiment:
     t = time.time()
     means = channel_means(source.statistics("safety").merge(source.statistics("utility")))
     means = means if cfg.ablation == "mean" else None
-    run = _Measurer(cfg, lm, data, means)
-    baseline, _ = run(None)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    per_budget = sum(cfg.seeds if LOCALIZERS.get(n).seeded else 1 + cfg.seeds for n in cfg.method_names())
+    run = _Measurer(cfg, lm, data, means, 1 + per_budget * len(cfg.budgets))
+    baseline, _ = run(None)
     budgets = []
     for share in cfg.budgets:
         k = budget_units(share, space)
@@ -224,6 +229,7 @@ def localize_experiment(cfg: LocalizeConfig, clock: Clock) -> Experiment:
         budgets.append({"share": share, "units": k, "methods": rows, "pairwise": _pairwise(measured),
                         "overlap": _overlap(found, k, space.total)})  # fmt: skip
     seconds["measurement"] = time.time() - t
+    run.bar.close()
     results = {
         "model": {k: getattr(lm, k) for k in ("name", "source", "fingerprint", "family")}
         | {"units_total": space.total},
