@@ -327,3 +327,20 @@ def test_routed_token_counts_for_the_unit_file() -> None:
     counts = json.loads(routed_tokens_metadata({"utility": stats, "safety": stats}))
     assert list(counts) == ["safety", "utility"] and counts["safety"] == stats.routed_tokens()
     assert all(".expert." in k for k in counts["safety"])
+
+
+def test_a_partition_leaves_unscored_units_out(tmp_path: Any) -> None:
+    from ssah.errors import UnitFileError
+    from ssah.units import PARTITION, UNSCORED
+
+    model, _ = build_tiny_model("qwen3_moe")
+    space = UnitSpace.from_groups(get_adapter(model).groups(), "neuron", "fp", "tiny")
+    low = torch.zeros(space.total, dtype=torch.bool)
+    low[space.group_slice(1, "expert", 3)] = True
+    rest = torch.arange(space.total) % 4
+    sets = {c: UnitSet(space, (rest == i) & ~low, c) for i, c in enumerate(PARTITION)}
+    save_unit_sets(tmp_path / "u.safetensors", {**sets, UNSCORED: UnitSet(space, low, UNSCORED)})
+    assert load_unit_sets(tmp_path / "u.safetensors", space)[UNSCORED].mask.equal(low)
+    save_unit_sets(tmp_path / "bad.safetensors", sets)  # the unscored units in no category and no unscored set
+    with pytest.raises(UnitFileError, match="none or several"):
+        load_unit_sets(tmp_path / "bad.safetensors", space)

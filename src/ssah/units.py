@@ -30,6 +30,7 @@ UNIT_FILE_FORMAT = "ssah.units/1"
 # The categories of ``ssah.categorize`` (not imported: categorize builds on this module). A file holding all four
 # must hold a partition: every unit in exactly one.
 PARTITION: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
+UNSCORED = "unscored"  # the set of units left unscored (experts with too few routed tokens): in no category
 REQUIRED_METADATA: tuple[str, ...] = ("granularity", "structure", "structure_hash", "model_fingerprint", "sets")
 
 
@@ -130,18 +131,13 @@ class UnitSpace:
             raise UserError(f"unit index {index} out of range for {s.key} (size {s.size})")
         return self.group_slice(layer, kind, expert).start + index
 
-    @property
-    def has_experts(self) -> bool:
-        """Whether the space holds routed-expert units."""
-        return any(s.expert is not None for s in self.shapes)
-
     def expert_of(self, flat: int) -> int | None:
         """The routed expert a flat index belongs to (None outside routed experts)."""
         self.locate(flat)  # range check
         return self.shapes[self._shape_at(flat)].expert
 
-    def _shape_at(self, flat: int) -> int:
-        return bisect.bisect_right(self.offsets, flat) - 1  # offsets strictly increase: every group has units
+    def _shape_at(self, flat: int) -> int:  # offsets strictly increase: every group has units
+        return bisect.bisect_right(self.offsets, flat) - 1
 
     def locate(self, flat: int) -> tuple[int, Kind, int]:
         """The (layer, kind, index) address of a flat index (:meth:`expert_of` names a routed unit's expert)."""
@@ -315,8 +311,7 @@ class UnitSet:
         return {k: int(v.sum()) for k, v in self.space.split(self.mask).items()}
 
     def counts_by_layer(self) -> list[dict[str, int]]:
-        """For each layer, the number of members per kind (``attn`` and ``mlp`` always; expert kinds where the
-        model has them, routed experts summed over the layer's experts)."""
+        """For each layer, the number of members per kind (attn and mlp always; routed experts summed)."""
         out: list[dict[str, int]] = [{"attn": 0, "mlp": 0} for _ in range(self.space.num_layers)]
         for s, n in zip(self.space.shapes, self.counts_by_group().values(), strict=True):
             out[s.layer][s.kind] = out[s.layer].get(s.kind, 0) + n
@@ -463,6 +458,8 @@ def load_unit_sets(
     masks = _read_masks(path, space, available)
     if set(PARTITION) <= set(masks):
         counts = torch.stack([masks[c] for c in PARTITION]).sum(0)
+        if UNSCORED in masks:  # units of experts with too few routed tokens are in no category
+            counts = counts + masks[UNSCORED].to(counts.dtype)
         if bool((counts != 1).any()):
             raise _damaged(path, f"{int((counts != 1).sum())} units are in none or several of {'/'.join(PARTITION)}")
     return {name: UnitSet(space, masks[name], name) for name in wanted}
