@@ -17,6 +17,10 @@ def _kl(row: dict[str, Any]) -> float | None:
     return None if kl is None else float(kl["reply"]["mean"])
 
 
+def _ppl(row: dict[str, Any]) -> str:
+    return "-" if row.get("perplexity") is None else f"{row['perplexity']:.2f}"
+
+
 def _mean_rate(rows: list[dict[str, Any]], rate: str) -> float:
     return sum(r[rate]["rate"] for r in rows) / len(rows)
 
@@ -32,11 +36,10 @@ def _method_cells(name: str, m: dict[str, Any]) -> list[str]:
             "",
             f"{pct(_mean_rate(rows, 'coherent_compliance'))} (mean)",
             pct(_mean_rate(rows, "overrefusal")) if all("overrefusal" in r for r in rows) else "-",
-            "-",
+            f"{sum(r['perplexity'] for r in rows) / len(rows):.2f}" if all("perplexity" in r for r in rows) else "-",
             f"{sum(kls) / len(kls):.3f}" if kls else "-",
         ]
     row, v = m["condition"], m["vs_random"]
-    ppl = row.get("perplexity")
     return [
         name,
         proportion(row["asr"]),
@@ -44,7 +47,7 @@ def _method_cells(name: str, m: dict[str, Any]) -> list[str]:
         verdict_word(v["asr"]["verdict"]),
         f"{proportion(row['coherent_compliance'])} ({verdict_word(v['coherent_compliance']['verdict'])})",
         proportion(row.get("overrefusal")),
-        "-" if ppl is None else f"{ppl:.2f}",
+        _ppl(row),
         "-" if (k := _kl(row)) is None else f"{k:.3f}",
     ]
 
@@ -107,7 +110,9 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     ]
     for b in results["budgets"]:
         lines += ["", f"## Budget {100 * b['share']:.2f}% of units ({b['units']:,} units)", ""]
-        lines.append(markdown_table(HEADER, [_method_cells(n, mm) for n, mm in b["methods"].items()]))
+        none = ["no ablation", proportion(base["asr"]), "", "", proportion(base["coherent_compliance"]),
+                proportion(base.get("overrefusal")), _ppl(base), "0"]  # fmt: skip
+        lines.append(markdown_table(HEADER, [none, *(_method_cells(n, mm) for n, mm in b["methods"].items())]))
         if b["pairwise"]:
             lines += ["", "Methods against each other (paired on the prompts; ASR, then coherent compliance):", ""]
             lines += [
