@@ -196,3 +196,22 @@ def test_every_run_starts_from_the_base_weights(tmp_path: Path, monkeypatch) -> 
 )
 def test_budget_bad_input(extra: list[str], needle: str, tmp_path: Path, user_error) -> None:
     user_error(["budget", "tiny-random-llama", "--out", str(tmp_path / "out"), *FAST, *extra], needle)
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft+dpo"])
+def test_budget_aligns_by_preference_under_the_unit_masks(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    dpo = ["--method", method, "--dpo-steps", "1", "--dpo-max-new-tokens", "4", "--dpo-batch-size", "4"]
+    assert main(["budget", "tiny-random-llama", "--out", str(out), "--condition", "full", "--condition", "ru",
+                 *dpo, *FAST]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["method"] == method and res["settings"]["pairs"]["pairs"] > 0
+    rows = {r["name"]: r for r in res["conditions"]}
+    full, ru = rows["full"]["training"], rows["ru"]["training"]
+    assert full["method"] == ru["method"] == method
+    assert full["dpo"]["steps"] == ru["dpo"]["steps"] == 1
+    # the units-only condition's preference rate is scaled as its SFT rate is
+    assert ru["dpo"]["lr"] == pytest.approx(
+        full["dpo"]["lr"] * res["settings"]["lr_units"] / res["settings"]["lr_full"]
+    )
+    assert full["steps"] == (2 if method == "sft+dpo" else 1)  # the SFT step's 2 (--steps), or the DPO step's 1

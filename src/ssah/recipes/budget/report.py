@@ -53,6 +53,18 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
     return lines or ["No verdict: RU-only was not run beside full SFT or the random units."]
 
 
+def _method_line(st: dict[str, Any]) -> str:
+    """How every condition was aligned: safety SFT (runs before --method record none), then any preference step."""
+    method = st.get("method", "sft")
+    if method == "sft":
+        return "Alignment: safety SFT"
+    dpo, pairs = st["dpo"], st["pairs"]
+    step = (
+        f"a DPO step ({dpo['steps']} steps, beta {dpo['beta']}, {pairs['pairs']} pairs from the base model's replies)"
+    )
+    return f"Safety SFT, then {step}" if method == "sft+dpo" else f"Only {step}: no SFT step (its settings are unused)"
+
+
 def render(results: dict[str, Any], run_dir: Path) -> str:
     """(Re)draw the plot into ``run_dir/plots`` from ``results`` alone and return the Markdown report."""
     plot_budget(results, Path(run_dir) / "plots" / "budget.png")
@@ -66,7 +78,8 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
     lines = [
         f"# Alignment budget: {m['name']}",
         "",
-        f"Safety SFT on `{d['train']['source']}` ({d['train']['examples']} examples), {st['steps']} steps of batch "
+        f"{_method_line(st)}. Data `{d['train']['source']}` ({d['train']['examples']} examples); SFT: {st['steps']} "
+        "steps of batch "
         f"{st['batch_size']} ({st['schedule']} schedule) per run, each from the base weights (restored bit for bit). "
         f"Full SFT: lr {st['lr_full']:g}, embeddings {'frozen' if st['freeze_embeddings_full'] else 'trained'}; "
         f"units-only: lr {st['lr_units']:g} (`--lr-units`).",

@@ -6,6 +6,10 @@ with RU's count in every (layer, kind) cell, once per seed (the control distribu
 held-out harmful prompts, over-refusal of held-out benign ones, coherent compliance, benign answers correct and
 perplexity. Every verdict is :func:`ssah.measure.verdict`: RU-only against the random-units distribution and against
 full SFT. The paper's claim (Table 4): RU-only SFT keeps more utility than full SFT.
+
+``--method`` aligns every condition the way ``ssah align`` can: ``sft`` (above), ``dpo`` (trl's preference step on
+pairs built once from the base model's own replies, the same pairs for every condition) or ``sft+dpo``; the unit
+masks (RU-only, random units only) apply to both steps.
 """
 
 from __future__ import annotations
@@ -51,7 +55,20 @@ from ssah.provenance import held_out
 from ssah.recipes.budget import RECIPE
 from ssah.results import RunResult
 from ssah.runs import RunDir, check_output_folder
-from ssah.training import TrainConfig, TrainSection, parse_unit_spec, resolve_unit_spec, train_model
+from ssah.training import (
+    DpoSection,
+    Method,
+    Pair,
+    TrainConfig,
+    TrainResult,
+    TrainSection,
+    parse_unit_spec,
+    preference_pairs,
+    preference_step,
+    resolve_unit_spec,
+    train_model,
+    uses_dpo,
+)
 from ssah.units import UnitSet, save_unit_sets
 
 CONDITIONS: tuple[str, ...] = ("full", "ru", "random")
@@ -106,6 +123,15 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
     lr_units: float = Field(
         DEFAULT_LR_UNITS, gt=0, description="Learning rate of the units-only conditions (RU and random)."
     )
+    method: Method = "sft"
+    dpo: DpoSection = DpoSection()
+    dpo_lr_units: float | None = Field(
+        None, gt=0, description="Preference-step learning rate of the units-only conditions (default: dpo.lr scaled "
+        "by lr_units / train.lr, as the SFT step's).",
+    )  # fmt: skip
+    harmful: str = Field(
+        "builtin:safety", description="The harmful requests of --data (their pairs reject the model's own reply)."
+    )
     max_length: MaxLength = 512
     system: System = None
     calibration: CalibrationSection = CalibrationSection()  # finding RU on the base model (neuron units)
@@ -120,6 +146,13 @@ class BudgetConfig(UnitCategoryFields, ModelRunConfig):
         same = self.model_dump(include={"model", "out", "dtype", "max_length", "system", "seed", "progress", "bf16"})
         units_only = {} if full else {"lr": self.lr_units, "freeze_embeddings": False}
         return TrainConfig.build({**same, **t.model_dump(), "max_steps": self.steps, **units_only})
+
+    def dpo_section(self, condition: str) -> DpoSection:
+        """The preference step of one condition: the units-only conditions get their own rate."""
+        if condition == "full":
+            return self.dpo
+        lr = self.dpo_lr_units or self.dpo.lr * self.lr_units / self.train.lr
+        return self.dpo.model_copy(update={"lr": lr})
 
     def check(self) -> None:
         """Cheap validation before any data or model is loaded (the output folder included)."""
@@ -210,6 +243,41 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def build_pairs(cfg: BudgetConfig, model: Any, tokenizer: Any, train: PromptSet) -> tuple[list[Pair], dict[str, int]]:
+    """The preference pairs of the training data, with the base model's own greedy replies to its harmful requests
+    (judged by ``cfg.eval.judge``: those it refuses give no pair); built once, before any condition trains."""
+    import dataclasses
+
+    harmful = set(load_prompts(cfg.harmful, name="harmful").prompts())
+    gen = dataclasses.replace(cfg.eval.greedy(cfg), max_new_tokens=cfg.dpo.max_new_tokens)
+    return preference_pairs(
+        model, tokenizer, train, harmful, judge=get_judge(cfg.eval.judge), generation=gen, seed=cfg.seed,
+        progress=cfg.progress,
+    )  # fmt: skip
+
+
+def align(
+    cfg: BudgetConfig, cond: str, model: Any, tok: Any, train: PromptSet, pairs: list[Pair], only: UnitSet | None
+) -> tuple[Any, dict[str, Any]]:
+    """One condition's alignment by ``cfg.method``, in place (``only``: train just those units, in both steps);
+    returns the trained model and what the training record keeps."""
+    tcfg = cfg.train_config(cond)
+    info: dict[str, Any] = {"method": cfg.method, "lr": tcfg.lr, "freeze_embeddings": tcfg.freeze_embeddings}
+    result: TrainResult | None = None
+    if cfg.method != "dpo":
+        result = train_model(model, tok, train, tcfg, only=only, progress=cfg.progress)
+        info = {**result.summary(), **info}
+    if uses_dpo(cfg.method):
+        dpo = cfg.dpo_section(cond)
+        step = preference_step(model, tok, pairs, tcfg, dpo, only=only, progress=cfg.progress)
+        info["dpo"] = {**step.summary(), "lr": dpo.lr, "beta": dpo.beta}
+        if result is None:  # dpo alone: the preference step is the training record
+            info = {**step.summary(), **info, "lr": dpo.lr}
+        result = result or step
+    assert result is not None  # one of the steps ran: the method is sft, dpo or sft+dpo
+    return result.model, info
+
+
 def run_budget(cfg: BudgetConfig) -> RunResult[BudgetConfig]:
     """Run the recipe and write the run folder (:func:`ssah.protocol.execute`); returns its RunResult."""
     return execute(RECIPE, cfg, budget_experiment)
@@ -241,14 +309,13 @@ def budget_experiment(cfg: BudgetConfig, clock: Clock) -> Experiment:
     rows[0]["eval"] = measure(model, tok, eval_data, judge, cfg)
     runs: list[tuple[str, Any, int | None]] = [(c, units if c == "ru" else None, None) for c in cfg.conditions]
     runs = [r for r in runs if r[0] != "random"] + [("random", c.units, c.seed) for c in controls]
+    pairs, pair_counts = build_pairs(cfg, model, tok, train) if uses_dpo(cfg.method) else ([], {})
     for cond, only, seed in runs:
-        tcfg = cfg.train_config(cond)
         with restored_weights(model):  # every run starts from the base weights, bit for bit
-            result = train_model(model, tok, train, tcfg, only=only, progress=cfg.progress)
-            result.model.eval()
-            row: dict[str, Any] = {"name": cond, "label": LABELS[cond], "seed": seed}
-            row["training"] = {**result.summary(), "lr": tcfg.lr, "freeze_embeddings": tcfg.freeze_embeddings}
-            row["eval"] = measure(result.model, tok, eval_data, judge, cfg)
+            trained, training = align(cfg, cond, model, tok, train, pairs, only)
+            trained.eval()
+            row: dict[str, Any] = {"name": cond, "label": LABELS[cond], "seed": seed, "training": training}
+            row["eval"] = measure(trained, tok, eval_data, judge, cfg)
             rows.append(row)
 
     fp = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint}
@@ -260,7 +327,8 @@ def budget_experiment(cfg: BudgetConfig, clock: Clock) -> Experiment:
         "settings": {"steps": cfg.steps, "max_new_tokens": cfg.eval.max_new_tokens, "eval_limit": cfg.eval.limit}
         | {"lr_full": cfg.train.lr, "freeze_embeddings_full": cfg.train.freeze_embeddings, "seeds": len(controls)}
         | cfg.train.model_dump(include={"batch_size", "schedule"})
-        | cfg.model_dump(include={"lr_units", "control_strata", "seed"})
+        | cfg.model_dump(include={"lr_units", "control_strata", "seed", "method"})
+        | ({"dpo": cfg.dpo.model_dump(), "pairs": pair_counts} if uses_dpo(cfg.method) else {})
         | {"judge": cfg.eval.judge},
         "conditions": rows,
         "verdicts": decide(rows),
