@@ -79,7 +79,7 @@ def test_the_demo_and_every_stage_load_back_as_typed_results(demo_run: Path) -> 
     assert any(k.startswith("verdict.") and " vs " in k for k in runs["protect"].verdicts)
     assert all(
         v.verdict in ("reproduced", "not reproduced", "inconclusive")
-        for r in stages.values()
+        for r in runs.values()
         for v in r.verdicts.values()
     )
 
