@@ -35,13 +35,12 @@ from ssah.evaluate import (
 from ssah.fields import AutoBatch, Columns, System, UtilityEvalSection
 from ssah.generate import GenerationConfig, generation_batch_size
 from ssah.judges import (
-    JUDGE_KINDS,
     FirstTokenJudge,
     Judge,
     calibrated_agreement,
+    check_judge_spec,
     get_judge,
     judge_agreement,
-    registered_judges,
 )
 from ssah.measure import Proportion
 from ssah.models import load_model
@@ -221,15 +220,6 @@ def _agreement(
         # threshold fitted on every other judged reply of this model, agreement measured on the rest
         out["first_token_calibrated"] = calibrated_agreement(scores, [s.refused for s in samples])
     return out
-
-
-def check_judge_spec(spec: str) -> None:
-    """Fail before loading the model on a judge spec that can never work (unknown kind or keyword preset)."""
-    kind = spec.split(":", 1)[0]
-    if kind == "keyword":
-        get_judge(spec)
-    elif kind not in JUDGE_KINDS and kind not in registered_judges():
-        get_judge(spec)  # raises the error that lists the valid judges
 
 
 def run_eval(cfg: EvalConfig) -> RunResult[EvalConfig]:
