@@ -177,3 +177,45 @@ def test_a_user_judge_and_keyword_preset_work_by_their_spec() -> None:
         register_keyword_preset("x", "I refuse")
     with pytest.raises(UserError, match="needs at least one non-empty refusal string"):
         register_keyword_preset("x", [""])
+
+
+# --- plug-ins named by an installed package's entry points ----------------------------------------------------------
+
+PLUGIN = """import torch
+from ssah.metrics import register_metric
+
+
+def score(x):
+    return x.stats.mean_abs.to(torch.float64)
+
+
+register_metric("ep-mean-abs", score, about="mean |x| (from an entry point)")
+"""
+
+
+def test_entry_point_plugins_load_on_the_first_registry_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import importlib
+    import sys
+
+    import ssah.plugins as plugins
+
+    site = tmp_path / "site"
+    (site / "ep_plugins").mkdir(parents=True)
+    (site / "ep_plugins" / "__init__.py").write_text(PLUGIN)
+    dist = site / "ep_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ssah.plugins]\nmine = ep_plugins\nbroken = ep_no_such_module\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)  # as in a new process
+    try:
+        with METRICS.scoped(), caplog.at_level("WARNING"):
+            assert "ep-mean-abs" in METRICS  # the first read imports the entry points
+            assert METRICS.about("ep-mean-abs") == "mean |x| (from an entry point)"
+            assert "ep-mean-abs" in UnitFields.model_json_schema()["properties"]["metric"]["enum"]
+            assert "ep_no_such_module" in caplog.text  # a broken plug-in is logged and skipped
+    finally:
+        sys.modules.pop("ep_plugins", None)

@@ -7,11 +7,17 @@ importance metrics (:func:`ssah.metrics.register_metric`), categorisation rules 
 their package then calls :meth:`Registry.seal` so that a user cannot replace them by accident; a user's name can be
 registered again (the newer value wins). Every list of names, every help text and every error's list of choices is
 read from the registry, so a registered name is valid everywhere a built-in one is.
+
+A user's plug-ins reach the CLI through the entry-point group ``ssah.plugins`` (``[project.entry-points.
+"ssah.plugins"] mine = "my_pkg.plugins"``): the first read of any registry imports each named module once
+(:func:`load_plugins`), and the module's own ``register_*`` calls do the rest; a program may instead import its
+plug-ins itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,26 @@ __all__ = ["Entry", "Registry"]
 
 T = TypeVar("T")
 _NAME = re.compile(r"[\w.\-+]+")
+
+
+ENTRY_POINTS = "ssah.plugins"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module of the ``ssah.plugins`` entry-point group, once per process (their ``register_*``
+    calls add them). A plug-in that fails to import is logged and skipped: it must not stop ssah."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # before importing: a plug-in that reads a registry must not load the group again
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            ep.load()
+        except Exception as exc:  # a user's broken plug-in must not stop ssah
+            logging.getLogger(__name__).warning("cannot load plug-in entry point %s: %s", ep.value, exc)
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,7 @@ class Registry(Sequence[str], Generic[T]):
 
     def names(self) -> tuple[str, ...]:
         """Every valid name: the registered ones in registration order, then the aliases."""
+        load_plugins()
         return (*self._entries, *self._aliases)
 
     def builtin_names(self) -> tuple[str, ...]:
@@ -96,6 +123,7 @@ class Registry(Sequence[str], Generic[T]):
 
     def user_names(self) -> list[str]:
         """The names a user registered, sorted."""
+        load_plugins()
         return sorted(k for k, e in self._entries.items() if not e.builtin)
 
     def aliases(self) -> dict[str, str]:
@@ -107,6 +135,7 @@ class Registry(Sequence[str], Generic[T]):
         return self._aliases.get(name, name)
 
     def __contains__(self, name: object) -> bool:
+        load_plugins()
         return isinstance(name, str) and self.canonical(name) in self._entries
 
     def __iter__(self) -> Iterator[str]:
@@ -124,6 +153,7 @@ class Registry(Sequence[str], Generic[T]):
 
     def entry(self, name: str) -> Entry[T]:
         """The entry of ``name`` (aliases resolved), or a one-line :class:`UserError` listing the choices."""
+        load_plugins()
         found = self._entries.get(self.canonical(name)) if isinstance(name, str) else None
         if found is None:
             raise UserError(self.unknown(name))
