@@ -132,6 +132,22 @@ def test_write_share_finds_units_aligned_with_the_direction():
     assert everything["share_of_direction_write"] == pytest.approx(1.0)
 
 
+def test_write_share_reads_fused_expert_slices():
+    from ssah.arch import get_adapter
+    from ssah.direction import write_share
+    from ssah.interventions import space_of
+    from ssah.units import UnitSet
+
+    model, _tok = build_tiny_model("qwen3_moe", seed=8)
+    space = space_of(model)
+    g = next(g for g in get_adapter(model).groups() if g.kind == "expert")
+    unit = UnitSet.from_indices(space, [space.flat_index(g.layer, "expert", 2, expert=g.expert)], "one")
+    r = get_adapter(model).reader_weight(g)[:, 2].detach().clone()  # what that expert channel writes
+    share = write_share(model, unit, r)
+    assert share["share_of_direction_write"] > 10 * share["share_of_channels"]
+    assert write_share(model, UnitSet.full(space), r)["share_of_direction_write"] == pytest.approx(1.0)
+
+
 def test_fit_direction_uses_disjoint_capped_halves(monkeypatch):
     import ssah.direction as d
 

@@ -597,8 +597,9 @@ def write_share(model: nn.Module, units: Any, direction: torch.Tensor) -> dict[s
         for g in adapter.groups():
             mod: Any = model.get_submodule(g.reader_module)
             with align_module_device(mod):  # offloaded (device-map) weights are loaded for the read
-                w = mod.weight.detach().to(torch.float64)
-            cols = w if isinstance(mod, Conv1D) else w.t()  # [channels, hidden]
+                # the adapter's reader (a fused expert's 2D slice too); unit i owns .select(dim, i)
+                w = adapter.reader_weight(g).detach().to(torch.float64)
+            cols = w.movedim(g.reader.dim, 0)  # [channels, hidden]
             proj = (cols @ r_hat.to(cols.device)) ** 2
             mask = masks[g.key].to(proj.device)
             inside += float(proj[mask].sum())
