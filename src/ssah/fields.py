@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from ssah.config import Section
 from ssah.data.chat import TokenRegion
+from ssah.errors import UserError
 from ssah.interventions import AblationMode
 from ssah.judges import judge_specs
 from ssah.metrics import METRICS
@@ -31,7 +32,31 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from ssah.data import PromptSet
+    from ssah.evaluate import EvalData
     from ssah.generate import GenerationConfig
+
+
+def parse_unit_shares(value: Any, *, what: str, flag: str, whole: bool = False) -> list[float]:
+    """Shares of all units from ``"0.5%,1.3%"``, ``"0.005,0.013"`` or a list of either, sorted, without repeats;
+    each in (0, 1), or (0, 1] with ``whole``. ``what`` and ``flag`` name the value in the one-line errors."""
+    import math
+
+    items = [str(x) for x in value] if isinstance(value, list | tuple) else str(value).split(",")
+    out: list[float] = []
+    for raw in (i.strip() for i in items):
+        if not raw:
+            continue
+        try:
+            share = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        except ValueError:
+            raise UserError(f"bad {what} {raw!r}: write shares of all units as 0.5% or 0.005") from None
+        if math.isnan(share) or not (0 < share <= 1 if whole else 0 < share < 1):
+            raise UserError(f"{what} {raw!r} is outside (0, 100%{']' if whole else ')'}: give a share of all units, "
+                            "e.g. 1% or 0.01")  # fmt: skip
+        out.append(share)
+    if not out:
+        raise UserError(f"no {what}s given: pass e.g. {flag} 0.5%,1.3%")
+    return sorted(set(out))
 
 
 def split_commas(value: Any) -> Any:
@@ -266,3 +291,17 @@ class UtilityEvalSection(EvalSection):
         default_factory=lambda: ["perplexity"],
         description="perplexity[:SPEC] | piqa | mc:FILE | gsm8k[:FILE] | none (repeatable).",
     )
+
+    def load(self, recipe: str) -> EvalData:
+        """The evaluation sets, the harmful, benign and perplexity ones each spread over its file to ``limit``
+        (files are often sorted by category); ``recipe`` names the command in the error when there are no
+        harmful prompts (every recipe that ablates measures ASR)."""
+        from ssah.evaluate import load_eval_sets
+
+        data = load_eval_sets(self.harmful, self.benign, self.utility)
+        if data.harmful is None:
+            raise UserError(f"{recipe} measures safety on harmful prompts: --eval-harmful cannot be none")
+        for name in ("harmful", "benign", "perplexity"):
+            if (ps := getattr(data, name)) is not None:
+                setattr(data, name, ps.spread(self.limit))
+        return data

@@ -119,21 +119,9 @@ def top_k(
 
 def parse_budgets(value: object) -> list[float]:
     """Budget shares from ``"0.5%,1.3%"``, ``"0.005,0.013"`` or a list of either; sorted, without repeats."""
-    items = value if isinstance(value, list | tuple) else str(value).split(",")
-    out: list[float] = []
-    for raw in (str(x).strip() for x in items):
-        if not raw:
-            continue
-        try:
-            share = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-        except ValueError:
-            raise UserError(f"bad budget {raw!r}: write shares of all units as 1.3% or 0.013") from None
-        if not 0 < share <= 1:
-            raise UserError(f"budget {raw!r} is outside (0, 100%]: give a share of all units, e.g. 1.3%")
-        out.append(share)
-    if not out:
-        raise UserError("no budgets given: pass e.g. --budgets 0.5%,1.3%")
-    return sorted(set(out))
+    from ssah.fields import parse_unit_shares
+
+    return parse_unit_shares(value, what="budget", flag="--budgets", whole=True)
 
 
 def budget_units(share: float, space: UnitSpace) -> int:

@@ -9,7 +9,6 @@ mean), measured by ``measure.measure_condition`` and judged by ``measure.verdict
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet, load_prompts
 from ssah.direction import ablated_direction, fit_direction, random_direction, write_share
 from ssah.errors import UnitFileError, UserError
-from ssah.evaluate import EvalData, kl_reference, load_eval_sets
+from ssah.evaluate import EvalData, kl_reference
 from ssah.fields import (
     Ablation,
     CalibrationSection,
@@ -43,6 +42,7 @@ from ssah.fields import (
     System,
     UnitCategoryFields,
     UtilityEvalSection,
+    parse_unit_shares,
     split_commas,
 )
 from ssah.generate import GenerationConfig
@@ -65,21 +65,7 @@ OTHER_CALIBRATION = {"prompt": "prompt+response"}  # the comparison calibration 
 
 def parse_dose(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
     """Parse dose shares such as ``"0.25%,0.5%,1%"`` or ``"0.01,0.02"`` into fractions of all units in (0, 1)."""
-    items = [str(x) for x in text] if isinstance(text, list | tuple) else str(text).split(",")
-    out: list[float] = []
-    for raw in (i.strip() for i in items):
-        if not raw:
-            continue
-        try:
-            value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-        except ValueError:
-            raise UserError(f"bad dose share {raw!r}: write shares of all units as 0.5% or 0.005") from None
-        if not 0 < value < 1 or math.isnan(value):
-            raise UserError(f"dose share {raw!r} is outside (0, 100%): give a share of all units, e.g. 1% or 0.01")
-        out.append(value)
-    if not out:
-        raise UserError("no dose shares given: pass e.g. --dose 0.25%,0.5%,1%")
-    return sorted(set(out))
+    return parse_unit_shares(text, what="dose share", flag="--dose")
 
 
 class AblateConfig(UnitCategoryFields, ModelRunConfig):
@@ -310,13 +296,7 @@ def _dose(points: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict
 
 def _load_data(cfg: AblateConfig) -> tuple[EvalData, PromptSet, PromptSet]:
     """The evaluation sets and the two calibration sets, each spread over its file to the run's limit."""
-    data = load_eval_sets(cfg.eval.harmful, cfg.eval.benign, cfg.eval.utility)
-    if data.harmful is None:
-        raise UserError("ablate measures safety on harmful prompts: --eval-harmful cannot be none")
-    for name in ("harmful", "benign", "perplexity"):
-        if (ps := getattr(data, name)) is not None:
-            setattr(data, name, ps.spread(cfg.eval.limit))
-    return data, *cfg.calibration.load()
+    return cfg.eval.load("ablate"), *cfg.calibration.load()
 
 
 # the settings of AblateConfig that ablate's results record under "settings"

@@ -23,7 +23,7 @@ from ssah.categorize import expected_random_jaccard
 from ssah.config import ModelRunConfig, Out
 from ssah.data import PromptSet
 from ssah.errors import UserError
-from ssah.evaluate import EvalData, kl_divergence, kl_reference, load_eval_sets
+from ssah.evaluate import EvalData, kl_divergence, kl_reference
 from ssah.fields import Ablation, CalibrationSection, Count, MaxLength, Seeds, Strata, System, UtilityEvalSection
 from ssah.interventions import ablate, channel_means
 from ssah.judges import get_judge
@@ -92,16 +92,6 @@ class LocalizeConfig(ModelRunConfig):
 def run_localize(cfg: LocalizeConfig) -> RunResult[LocalizeConfig]:
     """Compare the methods and write the run folder (:func:`ssah.protocol.execute`); returns its RunResult."""
     return execute(RECIPE, cfg, localize_experiment)
-
-
-def _eval_data(cfg: LocalizeConfig) -> EvalData:
-    data = load_eval_sets(cfg.eval.harmful, cfg.eval.benign, cfg.eval.utility)
-    if data.harmful is None:
-        raise UserError("localize measures ASR on harmful prompts: --eval-harmful cannot be none")
-    for name in ("harmful", "benign", "perplexity"):
-        if (ps := getattr(data, name)) is not None:
-            setattr(data, name, ps.spread(cfg.eval.limit))
-    return data
 
 
 def _prompts_only(ps: PromptSet, name: str) -> PromptSet:
@@ -194,7 +184,7 @@ def _overlap(sets: dict[str, UnitSet], k: int, total: int) -> dict[str, Any]:
 
 def localize_experiment(cfg: LocalizeConfig, clock: Clock) -> Experiment:
     """Load the model(s), compute the evidence once, find and ablate every method's set at every budget."""
-    data = _eval_data(cfg)
+    data = cfg.eval.load("localize")
     safety, utility = cfg.calibration.load()
     used = {"calibration safety": safety, "calibration utility": utility}  # every method's set is chosen here
     prompts = held_out(data.prompts(), used, allow_overlap=cfg.eval.allow_overlap)
