@@ -62,6 +62,7 @@ def test_report_rerenders_from_results(localize_run: Path) -> None:
     text = render(res, localize_run)
     assert text == (localize_run / "report.md").read_text()
     assert "## Budget 1.30% of units" in text and (localize_run / "plots" / "asr_vs_kl.png").is_file()
+    assert (localize_run / "plots" / "overlap.png").is_file() and "plots/overlap.png" in text
 
 
 @pytest.mark.parametrize(

@@ -88,9 +88,27 @@ def _plot(results: dict[str, Any], folder: Path) -> None:
     save(fig, folder / "asr_vs_kl.png")
 
 
+def _plot_overlap(results: dict[str, Any], folder: Path) -> None:
+    """The Jaccard overlap of the methods' sets, one panel per budget (chance level in each title)."""
+    budgets = results["budgets"]
+    fig, axes = subplots(1, len(budgets), figsize=(3.6 * len(budgets), 3.4), squeeze=False)
+    for ax, b in zip(axes[0], budgets, strict=True):
+        j = b["overlap"]["jaccard"]
+        names = list(j)
+        ax.imshow([[j[a][c] for c in names] for a in names], vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        for r, a in enumerate(names):
+            for c, other in enumerate(names):
+                ax.text(c, r, f"{j[a][other]:.2f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_title(f"{100 * b['share']:.2f}% (chance {b['overlap']['chance']:.4f})", fontsize=8)
+    save(fig, folder / "overlap.png")
+
+
 def render(results: dict[str, Any], run_dir: Path) -> str:
-    """Draw ``plots/asr_vs_kl.png`` from ``results`` and return report.md."""
+    """Draw ``plots/asr_vs_kl.png`` and ``plots/overlap.png`` from ``results`` and return report.md."""
     _plot(results, Path(run_dir) / "plots")
+    _plot_overlap(results, Path(run_dir) / "plots")
     m, st, base = results["model"], results["settings"], results["baseline"]
     lines = [
         f"# ssah localize: {m['name']}",
@@ -121,7 +139,7 @@ def render(results: dict[str, Any], run_dir: Path) -> str:
                 for pair, c in b["pairwise"].items()
             ]
         lines += ["", f"Overlap of the sets (chance Jaccard {b['overlap']['chance']:.4f}):", "", _overlap_table(b)]
-    lines += ["", f"Took {results['seconds']['total']:.1f} s."]
+    lines += ["", "![Overlap of the sets](plots/overlap.png)", "", f"Took {results['seconds']['total']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
