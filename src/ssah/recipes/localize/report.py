@@ -100,7 +100,8 @@ def _plot_overlap(results: dict[str, Any], folder: Path) -> None:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         for r, a in enumerate(names):
             for c, other in enumerate(names):
-                ax.text(c, r, f"{j[a][other]:.2f}", ha="center", va="center", fontsize=6, color="white")
+                ax.text(c, r, f"{j[a][other]:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if j[a][other] > 0.5 else "white")  # fmt: skip
         ax.set_title(f"{100 * b['share']:.2f}% (chance {b['overlap']['chance']:.4f})", fontsize=8)
     save(fig, folder / "overlap.png")
 
