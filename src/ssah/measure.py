@@ -1,6 +1,7 @@
-"""The measurement core every experiment shares: finding units, unit selections (``"SCU,CU@6%"``), stratified
-random controls, measuring a condition and weight restoration between conditions; with the statistics of verdicts
-re-exported from :mod:`ssah.verdicts` (proportions, paired comparisons, the one verdict rule).
+"""The measurement core every experiment shares: finding units, measuring a condition and weight restoration
+between conditions; with the statistics of verdicts (:mod:`ssah.verdicts`: proportions, paired comparisons, the one
+verdict rule), stratified random controls (:mod:`ssah.controls`) and unit selections (``"SCU,CU@6%"``,
+:mod:`ssah.selections`) re-exported, so ``ssah.measure`` stays the one place recipes import them from.
 
 Everything here takes explicit inputs (no files, no CLI), so recipes stay thin and the rules a reviewer checks
 live in one place; a random control keeps the controlled set's count in every (layer, kind) cell
@@ -19,8 +20,10 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from ssah.controls import STRATA, Control, Strata, check_seeds, random_control
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, Sample
+from ssah.selections import Selection, SelectionItem, parse_selection, select
 from ssah.units import UnitSet, UnitSpace
 from ssah.verdicts import (  # the statistics of verdicts, re-exported (ssah.measure.Proportion, ...)
     VERDICTS,
@@ -41,9 +44,6 @@ from ssah.verdicts import (  # the statistics of verdicts, re-exported (ssah.mea
     t95,
     verdict,
 )
-
-Strata = Literal["layer-kind", "layer", "kind", "none"]
-STRATA: tuple[str, ...] = ("layer-kind", "layer", "kind", "none")
 
 
 # ------------------------------------------------------------------------------------------------ finding units
@@ -233,200 +233,6 @@ def safety_ranking(found_or_cats: Any, safety: Any = None, utility: Any = None) 
     return normalize_scores(s, space, cats.normalization, cats.ranking) - normalize_scores(
         u, space, cats.normalization, cats.ranking
     )
-
-
-# ------------------------------------------------------------------------------------------------ selections
-_ITEM = re.compile(r"^(?P<name>[A-Za-z]+)(?:@(?P<value>[0-9.]+)(?P<pct>%)?(?P<of>[A-Za-z]+)?)?$")
-
-
-@dataclass(frozen=True)
-class SelectionItem:
-    """One part of a selection: a whole category, or its top share by safety rank.
-
-    ``of`` is ``"all"`` when the share counts all units (``CU@6%``: 6% of every unit, taken from CU, as the
-    paper's "SCU + 6%" protection) or the category itself (``CU@6%cu``: 6% of the CU units).
-    """
-
-    category: str
-    share: float | None = None
-    of: Literal["all", "category"] = "all"
-
-    def label(self) -> str:
-        if self.share is None:
-            return self.category
-        return f"{self.category}@{self.share * 100:g}%" + (self.category.lower() if self.of == "category" else "")
-
-
-def parse_selection(text: str, categories: Sequence[str] = ("SCU", "UCU", "CU", "RU")) -> list[SelectionItem]:
-    """Parse ``"SCU,CU@6%"`` (or ``CU@0.06``, ``CU@6%cu``) into items; unknown names and shares outside (0, 1]
-    are user errors."""
-    by_lower = {c.lower(): c for c in categories}
-    items: list[SelectionItem] = []
-    for raw in str(text).split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        m = _ITEM.match(item)
-        if m is None:
-            raise UserError(f"bad selection {item!r}: write CATEGORY or CATEGORY@SHARE, e.g. SCU,CU@6% or CU@6%cu")
-        name = by_lower.get(m["name"].lower())
-        if name is None:
-            raise UserError(f"unknown category {m['name']!r} in {text!r}: use one of {', '.join(categories)}")
-        if m["value"] is None:
-            items.append(SelectionItem(name))
-            continue
-        try:
-            share = float(m["value"]) / (100 if m["pct"] else 1)
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 1:
-            raise UserError(f"share in {item!r} is outside (0, 1]: give e.g. CU@6% or CU@0.06")
-        of = m["of"]
-        if of is not None and of.lower() != name.lower():
-            raise UserError(f"bad selection {item!r}: the suffix after the share must be the category ({name.lower()})")
-        items.append(SelectionItem(name, share, "category" if of else "all"))
-    if not items:
-        raise UserError(f"empty selection {text!r}: name at least one category, e.g. SCU")
-    return items
-
-
-@dataclass(frozen=True)
-class Selection:
-    """A selected unit set and how it was made (labels, counts, share of all units)."""
-
-    units: UnitSet
-    items: tuple[SelectionItem, ...]
-    counts: dict[str, int]
-
-    @property
-    def label(self) -> str:
-        return ",".join(i.label() for i in self.items)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "selection": self.label,
-            "count": len(self.units),
-            "share_of_units": self.units.fraction,
-            "parts": self.counts,
-        }
-
-
-def select(sets: Mapping[str, UnitSet], ranking: torch.Tensor, spec: str) -> Selection:
-    """The union of the categories a spec names, each cut to its top share by ``ranking`` (flat, one value per
-    unit, higher = more safety-critical). Pure: no files.
-
-    ``CU@6%`` takes ``round(0.06 * all units)`` CU units (at most all of CU); ``CU@6%cu`` takes 6% of CU.
-    """
-    items = parse_selection(spec, tuple(sets))
-    space = next(iter(sets.values())).space
-    if ranking.shape != (space.total,):
-        raise UserError(f"the ranking must have one value per unit ({space.total}), got {tuple(ranking.shape)}")
-    order = torch.argsort(-ranking.to(torch.float64), stable=True)
-    mask = torch.zeros(space.total, dtype=torch.bool)
-    counts: dict[str, int] = {}
-    for item in items:
-        members = sets[item.category].mask
-        if item.share is None:
-            chosen = members
-        else:
-            base = space.total if item.of == "all" else int(members.sum())
-            k = min(round(item.share * base), int(members.sum()))
-            picked = order[members[order]][:k]
-            chosen = torch.zeros_like(members)
-            chosen[picked] = True
-        counts[item.label()] = int(chosen.sum())
-        mask |= chosen
-    units = UnitSet(space, mask, ",".join(i.label() for i in items))
-    return Selection(units, tuple(items), counts)
-
-
-# ------------------------------------------------------------------------------------------------ controls
-def _cell_keys(space: UnitSpace, strata: str) -> list[tuple[str, slice]]:
-    """(stratum label, flat slice) for every group; groups sharing a label form one stratum. Under ``layer-kind``
-    each routed expert is a stratum of its own (``3.expert.5``): a control keeps its count per expert."""
-    out = []
-    for sh in space.shapes:
-        cell = f"{sh.layer}.{sh.kind}" if sh.expert is None else f"{sh.layer}.{sh.kind}.{sh.expert}"
-        label = {"layer-kind": cell, "layer": str(sh.layer), "kind": sh.kind, "none": "all"}[strata]
-        out.append((label, space.group_slice(sh.layer, sh.kind, sh.expert)))
-    return out
-
-
-@dataclass
-class Control:
-    """A random control of one unit set: the drawn units and the per-stratum counts they keep."""
-
-    units: UnitSet
-    seed: int
-    strata: str
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        return {"seed": self.seed, "strata": self.strata, "count": len(self.units), "per_stratum": self.counts}
-
-
-def random_control(
-    units: UnitSet,
-    seed: int,
-    *,
-    strata: str = "layer-kind",
-    exclude: UnitSet | None = None,
-    match_scores: torch.Tensor | None = None,
-    bins: int = 4,
-) -> Control:
-    """Random units with the same count as ``units`` in every stratum (by default every (layer, kind) cell).
-
-    ``strata="none"`` draws uniformly over all units (count matched only: the old control, kept for
-    comparison). ``exclude`` keeps those units out of the draw (e.g. the controlled set itself).
-    ``match_scores`` (flat, one value per unit) also matches the score quantile: within each stratum the units
-    are split into ``bins`` quantile bins and each bin keeps its count. Units whose ``match_scores`` are NaN
-    (unscored: experts with too few routed tokens) are never drawn. Reproducible by seed.
-    """
-    if strata not in STRATA:
-        raise UserError(f"unknown control strata {strata!r}: use one of {', '.join(STRATA)}")
-    if isinstance(seed, bool) or not 0 <= int(seed) < 2**63:
-        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if bins < 1:
-        raise UserError(f"bins must be at least 1, got {bins}")
-    space = units.space
-    g = torch.Generator().manual_seed(int(seed))
-    mask = torch.zeros(space.total, dtype=torch.bool)
-    allowed = ~exclude.mask if exclude is not None else torch.ones(space.total, dtype=torch.bool)
-    if match_scores is not None:
-        allowed = allowed & ~torch.isnan(match_scores.to(torch.float64))
-    cells: dict[str, list[slice]] = {}
-    for label, sl in _cell_keys(space, strata):
-        cells.setdefault(label, []).append(sl)
-    counts: dict[str, int] = {}
-    for label, slices in cells.items():
-        idx = torch.cat([torch.arange(sl.start, sl.stop) for sl in slices])
-        parts = [idx]
-        if match_scores is not None:
-            # quantile bins of the score inside this stratum: ranks cut into `bins` equal runs
-            order = idx[torch.argsort(match_scores[idx].to(torch.float64), stable=True)]
-            parts = [p for p in torch.tensor_split(order, bins) if p.numel()]
-        for part in parts:
-            need = int(units.mask[part].sum())
-            if need == 0:
-                continue
-            pool = part[allowed[part]]
-            if need > pool.numel():
-                raise UserError(
-                    f"cannot draw {need} control units in stratum {label} from {pool.numel()} allowed units: "
-                    "use a coarser --control-strata (layer, kind or none) or do not exclude the set"
-                )
-            mask[pool[torch.randperm(pool.numel(), generator=g)[:need]]] = True
-            counts[label] = counts.get(label, 0) + need
-    name = f"random({units.name},seed={seed},strata={strata})"
-    return Control(UnitSet(space, mask, name), int(seed), strata, counts)
-
-
-def check_seeds(seeds: int, *, quick: bool) -> int:
-    """Controls need several seeds to have a distribution: at least 3 quick, 5 full."""
-    least = 3 if quick else 5
-    if isinstance(seeds, bool) or int(seeds) < least:
-        raise UserError(f"seeds={seeds}: random controls need at least {least} seeds {'quick' if quick else 'full'}")
-    return int(seeds)
 
 
 # ------------------------------------------------------------------------------------------------ conditions
