@@ -169,9 +169,11 @@ def _load() -> None:
 
 
 def recipes() -> dict[str, Recipe]:
-    """Every registered recipe, by name (the built-in ones first, in :data:`BUILTIN`'s order)."""
+    """Every registered recipe, by name (the built-in ones first, in :data:`BUILTIN`'s order, whatever order their
+    packages were imported in; then the users', in registration order)."""
     _load()
-    return dict(_RECIPES)
+    rank = {package: i for i, package in enumerate(BUILTIN)}
+    return dict(sorted(_RECIPES.items(), key=lambda item: rank.get(item[1].package, len(rank))))
 
 
 def get_recipe(name: str) -> Recipe:

@@ -43,3 +43,15 @@ def test_the_demo_stages_and_science_rows_come_from_the_registry() -> None:
         "row_align", "row_overrefusal", "row_stability", "row_calibration", "row_ablate", "row_transfer",
         "row_protect", "row_budget", "row_probe",
     ]  # fmt: skip
+
+
+def test_the_registry_order_does_not_depend_on_import_order(monkeypatch) -> None:
+    import ssah.registry as registry
+
+    shuffled = dict(reversed(list(registry.recipes().items())))  # as if the packages had been imported backwards
+    monkeypatch.setattr(registry, "_RECIPES", shuffled)
+    from ssah.plan import COMMANDS
+
+    assert registry.memory_rows() == list(COMMANDS)
+    names = list(registry.recipes())
+    assert names[0] == "units" and set(names[-2:]) == {"judge validate", "judge train"}
