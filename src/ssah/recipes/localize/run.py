@@ -21,7 +21,7 @@ from ssah import measure
 from ssah.arch import get_adapter
 from ssah.categorize import expected_random_jaccard
 from ssah.config import ModelRunConfig, Out
-from ssah.data import PromptSet
+from ssah.data import PromptSet, load_prompts
 from ssah.errors import UserError
 from ssah.evaluate import EvalData, kl_divergence, kl_reference
 from ssah.fields import Ablation, CalibrationSection, Count, MaxLength, Seeds, Strata, System, UtilityEvalSection
@@ -113,7 +113,7 @@ class _Measurer:
         self.gen = cfg.eval.greedy(cfg)
         self.kl_ref = None
         if cfg.kl:
-            harmless = _load_prompts(cfg.kl_harmless).spread(cfg.eval.limit)
+            harmless = load_prompts(cfg.kl_harmless).spread(cfg.eval.limit)
             self.kl_ref = kl_reference(lm.model, lm.tokenizer, harmless, reply_tokens=cfg.kl_tokens,
                                        system=cfg.system, batch_size=cfg.eval.batch_size)  # fmt: skip
 
@@ -126,12 +126,6 @@ class _Measurer:
         row = {"units": 0 if units is None else len(units), **res.to_dict(), **({"kl": kl} if kl else {})}
         self.bar.update()
         return row, res
-
-
-def _load_prompts(spec: str) -> PromptSet:
-    from ssah.data import load_prompts
-
-    return load_prompts(spec)
 
 
 def _method_rows(
